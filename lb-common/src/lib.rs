@@ -1,0 +1,224 @@
+//! Types shared by the eBPF programs and userspace: map names, value layouts, counter
+//! indices and their names.
+//!
+//! The eBPF side is C (`lb-ebpf/src/*.h`); every struct here is mirrored there with the
+//! same field order and a `_Static_assert` on its size. Layouts have no implicit padding
+//! so that `bytemuck::Pod` holds; userspace gets `aya::Pod` through the `user` feature.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Root of the bpffs tree; an instance pins its maps under `PIN_ROOT/<name>/`.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/mqttlb";
+
+/// Map names, as the C symbols spell them (aya finds maps by symbol name and pins them
+/// under the same name).
+pub mod maps {
+    /// SOCKHASH, key = socket cookie: sockets whose received bytes the verdict program
+    /// redirects. A socket leaves this map while its direction is throttled.
+    pub const SOURCES: &str = "sources";
+    /// SOCKHASH, key = socket cookie: every spliced socket, as a redirect destination.
+    pub const TARGETS: &str = "targets";
+    /// HASH, key = socket cookie, value = [`crate::SockInfo`].
+    pub const SOCKS: &str = "socks";
+    /// HASH, key = connection id, value = [`crate::ConnInfo`].
+    pub const CONNS: &str = "conns";
+    /// PERCPU_ARRAY, index = [`crate::Stat`], value = u64: the BPF programs' counters.
+    pub const STATS: &str = "stats";
+    /// ARRAY, index = [`crate::DaemonStat`], value = u64: the daemon's counters,
+    /// published here so that `mqttlb ctl stats` reads them without asking the daemon.
+    pub const DAEMON_STATS: &str = "daemon_stats";
+    /// RINGBUF of [`crate::Event`].
+    pub const EVENTS: &str = "events";
+
+    /// Maps whose contents mean nothing once the daemon that filled them is gone
+    /// (they describe its sockets); a new daemon removes their pins before loading.
+    pub const PER_PROCESS: [&str; 5] = [SOURCES, TARGETS, SOCKS, CONNS, EVENTS];
+}
+
+/// Name of the verdict program (the C function name).
+pub const VERDICT_PROGRAM: &str = "mqttlb_verdict";
+/// `volatile const` global: redirected bytes per direction between two lag checks.
+pub const LAG_STEP_GLOBAL: &str = "lag_check_step";
+
+/// Capacity of the `conns` map; `socks` and the sockhashes hold two entries per
+/// connection.
+pub const MAX_SPLICED: u32 = 262_144;
+
+/// Direction of a byte stream, as stored in [`SockInfo::dir`].
+pub const DIR_CLIENT_TO_SERVER: u32 = 0;
+/// Server to client.
+pub const DIR_SERVER_TO_CLIENT: u32 = 1;
+
+/// Per spliced socket, keyed by its cookie: where its bytes go and how many went.
+///
+/// `bytes`/`packets` count what the verdict program redirected *from* this socket to
+/// its peer, so they are the byte count of one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockInfo {
+    /// Cookie of the peer socket (the key in `targets`).
+    pub peer_cookie: u64,
+    /// Bytes redirected from this socket to the peer.
+    pub bytes: u64,
+    /// Skbs redirected from this socket to the peer.
+    pub packets: u64,
+    /// Value of `bytes` when the last lag-check event was sent.
+    pub checked: u64,
+    /// Connection id (key of `conns`).
+    pub conn_id: u32,
+    /// [`DIR_CLIENT_TO_SERVER`] or [`DIR_SERVER_TO_CLIENT`].
+    pub dir: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 40);
+
+/// Per spliced connection: who talks to whom. Written once by the daemon at hand-off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ConnInfo {
+    /// Client address, IPv6 or IPv4-mapped IPv6, network byte order.
+    pub client_addr: [u8; 16],
+    /// Server address, same encoding.
+    pub server_addr: [u8; 16],
+    /// Cookie of the client socket (key in `socks`).
+    pub client_cookie: u64,
+    /// Cookie of the server socket (key in `socks`).
+    pub server_cookie: u64,
+    /// Wall-clock seconds since the epoch at hand-off.
+    pub started_unix: u64,
+    /// Client port, host byte order.
+    pub client_port: u16,
+    /// Server port, host byte order.
+    pub server_port: u16,
+    /// Index of the server in its cluster.
+    pub server_index: u32,
+    /// [`CONN_THROTTLED_C2S`] | [`CONN_THROTTLED_S2C`].
+    pub flags: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 72);
+
+/// `ConnInfo::flags`: client-to-server direction is throttled (client out of `sources`).
+pub const CONN_THROTTLED_C2S: u32 = 1;
+/// `ConnInfo::flags`: server-to-client direction is throttled.
+pub const CONN_THROTTLED_S2C: u32 = 2;
+
+/// A ring-buffer record from the BPF programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Event {
+    /// One of the `EVENT_*` constants.
+    pub kind: u32,
+    /// Connection id.
+    pub conn_id: u32,
+    /// Direction the event is about.
+    pub dir: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// Bytes redirected in that direction so far.
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 24);
+
+/// Event: a direction redirected another `lag_check_step` bytes; check its lag.
+pub const EVENT_LAG_CHECK: u32 = 1;
+/// Event: a redirect failed because the peer socket is gone.
+pub const EVENT_PEER_GONE: u32 = 2;
+
+macro_rules! counters {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $idx:literal => $label:literal,)* }) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name { $($(#[$vmeta])* $variant = $idx,)* }
+
+        impl $name {
+            /// Every counter, in index order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)*];
+            /// Number of counters (the map's `max_entries`).
+            pub const COUNT: u32 = [$($idx,)*].len() as u32;
+            /// Stable name used by `mqttlb ctl stats` and the metrics.
+            pub const fn name(self) -> &'static str {
+                match self { $($name::$variant => $label,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Counters bumped by the BPF programs (indices of the `stats` map, mirrored in
+    /// `lb_consts.h`). Every early return of a program bumps one.
+    Stat {
+        /// Skb redirected to the peer socket.
+        Redirected = 0 => "bpf_redirected",
+        /// Zero-length skb (a FIN): passed to the socket so userspace sees EOF.
+        FinPassed = 1 => "bpf_fin_passed",
+        /// Socket has no `socks` entry: bytes passed to its own receive queue.
+        UnknownSocket = 2 => "bpf_unknown_socket",
+        /// Peer not in `targets` (closed): bytes dropped.
+        PeerGone = 3 => "bpf_peer_gone",
+        /// Lag-check event emitted.
+        LagEvent = 4 => "bpf_lag_events",
+        /// Ring buffer full: event lost (userspace also polls throttled pairs).
+        EventDropped = 5 => "bpf_events_dropped",
+    }
+}
+
+counters! {
+    /// Counters kept by the daemon and published in the `daemon_stats` map.
+    DaemonStat {
+        /// Connections accepted on all listeners.
+        Accepted = 0 => "accepted",
+        /// Connections currently open (gauge).
+        Active = 1 => "active",
+        /// First packet was not a valid CONNECT.
+        RejectedInvalid = 2 => "rejected_invalid_connect",
+        /// No complete first packet within `inspect_timeout`.
+        RejectedTimeout = 3 => "rejected_inspect_timeout",
+        /// Client closed before sending a complete first packet.
+        RejectedEof = 4 => "rejected_client_eof",
+        /// No server could take the connection (CONNACK refusal sent).
+        NoServer = 5 => "rejected_no_server",
+        /// Failed attempts to connect to a server.
+        ServerConnectFailed = 6 => "server_connect_failures",
+        /// Connections handed to the sockmap data plane.
+        Spliced = 7 => "spliced",
+        /// Connections carried by the copy data plane.
+        Copied = 8 => "copied",
+        /// Sockmap refused a socket (e.g. CLOSE_WAIT): carried by copy instead.
+        SpliceFallback = 9 => "splice_fallback_to_copy",
+        /// A direction was throttled because its peer did not read.
+        Throttled = 10 => "splice_throttled",
+        /// Half-closes propagated (FIN forwarded after all bytes).
+        HalfClosed = 11 => "half_closes",
+        /// Connections ended by a reset or error on either side.
+        Aborted = 12 => "aborted",
+        /// Connections closed by `idle_timeout`.
+        IdleTimeout = 13 => "idle_timeouts",
+        /// Connections closed normally.
+        Closed = 14 => "closed",
+        /// Bytes carried client to server by userspace (copy plane and hand-off).
+        CopiedBytesC2s = 15 => "copied_bytes_c2s",
+        /// Bytes carried server to client by userspace.
+        CopiedBytesS2c = 16 => "copied_bytes_s2c",
+        /// Config reloads applied.
+        Reloads = 17 => "reloads",
+        /// Config reloads refused (bad config; the old one keeps running).
+        ReloadFailures = 18 => "reload_failures",
+        /// Tokio tasks alive in the daemon (gauge; leak detector).
+        TasksAlive = 19 => "tasks_alive",
+        /// Spliced connection pairs currently in the BPF maps (gauge).
+        SplicedActive = 20 => "spliced_active",
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data with no padding, checked by the size asserts above.
+    unsafe impl aya::Pod for super::SockInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Event {}
+}

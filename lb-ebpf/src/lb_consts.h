@@ -1,0 +1,27 @@
+/* Constants shared with lb-common/src/lib.rs: keep both in step. */
+#ifndef LB_CONSTS_H
+#define LB_CONSTS_H
+
+#define MAX_SPLICED 262144          /* lb_common::MAX_SPLICED */
+
+#define DIR_CLIENT_TO_SERVER 0
+#define DIR_SERVER_TO_CLIENT 1
+
+/* Indices of the per-CPU `stats` map (lb_common::Stat). */
+enum lb_stat {
+	STAT_REDIRECTED = 0,
+	STAT_FIN_PASSED = 1,
+	STAT_UNKNOWN_SOCKET = 2,
+	STAT_PEER_GONE = 3,
+	STAT_LAG_EVENT = 4,
+	STAT_EVENT_DROPPED = 5,
+	STAT_COUNT = 6,
+};
+
+#define DAEMON_STAT_COUNT 21        /* lb_common::DaemonStat::COUNT */
+
+/* Ring-buffer event kinds (lb_common::EVENT_*). */
+#define EVENT_LAG_CHECK 1
+#define EVENT_PEER_GONE 2
+
+#endif

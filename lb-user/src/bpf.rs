@@ -1,0 +1,357 @@
+//! Loading the eBPF object, pinning its maps under `/sys/fs/bpf/mqttlb/<instance>/`, and
+//! typed access to those maps for the daemon and for `mqttlb ctl`.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf, SockHash},
+    programs::SkSkb,
+};
+use lb_common::{
+    ConnInfo, DaemonStat, LAG_STEP_GLOBAL, PIN_ROOT, SockInfo, Stat, VERDICT_PROGRAM, maps,
+};
+
+/// The compiled splice program (built by `build.rs`).
+static SPLICE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/splice.bpf.o"));
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Why BPF could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// bpffs is not mounted where the pins go.
+    #[error("bpffs is not mounted at /sys/fs/bpf: run `mount -t bpf bpf /sys/fs/bpf` as root")]
+    NoBpffs,
+    /// Another daemon holds this instance.
+    #[error(
+        "another mqttlb with instance name {name:?} is running (lock {path}); give this one another [global] name"
+    )]
+    InstanceBusy {
+        /// Instance name.
+        name: String,
+        /// Lock file.
+        path: String,
+    },
+    /// Filesystem work under the pin directory failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Path involved.
+        path: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The kernel refused the object, a map or the program.
+    #[error(
+        "loading the eBPF splice program failed (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with sockmap): {0}"
+    )]
+    Load(String),
+    /// A map is missing or of the wrong type in the object or pin directory.
+    #[error("BPF map {name:?}: {reason}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Directory where an instance's maps are pinned.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(instance)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe_zeroed_statfs();
+    // SAFETY: `c` is a valid C string and `st` a valid statfs buffer.
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    r == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn unsafe_zeroed_statfs() -> libc::statfs {
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// The loaded splice program and the maps the daemon writes.
+pub struct Bpf {
+    /// Keeps the program (and its attachment) alive.
+    _ebpf: Ebpf,
+    /// Held for the life of the daemon: one daemon per instance name.
+    _lock: File,
+    /// Sockets whose bytes are redirected.
+    pub sources: Mutex<SockHash<MapData, u64>>,
+    /// Redirect destinations.
+    pub targets: Mutex<SockHash<MapData, u64>>,
+    /// Per-socket info and counters.
+    pub socks: Mutex<HashMap<MapData, u64, SockInfo>>,
+    /// Per-connection info.
+    pub conns: Mutex<HashMap<MapData, u32, ConnInfo>>,
+    /// Published daemon counters.
+    daemon_stats: Mutex<Array<MapData, u64>>,
+    /// Events from the program; taken once by the event loop.
+    pub events: Mutex<Option<RingBuf<MapData>>>,
+}
+
+fn map_err(name: &'static str, e: impl std::fmt::Display) -> BpfError {
+    BpfError::Map {
+        name,
+        reason: e.to_string(),
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, BpfError> {
+    ebpf.take_map(name)
+        .ok_or_else(|| map_err(name, "missing from the object"))
+}
+
+impl Bpf {
+    /// Loads and attaches the splice program for `instance`, pinning its maps.
+    /// `lag_step` is the redirected byte count between two lag-check events.
+    pub fn load(instance: &str, lag_step: u64) -> Result<Self, BpfError> {
+        if !is_bpffs(Path::new("/sys/fs/bpf")) {
+            return Err(BpfError::NoBpffs);
+        }
+        let dir = pin_dir(instance);
+        std::fs::create_dir_all(&dir).map_err(|source| BpfError::Io {
+            what: "cannot create",
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let lock = lock_instance(instance)?;
+        // Maps describing a previous daemon's sockets are meaningless now.
+        for name in maps::PER_PROCESS {
+            let p = dir.join(name);
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    return Err(BpfError::Io {
+                        what: "cannot remove stale pin",
+                        path: p.display().to_string(),
+                        source: e,
+                    });
+                }
+            }
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .override_global(LAG_STEP_GLOBAL, &lag_step, true)
+            .load(SPLICE_OBJECT)
+            .map_err(|e| BpfError::Load(e.to_string()))?;
+
+        let sources: SockHash<MapData, u64> = SockHash::try_from(take(&mut ebpf, maps::SOURCES)?)
+            .map_err(|e| map_err(maps::SOURCES, e))?;
+        {
+            let prog: &mut SkSkb = ebpf
+                .program_mut(VERDICT_PROGRAM)
+                .ok_or_else(|| {
+                    BpfError::Load(format!("program {VERDICT_PROGRAM} missing from the object"))
+                })?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| BpfError::Load(e.to_string()))?;
+            prog.load()
+                .map_err(|e| BpfError::Load(format!("verifier: {e}")))?;
+            let fd = sources
+                .fd()
+                .try_clone()
+                .map_err(|e| BpfError::Load(e.to_string()))?;
+            prog.attach(&fd)
+                .map_err(|e| BpfError::Load(format!("attach to sources: {e}")))?;
+        }
+        let targets = SockHash::try_from(take(&mut ebpf, maps::TARGETS)?)
+            .map_err(|e| map_err(maps::TARGETS, e))?;
+        let socks = HashMap::try_from(take(&mut ebpf, maps::SOCKS)?)
+            .map_err(|e| map_err(maps::SOCKS, e))?;
+        let conns = HashMap::try_from(take(&mut ebpf, maps::CONNS)?)
+            .map_err(|e| map_err(maps::CONNS, e))?;
+        let daemon_stats = Array::try_from(take(&mut ebpf, maps::DAEMON_STATS)?)
+            .map_err(|e| map_err(maps::DAEMON_STATS, e))?;
+        let events = RingBuf::try_from(take(&mut ebpf, maps::EVENTS)?)
+            .map_err(|e| map_err(maps::EVENTS, e))?;
+        Ok(Self {
+            _ebpf: ebpf,
+            _lock: lock,
+            sources: Mutex::new(sources),
+            targets: Mutex::new(targets),
+            socks: Mutex::new(socks),
+            conns: Mutex::new(conns),
+            daemon_stats: Mutex::new(daemon_stats),
+            events: Mutex::new(Some(events)),
+        })
+    }
+
+    /// Bytes redirected so far from the socket with this cookie (one direction).
+    pub fn redirected(&self, cookie: u64) -> io::Result<u64> {
+        self.socks
+            .lock()
+            .expect("socks lock")
+            .get(&cookie, 0)
+            .map(|s| s.bytes)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    /// Writes the daemon counters to the pinned `daemon_stats` map.
+    pub fn publish(&self, stats: &crate::stats::Stats) {
+        let mut map = self.daemon_stats.lock().expect("daemon_stats lock");
+        for &s in DaemonStat::ALL {
+            // An error here only leaves `ctl stats` one period behind.
+            let _ = map.set(s as u32, stats.get(s), 0);
+        }
+    }
+}
+
+fn lock_instance(instance: &str) -> Result<File, BpfError> {
+    let dir = Path::new("/run/mqttlb");
+    std::fs::create_dir_all(dir).map_err(|source| BpfError::Io {
+        what: "cannot create",
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let path = dir.join(format!("{instance}.lock"));
+    let file = File::create(&path).map_err(|source| BpfError::Io {
+        what: "cannot create",
+        path: path.display().to_string(),
+        source,
+    })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(BpfError::InstanceBusy {
+            name: instance.to_owned(),
+            path: path.display().to_string(),
+        });
+    }
+    Ok(file)
+}
+
+/// Read-only view of a running instance's pinned maps (for `mqttlb ctl`).
+pub struct Pinned {
+    dir: PathBuf,
+}
+
+/// One spliced connection as `ctl conns` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnView {
+    /// Connection id.
+    pub id: u32,
+    /// Client address.
+    pub client: String,
+    /// Server address.
+    pub server: String,
+    /// Server index in its cluster.
+    pub server_index: u32,
+    /// Bytes client to server (in-kernel).
+    pub bytes_c2s: u64,
+    /// Bytes server to client (in-kernel).
+    pub bytes_s2c: u64,
+    /// Throttled directions.
+    pub throttled: Vec<&'static str>,
+    /// Seconds since the epoch at hand-off.
+    pub started_unix: u64,
+}
+
+impl Pinned {
+    /// Opens the pin directory of `instance`.
+    pub fn open(instance: &str) -> Result<Self, BpfError> {
+        let dir = pin_dir(instance);
+        if !dir.join(maps::STATS).exists() {
+            return Err(BpfError::Map {
+                name: maps::STATS,
+                reason: format!(
+                    "no pinned maps under {}: is an mqttlb instance named {instance:?} running with the sockmap data plane?",
+                    dir.display()
+                ),
+            });
+        }
+        Ok(Self { dir })
+    }
+
+    fn open_map(&self, name: &'static str) -> Result<Map, BpfError> {
+        let data = MapData::from_pin(self.dir.join(name)).map_err(|e| map_err(name, e))?;
+        Map::from_map_data(data).map_err(|e| map_err(name, e))
+    }
+
+    /// BPF program counters summed over CPUs, then daemon counters.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, BpfError> {
+        let per_cpu: PerCpuArray<MapData, u64> = PerCpuArray::try_from(self.open_map(maps::STATS)?)
+            .map_err(|e| map_err(maps::STATS, e))?;
+        let mut out = Vec::new();
+        for &s in Stat::ALL {
+            let v = per_cpu
+                .get(&(s as u32), 0)
+                .map_err(|e| map_err(maps::STATS, e))?;
+            out.push((s.name(), v.iter().sum()));
+        }
+        let daemon: Array<MapData, u64> = Array::try_from(self.open_map(maps::DAEMON_STATS)?)
+            .map_err(|e| map_err(maps::DAEMON_STATS, e))?;
+        for &s in DaemonStat::ALL {
+            out.push((
+                s.name(),
+                daemon
+                    .get(&(s as u32), 0)
+                    .map_err(|e| map_err(maps::DAEMON_STATS, e))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Every spliced connection.
+    pub fn conns(&self) -> Result<Vec<ConnView>, BpfError> {
+        let conns: HashMap<MapData, u32, ConnInfo> =
+            HashMap::try_from(self.open_map(maps::CONNS)?).map_err(|e| map_err(maps::CONNS, e))?;
+        let socks: HashMap<MapData, u64, SockInfo> =
+            HashMap::try_from(self.open_map(maps::SOCKS)?).map_err(|e| map_err(maps::SOCKS, e))?;
+        let mut out = Vec::new();
+        for item in conns.iter() {
+            // An entry removed while we iterate is simply skipped.
+            let Ok((id, c)) = item else { continue };
+            let bytes = |cookie: u64| socks.get(&cookie, 0).map(|s| s.bytes).unwrap_or(0);
+            let mut throttled = Vec::new();
+            if c.flags & lb_common::CONN_THROTTLED_C2S != 0 {
+                throttled.push("c2s");
+            }
+            if c.flags & lb_common::CONN_THROTTLED_S2C != 0 {
+                throttled.push("s2c");
+            }
+            out.push(ConnView {
+                id,
+                client: addr_string(c.client_addr, c.client_port),
+                server: addr_string(c.server_addr, c.server_port),
+                server_index: c.server_index,
+                bytes_c2s: bytes(c.client_cookie),
+                bytes_s2c: bytes(c.server_cookie),
+                throttled,
+                started_unix: c.started_unix,
+            });
+        }
+        out.sort_by_key(|c| c.id);
+        Ok(out)
+    }
+}
+
+/// Encodes an address as stored in [`ConnInfo`] (IPv4-mapped IPv6).
+pub fn addr_bytes(addr: std::net::SocketAddr) -> [u8; 16] {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn addr_string(bytes: [u8; 16], port: u16) -> String {
+    let v6 = std::net::Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => std::net::SocketAddr::from((v4, port)).to_string(),
+        None => std::net::SocketAddr::from((v6, port)).to_string(),
+    }
+}

@@ -1,0 +1,860 @@
+//! The configuration file: TOML parsed once into typed values, checked as a whole, with
+//! every problem reported as one line naming the key and its line.
+//!
+//! The raw (`Raw*`) structs mirror the file and reject unknown keys; [`Config::parse`]
+//! turns them into the typed structs the rest of the program uses, which never see
+//! strings again.
+
+use std::{
+    collections::HashSet, fmt, net::SocketAddr, num::NonZeroU32, ops::Range, path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{key}: {message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+pub struct ConfigError {
+    /// 1-based line of the offending key, when known.
+    pub line: Option<usize>,
+    /// Dotted path of the key, e.g. `clusters[0].servers[1].address`.
+    pub key: String,
+    /// What is wrong and, where useful, what is accepted.
+    pub message: String,
+}
+
+/// Every problem found in a file (at least one).
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How connections are carried after the first packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataPlaneKind {
+    /// Sockmap where BPF works, copy otherwise.
+    Auto,
+    /// In-kernel splice; failing to load BPF is a startup error.
+    Sockmap,
+    /// Userspace copy.
+    Copy,
+}
+
+/// Listener protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerKind {
+    /// Plain MQTT over TCP.
+    Mqtt,
+    /// MQTT over TLS.
+    Mqtts,
+    /// MQTT over WebSocket.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
+}
+
+/// Balancing algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Weighted round robin.
+    RoundRobin,
+    /// Fewest active connections (weighted).
+    LeastConn,
+    /// Hash of the client address.
+    Source,
+    /// Consistent hash of the MQTT client id.
+    ClientId,
+    /// Two random choices, the less loaded wins.
+    Random,
+}
+
+/// What the sticky table is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sticky {
+    /// No sticky table.
+    None,
+    /// MQTT client id.
+    ClientId,
+    /// MQTT username.
+    Username,
+    /// Client address.
+    Source,
+}
+
+/// PROXY protocol header sent to servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyProtocol {
+    /// No header.
+    None,
+    /// Text header.
+    V1,
+    /// Binary header.
+    V2,
+}
+
+/// Health check kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthKind {
+    /// No active check.
+    None,
+    /// A TCP connect must succeed.
+    Tcp,
+    /// CONNECT, expect a successful CONNACK.
+    Mqtt,
+}
+
+/// Administrative state of a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerState {
+    /// Takes new connections.
+    Up,
+    /// Keeps its connections, takes no new ones.
+    Drain,
+    /// Takes nothing.
+    Down,
+}
+
+/// A duration written as `"250ms"`, `"10s"`, `"30m"`, `"2h"` or `"1d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `"<integer><unit>"` with unit `ms`, `s`, `m`, `h` or `d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let bad = || {
+        format!(
+            "invalid duration {s:?}: write a whole number and a unit, e.g. \"250ms\", \"10s\", \"30m\", \"2h\", \"1d\""
+        )
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw file layout.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    global: RawGlobal,
+    stats: Option<RawStats>,
+    #[serde(default)]
+    listeners: Vec<RawListener>,
+    #[serde(default)]
+    clusters: Vec<RawCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    #[serde(default = "default_name")]
+    name: Spanned<String>,
+    #[serde(default = "default_data_plane")]
+    data_plane: DataPlaneKind,
+    #[serde(default = "default_max_connections")]
+    max_connections: NonZeroU32,
+}
+
+impl Default for RawGlobal {
+    fn default() -> Self {
+        Self {
+            name: default_name(),
+            data_plane: default_data_plane(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStats {
+    bind: SocketAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    bind: SocketAddr,
+    #[serde(default = "default_listener_kind")]
+    kind: Spanned<ListenerKind>,
+    cluster: Spanned<String>,
+    #[serde(default = "default_inspect_timeout")]
+    inspect_timeout: Dur,
+    #[serde(default = "default_false")]
+    accept_proxy_protocol: Spanned<bool>,
+    #[serde(default = "default_max_connect_size")]
+    max_connect_size: Spanned<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Spanned<String>,
+    #[serde(default = "default_balance")]
+    balance: Spanned<Balance>,
+    #[serde(default = "default_sticky")]
+    sticky: Spanned<Sticky>,
+    #[serde(default = "default_sticky_expire")]
+    sticky_expire: Dur,
+    #[serde(default = "default_sticky_table_size")]
+    sticky_table_size: NonZeroU32,
+    #[serde(default = "default_proxy_protocol")]
+    proxy_protocol: ProxyProtocol,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: Dur,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: Dur,
+    #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    servers: Vec<RawServer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default = "default_health_kind")]
+    kind: HealthKind,
+    #[serde(default = "default_health_interval")]
+    interval: Dur,
+    #[serde(default = "default_health_timeout")]
+    timeout: Dur,
+    #[serde(default = "default_rise_fall")]
+    rise: NonZeroU32,
+    #[serde(default = "default_rise_fall")]
+    fall: NonZeroU32,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self {
+            kind: default_health_kind(),
+            interval: default_health_interval(),
+            timeout: default_health_timeout(),
+            rise: default_rise_fall(),
+            fall: default_rise_fall(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    name: Spanned<String>,
+    address: Spanned<SocketAddr>,
+    #[serde(default = "default_weight")]
+    weight: NonZeroU32,
+    #[serde(default)]
+    backup: bool,
+    #[serde(default = "default_server_state")]
+    state: ServerState,
+    #[serde(default = "default_max_fails")]
+    max_fails: u32,
+    #[serde(default = "default_fail_timeout")]
+    fail_timeout: Dur,
+    max_connections: Option<NonZeroU32>,
+}
+
+fn default_name() -> Spanned<String> {
+    Spanned::new(0..0, "default".to_owned())
+}
+fn default_data_plane() -> DataPlaneKind {
+    DataPlaneKind::Auto
+}
+fn default_max_connections() -> NonZeroU32 {
+    NonZeroU32::new(1_000_000).expect("non-zero")
+}
+fn default_listener_kind() -> Spanned<ListenerKind> {
+    Spanned::new(0..0, ListenerKind::Mqtt)
+}
+fn default_inspect_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_false() -> Spanned<bool> {
+    Spanned::new(0..0, false)
+}
+fn default_max_connect_size() -> Spanned<u32> {
+    Spanned::new(0..0, 64 * 1024)
+}
+fn default_balance() -> Spanned<Balance> {
+    Spanned::new(0..0, Balance::RoundRobin)
+}
+fn default_sticky() -> Spanned<Sticky> {
+    Spanned::new(0..0, Sticky::None)
+}
+fn default_sticky_expire() -> Dur {
+    Dur(Duration::from_secs(30 * 60))
+}
+fn default_sticky_table_size() -> NonZeroU32 {
+    NonZeroU32::new(100_000).expect("non-zero")
+}
+fn default_proxy_protocol() -> ProxyProtocol {
+    ProxyProtocol::None
+}
+fn default_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_idle_timeout() -> Dur {
+    Dur(Duration::from_secs(30 * 60))
+}
+fn default_health_kind() -> HealthKind {
+    HealthKind::Tcp
+}
+fn default_health_interval() -> Dur {
+    Dur(Duration::from_secs(2))
+}
+fn default_health_timeout() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_rise_fall() -> NonZeroU32 {
+    NonZeroU32::new(2).expect("non-zero")
+}
+fn default_weight() -> NonZeroU32 {
+    NonZeroU32::MIN
+}
+fn default_server_state() -> ServerState {
+    ServerState::Up
+}
+fn default_max_fails() -> u32 {
+    1
+}
+fn default_fail_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+// ---------------------------------------------------------------------------------------
+// Typed configuration.
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[global]`.
+    pub global: Global,
+    /// `[stats]`, when present.
+    pub stats: Option<StatsConfig>,
+    /// `[[listeners]]`.
+    pub listeners: Vec<Listener>,
+    /// `[[clusters]]`.
+    pub clusters: Vec<Cluster>,
+}
+
+/// `[global]`.
+#[derive(Debug, Clone)]
+pub struct Global {
+    /// Instance name; BPF maps are pinned under `/sys/fs/bpf/mqttlb/<name>/`.
+    pub name: String,
+    /// Data plane choice.
+    pub data_plane: DataPlaneKind,
+    /// Connections open at once, all listeners together.
+    pub max_connections: NonZeroU32,
+}
+
+/// `[stats]`.
+#[derive(Debug, Clone)]
+pub struct StatsConfig {
+    /// Address of the stats page.
+    pub bind: SocketAddr,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Unique name.
+    pub name: String,
+    /// Address to listen on.
+    pub bind: SocketAddr,
+    /// Protocol.
+    pub kind: ListenerKind,
+    /// Index into [`Config::clusters`].
+    pub cluster: usize,
+    /// Time allowed for the first complete MQTT packet.
+    pub inspect_timeout: Duration,
+    /// Expect a PROXY header first.
+    pub accept_proxy_protocol: bool,
+    /// Largest first packet accepted, in bytes.
+    pub max_connect_size: u32,
+}
+
+/// One `[[clusters]]` entry.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Unique name.
+    pub name: String,
+    /// Algorithm.
+    pub balance: Balance,
+    /// Sticky key.
+    pub sticky: Sticky,
+    /// Lifetime of a sticky entry after its last use.
+    pub sticky_expire: Duration,
+    /// Sticky table capacity.
+    pub sticky_table_size: NonZeroU32,
+    /// PROXY header sent to servers.
+    pub proxy_protocol: ProxyProtocol,
+    /// Time allowed for a server connect.
+    pub connect_timeout: Duration,
+    /// A connection with no traffic either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Active health check.
+    pub health: Health,
+    /// Servers, in file order (the index is the server's id).
+    pub servers: Vec<Server>,
+}
+
+/// `[clusters.health]`.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// Kind of check.
+    pub kind: HealthKind,
+    /// Time between checks.
+    pub interval: Duration,
+    /// Time allowed for one check.
+    pub timeout: Duration,
+    /// Successes that bring a server up.
+    pub rise: NonZeroU32,
+    /// Failures that take a server down.
+    pub fall: NonZeroU32,
+}
+
+/// One `[[clusters.servers]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// Unique within its cluster.
+    pub name: String,
+    /// Where to connect.
+    pub address: SocketAddr,
+    /// Relative share.
+    pub weight: NonZeroU32,
+    /// Used only while no primary server is up.
+    pub backup: bool,
+    /// Administrative state.
+    pub state: ServerState,
+    /// Failed connects within `fail_timeout` that mark the server down (0: never).
+    pub max_fails: u32,
+    /// Window for `max_fails`, and how long the server then stays down.
+    pub fail_timeout: Duration,
+    /// Connections at once to this server.
+    pub max_connections: Option<NonZeroU32>,
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                line: None,
+                key: path.display().to_string(),
+                message: format!("cannot read the configuration file: {e}"),
+            }])
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigErrors> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(text, &e)]))?;
+        let mut c = Checker {
+            text,
+            errors: Vec::new(),
+        };
+        let config = c.check(raw);
+        if c.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(c.errors))
+        }
+    }
+
+    /// Index of the cluster named `name`.
+    pub fn cluster_index(&self, name: &str) -> Option<usize> {
+        self.clusters.iter().position(|c| c.name == name)
+    }
+}
+
+/// Turns a TOML/serde error into one line: `line N: key: message`.
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| line_of(text, s.start));
+    // The key is what stands before `=` on the offending line, when there is one.
+    let key = line
+        .and_then(|l| text.lines().nth(l - 1))
+        .and_then(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
+        .filter(|k| !k.is_empty() && !k.starts_with('['))
+        .unwrap_or_else(|| "file".to_owned());
+    ConfigError {
+        line,
+        key,
+        message: e.message().trim().replace('\n', " "),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, span: Range<usize>, key: String, message: impl Into<String>) {
+        let line = (span.end > 0).then(|| line_of(self.text, span.start));
+        self.errors.push(ConfigError {
+            line,
+            key,
+            message: message.into(),
+        });
+    }
+
+    fn check(&mut self, raw: RawConfig) -> Config {
+        let name = raw.global.name.get_ref().clone();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            self.err(
+                raw.global.name.span(),
+                "global.name".into(),
+                "must be 1 to 64 characters of letters, digits, '-' or '_' (it names a bpffs directory)",
+            );
+        }
+
+        let mut clusters = Vec::new();
+        let mut cluster_names = HashSet::new();
+        for (ci, rc) in raw.clusters.into_iter().enumerate() {
+            let key = format!("clusters[{ci}]");
+            if !cluster_names.insert(rc.name.get_ref().clone()) {
+                self.err(
+                    rc.name.span(),
+                    format!("{key}.name"),
+                    format!("duplicate cluster name {:?}", rc.name.get_ref()),
+                );
+            }
+            if *rc.balance.get_ref() != Balance::RoundRobin {
+                self.err(
+                    rc.balance.span(),
+                    format!("{key}.balance"),
+                    "only \"round-robin\" is implemented in this version",
+                );
+            }
+            if *rc.sticky.get_ref() != Sticky::None {
+                self.err(
+                    rc.sticky.span(),
+                    format!("{key}.sticky"),
+                    "only \"none\" is implemented in this version",
+                );
+            }
+            if rc.servers.is_empty() {
+                self.err(
+                    rc.name.span(),
+                    format!("{key}.servers"),
+                    "a cluster needs at least one [[clusters.servers]] entry",
+                );
+            }
+            if rc.health.timeout.0 > rc.health.interval.0 {
+                self.err(
+                    rc.name.span(),
+                    format!("{key}.health.timeout"),
+                    "must not exceed health.interval",
+                );
+            }
+            let mut servers = Vec::new();
+            let mut server_names = HashSet::new();
+            let mut addresses = HashSet::new();
+            for (si, rs) in rc.servers.into_iter().enumerate() {
+                let skey = format!("{key}.servers[{si}]");
+                if !server_names.insert(rs.name.get_ref().clone()) {
+                    self.err(
+                        rs.name.span(),
+                        format!("{skey}.name"),
+                        format!(
+                            "duplicate server name {:?} in this cluster",
+                            rs.name.get_ref()
+                        ),
+                    );
+                }
+                if !addresses.insert(*rs.address.get_ref()) {
+                    self.err(
+                        rs.address.span(),
+                        format!("{skey}.address"),
+                        "duplicate server address in this cluster",
+                    );
+                }
+                servers.push(Server {
+                    name: rs.name.into_inner(),
+                    address: rs.address.into_inner(),
+                    weight: rs.weight,
+                    backup: rs.backup,
+                    state: rs.state,
+                    max_fails: rs.max_fails,
+                    fail_timeout: rs.fail_timeout.0,
+                    max_connections: rs.max_connections,
+                });
+            }
+            clusters.push(Cluster {
+                name: rc.name.into_inner(),
+                balance: rc.balance.into_inner(),
+                sticky: rc.sticky.into_inner(),
+                sticky_expire: rc.sticky_expire.0,
+                sticky_table_size: rc.sticky_table_size,
+                proxy_protocol: rc.proxy_protocol,
+                connect_timeout: rc.connect_timeout.0,
+                idle_timeout: rc.idle_timeout.0,
+                health: Health {
+                    kind: rc.health.kind,
+                    interval: rc.health.interval.0,
+                    timeout: rc.health.timeout.0,
+                    rise: rc.health.rise,
+                    fall: rc.health.fall,
+                },
+                servers,
+            });
+        }
+
+        let mut listeners = Vec::new();
+        let mut listener_names = HashSet::new();
+        let mut binds = HashSet::new();
+        if raw.listeners.is_empty() {
+            self.err(
+                0..0,
+                "listeners".into(),
+                "at least one [[listeners]] entry is required",
+            );
+        }
+        for (li, rl) in raw.listeners.into_iter().enumerate() {
+            let key = format!("listeners[{li}]");
+            if !listener_names.insert(rl.name.get_ref().clone()) {
+                self.err(
+                    rl.name.span(),
+                    format!("{key}.name"),
+                    format!("duplicate listener name {:?}", rl.name.get_ref()),
+                );
+            }
+            if !binds.insert(rl.bind) {
+                self.err(
+                    rl.name.span(),
+                    format!("{key}.bind"),
+                    format!("{} is already used by another listener", rl.bind),
+                );
+            }
+            if *rl.kind.get_ref() != ListenerKind::Mqtt {
+                self.err(
+                    rl.kind.span(),
+                    format!("{key}.kind"),
+                    "only \"mqtt\" is implemented in this version",
+                );
+            }
+            if *rl.accept_proxy_protocol.get_ref() {
+                self.err(
+                    rl.accept_proxy_protocol.span(),
+                    format!("{key}.accept_proxy_protocol"),
+                    "accepting a PROXY header is not implemented in this version",
+                );
+            }
+            if !(16..=16 * 1024 * 1024).contains(rl.max_connect_size.get_ref()) {
+                self.err(
+                    rl.max_connect_size.span(),
+                    format!("{key}.max_connect_size"),
+                    "must be between 16 and 16777216 bytes",
+                );
+            }
+            let cluster = clusters
+                .iter()
+                .position(|c| &c.name == rl.cluster.get_ref());
+            if cluster.is_none() {
+                self.err(
+                    rl.cluster.span(),
+                    format!("{key}.cluster"),
+                    format!("no [[clusters]] entry is named {:?}", rl.cluster.get_ref()),
+                );
+            }
+            listeners.push(Listener {
+                name: rl.name.into_inner(),
+                bind: rl.bind,
+                kind: rl.kind.into_inner(),
+                cluster: cluster.unwrap_or(0),
+                inspect_timeout: rl.inspect_timeout.0,
+                accept_proxy_protocol: rl.accept_proxy_protocol.into_inner(),
+                max_connect_size: rl.max_connect_size.into_inner(),
+            });
+        }
+
+        Config {
+            global: Global {
+                name,
+                data_plane: raw.global.data_plane,
+                max_connections: raw.global.max_connections,
+            },
+            stats: raw.stats.map(|s| StatsConfig { bind: s.bind }),
+            listeners,
+            clusters,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[global]
+name = "t1"
+data_plane = "copy"
+
+[[listeners]]
+name = "mqtt"
+bind = "127.0.0.1:1883"
+cluster = "brokers"
+inspect_timeout = "250ms"
+
+[[clusters]]
+name = "brokers"
+connect_timeout = "2s"
+
+[[clusters.servers]]
+name = "node1"
+address = "127.0.0.1:18831"
+weight = 3
+
+[[clusters.servers]]
+name = "node2"
+address = "127.0.0.1:18832"
+state = "drain"
+"#;
+
+    #[test]
+    fn parses_a_good_file_into_typed_values() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.global.name, "t1");
+        assert_eq!(c.global.data_plane, DataPlaneKind::Copy);
+        assert_eq!(c.global.max_connections.get(), 1_000_000);
+        let l = &c.listeners[0];
+        assert_eq!(l.bind, "127.0.0.1:1883".parse().expect("addr"));
+        assert_eq!(l.inspect_timeout, Duration::from_millis(250));
+        assert_eq!(l.max_connect_size, 65536);
+        let cl = &c.clusters[l.cluster];
+        assert_eq!(cl.connect_timeout, Duration::from_secs(2));
+        assert_eq!(cl.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(cl.servers.len(), 2);
+        assert_eq!(cl.servers[0].weight.get(), 3);
+        assert_eq!(cl.servers[1].state, ServerState::Drain);
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        Config::parse(text)
+            .expect_err("invalid")
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_line() {
+        let text = GOOD.replace("weight = 3", "wieght = 3");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("line 19: wieght: unknown field `wieght`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = errors(&GOOD.replace("\"250ms\"", "\"fast\""));
+        assert!(
+            e[0].starts_with("line 10: inspect_timeout: invalid duration \"fast\""),
+            "{e:?}"
+        );
+        let e = errors(&GOOD.replace("127.0.0.1:18832", "127.0.0.1:99999"));
+        assert!(e[0].starts_with("line 23: address:"), "{e:?}");
+        let e = errors(&GOOD.replace("\"drain\"", "\"sleepy\""));
+        assert!(
+            e[0].contains("state") && e[0].contains("unknown variant"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn semantic_problems_are_all_reported_with_lines() {
+        let text = GOOD
+            .replace("cluster = \"brokers\"", "cluster = \"nope\"")
+            .replace("node2", "node1");
+        let e = errors(&text);
+        assert!(
+            e.contains(
+                &"line 9: listeners[0].cluster: no [[clusters]] entry is named \"nope\"".to_owned()
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m
+                    .starts_with("line 22: clusters[0].servers[1].name: duplicate server name")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn instance_name_must_be_a_safe_path_component() {
+        let e = errors(&GOOD.replace("\"t1\"", "\"../x\""));
+        assert!(e[0].starts_with("line 3: global.name:"), "{e:?}");
+    }
+}

@@ -1,0 +1,271 @@
+//! A client connection's life, top to bottom: read the first packet within
+//! `inspect_timeout` (it must be a valid CONNECT), choose a server and connect within
+//! `connect_timeout` (next server on failure), send the PROXY header and every byte read
+//! so far, then hand the pair to the data plane. When no server can take it, the client
+//! gets a CONNACK "server unavailable" in its own protocol version.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use lb_common::DaemonStat;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+use tracing::{debug, warn};
+
+use crate::{
+    balance::Pool,
+    config::{Cluster, Listener},
+    dataplane::{DataPlane, Outcome, Pair},
+    mqtt::{self, Decode},
+    proxy_protocol,
+    stats::{ActiveGuard, Stats},
+};
+
+/// A cluster's configuration and live server pool; replaced whole on reload.
+#[derive(Debug)]
+pub struct ClusterRt {
+    /// Configuration.
+    pub config: Cluster,
+    /// Servers and their state.
+    pub pool: Pool,
+}
+
+impl ClusterRt {
+    /// Builds the runtime of `config`.
+    pub fn new(config: Cluster) -> Self {
+        let pool = Pool::new(&config);
+        Self { config, pool }
+    }
+}
+
+/// What every connection handler shares.
+pub struct Shared {
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// The data plane in use.
+    pub plane: Arc<dyn DataPlane>,
+    /// Clusters by name, swapped on reload.
+    clusters: RwLock<Arc<Vec<Arc<ClusterRt>>>>,
+    next_id: AtomicU32,
+}
+
+impl Shared {
+    /// Shared state over `clusters`.
+    pub fn new(stats: Arc<Stats>, plane: Arc<dyn DataPlane>, clusters: Vec<Cluster>) -> Self {
+        Self {
+            stats,
+            plane,
+            clusters: RwLock::new(Arc::new(
+                clusters
+                    .into_iter()
+                    .map(|c| Arc::new(ClusterRt::new(c)))
+                    .collect(),
+            )),
+            next_id: AtomicU32::new(1),
+        }
+    }
+
+    /// The current runtime of the cluster named `name`.
+    pub fn cluster(&self, name: &str) -> Option<Arc<ClusterRt>> {
+        self.clusters
+            .read()
+            .expect("clusters lock")
+            .iter()
+            .find(|c| c.config.name == name)
+            .cloned()
+    }
+
+    /// Replaces the clusters (reload). Connections keep the runtime they started with.
+    pub fn replace_clusters(&self, clusters: Vec<Cluster>) {
+        let new = clusters
+            .into_iter()
+            .map(|c| Arc::new(ClusterRt::new(c)))
+            .collect();
+        *self.clusters.write().expect("clusters lock") = Arc::new(new);
+    }
+}
+
+/// Why a client was turned away before a server was involved.
+#[derive(Debug, thiserror::Error)]
+enum Reject {
+    #[error("invalid first packet: {0}")]
+    Invalid(mqtt::Invalid),
+    #[error("client closed before a complete CONNECT")]
+    Eof,
+    #[error("client read failed: {0}")]
+    Io(std::io::Error),
+}
+
+/// The first packet, read and validated.
+struct First {
+    /// Every byte read from the client so far (the CONNECT and anything after it).
+    bytes: Vec<u8>,
+    version: mqtt::Version,
+    client_id: String,
+}
+
+/// Serves one accepted client connection on `listener` (whose cluster is `cluster`).
+pub async fn handle(
+    shared: Arc<Shared>,
+    listener: Arc<Listener>,
+    cluster: String,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let stats = &shared.stats;
+    let _active = ActiveGuard::new(stats);
+    stats.inc(DaemonStat::Accepted);
+    let _ = client.set_nodelay(true);
+    let mut client = client;
+
+    // 1. The first packet must be a complete, valid CONNECT.
+    let first = match timeout(
+        listener.inspect_timeout,
+        read_connect(&mut client, listener.max_connect_size as usize),
+    )
+    .await
+    {
+        Ok(Ok(first)) => first,
+        Ok(Err(reject)) => {
+            stats.inc(match reject {
+                Reject::Invalid(_) => DaemonStat::RejectedInvalid,
+                Reject::Eof | Reject::Io(_) => DaemonStat::RejectedEof,
+            });
+            debug!(%peer, listener = %listener.name, %reject, "client rejected");
+            return;
+        }
+        Err(_) => {
+            stats.inc(DaemonStat::RejectedTimeout);
+            debug!(%peer, listener = %listener.name, "no CONNECT within inspect_timeout");
+            return;
+        }
+    };
+
+    // 2. A server.
+    let Some(cluster) = shared.cluster(&cluster) else {
+        warn!(%cluster, "cluster vanished in a reload; closing client");
+        return;
+    };
+    let Some((server, lease)) = connect_server(&cluster, stats).await else {
+        stats.inc(DaemonStat::NoServer);
+        debug!(%peer, client_id = %first.client_id, cluster = %cluster.config.name, "no server available");
+        refuse(client, first.version).await;
+        return;
+    };
+    let _ = server.set_nodelay(true);
+
+    // 3. PROXY header, then everything read from the client.
+    let local = client.local_addr().unwrap_or(listener.bind);
+    let mut head = proxy_protocol::encode(cluster.config.proxy_protocol, peer, local);
+    head.extend_from_slice(&first.bytes);
+    drop(first.bytes);
+    let mut server = server;
+    if let Err(e) = server.write_all(&head).await {
+        debug!(%peer, server = lease.name(), error = %e, "server write failed");
+        stats.inc(DaemonStat::Aborted);
+        return;
+    }
+
+    // 4. Hand-off.
+    let pair = Pair {
+        client,
+        server,
+        id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+        client_addr: peer,
+        server_addr: lease.address,
+        server_index: lease.index as u32,
+        written_to_client: 0,
+        written_to_server: head.len() as u64,
+        idle_timeout: cluster.config.idle_timeout,
+    };
+    drop(head);
+    match shared.plane.carry(pair).await {
+        Outcome::Closed => stats.inc(DaemonStat::Closed),
+        Outcome::IdleTimeout => stats.inc(DaemonStat::IdleTimeout),
+        Outcome::Aborted(e) => {
+            stats.inc(DaemonStat::Aborted);
+            debug!(%peer, server = lease.name(), error = %e, "connection aborted");
+        }
+    }
+}
+
+/// Reads until the buffer starts with a complete CONNECT (bytes after it are kept).
+async fn read_connect(client: &mut TcpStream, max: usize) -> Result<First, Reject> {
+    let mut bytes = Vec::with_capacity(256);
+    loop {
+        match mqtt::decode_connect(&bytes, max) {
+            Decode::Connect(c) => {
+                let (version, client_id) = (c.version, c.client_id.to_owned());
+                return Ok(First {
+                    bytes,
+                    version,
+                    client_id,
+                });
+            }
+            Decode::Invalid(e) => return Err(Reject::Invalid(e)),
+            Decode::Incomplete => {}
+        }
+        bytes.reserve(4096);
+        match client.read_buf(&mut bytes).await {
+            Ok(0) => return Err(Reject::Eof),
+            Ok(_) => {}
+            Err(e) => return Err(Reject::Io(e)),
+        }
+    }
+}
+
+/// Tries servers until one accepts a TCP connection within `connect_timeout`.
+async fn connect_server<'a>(
+    cluster: &'a ClusterRt,
+    stats: &Stats,
+) -> Option<(TcpStream, crate::balance::Lease<'a>)> {
+    let mut tried = vec![false; cluster.pool.servers.len()];
+    while let Some(lease) = cluster.pool.select(&tried) {
+        tried[lease.index] = true;
+        match timeout(
+            cluster.config.connect_timeout,
+            TcpStream::connect(lease.address),
+        )
+        .await
+        {
+            Ok(Ok(s)) => {
+                lease.succeeded();
+                return Some((s, lease));
+            }
+            Ok(Err(e)) => debug!(server = lease.name(), error = %e, "server connect failed"),
+            Err(_) => debug!(server = lease.name(), "server connect timed out"),
+        }
+        stats.inc(DaemonStat::ServerConnectFailed);
+        if lease.failed() {
+            warn!(cluster = %cluster.config.name, server = lease.name(), "server marked down after max_fails failed connects");
+        }
+    }
+    None
+}
+
+/// Sends the "server unavailable" CONNACK, then closes without resetting it away: the
+/// write side is shut and whatever the client still sends is read and dropped briefly.
+async fn refuse(mut client: TcpStream, version: mqtt::Version) {
+    if client
+        .write_all(mqtt::connack_server_unavailable(version))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 512];
+    let _ = timeout(Duration::from_secs(1), async {
+        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}

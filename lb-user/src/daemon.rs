@@ -1,0 +1,246 @@
+//! The daemon: chooses the data plane, binds the listeners, accepts under the
+//! `max_connections` cap, reloads on SIGHUP and stops on SIGTERM/SIGINT.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lb_common::DaemonStat;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::{Semaphore, watch},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    bpf::{Bpf, BpfError},
+    config::{Config, DataPlaneKind, Listener},
+    conn::{self, Shared},
+    dataplane::{
+        DataPlane,
+        copy::CopyPlane,
+        sockmap::{LAG_STEP, SockmapPlane},
+    },
+    stats::Stats,
+};
+
+/// How long SIGTERM waits for open connections to finish before exiting.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A listener address could not be bound.
+    #[error(
+        "cannot listen on {addr} (listener {name:?}): {source}; is another process using the port?"
+    )]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// `data_plane = "sockmap"` was required and BPF is not usable.
+    #[error("data_plane = \"sockmap\" needs BPF: {0}")]
+    Bpf(#[from] BpfError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Chooses and builds the data plane.
+fn data_plane(
+    config: &Config,
+    kind: DataPlaneKind,
+    stats: &Arc<Stats>,
+) -> Result<(Arc<dyn DataPlane>, Option<Arc<SockmapPlane>>), DaemonError> {
+    let sockmap = || {
+        Bpf::load(&config.global.name, LAG_STEP)
+            .map(|b| SockmapPlane::new(Arc::new(b), stats.clone()))
+    };
+    let plane = match kind {
+        DataPlaneKind::Copy => None,
+        DataPlaneKind::Sockmap => Some(sockmap()?),
+        DataPlaneKind::Auto => match sockmap() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!(error = %e, "sockmap data plane unavailable; using the copy data plane");
+                None
+            }
+        },
+    };
+    Ok(match plane {
+        Some(p) => (p.clone() as Arc<dyn DataPlane>, Some(p)),
+        None => (Arc::new(CopyPlane::new(stats.clone())), None),
+    })
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
+pub async fn run(
+    config_path: PathBuf,
+    config: Config,
+    plane_override: Option<DataPlaneKind>,
+) -> Result<(), DaemonError> {
+    let stats = Arc::new(Stats::default());
+    let kind = plane_override.unwrap_or(config.global.data_plane);
+    let (plane, sockmap) = data_plane(&config, kind, &stats)?;
+    info!(instance = %config.global.name, data_plane = plane.name(), "data plane selected");
+
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let listener = TcpListener::bind(l.bind)
+            .await
+            .map_err(|source| DaemonError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
+        info!(listener = %l.name, bind = %l.bind, kind = ?l.kind, "listening");
+        bound.push((
+            Arc::new(l.clone()),
+            config.clusters[l.cluster].name.clone(),
+            listener,
+        ));
+    }
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    let shared = Arc::new(Shared::new(stats.clone(), plane, config.clusters.clone()));
+    let limit = config.global.max_connections.get() as usize;
+    let permits = Arc::new(Semaphore::new(limit));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    if let Some(p) = &sockmap {
+        let p = p.clone();
+        tokio::spawn(async move {
+            if let Err(e) = p.run_events().await {
+                error!(error = %e, "BPF event loop stopped; throttling now relies on polling only");
+            }
+        });
+    }
+    let publisher = tokio::spawn(publish_stats(stats.clone(), sockmap.clone()));
+    let mut accept_tasks = Vec::new();
+    for (listener, cluster, socket) in bound {
+        accept_tasks.push(tokio::spawn(accept_loop(
+            shared.clone(),
+            listener,
+            cluster,
+            socket,
+            permits.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(&config_path, &mut current, &shared, &stats),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!("stopping: no new connections");
+    let _ = stop_tx.send(true);
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while permits.available_permits() < limit && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = limit - permits.available_permits();
+    if left > 0 {
+        info!(
+            open = left,
+            "closing connections still open after the grace period"
+        );
+    }
+    publisher.abort();
+    Ok(())
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: Arc<Listener>,
+    cluster: String,
+    socket: TcpListener,
+    permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.changed() => return,
+        };
+        let accepted = tokio::select! {
+            r = socket.accept() => r,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let (shared, listener, cluster) =
+                    (shared.clone(), listener.clone(), cluster.clone());
+                tokio::spawn(async move {
+                    conn::handle(shared, listener, cluster, client, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(listener = %listener.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Applies a changed configuration: clusters and servers change at once (connections
+/// keep their server); listener changes need a restart.
+fn reload(path: &PathBuf, current: &mut Config, shared: &Shared, stats: &Stats) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            stats.inc(DaemonStat::ReloadFailures);
+            for e in errors.0 {
+                error!(problem = %e, "reload refused; the running configuration stays");
+            }
+            return;
+        }
+    };
+    let listeners_same = new.listeners.len() == current.listeners.len()
+        && new
+            .listeners
+            .iter()
+            .zip(&current.listeners)
+            .all(|(a, b)| a.name == b.name && a.bind == b.bind);
+    if !listeners_same {
+        warn!("listener names or addresses changed: that part of the reload needs a restart");
+    }
+    shared.replace_clusters(new.clusters.clone());
+    stats.inc(DaemonStat::Reloads);
+    info!(clusters = new.clusters.len(), "configuration reloaded");
+    *current = new;
+}
+
+/// Refreshes the gauges and publishes the counters to the pinned map, four times a second.
+async fn publish_stats(stats: Arc<Stats>, sockmap: Option<Arc<SockmapPlane>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        stats.set(
+            DaemonStat::TasksAlive,
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks() as u64,
+        );
+        if let Some(p) = &sockmap {
+            p.publish(&stats);
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The userspace data plane: readiness-driven copy through one per-thread scratch
+//! buffer. An idle connection holds no buffer; a heap buffer exists only while a peer
+//! has not taken all of a read (and then the direction stops reading, so TCP flow
+//! control holds the sender back).
+
+use std::{cell::RefCell, io, os::fd::AsRawFd, sync::Arc, time::Instant};
+
+use lb_common::DaemonStat;
+use tokio::net::TcpStream;
+
+use super::{CarryFuture, DataPlane, Outcome, Pair, reset_both};
+use crate::{stats::Stats, sys};
+
+/// Size of the per-thread scratch buffer (64 KiB measured twice as fast as 8 KiB).
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
+
+/// The copy data plane.
+#[derive(Debug, Clone)]
+pub struct CopyPlane {
+    stats: Arc<Stats>,
+}
+
+impl CopyPlane {
+    /// A copy plane counting into `stats`.
+    pub fn new(stats: Arc<Stats>) -> Self {
+        Self { stats }
+    }
+
+    /// Carries the pair; also the fallback of the sockmap plane.
+    pub async fn run(&self, pair: Pair) -> Outcome {
+        self.stats.inc(DaemonStat::Copied);
+        let result = copy_both(&pair, &self.stats).await;
+        if let Err(_) | Ok(Outcome::Aborted(_)) = &result {
+            reset_both(&pair);
+        }
+        result.unwrap_or_else(Outcome::Aborted)
+    }
+}
+
+impl DataPlane for CopyPlane {
+    fn name(&self) -> &'static str {
+        "copy"
+    }
+    fn carry(&self, pair: Pair) -> CarryFuture<'_> {
+        Box::pin(self.run(pair))
+    }
+}
+
+/// One direction of a copied connection.
+struct Direction<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
+    /// Bytes read but not yet taken by `dst`.
+    pending: Option<Vec<u8>>,
+    /// EOF seen and forwarded.
+    done: bool,
+    stat: DaemonStat,
+}
+
+impl Direction<'_> {
+    /// Moves one read's worth of bytes, or finishes a pending write.
+    /// Cancel-safe: state changes only after the awaits.
+    async fn step(&mut self, stats: &Stats) -> io::Result<()> {
+        if let Some(p) = &self.pending {
+            self.dst.writable().await?;
+            match self.dst.try_write(p) {
+                Ok(n) if n == p.len() => self.pending = None,
+                Ok(n) => self.pending = Some(p[n..].to_vec()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(());
+        }
+        self.src.readable().await?;
+        let (src, dst) = (self.src, self.dst);
+        let r = SCRATCH_BUF.with_borrow_mut(|buf| -> io::Result<Option<Option<Vec<u8>>>> {
+            let n = match src.try_read(buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(None)),
+                Err(e) => return Err(e),
+            };
+            stats.add(self.stat, n as u64);
+            match dst.try_write(&buf[..n]) {
+                Ok(m) if m == n => Ok(Some(None)),
+                Ok(m) => Ok(Some(Some(buf[m..n].to_vec()))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Ok(Some(Some(buf[..n].to_vec())))
+                }
+                Err(e) => Err(e),
+            }
+        })?;
+        match r {
+            None => {
+                // EOF: every byte before it is already in dst's send queue.
+                sys::shutdown_write(dst.as_raw_fd())?;
+                stats.inc(DaemonStat::HalfClosed);
+                self.done = true;
+            }
+            Some(pending) => self.pending = pending,
+        }
+        Ok(())
+    }
+}
+
+async fn copy_both(pair: &Pair, stats: &Stats) -> io::Result<Outcome> {
+    let mut c2s = Direction {
+        src: &pair.client,
+        dst: &pair.server,
+        pending: None,
+        done: false,
+        stat: DaemonStat::CopiedBytesC2s,
+    };
+    let mut s2c = Direction {
+        src: &pair.server,
+        dst: &pair.client,
+        pending: None,
+        done: false,
+        stat: DaemonStat::CopiedBytesS2c,
+    };
+    let idle = pair.idle_timeout;
+    let mut last = Instant::now();
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    while !(c2s.done && s2c.done) {
+        tokio::select! {
+            r = c2s.step(stats), if !c2s.done => { r?; last = Instant::now(); }
+            r = s2c.step(stats), if !s2c.done => { r?; last = Instant::now(); }
+            () = &mut sleep => {
+                if last.elapsed() >= idle {
+                    return Ok(Outcome::IdleTimeout);
+                }
+                sleep.as_mut().reset((last + idle).into());
+            }
+        }
+    }
+    Ok(Outcome::Closed)
+}

@@ -1,0 +1,68 @@
+//! Data planes: what carries a connection's bytes after the first packet has been
+//! forwarded. Both implement [`DataPlane`] and pass the same tests.
+//!
+//! Contract for every data plane: the caller has written to each socket everything it
+//! read from the other (counted in [`Pair`]); from then on every byte is delivered once,
+//! in order; a half-close is forwarded only after every byte before it; an error or
+//! reset on one side resets the other; memory per connection stays bounded when a peer
+//! stops reading; and nothing (socket, map entry, task) outlives the connection.
+
+pub mod copy;
+pub mod sockmap;
+
+use std::{future::Future, net::SocketAddr, pin::Pin, time::Duration};
+
+use tokio::net::TcpStream;
+
+/// A client connection and its server connection, ready to be carried.
+#[derive(Debug)]
+pub struct Pair {
+    /// Client side.
+    pub client: TcpStream,
+    /// Server side.
+    pub server: TcpStream,
+    /// Daemon-wide connection id.
+    pub id: u32,
+    /// Client address.
+    pub client_addr: SocketAddr,
+    /// Server address.
+    pub server_addr: SocketAddr,
+    /// Server index in its cluster.
+    pub server_index: u32,
+    /// Bytes already written to the client socket by the daemon.
+    pub written_to_client: u64,
+    /// Bytes already written to the server socket by the daemon (PROXY header, CONNECT).
+    pub written_to_server: u64,
+    /// No traffic either way for this long closes the connection.
+    pub idle_timeout: Duration,
+}
+
+/// How a carried connection ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Both directions finished with FIN.
+    Closed,
+    /// Neither side sent anything for `idle_timeout`.
+    IdleTimeout,
+    /// A reset or error on one side; both sides were reset.
+    Aborted(std::io::Error),
+}
+
+/// Boxed future returned by [`DataPlane::carry`].
+pub type CarryFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+/// Carries spliced connections.
+pub trait DataPlane: Send + Sync {
+    /// `sockmap` or `copy`.
+    fn name(&self) -> &'static str;
+    /// Carries `pair` until both directions are closed.
+    fn carry(&self, pair: Pair) -> CarryFuture<'_>;
+}
+
+/// Resets both sockets when the pair is dropped after an error.
+pub(crate) fn reset_both(pair: &Pair) {
+    use std::os::fd::AsRawFd;
+    // Best effort: the sockets are about to be closed either way.
+    let _ = crate::sys::set_linger_zero(pair.client.as_raw_fd());
+    let _ = crate::sys::set_linger_zero(pair.server.as_raw_fd());
+}

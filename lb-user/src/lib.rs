@@ -1,0 +1,26 @@
+//! mqttlb: a load balancer for MQTT broker clusters.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file, parsed once into typed values and checked.
+//! - [`mqtt`]: the first-packet codec (CONNECT decoder, CONNACK refusals).
+//! - [`proxy_protocol`]: PROXY v1/v2 headers sent to servers.
+//! - [`balance`]: server pools and selection (weighted round robin, passive health).
+//! - [`conn`]: one client connection's life, from accept to hand-off.
+//! - [`dataplane`]: what carries bytes after the hand-off: [`dataplane::sockmap`]
+//!   (in-kernel splice) and [`dataplane::copy`] (userspace), behind one trait.
+//! - [`bpf`]: loading the eBPF program, the pinned maps, and reading them back.
+//! - [`stats`]: daemon counters. [`ctl`]: `mqttlb ctl`. [`daemon`]: `mqttlb run`.
+//! - [`sys`]: the socket syscalls std and tokio do not wrap.
+
+pub mod balance;
+pub mod bpf;
+pub mod config;
+pub mod conn;
+pub mod ctl;
+pub mod daemon;
+pub mod dataplane;
+pub mod mqtt;
+pub mod proxy_protocol;
+pub mod stats;
+pub mod sys;

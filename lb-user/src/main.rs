@@ -1,0 +1,127 @@
+//! The `mqttlb` command: `run`, `check` and `ctl`.
+//!
+//! Exit codes: 0 success, 1 bad configuration or usage, 2 runtime failure.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use mqttlb::{
+    config::{Config, DataPlaneKind},
+    ctl::{self, CtlCommand},
+    daemon,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "mqttlb",
+    version,
+    about = "Load balancer for MQTT broker clusters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the balancer.
+    Run {
+        /// Configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Overrides [global] data_plane.
+        #[arg(long, value_enum)]
+        data_plane: Option<DataPlaneKind>,
+    },
+    /// Check a configuration file and exit.
+    Check {
+        /// Configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Inspect a running instance through its pinned BPF maps.
+    Ctl {
+        #[command(subcommand)]
+        what: CtlCommand,
+        /// Print one JSON document.
+        #[arg(long, global = true)]
+        json: bool,
+        /// Instance name ([global] name).
+        #[arg(long, global = true, default_value = "default")]
+        instance: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("configuration OK");
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in errors.0 {
+                    eprintln!("{}: {e}", config.display());
+                }
+                ExitCode::from(1)
+            }
+        },
+        Command::Ctl {
+            what,
+            json,
+            instance,
+        } => match ctl::run(what, &instance, json, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mqttlb ctl: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run {
+            config: path,
+            data_plane,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(errors) => {
+                    for e in errors.0 {
+                        eprintln!("{}: {e}", path.display());
+                    }
+                    return ExitCode::from(1);
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mqttlb: cannot start the runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(daemon::run(path, config, data_plane)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mqttlb: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! MQTT codec for the first packet: a strict CONNECT decoder for MQTT 3.1, 3.1.1 and 5.0
+//! (no I/O; borrows from the caller's buffer) and the CONNACK refusals.
+//!
+//! Decoding first *checks* that the fixed header is a CONNECT and that the whole packet
+//! is buffered (cheap, answers [`Decode::Incomplete`]), then *parses* the body, which
+//! must consume exactly the remaining length.
+
+/// Protocol versions, by CONNECT protocol level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// MQTT 3.1 (`MQIsdp`, level 3).
+    V31,
+    /// MQTT 3.1.1 (`MQTT`, level 4).
+    V311,
+    /// MQTT 5.0 (`MQTT`, level 5).
+    V5,
+}
+
+/// Why a first packet was refused. Each reason is counted separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// The first packet is not a CONNECT (or its fixed-header flags are not 0).
+    #[error("first packet is not a CONNECT")]
+    NotConnect,
+    /// The remaining length is longer than 4 bytes.
+    #[error("malformed remaining length")]
+    RemainingLength,
+    /// The packet is larger than the listener's `max_connect_size`.
+    #[error("CONNECT larger than max_connect_size")]
+    TooLarge,
+    /// Unknown protocol name or level.
+    #[error("unsupported protocol name or level")]
+    Protocol,
+    /// Connect flags break a rule of the specification.
+    #[error("invalid connect flags")]
+    Flags,
+    /// A string is not well-formed UTF-8 or contains U+0000.
+    #[error("invalid UTF-8 string")]
+    Utf8,
+    /// An MQTT 5 property is unknown, misplaced, duplicated or out of range.
+    #[error("invalid property")]
+    Property,
+    /// A field runs past the packet, or the packet has bytes after its last field.
+    #[error("field lengths do not match the remaining length")]
+    Length,
+}
+
+/// Result of decoding the start of a client's byte stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decode<'a> {
+    /// More bytes are needed to decide.
+    Incomplete,
+    /// A valid CONNECT; `Connect::len` bytes of the buffer belong to it.
+    Connect(Connect<'a>),
+    /// Not a valid CONNECT.
+    Invalid(Invalid),
+}
+
+/// The fields of a CONNECT that balancing and logging use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect<'a> {
+    /// Protocol version.
+    pub version: Version,
+    /// Clean session (3.x) / clean start (5.0).
+    pub clean_start: bool,
+    /// Keep alive, seconds.
+    pub keep_alive: u16,
+    /// Client identifier (may be empty).
+    pub client_id: &'a str,
+    /// Username, when the flag is set.
+    pub username: Option<&'a str>,
+    /// Whether a password is present (its value is never exposed or logged).
+    pub has_password: bool,
+    /// Total length of the packet (fixed header included).
+    pub len: usize,
+}
+
+/// Decodes a CONNECT at the start of `buf`, refusing packets over `max_size` bytes.
+pub fn decode_connect(buf: &[u8], max_size: usize) -> Decode<'_> {
+    let Some(&first) = buf.first() else {
+        return Decode::Incomplete;
+    };
+    if first != 0x10 {
+        return Decode::Invalid(Invalid::NotConnect);
+    }
+    let (remaining, header_len) = match remaining_length(&buf[1..]) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Decode::Incomplete,
+        Err(e) => return Decode::Invalid(e),
+    };
+    let total = 1 + header_len + remaining;
+    if total > max_size {
+        return Decode::Invalid(Invalid::TooLarge);
+    }
+    if buf.len() < total {
+        return Decode::Incomplete;
+    }
+    match parse_body(&buf[1 + header_len..total]) {
+        Ok(mut c) => {
+            c.len = total;
+            Decode::Connect(c)
+        }
+        Err(e) => Decode::Invalid(e),
+    }
+}
+
+/// Reads a variable byte integer: `Ok(None)` if more bytes are needed.
+fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, Invalid> {
+    let mut value = 0usize;
+    for (i, &b) in buf.iter().enumerate().take(4) {
+        value |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((value, i + 1)));
+        }
+    }
+    if buf.len() >= 4 {
+        Err(Invalid::RemainingLength)
+    } else {
+        Ok(None)
+    }
+}
+
+/// A cursor over a packet body; every read fails with [`Invalid::Length`] past the end.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Invalid> {
+        if self.buf.len() < n {
+            return Err(Invalid::Length);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, Invalid> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, Invalid> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, Invalid> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn binary(&mut self) -> Result<&'a [u8], Invalid> {
+        let n = self.u16()?;
+        self.take(usize::from(n))
+    }
+    fn string(&mut self) -> Result<&'a str, Invalid> {
+        let b = self.binary()?;
+        let s = std::str::from_utf8(b).map_err(|_| Invalid::Utf8)?;
+        // MQTT-1.5.3-2: U+0000 must not appear in a UTF-8 string.
+        if s.contains('\0') {
+            return Err(Invalid::Utf8);
+        }
+        Ok(s)
+    }
+    fn varint(&mut self) -> Result<usize, Invalid> {
+        match remaining_length(self.buf)? {
+            Some((v, n)) => {
+                self.buf = &self.buf[n..];
+                Ok(v)
+            }
+            None => Err(Invalid::Length),
+        }
+    }
+}
+
+fn parse_body(body: &[u8]) -> Result<Connect<'_>, Invalid> {
+    let mut r = Reader { buf: body };
+    let name = r.binary()?;
+    let level = r.u8()?;
+    let version = match (name, level) {
+        (b"MQIsdp", 3) => Version::V31,
+        (b"MQTT", 4) => Version::V311,
+        (b"MQTT", 5) => Version::V5,
+        _ => return Err(Invalid::Protocol),
+    };
+    let flags = r.u8()?;
+    let will = flags & 0x04 != 0;
+    let will_qos = (flags >> 3) & 0x03;
+    let will_retain = flags & 0x20 != 0;
+    let has_password = flags & 0x40 != 0;
+    let has_username = flags & 0x80 != 0;
+    if flags & 0x01 != 0
+        || will_qos == 3
+        || (!will && (will_qos != 0 || will_retain))
+        || (version != Version::V5 && has_password && !has_username)
+    {
+        return Err(Invalid::Flags);
+    }
+    let keep_alive = r.u16()?;
+    if version == Version::V5 {
+        properties(&mut r, &CONNECT_PROPERTIES)?;
+    }
+    let client_id = r.string()?;
+    if will {
+        if version == Version::V5 {
+            properties(&mut r, &WILL_PROPERTIES)?;
+        }
+        r.string()?; // will topic
+        r.binary()?; // will payload
+    }
+    let username = if has_username {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    if has_password {
+        r.binary()?;
+    }
+    if !r.buf.is_empty() {
+        return Err(Invalid::Length);
+    }
+    Ok(Connect {
+        version,
+        clean_start: flags & 0x02 != 0,
+        keep_alive,
+        client_id,
+        username,
+        has_password,
+        len: 0,
+    })
+}
+
+/// Value types of MQTT 5 properties.
+#[derive(Clone, Copy)]
+enum PropType {
+    Byte01,
+    U16NonZero,
+    U16,
+    U32,
+    U32NonZero,
+    Utf8,
+    Binary,
+    Pair,
+}
+
+/// Properties allowed in the CONNECT variable header: (id, type).
+const CONNECT_PROPERTIES: [(u8, PropType); 9] = [
+    (0x11, PropType::U32),        // session expiry interval
+    (0x21, PropType::U16NonZero), // receive maximum
+    (0x27, PropType::U32NonZero), // maximum packet size
+    (0x22, PropType::U16),        // topic alias maximum
+    (0x19, PropType::Byte01),     // request response information
+    (0x17, PropType::Byte01),     // request problem information
+    (0x26, PropType::Pair),       // user property
+    (0x15, PropType::Utf8),       // authentication method
+    (0x16, PropType::Binary),     // authentication data
+];
+
+/// Properties allowed among the will properties.
+const WILL_PROPERTIES: [(u8, PropType); 7] = [
+    (0x18, PropType::U32),    // will delay interval
+    (0x01, PropType::Byte01), // payload format indicator
+    (0x02, PropType::U32),    // message expiry interval
+    (0x03, PropType::Utf8),   // content type
+    (0x08, PropType::Utf8),   // response topic
+    (0x09, PropType::Binary), // correlation data
+    (0x26, PropType::Pair),   // user property
+];
+
+const USER_PROPERTY: u8 = 0x26;
+
+fn properties(r: &mut Reader<'_>, allowed: &[(u8, PropType)]) -> Result<(), Invalid> {
+    let len = r.varint()?;
+    let mut p = Reader { buf: r.take(len)? };
+    let mut seen = 0u64; // bit per property id (all ids are below 64)
+    while !p.buf.is_empty() {
+        let id = p.varint()?;
+        let &(id, ty) = allowed
+            .iter()
+            .find(|(a, _)| usize::from(*a) == id)
+            .ok_or(Invalid::Property)?;
+        if id != USER_PROPERTY && seen & (1 << id) != 0 {
+            return Err(Invalid::Property);
+        }
+        seen |= 1 << id;
+        match ty {
+            PropType::Byte01 if p.u8()? > 1 => return Err(Invalid::Property),
+            PropType::U16NonZero if p.u16()? == 0 => return Err(Invalid::Property),
+            PropType::U32NonZero if p.u32()? == 0 => return Err(Invalid::Property),
+            PropType::Byte01 | PropType::U16NonZero | PropType::U32NonZero => {}
+            PropType::U16 => {
+                p.u16()?;
+            }
+            PropType::U32 => {
+                p.u32()?;
+            }
+            PropType::Utf8 => {
+                p.string()?;
+            }
+            PropType::Binary => {
+                p.binary()?;
+            }
+            PropType::Pair => {
+                p.string()?;
+                p.string()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// CONNACK refusing the connection because no server can take it: return code 3
+/// (server unavailable) for MQTT 3.x, reason code 0x88 (Server unavailable) for 5.0.
+pub fn connack_server_unavailable(version: Version) -> &'static [u8] {
+    match version {
+        Version::V31 | Version::V311 => &[0x20, 0x02, 0x00, 0x03],
+        Version::V5 => &[0x20, 0x03, 0x00, 0x88, 0x00],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    /// The shared first-packet vectors (checked against a real mosquitto).
+    #[test]
+    fn shared_vectors() {
+        let text = include_str!("../../tests/data/mqtt-connect-vectors.tsv");
+        let mut n = 0;
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let cols: Vec<&str> = line.split('\t').collect();
+            let (name, verdict, bytes) = (cols[0], cols[1], hex(cols[2]));
+            let got = decode_connect(&bytes, 65536);
+            match verdict {
+                "valid" => match got {
+                    Decode::Connect(c) => {
+                        assert_eq!(c.len, bytes.len(), "{name}: whole vector is the CONNECT")
+                    }
+                    other => panic!("{name}: expected valid, got {other:?}"),
+                },
+                "invalid" => assert!(
+                    matches!(got, Decode::Invalid(_)),
+                    "{name}: expected invalid, got {got:?}"
+                ),
+                v => panic!("unknown verdict {v}"),
+            }
+            n += 1;
+        }
+        assert_eq!(n, 15);
+    }
+
+    #[test]
+    fn fields_of_known_packets() {
+        let decode = |h: &str| match decode_connect(&hex(h), 1024) {
+            Decode::Connect(c) => (
+                c.version,
+                c.client_id.to_owned(),
+                c.username.map(str::to_owned),
+                c.has_password,
+                c.keep_alive,
+            ),
+            other => panic!("{h}: {other:?}"),
+        };
+        assert_eq!(
+            decode("101a00044d51545404c2003c00000004746573740006706173737764"),
+            (Version::V311, String::new(), Some("test".into()), true, 60)
+        );
+        assert_eq!(
+            decode("101800044d5154540502003c032100140008746573745f737562"),
+            (Version::V5, "test_sub".into(), None, false, 60)
+        );
+        assert_eq!(
+            decode("102400064d514973647003c200000008746573745f7375620004746573740006706173737764"),
+            (
+                Version::V31,
+                "test_sub".into(),
+                Some("test".into()),
+                true,
+                0
+            )
+        );
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete_and_trailing_bytes_are_left() {
+        let p = hex("101400044d5154540402003c0008746573745f737562");
+        for n in 0..p.len() {
+            assert_eq!(
+                decode_connect(&p[..n], 1024),
+                Decode::Incomplete,
+                "prefix {n}"
+            );
+        }
+        let mut pipelined = p.clone();
+        pipelined.extend_from_slice(&[0xc0, 0x00]); // PINGREQ right behind
+        let Decode::Connect(c) = decode_connect(&pipelined, 1024) else {
+            panic!("valid")
+        };
+        assert_eq!(c.len, p.len());
+    }
+
+    #[test]
+    fn size_limit_is_checked_before_buffering() {
+        // Remaining length 2,097,151 announced in 4 bytes: refused without the body.
+        assert_eq!(
+            decode_connect(&[0x10, 0xff, 0xff, 0x7f], 65536),
+            Decode::Invalid(Invalid::TooLarge)
+        );
+    }
+
+    #[test]
+    fn flag_and_property_rules() {
+        // Password without username in 3.1.1.
+        let mut p = hex("101400044d5154540402003c0008746573745f737562");
+        p[9] = 0x42;
+        assert_eq!(decode_connect(&p, 1024), Decode::Invalid(Invalid::Flags));
+        // Reserved flag bit.
+        p[9] = 0x03;
+        assert_eq!(decode_connect(&p, 1024), Decode::Invalid(Invalid::Flags));
+        // MQTT 5: Receive Maximum 0 and duplicate properties.
+        let zero = hex("101800044d5154540502003c032100000008746573745f737562");
+        assert_eq!(
+            decode_connect(&zero, 1024),
+            Decode::Invalid(Invalid::Property)
+        );
+        let dup = hex(
+            "101b00044d5154540502003c06210014210014", /* two Receive Maximum */
+        );
+        let mut dup = dup;
+        dup.extend_from_slice(&hex("0008746573745f737562"));
+        dup[1] = (dup.len() - 2) as u8;
+        assert_eq!(
+            decode_connect(&dup, 1024),
+            Decode::Invalid(Invalid::Property)
+        );
+    }
+
+    #[test]
+    fn connack_refusals() {
+        assert_eq!(connack_server_unavailable(Version::V311), &[0x20, 2, 0, 3]);
+        assert_eq!(
+            connack_server_unavailable(Version::V5),
+            &[0x20, 3, 0, 0x88, 0]
+        );
+    }
+}

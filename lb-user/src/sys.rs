@@ -1,0 +1,231 @@
+//! The few socket syscalls that std and tokio do not wrap. Every `unsafe` block of the
+//! crate that talks to the kernel directly lives here.
+
+use std::{io, mem, os::fd::RawFd};
+
+/// `SO_COOKIE` (asm-generic/socket.h): a socket's 64-bit id, also seen by BPF.
+const SO_COOKIE: libc::c_int = 57;
+/// Offset of `tcpi_bytes_acked` in `struct tcp_info` (linux/tcp.h, stable since 4.1).
+const TCPI_BYTES_ACKED_OFFSET: usize = 120;
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The socket's cookie (the key of the sockhash maps).
+pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cookie)
+}
+
+/// How far a TCP socket's sending has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendProgress {
+    /// `tcpi_bytes_acked` as the kernel reports it. Measured here: an actively opened
+    /// socket counts its SYN as one acknowledged byte, an accepted one does not, so
+    /// callers calibrate against a known byte count (see `dataplane::sockmap`).
+    pub acked: u64,
+    /// Bytes in the send queue, sent or not, not yet acknowledged (`SIOCOUTQ`).
+    pub queued: u64,
+}
+
+impl SendProgress {
+    /// Every byte ever handed to the socket for sending (acked or still queued).
+    ///
+    /// [`send_progress`] returns a consistent snapshot of the two values.
+    pub fn enqueued(self) -> u64 {
+        self.acked + self.queued
+    }
+}
+
+/// Reads `tcpi_bytes_acked` and `SIOCOUTQ` as one consistent snapshot: the ACK count
+/// is read before and after the queue length and the pair retried until they agree
+/// (an ACK between the reads would otherwise skew the sum).
+pub fn send_progress(fd: RawFd) -> io::Result<SendProgress> {
+    loop {
+        let before = bytes_acked(fd)?;
+        let queued = outq(fd)?;
+        if bytes_acked(fd)? == before {
+            return Ok(SendProgress {
+                acked: before,
+                queued,
+            });
+        }
+    }
+}
+
+fn bytes_acked(fd: RawFd) -> io::Result<u64> {
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `info` is valid for writes of `len` bytes; the kernel writes at most that.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    })?;
+    if (len as usize) < TCPI_BYTES_ACKED_OFFSET + 8 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "kernel tcp_info lacks tcpi_bytes_acked",
+        ));
+    }
+    Ok(u64::from_ne_bytes(
+        info[TCPI_BYTES_ACKED_OFFSET..][..8]
+            .try_into()
+            .expect("8 bytes"),
+    ))
+}
+
+fn outq(fd: RawFd) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int to the pointer.
+    check(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) })?;
+    Ok(queued.max(0) as u64)
+}
+
+/// Bytes waiting in the receive queue (`SIOCINQ`).
+pub fn receive_queued(fd: RawFd) -> io::Result<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCINQ (FIONREAD) writes one int to the pointer.
+    check(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) })?;
+    Ok(queued.max(0) as usize)
+}
+
+/// Non-blocking `recv(MSG_PEEK)` of one byte: `Ok(0)` means end of stream, `Ok(1)` that
+/// bytes are queued, `WouldBlock` that there is nothing. On a sockmap socket this also
+/// makes the kernel run the verdict over bytes parked in the receive queue.
+pub fn peek(fd: RawFd) -> io::Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is valid for a 1-byte write.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `shutdown(fd, SHUT_WR)`: sends FIN after the queued bytes.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor the caller owns.
+    check(unsafe { libc::shutdown(fd, libc::SHUT_WR) }).map(drop)
+}
+
+/// Makes the next `close()` send RST instead of FIN (`SO_LINGER` with zero timeout).
+pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a valid `struct linger` for the duration of the call.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+        os::fd::AsRawFd,
+    };
+
+    use super::*;
+
+    #[test]
+    fn cookies_progress_and_peek_on_real_sockets() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (mut b, _) = l.accept().expect("accept");
+        let (ca, cb) = (
+            socket_cookie(a.as_raw_fd()).expect("cookie"),
+            socket_cookie(b.as_raw_fd()).expect("cookie"),
+        );
+        assert_ne!(ca, cb);
+        assert!(ca != 0 && cb != 0);
+
+        assert_eq!(
+            peek(b.as_raw_fd()).map_err(|e| e.kind()),
+            Err(io::ErrorKind::WouldBlock)
+        );
+        a.write_all(&[7u8; 1000]).expect("write");
+        let mut buf = [0u8; 1000];
+        b.read_exact(&mut buf).expect("read");
+        // Loopback acknowledges at once, but give the ACK a moment.
+        for _ in 0..100 {
+            if send_progress(a.as_raw_fd()).expect("progress").queued == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // The connecting side counts its SYN as an acknowledged byte...
+        assert_eq!(
+            send_progress(a.as_raw_fd()).expect("progress"),
+            SendProgress {
+                acked: 1001,
+                queued: 0
+            }
+        );
+        // ...the accepting side does not.
+        b.write_all(&[9u8; 300]).expect("write");
+        let mut back = [0u8; 300];
+        a.read_exact(&mut back).expect("read");
+        for _ in 0..100 {
+            if send_progress(b.as_raw_fd()).expect("progress").queued == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(
+            send_progress(b.as_raw_fd()).expect("progress"),
+            SendProgress {
+                acked: 300,
+                queued: 0
+            }
+        );
+
+        a.write_all(b"xy").expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(receive_queued(b.as_raw_fd()).expect("inq"), 2);
+        assert_eq!(peek(b.as_raw_fd()).expect("peek"), 1);
+        shutdown_write(a.as_raw_fd()).expect("shutdown");
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).expect("read");
+        assert_eq!(rest, b"xy");
+        assert_eq!(peek(b.as_raw_fd()).expect("eof"), 0);
+    }
+}
