@@ -152,8 +152,8 @@ counters! {
     Stat {
         /// Skb redirected to the peer socket.
         Redirected = 0 => "bpf_redirected",
-        /// Zero-length skb (a FIN): passed to the socket so userspace sees EOF.
-        FinPassed = 1 => "bpf_fin_passed",
+        /// Zero-length skb (a FIN): dropped; userspace sees EOF from TCP state.
+        FinDropped = 1 => "bpf_fin_dropped",
         /// Socket has no `socks` entry: bytes passed to its own receive queue.
         UnknownSocket = 2 => "bpf_unknown_socket",
         /// Peer not in `targets` (closed): bytes dropped.

@@ -10,7 +10,7 @@
 /* Indices of the per-CPU `stats` map (lb_common::Stat). */
 enum lb_stat {
 	STAT_REDIRECTED = 0,
-	STAT_FIN_PASSED = 1,
+	STAT_FIN_DROPPED = 1,
 	STAT_UNKNOWN_SOCKET = 2,
 	STAT_PEER_GONE = 3,
 	STAT_LAG_EVENT = 4,

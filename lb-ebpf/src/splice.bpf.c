@@ -4,8 +4,11 @@
  * skb received on a spliced socket out of its peer socket (looked up in `targets`).
  *
  * Kernel behaviours this relies on (measured, see docs/ARCHITECTURE.md):
- * - a FIN arrives as a zero-length skb; redirecting it breaks the peer's transmit
- *   path, so it is passed to the socket and userspace propagates the half-close;
+ * - a FIN arrives as a zero-length skb. Redirecting it breaks the peer's transmit
+ *   path. Passing it is not safe either: when skbs redirected *to* this socket are
+ *   still queued on its psock, the passed skb joins that queue and the 0-byte
+ *   "transmit" sets EPIPE on the socket. So it is dropped: TCP has already marked the
+ *   receive side shut, userspace sees recv() == 0 and propagates the half-close;
  * - redirected bytes stop counting against the source's receive buffer, so the
  *   program reports every `lag_check_step` bytes and the daemon throttles a direction
  *   whose peer does not read by taking the source out of `sources`.
@@ -23,8 +26,8 @@ int mqttlb_verdict(struct __sk_buff *skb)
 	long verdict;
 
 	if (skb->len == 0) {
-		stat_inc(STAT_FIN_PASSED);
-		return SK_PASS;
+		stat_inc(STAT_FIN_DROPPED);
+		return SK_DROP;
 	}
 
 	cookie = bpf_get_socket_cookie(skb);

@@ -5,7 +5,8 @@
 //! - **Queued bytes at hand-off.** Each side is read until `EAGAIN` and forwarded
 //!   before insertion (a partly read skb would be forwarded again); whole skbs that
 //!   arrive after that are flushed by a `MSG_PEEK` once the sockets are in the maps.
-//! - **FIN.** The program passes the zero-length FIN skb; the task sees `recv() == 0`
+//! - **FIN.** The program drops the zero-length FIN skb (passing it can set EPIPE on
+//!   the socket, see the program); the task sees `recv() == 0`
 //!   and sends `shutdown(SHUT_WR)` to the peer only once the peer's send queue has taken
 //!   every redirected byte (BPF byte counter against `tcpi_bytes_acked + SIOCOUTQ`).
 //! - **No backpressure.** Every `lag_check_step` redirected bytes the program sends an
@@ -440,6 +441,7 @@ impl SockmapPlane {
                 Err(e) => Err(e),
             };
             if let Err(e) = result {
+                tracing::debug!(id = pair.id, error = %e, states = ?dirs.iter().map(|d| d.state).collect::<Vec<_>>(), "source socket error");
                 return Supervised::Done(Outcome::Aborted(e));
             }
             if signal.peer_gone.swap(false, Ordering::Relaxed) {
@@ -454,7 +456,10 @@ impl SockmapPlane {
                 match self.advance(pair.id, d, lag_bits & (1 << d.dir) != 0) {
                     Ok(Some(c)) => changed |= c,
                     Ok(None) => return Supervised::Unsplice,
-                    Err(e) => return Supervised::Done(Outcome::Aborted(e)),
+                    Err(e) => {
+                        tracing::debug!(id = pair.id, dir = d.dir, error = %e, state = ?d.state, "advance error");
+                        return Supervised::Done(Outcome::Aborted(e));
+                    }
                 }
             }
             wait = if changed {
