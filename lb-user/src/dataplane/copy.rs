@@ -82,7 +82,7 @@ impl Direction<'_> {
                 Ok(0) => return Ok(None),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(None)),
-                Err(e) => return Err(e),
+                Err(e) => return Err(io::Error::new(e.kind(), format!("read: {e}"))),
             };
             stats.add(self.stat, n as u64);
             match dst.try_write(&buf[..n]) {
@@ -97,7 +97,9 @@ impl Direction<'_> {
         match r {
             None => {
                 // EOF: every byte before it is already in dst's send queue.
-                sys::shutdown_write(dst.as_raw_fd())?;
+                sys::shutdown_write(dst.as_raw_fd()).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("shutdown after EOF: {e}"))
+                })?;
                 stats.inc(DaemonStat::HalfClosed);
                 self.done = true;
             }

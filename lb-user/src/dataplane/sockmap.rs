@@ -198,7 +198,14 @@ impl SockmapPlane {
                 Ok(Some(n)) if to_server => pair.written_to_server += n,
                 Ok(Some(n)) => pair.written_to_client += n,
                 // EOF already, or a sender that never pauses: the copy plane carries it.
-                Ok(None) => return self.fallback(pair).await,
+                Ok(None) => {
+                    tracing::debug!(
+                        id = pair.id,
+                        to_server,
+                        "hand-off drain did not go quiet; copy plane"
+                    );
+                    return self.fallback(pair).await;
+                }
                 Err(e) => {
                     reset_both(&pair);
                     return Outcome::Aborted(e);
@@ -256,7 +263,10 @@ impl SockmapPlane {
                 self.stats.dec(DaemonStat::SplicedActive);
                 r
             }
-            Err(_) => Supervised::Unsplice,
+            Err(e) => {
+                tracing::debug!(id = pair.id, error = %e, "sockmap refused the pair; copy plane");
+                Supervised::Unsplice
+            }
         };
         // 4. Leave the maps (sources first: nothing may be redirected to a removed peer).
         if matches!(outcome, Supervised::Unsplice) {

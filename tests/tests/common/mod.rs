@@ -1,0 +1,403 @@
+//! Shared helpers for the integration tests: start the real `mqttlb` binary with a
+//! generated config, in-test echo/sink servers, real mosquitto brokers, and process
+//! probes (`/proc`). Tests bind port 0 where they can and wait for readiness instead
+//! of sleeping.
+#![allow(dead_code)]
+
+use std::{
+    io::Write,
+    net::{SocketAddr, TcpListener as StdListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// The data planes every acceptance test runs against.
+pub const PLANES: [&str; 2] = ["sockmap", "copy"];
+
+/// A valid MQTT 3.1.1 CONNECT with this client id.
+pub fn connect_packet(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut p = vec![0x10, body.len() as u8];
+    p.extend_from_slice(&body);
+    p
+}
+
+/// Whether privileged tests can run; under `CI=true` a missing privilege fails.
+pub fn privileged(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{what} needs root (BPF); CI runs as root, so this is a failure");
+        }
+        eprintln!("skipping {what}: needs root (run `cargo xtask test` as root)");
+    }
+    root
+}
+
+/// Path of the built `mqttlb` binary.
+pub fn bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MQTTLB_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test-binary> -> target/<profile>/mqttlb
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("mqttlb")
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+static INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+/// A running `mqttlb run` process.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub instance: String,
+    pub plane: String,
+    pub config: PathBuf,
+    _dir: TempDir,
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "mqttlb-test-{tag}-{}-{}",
+            std::process::id(),
+            INSTANCE.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Config text for one listener in front of `servers`; `extra_cluster` is appended to
+/// the cluster table.
+pub fn config_text(
+    instance: &str,
+    plane: &str,
+    port: u16,
+    servers: &[SocketAddr],
+    extra_cluster: &str,
+) -> String {
+    let mut t = format!(
+        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\ninspect_timeout = \"10s\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n{extra_cluster}\n"
+    );
+    for (i, s) in servers.iter().enumerate() {
+        t += &format!("\n[[clusters.servers]]\nname = \"s{i}\"\naddress = \"{s}\"\n");
+    }
+    t
+}
+
+impl Daemon {
+    pub fn start(plane: &str, servers: &[SocketAddr]) -> Self {
+        Self::start_with(plane, servers, "")
+    }
+
+    pub fn start_with(plane: &str, servers: &[SocketAddr], extra_cluster: &str) -> Self {
+        let dir = TempDir::new("lb");
+        let instance = format!(
+            "t{}x{}",
+            std::process::id(),
+            INSTANCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let port = free_port();
+        let config = dir.0.join("mqttlb.toml");
+        std::fs::write(
+            &config,
+            config_text(&instance, plane, port, servers, extra_cluster),
+        )
+        .expect("write config");
+        let log = std::fs::File::create(dir.0.join("mqttlb.log")).expect("log");
+        let child = Command::new(bin())
+            .args(["run", "-c"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("MQTTLB_TEST_LOG").unwrap_or_else(|_| "mqttlb=info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mqttlb (built by cargo xtask test)");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut d = Daemon {
+            child,
+            addr,
+            instance,
+            plane: plane.into(),
+            config,
+            _dir: dir,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                panic!("mqttlb exited early ({status}): {}", self.log());
+            }
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                // The probe connection is closed without a CONNECT: rejected, counted.
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("mqttlb did not listen within 20 s: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.0.join("mqttlb.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `mqttlb ctl <what> --json` for this instance.
+    pub fn ctl(&self, what: &str) -> serde_json::Value {
+        let out = Command::new(bin())
+            .args(["ctl", what, "--json", "--instance", &self.instance])
+            .output()
+            .expect("run mqttlb ctl");
+        assert!(
+            out.status.success(),
+            "ctl {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ctl json")
+    }
+
+    /// A daemon counter (sockmap plane: read through `ctl stats`).
+    pub fn stat(&self, name: &str) -> u64 {
+        self.ctl("stats")["stats"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no stat {name}"))
+    }
+
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("proc fd")
+            .count()
+    }
+
+    pub fn thread_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .expect("proc task")
+            .count()
+    }
+
+    /// `rchar + wchar` from `/proc/PID/io`.
+    pub fn io_chars(&self) -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid())).expect("proc io");
+        io.lines()
+            .filter(|l| l.starts_with("rchar:") || l.starts_with("wchar:"))
+            .map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Sends SIGHUP after writing a new config.
+    pub fn reload(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("write config");
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An in-test echo server: every connection gets its bytes back, then FIN after EOF.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Echo {
+    pub async fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.into_split();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if w.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            task,
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends `payload` (then FIN) on a connection to `addr` while reading everything back
+/// until EOF; returns what was read.
+pub async fn roundtrip(addr: SocketAddr, payload: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let s = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await?;
+    let _w = writer.await.expect("writer task")?;
+    Ok(got)
+}
+
+/// Waits until `f` is true, polling; panics with `what` after `limit`.
+pub async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A real mosquitto broker on a free loopback port, started by the test.
+pub struct Mosquitto {
+    pub child: Child,
+    pub addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        let dir = TempDir::new("mosq");
+        let port = free_port();
+        let conf = dir.0.join("mosquitto.conf");
+        let mut f = std::fs::File::create(&conf).expect("conf");
+        writeln!(
+            f,
+            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false"
+        )
+        .expect("conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto not found: install it with `apt-get install -y mosquitto` (cargo xtask test does)");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), for streams too large to keep.
+pub fn prng_fill(state: &mut u64, buf: &mut [u8]) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        let v = state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// MemAvailable from /proc/meminfo, bytes.
+pub fn mem_available() -> u64 {
+    let m = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    m.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("MemAvailable")
+        * 1024
+}
