@@ -50,10 +50,10 @@ impl ServerRt {
         if self.config.state != ServerState::Up {
             return false;
         }
-        if let Some(max) = self.config.max_connections {
-            if self.active.load(Ordering::Relaxed) >= max.get() {
-                return false;
-            }
+        if let Some(max) = self.config.max_connections
+            && self.active.load(Ordering::Relaxed) >= max.get()
+        {
+            return false;
         }
         let fails = self.fails.lock().expect("fails lock");
         fails.down_until.is_none_or(|t| now >= t)

@@ -78,7 +78,7 @@ fn is_bpffs(path: &Path) -> bool {
     let mut st: libc::statfs = unsafe_zeroed_statfs();
     // SAFETY: `c` is a valid C string and `st` a valid statfs buffer.
     let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    r == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    r == 0 && st.f_type == BPF_FS_MAGIC
 }
 
 fn unsafe_zeroed_statfs() -> libc::statfs {
@@ -135,14 +135,14 @@ impl Bpf {
         // Maps describing a previous daemon's sockets are meaningless now.
         for name in maps::PER_PROCESS {
             let p = dir.join(name);
-            if let Err(e) = std::fs::remove_file(&p) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    return Err(BpfError::Io {
-                        what: "cannot remove stale pin",
-                        path: p.display().to_string(),
-                        source: e,
-                    });
-                }
+            if let Err(e) = std::fs::remove_file(&p)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                return Err(BpfError::Io {
+                    what: "cannot remove stale pin",
+                    path: p.display().to_string(),
+                    source: e,
+                });
             }
         }
         let mut ebpf = EbpfLoader::new()

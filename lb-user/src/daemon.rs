@@ -53,12 +53,15 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
+/// The data plane for connections, and the sockmap plane behind it when there is one.
+type Planes = (Arc<dyn DataPlane>, Option<Arc<SockmapPlane>>);
+
 /// Chooses and builds the data plane.
 fn data_plane(
     config: &Config,
     kind: DataPlaneKind,
     stats: &Arc<Stats>,
-) -> Result<(Arc<dyn DataPlane>, Option<Arc<SockmapPlane>>), DaemonError> {
+) -> Result<Planes, DaemonError> {
     let sockmap = || {
         Bpf::load(&config.global.name, LAG_STEP)
             .map(|b| SockmapPlane::new(Arc::new(b), stats.clone()))
@@ -201,7 +204,7 @@ async fn accept_loop(
 
 /// Applies a changed configuration: clusters and servers change at once (connections
 /// keep their server); listener changes need a restart.
-fn reload(path: &PathBuf, current: &mut Config, shared: &Shared, stats: &Stats) {
+fn reload(path: &std::path::Path, current: &mut Config, shared: &Shared, stats: &Stats) {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(errors) => {

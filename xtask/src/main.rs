@@ -1,1 +1,189 @@
-fn main() {}
+//! Project tasks: `cargo xtask run [-- ARGS]`, `cargo xtask test`, `cargo xtask bench`.
+//!
+//! `run` and `test` install what a fresh Debian bookworm machine lacks (as root, with
+//! apt-get), mount bpffs, build in release mode, then do their job.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the build and the tests need, with a file that proves each present.
+const APT: &[(&str, &str)] = &[
+    ("clang-19", "/usr/bin/clang-19"),
+    ("llvm-19", "/usr/bin/llvm-objdump-19"),
+    ("libbpf-dev", "/usr/include/bpf/bpf_helpers.h"),
+    ("mosquitto", "/usr/sbin/mosquitto"),
+    ("mosquitto-clients", "/usr/bin/mosquitto_sub"),
+    ("iproute2", "/usr/bin/ss"),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(),
+        Some("run") => run(&args[1..]),
+        Some("bench") => Err(anyhow::anyhow!(
+            "the benchmark suite arrives with its own issue; nothing to run yet"
+        )),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench"
+            );
+            return ExitCode::from(1);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"))
+}
+
+/// Installs missing packages and mounts bpffs.
+fn prepare() -> Result<()> {
+    let missing: Vec<&str> = APT
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "missing packages {missing:?}: run as root, or `apt-get install -y {}`",
+                missing.join(" ")
+            );
+        }
+        eprintln!("xtask: installing {}", missing.join(" "));
+        sh(Command::new("apt-get").arg("update").arg("-qq"))
+            .context("apt-get update failed; check that the Debian mirrors are reachable")?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
+    }
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(" /sys/fs/bpf bpf "));
+    if !mounted && is_root() {
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+            .context("cannot mount bpffs at /sys/fs/bpf (the sockmap data plane needs it)")?;
+    }
+    Ok(())
+}
+
+fn build() -> Result<PathBuf> {
+    sh(Command::new(env!("CARGO")).current_dir(root()).args([
+        "build",
+        "--release",
+        "--workspace",
+        "--all-targets",
+    ]))?;
+    Ok(root().join("target/release/mqttlb"))
+}
+
+fn test() -> Result<()> {
+    prepare()?;
+    let bin = build()?;
+    // Privileged tests share kernel state (pinned maps, ports): one at a time.
+    sh(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
+        .env("MQTTLB_BIN", &bin))
+    .context("tests failed")
+}
+
+fn run(args: &[String]) -> Result<()> {
+    prepare()?;
+    let bin = build()?;
+    let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    if !args.is_empty() {
+        return sh(Command::new(&bin).args(args));
+    }
+    demo(&bin)
+}
+
+/// Three mosquitto nodes bridged into one cluster and mqttlb on 1883 in front.
+fn demo(bin: &Path) -> Result<()> {
+    let dir = root().join("target/demo");
+    std::fs::create_dir_all(&dir)?;
+    let mut children: Vec<Child> = Vec::new();
+    for n in 1..=3 {
+        let mut conf = format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n",
+            18830 + n
+        );
+        if n > 1 {
+            conf += &format!(
+                "connection bridge-node{n}-to-node1\naddress 127.0.0.1:18831\nbridge_protocol_version mqttv50\ntry_private true\ncleansession true\nnotifications false\nrestart_timeout 1 5\ntopic # both 2\n"
+            );
+        }
+        let path = dir.join(format!("node{n}.conf"));
+        std::fs::write(&path, conf)?;
+        children.push(
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(&path)
+                .stderr(Stdio::null())
+                .spawn()
+                .context("cannot start mosquitto")?,
+        );
+    }
+    let config = dir.join("mqttlb.toml");
+    std::fs::write(
+        &config,
+        "[global]\nname = \"demo\"\ndata_plane = \"auto\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"0.0.0.0:1883\"\ncluster = \"brokers\"\n\n[[clusters]]\nname = \"brokers\"\n\n[[clusters.servers]]\nname = \"node1\"\naddress = \"127.0.0.1:18831\"\n\n[[clusters.servers]]\nname = \"node2\"\naddress = \"127.0.0.1:18832\"\n\n[[clusters.servers]]\nname = \"node3\"\naddress = \"127.0.0.1:18833\"\n",
+    )?;
+    println!("mqttlb demo: three mosquitto nodes (18831-18833, bridged) behind mqttlb on 1883");
+    println!("  subscribe: mosquitto_sub -h 127.0.0.1 -p 1883 -t 'demo/#' -v");
+    println!("  publish:   mosquitto_pub -h 127.0.0.1 -p 1883 -t demo/hello -m hi");
+    println!(
+        "  config:    {}   (edit, then: kill -HUP <pid>)",
+        config.display()
+    );
+    println!(
+        "  counters:  {} ctl stats --instance demo   (with data_plane = \"sockmap\")",
+        bin.display()
+    );
+    println!("Ctrl-C stops everything.");
+    let status = Command::new(bin).args(["run", "-c"]).arg(&config).status();
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let status = status.context("cannot start mqttlb")?;
+    if !status.success() {
+        bail!("mqttlb exited with {status}");
+    }
+    Ok(())
+}

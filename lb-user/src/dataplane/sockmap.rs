@@ -269,14 +269,13 @@ impl SockmapPlane {
             }
         };
         // 4. Leave the maps (sources first: nothing may be redirected to a removed peer).
-        if matches!(outcome, Supervised::Unsplice) {
-            if let Err(e) = self.quiesce(&dirs, pair.idle_timeout).await {
-                self.remove(&pair, cookies);
-                reset_both(&pair);
-                return Outcome::Aborted(e);
-            }
+        if matches!(outcome, Supervised::Unsplice)
+            && let Err(e) = self.quiesce(&dirs, pair.idle_timeout).await
+        {
+            self.remove(&pair, cookies);
+            reset_both(&pair);
+            return Outcome::Aborted(e);
         }
-        drop(dirs);
         self.remove(&pair, cookies);
         match outcome {
             Supervised::Done(o) => {
