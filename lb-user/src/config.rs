@@ -504,11 +504,6 @@ impl Config {
             Err(ConfigErrors(c.errors))
         }
     }
-
-    /// Index of the cluster named `name`.
-    pub fn cluster_index(&self, name: &str) -> Option<usize> {
-        self.clusters.iter().position(|c| c.name == name)
-    }
 }
 
 /// Turns a TOML/serde error into one line: `line N: key: message`.

@@ -166,8 +166,11 @@ pub async fn handle(
     // 3. PROXY header, then everything read from the client.
     let local = client.local_addr().unwrap_or(listener.bind);
     let mut head = proxy_protocol::encode(cluster.config.proxy_protocol, peer, local);
-    head.extend_from_slice(&first.bytes);
-    drop(first.bytes);
+    if head.is_empty() {
+        head = first.bytes;
+    } else {
+        head.extend_from_slice(&first.bytes);
+    }
     let mut server = server;
     if let Err(e) = server.write_all(&head).await {
         debug!(%peer, server = lease.name(), error = %e, "server write failed");

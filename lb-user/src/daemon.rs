@@ -92,6 +92,9 @@ pub async fn run(
     let kind = plane_override.unwrap_or(config.global.data_plane);
     let (plane, sockmap) = data_plane(&config, kind, &stats)?;
     info!(instance = %config.global.name, data_plane = plane.name(), "data plane selected");
+    if let Some(s) = &config.stats {
+        warn!(bind = %s.bind, "[stats] is accepted but not served in this version");
+    }
 
     let mut bound = Vec::new();
     for l in &config.listeners {

@@ -40,13 +40,6 @@ impl Stats {
     pub fn get(&self, s: DaemonStat) -> u64 {
         self.values[s as usize].load(Ordering::Relaxed)
     }
-    /// Every counter with its name, in index order.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        DaemonStat::ALL
-            .iter()
-            .map(|&s| (s.name(), self.get(s)))
-            .collect()
-    }
 }
 
 /// Keeps [`DaemonStat::Active`] up while alive.

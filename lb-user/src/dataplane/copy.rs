@@ -65,11 +65,13 @@ impl Direction<'_> {
     /// Moves one read's worth of bytes, or finishes a pending write.
     /// Cancel-safe: state changes only after the awaits.
     async fn step(&mut self, stats: &Stats) -> io::Result<()> {
-        if let Some(p) = &self.pending {
+        if let Some(p) = &mut self.pending {
             self.dst.writable().await?;
             match self.dst.try_write(p) {
                 Ok(n) if n == p.len() => self.pending = None,
-                Ok(n) => self.pending = Some(p[n..].to_vec()),
+                Ok(n) => {
+                    p.drain(..n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
