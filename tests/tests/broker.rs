@@ -1,61 +1,72 @@
 //! Real broker, real clients: mosquitto_pub/mosquitto_sub through mqttlb exchange 1,000
-//! QoS 1 messages with none lost, on both data planes; a CONNECT refused when no server
-//! is up gets CONNACK 3; garbage never reaches the broker.
+//! QoS 1 messages with none lost, on both data planes. Also the paths where no broker
+//! is involved: CONNACK refusals when no server is up, invalid or late first packets
+//! (no server contacted), a dead server skipped for a live one, and `mqttlb check`.
 
 mod common;
 
 use std::{
-    io::Write,
+    io::{BufRead, BufReader, Write},
     process::{Command, Stdio},
+    sync::atomic::Ordering,
     time::Duration,
 };
 
 use common::*;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+/// `mosquitto_pub`/`mosquitto_sub` arguments common to both: broker, topic, QoS 1, id.
+fn client_args(lb: &Daemon, topic: &str, role: &str) -> Vec<String> {
+    let port = lb.addr.port().to_string();
+    [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-t",
+        topic,
+        "-q",
+        "1",
+        "-i",
+        &format!("{topic}-{role}"),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
 
 fn pubsub_1000(lb: &Daemon, topic: &str) {
-    let port = lb.addr.port().to_string();
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            topic,
-            "-q",
-            "1",
-            "-C",
-            "1000",
-            "-W",
-            "60",
-            "-i",
-            &format!("{topic}-sub"),
-        ])
+    // `-d` prints the protocol exchange, so the test knows when the SUBACK arrived;
+    // `stdbuf -oL` because piped stdout is block-buffered (the line would come at exit).
+    let mut sub = Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub"])
+        .args(client_args(lb, topic, "sub"))
+        .args(["-C", "1000", "-W", "60", "-d"])
         .stdout(Stdio::piped())
         .spawn()
         .expect(
             "mosquitto_sub not found: apt-get install -y mosquitto-clients (cargo xtask test does)",
         );
-    // Wait until the subscription is in place: a retained probe comes back to a sub.
-    std::thread::sleep(Duration::from_millis(500));
+    let mut lines = BufReader::new(sub.stdout.take().expect("stdout")).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("mosquitto_sub ended before its SUBACK")
+            .expect("read");
+        if line.contains("received SUBACK") {
+            break;
+        }
+    }
+    // Drain the rest while publishing: `-d` output would fill the pipe and stall it.
+    let collector = std::thread::spawn(move || {
+        // Debug lines start with "Client " or "Subscribed"; the rest are payloads.
+        lines
+            .map(|l| l.expect("read"))
+            .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed"))
+            .collect::<Vec<String>>()
+    });
     let mut publisher = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            topic,
-            "-q",
-            "1",
-            "-l",
-            "-i",
-            &format!("{topic}-pub"),
-        ])
+        .args(client_args(lb, topic, "pub"))
+        .arg("-l")
         .stdin(Stdio::piped())
         .spawn()
         .expect("mosquitto_pub");
@@ -70,22 +81,19 @@ fn pubsub_1000(lb: &Daemon, topic: &str) {
         "mosquitto_pub failed; log:\n{}",
         lb.log()
     );
-    let out = sub.wait_with_output().expect("sub");
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let got = collector.join().expect("collector");
+    assert!(sub.wait().expect("sub").success(), "mosquitto_sub failed");
     let want: Vec<String> = (0..1000).map(|i| format!("message-{i}")).collect();
     assert_eq!(
-        lines.len(),
+        got.len(),
         1000,
         "{}: got {} messages; log:\n{}",
         lb.plane,
-        lines.len(),
+        got.len(),
         lb.log()
     );
     assert_eq!(
-        lines, want,
+        got, want,
         "{}: messages lost, duplicated or reordered",
         lb.plane
     );
@@ -108,49 +116,118 @@ async fn no_server_gets_connack_3_and_invalid_first_packets_reach_no_server() {
     // Nothing listens on this port: every connect fails.
     let dead: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let lb = Daemon::start("copy", &[dead]);
-    let mut c = TcpStream::connect(lb.addr).await.expect("connect");
-    c.write_all(&connect_packet("nobody")).await.expect("write");
-    let mut reply = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut reply))
-        .await
-        .expect("in time")
-        .expect("read");
+    let limit = Duration::from_secs(5);
+    let reply = reply_until_close(lb.addr, &connect_packet("nobody"), limit).await;
     assert_eq!(
         reply,
         [0x20, 0x02, 0x00, 0x03],
         "MQTT 3.1.1: CONNACK return code 3"
     );
-
-    // MQTT 5: reason code 0x88.
     let v5 = [
         0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x05, 0x02, 0x00, 0x3c, 0x00, 0x00, 0x00,
     ];
-    let mut c = TcpStream::connect(lb.addr).await.expect("connect");
-    c.write_all(&v5).await.expect("write");
-    let mut reply = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut reply))
-        .await
-        .expect("in time")
-        .expect("read");
+    let reply = reply_until_close(lb.addr, &v5, limit).await;
     assert_eq!(
         reply,
         [0x20, 0x03, 0x00, 0x88, 0x00],
         "MQTT 5: CONNACK reason 0x88"
     );
 
-    // A PINGREQ first: closed, and the echo server never sees a connection.
+    // A PINGREQ first: closed with nothing sent back, and no server sees a connection.
     let echo = Echo::start().await;
     let lb = Daemon::start("copy", &[echo.addr]);
-    let mut c = TcpStream::connect(lb.addr).await.expect("connect");
-    c.write_all(&[0xc0, 0x00]).await.expect("write");
-    let mut rest = Vec::new();
-    let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
-        .await
-        .expect("closed in time");
-    assert!(r.is_err() || rest.is_empty(), "nothing is sent back");
+    assert!(
+        reply_until_close(lb.addr, &[0xc0, 0x00], limit)
+            .await
+            .is_empty()
+    );
     assert_eq!(
-        echo.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        echo.accepted.load(Ordering::SeqCst),
         0,
         "no server was contacted"
+    );
+}
+
+/// Half a CONNECT is cut at `inspect_timeout`; no server is contacted.
+#[tokio::test]
+async fn a_slow_first_packet_is_cut_at_inspect_timeout() {
+    let echo = Echo::start().await;
+    let lb = Daemon::start_edited("copy", &[echo.addr], |t| {
+        t.replace("inspect_timeout = \"10s\"", "inspect_timeout = \"300ms\"")
+    });
+    let mut c = TcpStream::connect(lb.addr).await.expect("connect");
+    let p = connect_packet("slow");
+    c.write_all(&p[..p.len() / 2]).await.expect("write");
+    let t0 = std::time::Instant::now();
+    assert!(
+        closed_within(&mut c, Duration::from_secs(3)).await,
+        "still open 3 s after a 300 ms inspect_timeout"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "closed before inspect_timeout: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        echo.accepted.load(Ordering::SeqCst),
+        0,
+        "no server was contacted"
+    );
+}
+
+/// A server that refuses connections is skipped: every client reaches the live one.
+#[tokio::test]
+async fn a_dead_server_is_skipped_for_the_next_one() {
+    let echo = Echo::start().await;
+    let dead: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let lb = Daemon::start("copy", &[dead, echo.addr]);
+    for i in 0..6 {
+        let p = connect_packet(&format!("skip-{i}"));
+        assert_eq!(
+            roundtrip(lb.addr, p.clone()).await.expect("roundtrip"),
+            p,
+            "client {i}"
+        );
+    }
+    assert_eq!(echo.accepted.load(Ordering::SeqCst), 6);
+}
+
+/// `mqttlb check`: OK and exit 0, or one line per problem naming key and line, exit 1.
+#[test]
+fn check_reports_problems_by_key_and_line() {
+    let dir = TempDir::new("check");
+    let good = config_text(
+        "chk",
+        "copy",
+        1883,
+        &["127.0.0.1:18831".parse().expect("addr")],
+    );
+    let path = dir.0.join("good.toml");
+    std::fs::write(&path, &good).expect("write");
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration OK"
+    );
+
+    let bad = good
+        .replace("cluster = \"c\"", "cluster = \"nope\"")
+        .replace("connect_timeout = \"1s\"", "connect_timeout = \"soon\"");
+    std::fs::write(&path, bad).expect("write");
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 13: connect_timeout: invalid duration \"soon\""),
+        "{err}"
     );
 }

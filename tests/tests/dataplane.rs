@@ -123,17 +123,14 @@ async fn pipelined_and_early_bytes_arrive_once_in_order() {
     }
 }
 
-/// A server that records how long each connection lives after `mark` is set.
-async fn closing_server() -> (
-    std::net::SocketAddr,
-    tokio::sync::mpsc::Receiver<(TcpStream, Instant)>,
-) {
+/// A server that hands each accepted connection to the test.
+async fn handing_server() -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<TcpStream>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
-            if tx.send((s, Instant::now())).await.is_err() {
+            if tx.send(s).await.is_err() {
                 return;
             }
         }
@@ -146,14 +143,14 @@ async fn closing_server() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_and_dead_servers_close_the_other_side_promptly() {
     for plane in planes("resets") {
-        let (addr, mut accepted) = closing_server().await;
+        let (addr, mut accepted) = handing_server().await;
         let lb = Daemon::start(plane, &[addr]);
 
         // Client RST mid-stream.
         let mut c = TcpStream::connect(lb.addr).await.expect("connect");
         c.write_all(&connect_packet("rst")).await.expect("write");
         c.write_all(&[1u8; 100_000]).await.expect("write");
-        let (mut server_side, _) = accepted.recv().await.expect("server got the connection");
+        let mut server_side = accepted.recv().await.expect("server got the connection");
         let mut buf = vec![0u8; 200_000];
         let mut seen = 0;
         while seen < connect_packet("rst").len() + 100_000 {
@@ -177,17 +174,8 @@ async fn resets_and_dead_servers_close_the_other_side_promptly() {
         };
         drop(sock); // RST
         let t0 = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                match server_side.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
         assert!(
-            r.is_ok(),
+            closed_within(&mut server_side, Duration::from_secs(1)).await,
             "{plane}: server side still open 1 s after the client's RST"
         );
         eprintln!(
@@ -198,22 +186,13 @@ async fn resets_and_dead_servers_close_the_other_side_promptly() {
         // Server dies mid-stream.
         let mut c = TcpStream::connect(lb.addr).await.expect("connect");
         c.write_all(&connect_packet("die")).await.expect("write");
-        let (server_side, _) = accepted.recv().await.expect("server got the connection");
+        let server_side = accepted.recv().await.expect("server got the connection");
         c.write_all(&[2u8; 10_000]).await.expect("write");
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(server_side); // the kernel closes a killed process's sockets the same way
         let t0 = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                match c.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
         assert!(
-            r.is_ok(),
+            closed_within(&mut c, Duration::from_secs(1)).await,
             "{plane}: client still open 1 s after its server died"
         );
         eprintln!(

@@ -103,17 +103,10 @@ impl Drop for TempDir {
     }
 }
 
-/// Config text for one listener in front of `servers`; `extra_cluster` is appended to
-/// the cluster table.
-pub fn config_text(
-    instance: &str,
-    plane: &str,
-    port: u16,
-    servers: &[SocketAddr],
-    extra_cluster: &str,
-) -> String {
+/// Config text for one listener in front of `servers`.
+pub fn config_text(instance: &str, plane: &str, port: u16, servers: &[SocketAddr]) -> String {
     let mut t = format!(
-        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\ninspect_timeout = \"10s\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n{extra_cluster}\n"
+        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\ninspect_timeout = \"10s\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n"
     );
     for (i, s) in servers.iter().enumerate() {
         t += &format!("\n[[clusters.servers]]\nname = \"s{i}\"\naddress = \"{s}\"\n");
@@ -123,10 +116,15 @@ pub fn config_text(
 
 impl Daemon {
     pub fn start(plane: &str, servers: &[SocketAddr]) -> Self {
-        Self::start_with(plane, servers, "")
+        Self::start_edited(plane, servers, |t| t)
     }
 
-    pub fn start_with(plane: &str, servers: &[SocketAddr], extra_cluster: &str) -> Self {
+    /// Starts with the generated config text passed through `edit` first.
+    pub fn start_edited(
+        plane: &str,
+        servers: &[SocketAddr],
+        edit: impl FnOnce(String) -> String,
+    ) -> Self {
         let dir = TempDir::new("lb");
         let instance = format!(
             "t{}x{}",
@@ -135,11 +133,8 @@ impl Daemon {
         );
         let port = free_port();
         let config = dir.0.join("mqttlb.toml");
-        std::fs::write(
-            &config,
-            config_text(&instance, plane, port, servers, extra_cluster),
-        )
-        .expect("write config");
+        std::fs::write(&config, edit(config_text(&instance, plane, port, servers)))
+            .expect("write config");
         let log = std::fs::File::create(dir.0.join("mqttlb.log")).expect("log");
         let child = Command::new(bin())
             .args(["run", "-c"])
@@ -234,13 +229,6 @@ impl Daemon {
             })
             .sum()
     }
-
-    /// Sends SIGHUP after writing a new config.
-    pub fn reload(&self, text: &str) {
-        std::fs::write(&self.config, text).expect("write config");
-        // SAFETY: kill on our own child's pid.
-        unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
-    }
 }
 
 impl Drop for Daemon {
@@ -320,6 +308,36 @@ pub async fn roundtrip(addr: SocketAddr, payload: Vec<u8>) -> std::io::Result<Ve
     r.read_to_end(&mut got).await?;
     let _w = writer.await.expect("writer task")?;
     Ok(got)
+}
+
+/// Reads and drops bytes until EOF or an error; whether that happened within `limit`.
+pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(limit, async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Connects, sends `bytes`, and returns everything received until the other side
+/// closes (panics if that takes longer than `limit`).
+pub async fn reply_until_close(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut reply = Vec::new();
+    let r = tokio::time::timeout(limit, s.read_to_end(&mut reply))
+        .await
+        .expect("closed in time");
+    // A reset after the reply is a close too.
+    if let Err(e) = r {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "read: {e}");
+    }
+    reply
 }
 
 /// Waits until `f` is true, polling; panics with `what` after `limit`.
