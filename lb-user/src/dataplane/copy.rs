@@ -8,7 +8,7 @@ use std::{cell::RefCell, io, os::fd::AsRawFd, sync::Arc, time::Instant};
 use lb_common::DaemonStat;
 use tokio::net::TcpStream;
 
-use super::{CarryFuture, DataPlane, Outcome, Pair, reset_both};
+use super::{CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair, reset_both};
 use crate::{stats::Stats, sys};
 
 /// Size of the per-thread scratch buffer (64 KiB measured twice as fast as 8 KiB).
@@ -30,12 +30,18 @@ impl CopyPlane {
         Self { stats }
     }
 
-    /// Carries the pair; also the fallback of the sockmap plane.
+    /// Carries the pair from its start.
     pub async fn run(&self, pair: Pair) -> Outcome {
+        self.run_handed_over(&pair, Handover::default()).await
+    }
+
+    /// Carries a pair, possibly one the sockmap plane hands over mid-stream. Resets both
+    /// sockets on error; the caller closes them.
+    pub async fn run_handed_over(&self, pair: &Pair, handover: Handover<'_>) -> Outcome {
         self.stats.inc(DaemonStat::Copied);
-        let result = copy_both(&pair, &self.stats).await;
+        let result = copy_both(pair, handover, &self.stats).await;
         if let Err(_) | Ok(Outcome::Aborted(_)) = &result {
-            reset_both(&pair);
+            reset_both(pair);
         }
         result.unwrap_or_else(Outcome::Aborted)
     }
@@ -50,6 +56,22 @@ impl DataPlane for CopyPlane {
     }
 }
 
+/// State of a pair the sockmap plane hands over (the default: a fresh pair); directions
+/// are indexed 0 = client to server, 1 = server to client.
+#[derive(Default)]
+pub struct Handover<'a> {
+    /// Directions whose FIN was already forwarded: not read again (a second EOF would
+    /// shut a socket that may be closed by now).
+    pub finished: [bool; 2],
+    /// Whether a direction may start: every byte the kernel redirected in it has
+    /// reached its destination's send queue (writing earlier would reorder). Each
+    /// direction waits for its own gate only, so one blocked direction cannot stall
+    /// the other (on which it may depend: an echoing server).
+    pub ready: Option<&'a (dyn Fn(usize) -> io::Result<bool> + Send + Sync)>,
+    /// Bytes already read from a direction's source and not yet written.
+    pub pending: [Vec<u8>; 2],
+}
+
 /// One direction of a copied connection.
 struct Direction<'a> {
     src: &'a TcpStream,
@@ -58,6 +80,12 @@ struct Direction<'a> {
     pending: Option<Vec<u8>>,
     /// EOF seen and forwarded.
     done: bool,
+    /// Read once before waiting for readiness: a socket handed over by the sockmap
+    /// plane may hold bytes whose readiness edge was already consumed there.
+    probe: bool,
+    /// Hand-over gate still closed (see [`Handover::ready`]).
+    gate: Option<&'a (dyn Fn(usize) -> io::Result<bool> + Send + Sync)>,
+    index: usize,
     stat: DaemonStat,
 }
 
@@ -65,6 +93,14 @@ impl Direction<'_> {
     /// Moves one read's worth of bytes, or finishes a pending write.
     /// Cancel-safe: state changes only after the awaits.
     async fn step(&mut self, stats: &Stats) -> io::Result<()> {
+        if let Some(ready) = self.gate {
+            let mut wait = POLL_MIN;
+            while !ready(self.index)? {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(POLL_MAX);
+            }
+            self.gate = None;
+        }
         if let Some(p) = &mut self.pending {
             self.dst.writable().await?;
             match self.dst.try_write(p) {
@@ -77,7 +113,11 @@ impl Direction<'_> {
             }
             return Ok(());
         }
-        self.src.readable().await?;
+        if self.probe {
+            self.probe = false;
+        } else {
+            self.src.readable().await?;
+        }
         let (src, dst) = (self.src, self.dst);
         let r = SCRATCH_BUF.with_borrow_mut(|buf| -> io::Result<Option<Option<Vec<u8>>>> {
             let n = match src.try_read(buf) {
@@ -100,7 +140,10 @@ impl Direction<'_> {
             None => {
                 // EOF: every byte before it is already in dst's send queue.
                 sys::shutdown_write(dst.as_raw_fd()).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("shutdown after EOF: {e}"))
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("{}: shutdown after EOF: {e}", self.stat.name()),
+                    )
                 })?;
                 stats.inc(DaemonStat::HalfClosed);
                 self.done = true;
@@ -111,21 +154,36 @@ impl Direction<'_> {
     }
 }
 
-async fn copy_both(pair: &Pair, stats: &Stats) -> io::Result<Outcome> {
-    let mut c2s = Direction {
-        src: &pair.client,
-        dst: &pair.server,
-        pending: None,
-        done: false,
-        stat: DaemonStat::CopiedBytesC2s,
+async fn copy_both(pair: &Pair, handover: Handover<'_>, stats: &Stats) -> io::Result<Outcome> {
+    let Handover {
+        finished,
+        ready: gate,
+        pending: [p0, p1],
+    } = handover;
+    let direction = |index: usize, src, dst, pending: Vec<u8>, stat| Direction {
+        src,
+        dst,
+        pending: (!pending.is_empty()).then_some(pending),
+        done: finished[index],
+        probe: true,
+        gate,
+        index,
+        stat,
     };
-    let mut s2c = Direction {
-        src: &pair.server,
-        dst: &pair.client,
-        pending: None,
-        done: false,
-        stat: DaemonStat::CopiedBytesS2c,
-    };
+    let mut c2s = direction(
+        0,
+        &pair.client,
+        &pair.server,
+        p0,
+        DaemonStat::CopiedBytesC2s,
+    );
+    let mut s2c = direction(
+        1,
+        &pair.server,
+        &pair.client,
+        p1,
+        DaemonStat::CopiedBytesS2c,
+    );
     let idle = pair.idle_timeout;
     let mut last = Instant::now();
     let sleep = tokio::time::sleep(idle);

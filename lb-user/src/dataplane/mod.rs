@@ -48,6 +48,11 @@ pub enum Outcome {
     Aborted(std::io::Error),
 }
 
+/// Polling of a state the kernel does not signal (bytes reaching a peer's send queue):
+/// first and longest interval.
+pub(crate) const POLL_MIN: Duration = Duration::from_millis(1);
+pub(crate) const POLL_MAX: Duration = Duration::from_millis(50);
+
 /// Boxed future returned by [`DataPlane::carry`].
 pub type CarryFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 

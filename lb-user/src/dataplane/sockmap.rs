@@ -23,7 +23,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 
 use lb_common::{
@@ -36,7 +36,11 @@ use tokio::{
     sync::Notify,
 };
 
-use super::{CarryFuture, DataPlane, Outcome, Pair, copy::CopyPlane, reset_both};
+use super::{
+    CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair,
+    copy::{CopyPlane, Handover},
+    reset_both,
+};
 use crate::{
     bpf::{Bpf, addr_bytes},
     stats::Stats,
@@ -53,9 +57,6 @@ pub const LAG_STEP: u64 = 1 << 20;
 /// connection stays on the copy plane rather than spin behind a sender that never
 /// pauses.
 const HANDOFF_LIMIT: u64 = 8 << 20;
-/// Polling of a throttled or finishing direction: first and longest interval.
-const POLL_MIN: Duration = Duration::from_millis(1);
-const POLL_MAX: Duration = Duration::from_millis(50);
 
 /// Wakes a pair's task on events from the program.
 #[derive(Default)]
@@ -194,17 +195,23 @@ impl SockmapPlane {
             } else {
                 (&pair.server, &pair.client)
             };
-            match drain(src, dst).await {
-                Ok(Some(n)) if to_server => pair.written_to_server += n,
-                Ok(Some(n)) => pair.written_to_client += n,
-                // EOF already, or a sender that never pauses: the copy plane carries it.
-                Ok(None) => {
+            match drain(src, dst) {
+                Ok(Drained::Quiet(n)) if to_server => pair.written_to_server += n,
+                Ok(Drained::Quiet(n)) => pair.written_to_client += n,
+                Ok(Drained::Busy(rest)) => {
                     tracing::debug!(
                         id = pair.id,
                         to_server,
                         "hand-off drain did not go quiet; copy plane"
                     );
-                    return self.fallback(pair).await;
+                    self.stats.inc(DaemonStat::SpliceFallback);
+                    let mut pending = [Vec::new(), Vec::new()];
+                    pending[usize::from(!to_server)] = rest;
+                    let handover = Handover {
+                        pending,
+                        ..Handover::default()
+                    };
+                    return self.copy.run_handed_over(&pair, handover).await;
                 }
                 Err(e) => {
                     reset_both(&pair);
@@ -268,29 +275,37 @@ impl SockmapPlane {
                 Supervised::Unsplice
             }
         };
-        // 4. Leave the maps (sources first: nothing may be redirected to a removed peer).
-        if matches!(outcome, Supervised::Unsplice)
-            && let Err(e) = self.quiesce(&dirs, pair.idle_timeout).await
-        {
-            self.remove(&pair, cookies);
-            reset_both(&pair);
-            return Outcome::Aborted(e);
-        }
-        self.remove(&pair, cookies);
-        match outcome {
+        let outcome = match outcome {
             Supervised::Done(o) => {
                 if matches!(o, Outcome::Aborted(_)) {
                     reset_both(&pair);
                 }
                 o
             }
-            Supervised::Unsplice => self.fallback(pair).await,
-        }
-    }
-
-    async fn fallback(&self, pair: Pair) -> Outcome {
-        self.stats.inc(DaemonStat::SpliceFallback);
-        self.copy.run(pair).await
+            Supervised::Unsplice => {
+                // No more redirects; the sockets stay in `targets` (their psocks hold
+                // the kernel's transmit backlog) until the copy plane is done.
+                for d in &dirs {
+                    let _ = self
+                        .bpf
+                        .sources
+                        .lock()
+                        .expect("sources lock")
+                        .remove(&d.src_cookie);
+                }
+                self.stats.inc(DaemonStat::SpliceFallback);
+                let ready = |i: usize| self.arrived(&dirs[i]);
+                let handover = Handover {
+                    finished: dirs.each_ref().map(|d| d.state == DirState::Done),
+                    ready: Some(&ready),
+                    pending: Default::default(),
+                };
+                self.copy.run_handed_over(&pair, handover).await
+            }
+        };
+        // 4. Leave the maps (a finished pair has no redirected byte left in flight).
+        self.remove(&pair, cookies);
+        outcome
     }
 
     fn insert(&self, pair: &Pair, c: Cookies) -> Result<(), aya::maps::MapError> {
@@ -358,34 +373,6 @@ impl SockmapPlane {
             .lock()
             .expect("registry lock")
             .remove(&pair.id);
-    }
-
-    /// Stops all redirects and waits until every redirected byte is in its peer's send
-    /// queue, so that the copy plane can continue without reordering.
-    async fn quiesce(&self, dirs: &[Dir<'_>; 2], limit: Duration) -> io::Result<()> {
-        for d in dirs {
-            let _ = self
-                .bpf
-                .sources
-                .lock()
-                .expect("sources lock")
-                .remove(&d.src_cookie);
-        }
-        let deadline = Instant::now() + limit;
-        let mut wait = POLL_MIN;
-        loop {
-            if self.arrived(&dirs[0])? && self.arrived(&dirs[1])? {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "peer did not take redirected bytes",
-                ));
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(POLL_MAX);
-        }
     }
 
     /// Whether every byte redirected in direction `d` is in its peer's send queue.
@@ -464,7 +451,14 @@ impl SockmapPlane {
             for d in dirs.iter_mut() {
                 match self.advance(pair.id, d, lag_bits & (1 << d.dir) != 0) {
                     Ok(Some(c)) => changed |= c,
-                    Ok(None) => return Supervised::Unsplice,
+                    Ok(None) => {
+                        tracing::debug!(
+                            id = pair.id,
+                            dir = d.dir,
+                            "throttled socket cannot rejoin sources; copy plane"
+                        );
+                        return Supervised::Unsplice;
+                    }
                     Err(e) => {
                         tracing::debug!(id = pair.id, dir = d.dir, error = %e, state = ?d.state, "advance error");
                         return Supervised::Done(Outcome::Aborted(e));
@@ -601,36 +595,36 @@ fn on_readable(d: &mut Dir<'_>) -> io::Result<()> {
     }
 }
 
-/// Reads `src` until `EAGAIN`, writing everything to `dst`. `Some(bytes)` when `src` went
-/// quiet; `None` on EOF or when it kept sending past [`HANDOFF_LIMIT`].
-async fn drain(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<u64>> {
+/// What draining one side at hand-off found.
+enum Drained {
+    /// `src` went quiet after this many bytes, all written to `dst`.
+    Quiet(u64),
+    /// EOF, a full `dst`, or a sender past [`HANDOFF_LIMIT`]: the copy plane continues,
+    /// starting with these bytes read but not yet written.
+    Busy(Vec<u8>),
+}
+
+/// Reads `src` until `EAGAIN`, writing everything to `dst`, without ever waiting: a
+/// blocking write here, with the other direction unread, can deadlock against a peer
+/// that echoes.
+fn drain(src: &TcpStream, dst: &TcpStream) -> io::Result<Drained> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
-        match src.try_read(&mut buf) {
-            Ok(0) => return Ok(None),
-            Ok(n) => {
-                write_all(dst, &buf[..n]).await?;
-                total += n as u64;
-                if total > HANDOFF_LIMIT {
-                    return Ok(None);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(total)),
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => return Ok(Drained::Busy(Vec::new())),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Drained::Quiet(total)),
             Err(e) => return Err(e),
+        };
+        let written = match dst.try_write(&buf[..n]) {
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        total += written as u64;
+        if written < n || total > HANDOFF_LIMIT {
+            return Ok(Drained::Busy(buf[written..n].to_vec()));
         }
     }
-}
-
-/// `write_all` through a shared reference.
-pub(crate) async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
