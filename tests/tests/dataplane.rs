@@ -32,10 +32,10 @@ async fn bulk_echo_with_half_close_is_exact_copy() {
     bulk_echo("copy").await;
 }
 
-/// The same on the sockmap plane. Known open defect: under 50 concurrent 16 MiB
-/// streams some spliced pairs end early (see CHANGELOG, "Known issues").
+/// The same on the sockmap plane. Known open defect: throttling (leaving `sources`)
+/// can drop one in-flight skb (see CHANGELOG, "Known issues").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known defect of the sockmap plane under concurrent bulk load; auto uses copy"]
+#[ignore = "known defect: sockmap throttling can drop an in-flight skb; auto uses copy"]
 async fn bulk_echo_with_half_close_is_exact_sockmap() {
     if privileged("bulk_echo") {
         bulk_echo("sockmap").await;
@@ -279,10 +279,10 @@ async fn a_server_that_stops_reading_bounds_memory_copy() {
     slow_server("copy").await;
 }
 
-/// The same on the sockmap plane. Known open defect: about one run in three lost one
-/// skb (~64 KiB) around throttle/resume.
+/// The same on the sockmap plane. Known open defect: throttling (leaving `sources`)
+/// can drop one in-flight skb (see CHANGELOG, "Known issues").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known intermittent defect of the sockmap plane at throttle/resume; auto uses copy"]
+#[ignore = "known defect: sockmap throttling can drop an in-flight skb; auto uses copy"]
 async fn a_server_that_stops_reading_bounds_memory_sockmap() {
     if privileged("backpressure") {
         slow_server("sockmap").await;
