@@ -286,12 +286,7 @@ impl SockmapPlane {
                 // No more redirects; the sockets stay in `targets` (their psocks hold
                 // the kernel's transmit backlog) until the copy plane is done.
                 for d in &dirs {
-                    let _ = self
-                        .bpf
-                        .sources
-                        .lock()
-                        .expect("sources lock")
-                        .remove(&d.src_cookie);
+                    self.leave_sources(d.src_cookie);
                 }
                 self.stats.inc(DaemonStat::SpliceFallback);
                 let ready = |i: usize| self.arrived(&dirs[i]);
@@ -349,15 +344,21 @@ impl SockmapPlane {
         Ok(())
     }
 
+    /// Takes a socket out of `sources`: its bytes are no longer redirected. Absent is
+    /// fine.
+    fn leave_sources(&self, cookie: u64) {
+        let _ = self
+            .bpf
+            .sources
+            .lock()
+            .expect("sources lock")
+            .remove(&cookie);
+    }
+
     /// Removes every map entry of the pair; absent entries are fine.
     fn remove(&self, pair: &Pair, c: Cookies) {
         for cookie in [c.client, c.server] {
-            let _ = self
-                .bpf
-                .sources
-                .lock()
-                .expect("sources lock")
-                .remove(&cookie);
+            self.leave_sources(cookie);
         }
         for cookie in [c.client, c.server] {
             let _ = self
@@ -490,12 +491,7 @@ impl SockmapPlane {
     fn advance(&self, id: u32, d: &mut Dir<'_>, lag_event: bool) -> io::Result<Option<bool>> {
         match d.state {
             DirState::Spliced if lag_event && self.lag(d)? > HIGH_WATER => {
-                let _ = self
-                    .bpf
-                    .sources
-                    .lock()
-                    .expect("sources lock")
-                    .remove(&d.src_cookie);
+                self.leave_sources(d.src_cookie);
                 self.set_flag(id, d.flag, true);
                 self.stats.inc(DaemonStat::Throttled);
                 d.state = DirState::Throttled;
