@@ -30,10 +30,12 @@ pub mod maps {
     pub const DAEMON_STATS: &str = "daemon_stats";
     /// RINGBUF of [`crate::Event`].
     pub const EVENTS: &str = "events";
+    /// Socket cookie -> throttle word ([`crate::CTRL_THROTTLE`] | bytes consumed).
+    pub const CTRL: &str = "ctrl";
 
     /// Maps whose contents mean nothing once the daemon that filled them is gone
     /// (they describe its sockets); a new daemon removes their pins before loading.
-    pub const PER_PROCESS: [&str; 5] = [SOURCES, TARGETS, SOCKS, CONNS, EVENTS];
+    pub const PER_PROCESS: [&str; 6] = [SOURCES, TARGETS, SOCKS, CTRL, CONNS, EVENTS];
 }
 
 /// Name of the verdict program (the C function name).
@@ -50,6 +52,12 @@ pub const DIR_CLIENT_TO_SERVER: u32 = 0;
 /// Server to client.
 pub const DIR_SERVER_TO_CLIENT: u32 = 1;
 
+/// Bit of a `ctrl` map value asking the program to pass a socket's bytes to its own
+/// queue instead of redirecting them; the low 63 bits count the passed bytes the
+/// daemon has forwarded. The program redirects again only when the bit is clear and
+/// that count equals [`SockInfo::passed`] (see `lb-ebpf/src/splice.bpf.c`).
+pub const CTRL_THROTTLE: u64 = 1 << 63;
+
 /// Per spliced socket, keyed by its cookie: where its bytes go and how many went.
 ///
 /// `bytes`/`packets` count what the verdict program redirected *from* this socket to
@@ -65,12 +73,14 @@ pub struct SockInfo {
     pub packets: u64,
     /// Value of `bytes` when the last lag-check event was sent.
     pub checked: u64,
+    /// Bytes passed to this socket's own queue (throttled) for the daemon to forward.
+    pub passed: u64,
     /// Connection id (key of `conns`).
     pub conn_id: u32,
     /// [`DIR_CLIENT_TO_SERVER`] or [`DIR_SERVER_TO_CLIENT`].
     pub dir: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockInfo>() == 40);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 48);
 
 /// Per spliced connection: who talks to whom. Written once by the daemon at hand-off.
 #[repr(C)]
@@ -162,6 +172,8 @@ counters! {
         LagEvent = 4 => "bpf_lag_events",
         /// Ring buffer full: event lost (userspace also polls throttled pairs).
         EventDropped = 5 => "bpf_events_dropped",
+        /// Skbs left in their socket's queue for the daemon (throttled direction).
+        Passed = 6 => "bpf_passed_throttled",
     }
 }
 

@@ -15,10 +15,18 @@ enum lb_stat {
 	STAT_PEER_GONE = 3,
 	STAT_LAG_EVENT = 4,
 	STAT_EVENT_DROPPED = 5,
-	STAT_COUNT = 6,
+	STAT_PASSED = 6,
+	STAT_COUNT = 7,
 };
 
 #define DAEMON_STAT_COUNT 21        /* lb_common::DaemonStat::COUNT */
+
+/*
+ * `ctrl` map value: bit 63 asks the program to pass (not redirect) the socket's bytes;
+ * the low bits are how many passed bytes the daemon has read and forwarded
+ * (lb_common::CTRL_THROTTLE).
+ */
+#define CTRL_THROTTLE (1ULL << 63)
 
 /* Ring-buffer event kinds (lb_common::EVENT_*). */
 #define EVENT_LAG_CHECK 1

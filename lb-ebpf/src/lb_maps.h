@@ -7,7 +7,7 @@
 #include "lb_consts.h"
 #include "lb_structs.h"
 
-/* Sockets whose received bytes are redirected (verdict attached); throttled ones leave. */
+/* Sockets whose received bytes go through the verdict program (until the pair ends). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 2 * MAX_SPLICED);
@@ -33,6 +33,20 @@ struct {
 	__type(value, struct lb_sock);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } socks SEC(".maps");
+
+/*
+ * Socket cookie -> throttle word, written only by the daemon (CTRL_THROTTLE | bytes it
+ * has consumed). One 8-byte word, so the program never sees half an update; no
+ * preallocation, so a replaced element stays valid until the program is done with it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * MAX_SPLICED);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ctrl SEC(".maps");
 
 /* Connection id -> addresses and cookies of the pair (for `mqttlb ctl conns`). */
 struct {

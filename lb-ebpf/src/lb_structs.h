@@ -4,16 +4,21 @@
 
 #include <linux/types.h>
 
-/* Per spliced socket (key: its cookie). bytes/packets: redirected from it to the peer. */
+/*
+ * Per spliced socket (key: its cookie), written by the program after the daemon
+ * creates it. bytes/packets: redirected from it to the peer; passed: bytes left in the
+ * socket's own queue for the daemon to read (throttled, see `ctrl`).
+ */
 struct lb_sock {
 	__u64 peer_cookie;
 	__u64 bytes;
 	__u64 packets;
 	__u64 checked;      /* `bytes` at the last lag-check event */
+	__u64 passed;
 	__u32 conn_id;
 	__u32 dir;
 };
-_Static_assert(sizeof(struct lb_sock) == 40, "lb_sock layout");
+_Static_assert(sizeof(struct lb_sock) == 48, "lb_sock layout");
 
 /* Per spliced connection (key: connection id); written by the daemon only. */
 struct lb_conn {

@@ -98,6 +98,8 @@ pub struct Bpf {
     pub targets: Mutex<SockHash<MapData, u64>>,
     /// Per-socket info and counters.
     pub socks: Mutex<HashMap<MapData, u64, SockInfo>>,
+    /// Per-socket throttle words (`lb_common::CTRL_THROTTLE`).
+    pub ctrl: Mutex<HashMap<MapData, u64, u64>>,
     /// Per-connection info.
     pub conns: Mutex<HashMap<MapData, u32, ConnInfo>>,
     /// Published daemon counters.
@@ -174,6 +176,8 @@ impl Bpf {
             .map_err(|e| map_err(maps::TARGETS, e))?;
         let socks = HashMap::try_from(take(&mut ebpf, maps::SOCKS)?)
             .map_err(|e| map_err(maps::SOCKS, e))?;
+        let ctrl =
+            HashMap::try_from(take(&mut ebpf, maps::CTRL)?).map_err(|e| map_err(maps::CTRL, e))?;
         let conns = HashMap::try_from(take(&mut ebpf, maps::CONNS)?)
             .map_err(|e| map_err(maps::CONNS, e))?;
         let daemon_stats = Array::try_from(take(&mut ebpf, maps::DAEMON_STATS)?)
@@ -186,20 +190,34 @@ impl Bpf {
             sources: Mutex::new(sources),
             targets: Mutex::new(targets),
             socks: Mutex::new(socks),
+            ctrl: Mutex::new(ctrl),
             conns: Mutex::new(conns),
             daemon_stats: Mutex::new(daemon_stats),
             events: Mutex::new(Some(events)),
         })
     }
 
-    /// Bytes redirected so far from the socket with this cookie (one direction).
-    pub fn redirected(&self, cookie: u64) -> io::Result<u64> {
+    /// The program's counters for the socket with this cookie (one direction).
+    pub fn sock(&self, cookie: u64) -> io::Result<SockInfo> {
         self.socks
             .lock()
             .expect("socks lock")
             .get(&cookie, 0)
-            .map(|s| s.bytes)
             .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    /// Bytes redirected so far from the socket with this cookie (one direction).
+    pub fn redirected(&self, cookie: u64) -> io::Result<u64> {
+        self.sock(cookie).map(|s| s.bytes)
+    }
+
+    /// Writes a socket's throttle word (`lb_common::CTRL_THROTTLE` | bytes consumed).
+    pub fn set_ctrl(&self, cookie: u64, word: u64) -> io::Result<()> {
+        self.ctrl
+            .lock()
+            .expect("ctrl lock")
+            .insert(cookie, word, 0)
+            .map_err(|e| io::Error::other(format!("ctrl map: {e}")))
     }
 
     /// Writes the daemon counters to the pinned `daemon_stats` map.
@@ -303,7 +321,42 @@ impl Pinned {
                     .map_err(|e| map_err(maps::DAEMON_STATS, e))?,
             ));
         }
+        out.extend(self.entries()?);
         Ok(out)
+    }
+
+    /// Entries in the per-connection maps (a leak shows here first).
+    fn entries(&self) -> Result<[(&'static str, u64); 5], BpfError> {
+        let count = |keys: &mut dyn Iterator<Item = Result<(), aya::maps::MapError>>| {
+            keys.filter(Result::is_ok).count() as u64
+        };
+        let sockhash = |name: &'static str| -> Result<u64, BpfError> {
+            let m: SockHash<MapData, u64> =
+                SockHash::try_from(self.open_map(name)?).map_err(|e| map_err(name, e))?;
+            Ok(count(&mut m.keys().map(|k| k.map(drop))))
+        };
+        let socks: HashMap<MapData, u64, SockInfo> =
+            HashMap::try_from(self.open_map(maps::SOCKS)?).map_err(|e| map_err(maps::SOCKS, e))?;
+        let ctrl: HashMap<MapData, u64, u64> =
+            HashMap::try_from(self.open_map(maps::CTRL)?).map_err(|e| map_err(maps::CTRL, e))?;
+        let conns: HashMap<MapData, u32, ConnInfo> =
+            HashMap::try_from(self.open_map(maps::CONNS)?).map_err(|e| map_err(maps::CONNS, e))?;
+        Ok([
+            ("map_entries_sources", sockhash(maps::SOURCES)?),
+            ("map_entries_targets", sockhash(maps::TARGETS)?),
+            (
+                "map_entries_socks",
+                count(&mut socks.keys().map(|k| k.map(drop))),
+            ),
+            (
+                "map_entries_ctrl",
+                count(&mut ctrl.keys().map(|k| k.map(drop))),
+            ),
+            (
+                "map_entries_conns",
+                count(&mut conns.keys().map(|k| k.map(drop))),
+            ),
+        ])
     }
 
     /// Every spliced connection.
@@ -353,5 +406,58 @@ fn addr_string(bytes: [u8; 16], port: u16) -> String {
     match v6.to_ipv4_mapped() {
         Some(v4) => std::net::SocketAddr::from((v4, port)).to_string(),
         None => std::net::SocketAddr::from((v6, port)).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{
+        CTRL_THROTTLE, DIR_CLIENT_TO_SERVER, DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_LAG_CHECK,
+        EVENT_PEER_GONE, MAX_SPLICED, Stat,
+    };
+
+    const CONSTS_H: &str = include_str!("../../lb-ebpf/src/lb_consts.h");
+
+    /// The value of `NAME` in lb_consts.h, as `#define NAME v` or enum `NAME = v,`.
+    fn c_const(name: &str) -> u64 {
+        let value = CONSTS_H
+            .lines()
+            .find_map(|line| {
+                let line = line.split("/*").next().unwrap_or_default().trim();
+                let rest = line.strip_prefix("#define").unwrap_or(line).trim_start();
+                let rest = rest.strip_prefix(name)?;
+                let v = rest
+                    .trim()
+                    .trim_start_matches('=')
+                    .trim_end_matches(',')
+                    .trim();
+                (rest.starts_with([' ', '\t']) && !v.is_empty()).then(|| v.to_owned())
+            })
+            .unwrap_or_else(|| panic!("{name} not in lb_consts.h"));
+        let v = value.trim_start_matches('(').trim_end_matches(')');
+        if let Some(shift) = v.strip_prefix("1ULL << ") {
+            return 1 << shift.parse::<u32>().expect("shift");
+        }
+        v.parse().unwrap_or_else(|_| panic!("{name} = {value}"))
+    }
+
+    #[test]
+    fn c_constants_match_lb_common() {
+        assert_eq!(c_const("MAX_SPLICED"), u64::from(MAX_SPLICED));
+        assert_eq!(
+            c_const("DIR_CLIENT_TO_SERVER"),
+            u64::from(DIR_CLIENT_TO_SERVER)
+        );
+        assert_eq!(
+            c_const("DIR_SERVER_TO_CLIENT"),
+            u64::from(DIR_SERVER_TO_CLIENT)
+        );
+        assert_eq!(c_const("EVENT_LAG_CHECK"), u64::from(EVENT_LAG_CHECK));
+        assert_eq!(c_const("EVENT_PEER_GONE"), u64::from(EVENT_PEER_GONE));
+        assert_eq!(c_const("STAT_COUNT"), u64::from(Stat::COUNT));
+        assert_eq!(c_const("DAEMON_STAT_COUNT"), u64::from(DaemonStat::COUNT));
+        assert_eq!(c_const("STAT_PASSED"), Stat::Passed as u64);
+        assert_eq!(c_const("STAT_EVENT_DROPPED"), Stat::EventDropped as u64);
+        assert_eq!(c_const("CTRL_THROTTLE"), CTRL_THROTTLE);
     }
 }

@@ -69,10 +69,11 @@ fn data_plane(
     let plane = match kind {
         DataPlaneKind::Copy => None,
         DataPlaneKind::Sockmap => Some(sockmap()?),
-        // Until the sockmap plane passes every acceptance test (see CHANGELOG, "Known
-        // issues"), `auto` chooses the plane that does: copy. `sockmap` is opt-in.
+        // `auto` chooses the plane that passes every acceptance test: copy. The sockmap
+        // plane can deliver one skb twice while a slow reader keeps it throttled (a
+        // kernel behaviour, see CHANGELOG "Known issues"), so it is opt-in.
         DataPlaneKind::Auto => {
-            info!("auto: using the copy data plane (sockmap is opt-in in this version)");
+            info!("auto: using the copy data plane (sockmap is opt-in, see CHANGELOG)");
             None
         }
     };

@@ -18,6 +18,49 @@ thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
+/// What one [`move_once`] step did.
+pub(crate) enum Moved {
+    /// Nothing to read now (readiness cleared).
+    Idle,
+    /// The source reached EOF.
+    Eof,
+    /// `read` bytes moved; `rest` holds the tail `dst` did not take.
+    Bytes { read: usize, rest: Option<Vec<u8>> },
+}
+
+/// Reads once from `src` into the thread's scratch buffer and writes it to `dst`,
+/// never waiting. Only a tail `dst` did not take is copied to the heap.
+pub(crate) fn move_once(src: &TcpStream, dst: &TcpStream) -> io::Result<Moved> {
+    SCRATCH_BUF.with_borrow_mut(|buf| {
+        let n = match src.try_read(buf) {
+            Ok(0) => return Ok(Moved::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Idle),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("read: {e}"))),
+        };
+        let rest = match dst.try_write(&buf[..n]) {
+            Ok(m) if m == n => None,
+            Ok(m) => Some(buf[m..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(buf[..n].to_vec()),
+            Err(e) => return Err(e),
+        };
+        Ok(Moved::Bytes { read: n, rest })
+    })
+}
+
+/// Writes what it can of `pending` to `dst` without waiting; true once it is all
+/// written.
+pub(crate) fn write_pending(dst: &TcpStream, pending: &mut Vec<u8>) -> io::Result<bool> {
+    match dst.try_write(pending) {
+        Ok(n) => {
+            pending.drain(..n);
+            Ok(pending.is_empty())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The copy data plane.
 #[derive(Debug, Clone)]
 pub struct CopyPlane {
@@ -67,10 +110,17 @@ pub struct Handover<'a> {
     /// reached its destination's send queue (writing earlier would reorder). Each
     /// direction waits for its own gate only, so one blocked direction cannot stall
     /// the other (on which it may depend: an echoing server).
-    pub ready: Option<&'a (dyn Fn(usize) -> io::Result<bool> + Send + Sync)>,
+    pub ready: Option<&'a Gate<'a>>,
     /// Bytes already read from a direction's source and not yet written.
     pub pending: [Vec<u8>; 2],
+    /// Whether EOF on a direction's source is final given the bytes read from it so
+    /// far: a socket the verdict program passes bytes to can report EOF while passed
+    /// skbs are still on their way to its queue.
+    pub eof_final: Option<&'a Gate<'a>>,
 }
+
+/// A per-direction check supplied by the sockmap plane (see [`Handover`]).
+pub type Gate<'a> = dyn Fn(usize, u64) -> io::Result<bool> + Send + Sync + 'a;
 
 /// One direction of a copied connection.
 struct Direction<'a> {
@@ -84,18 +134,23 @@ struct Direction<'a> {
     /// plane may hold bytes whose readiness edge was already consumed there.
     probe: bool,
     /// Hand-over gate still closed (see [`Handover::ready`]).
-    gate: Option<&'a (dyn Fn(usize) -> io::Result<bool> + Send + Sync)>,
+    gate: Option<&'a Gate<'a>>,
+    /// See [`Handover::eof_final`].
+    eof_final: Option<&'a Gate<'a>>,
+    /// Bytes read from `src`.
+    read: u64,
     index: usize,
     stat: DaemonStat,
 }
 
 impl Direction<'_> {
-    /// Moves one read's worth of bytes, or finishes a pending write.
+    /// Moves one read's worth of bytes, or finishes a pending write; false when
+    /// nothing moved (the idle timer keeps running).
     /// Cancel-safe: state changes only after the awaits.
-    async fn step(&mut self, stats: &Stats) -> io::Result<()> {
+    async fn step(&mut self, stats: &Stats) -> io::Result<bool> {
         if let Some(ready) = self.gate {
             let mut wait = POLL_MIN;
-            while !ready(self.index)? {
+            while !ready(self.index, self.read)? {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(POLL_MAX);
             }
@@ -103,44 +158,38 @@ impl Direction<'_> {
         }
         if let Some(p) = &mut self.pending {
             self.dst.writable().await?;
-            match self.dst.try_write(p) {
-                Ok(n) if n == p.len() => self.pending = None,
-                Ok(n) => {
-                    p.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+            if write_pending(self.dst, p)? {
+                self.pending = None;
             }
-            return Ok(());
+            return Ok(true);
         }
         if self.probe {
             self.probe = false;
         } else {
             self.src.readable().await?;
         }
-        let (src, dst) = (self.src, self.dst);
-        let r = SCRATCH_BUF.with_borrow_mut(|buf| -> io::Result<Option<Option<Vec<u8>>>> {
-            let n = match src.try_read(buf) {
-                Ok(0) => return Ok(None),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(None)),
-                Err(e) => return Err(io::Error::new(e.kind(), format!("read: {e}"))),
-            };
-            stats.add(self.stat, n as u64);
-            match dst.try_write(&buf[..n]) {
-                Ok(m) if m == n => Ok(Some(None)),
-                Ok(m) => Ok(Some(Some(buf[m..n].to_vec()))),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    Ok(Some(Some(buf[..n].to_vec())))
-                }
-                Err(e) => Err(e),
+        match move_once(self.src, self.dst)? {
+            Moved::Idle => return Ok(false),
+            Moved::Bytes { read, rest } => {
+                stats.add(self.stat, read as u64);
+                self.read += read as u64;
+                self.pending = rest;
             }
-        })?;
-        match r {
-            None => {
+            Moved::Eof
+                if self
+                    .eof_final
+                    .map(|f| f(self.index, self.read))
+                    .transpose()?
+                    == Some(false) =>
+            {
+                // Read again shortly; readiness is not cleared by an EOF.
+                tokio::time::sleep(POLL_MIN).await;
+                return Ok(false);
+            }
+            Moved::Eof => {
                 // EOF: every byte before it is already in dst's send queue.
-                sys::shutdown_write(dst.as_raw_fd()).map_err(|e| {
-                    std::io::Error::new(
+                sys::shutdown_write(self.dst.as_raw_fd()).map_err(|e| {
+                    io::Error::new(
                         e.kind(),
                         format!("{}: shutdown after EOF: {e}", self.stat.name()),
                     )
@@ -148,9 +197,8 @@ impl Direction<'_> {
                 stats.inc(DaemonStat::HalfClosed);
                 self.done = true;
             }
-            Some(pending) => self.pending = pending,
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -159,6 +207,7 @@ async fn copy_both(pair: &Pair, handover: Handover<'_>, stats: &Stats) -> io::Re
         finished,
         ready: gate,
         pending: [p0, p1],
+        eof_final,
     } = handover;
     let direction = |index: usize, src, dst, pending: Vec<u8>, stat| Direction {
         src,
@@ -167,6 +216,8 @@ async fn copy_both(pair: &Pair, handover: Handover<'_>, stats: &Stats) -> io::Re
         done: finished[index],
         probe: true,
         gate,
+        eof_final,
+        read: 0,
         index,
         stat,
     };
@@ -190,8 +241,8 @@ async fn copy_both(pair: &Pair, handover: Handover<'_>, stats: &Stats) -> io::Re
     tokio::pin!(sleep);
     while !(c2s.done && s2c.done) {
         tokio::select! {
-            r = c2s.step(stats), if !c2s.done => { r?; last = Instant::now(); }
-            r = s2c.step(stats), if !s2c.done => { r?; last = Instant::now(); }
+            r = c2s.step(stats), if !c2s.done => if r? { last = Instant::now(); },
+            r = s2c.step(stats), if !s2c.done => if r? { last = Instant::now(); },
             () = &mut sleep => {
                 if last.elapsed() >= idle {
                     return Ok(Outcome::IdleTimeout);

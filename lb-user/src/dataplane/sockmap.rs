@@ -4,14 +4,22 @@
 //!
 //! - **Queued bytes at hand-off.** Each side is read until `EAGAIN` and forwarded
 //!   before insertion (a partly read skb would be forwarded again); whole skbs that
-//!   arrive after that are flushed by a `MSG_PEEK` once the sockets are in the maps.
+//!   arrive after that are flushed by a read once the sockets are in the maps (a read
+//!   runs the verdict over the receive queue first).
 //! - **FIN.** The program drops the zero-length FIN skb (passing it can set EPIPE on
 //!   the socket, see the program); the task sees `recv() == 0`
 //!   and sends `shutdown(SHUT_WR)` to the peer only once the peer's send queue has taken
 //!   every redirected byte (BPF byte counter against `tcpi_bytes_acked + SIOCOUTQ`).
 //! - **No backpressure.** Every `lag_check_step` redirected bytes the program sends an
-//!   event; when a direction's unacknowledged bytes pass [`HIGH_WATER`] its source socket
-//!   leaves `sources` (TCP flow control applies again) until they fall to [`LOW_WATER`].
+//!   event; when a direction's unacknowledged bytes pass [`HIGH_WATER`] the task sets
+//!   the source's `ctrl` word to throttled and the program *passes* its skbs instead:
+//!   they wait in the source's own queue, charged to its receive buffer, so TCP flow
+//!   control holds the sender back. When the lag falls to [`LOW_WATER`] the task
+//!   clears the bit, forwards the passed bytes itself (after every redirected byte has
+//!   reached the peer's send queue) and reports how many it forwarded; the program
+//!   redirects again once that count matches what it passed, so nothing is overtaken.
+//!   The socket never leaves `sources` while the pair lives: an skb being verdicted
+//!   when its socket leaves is dropped by the kernel although TCP acknowledged it.
 //! - **Refusals.** A socket the kernel will not take (e.g. `CLOSE_WAIT`) sends the whole
 //!   pair to the copy plane, after every redirected byte has reached its peer.
 
@@ -27,8 +35,8 @@ use std::{
 };
 
 use lb_common::{
-    CONN_THROTTLED_C2S, CONN_THROTTLED_S2C, ConnInfo, DIR_CLIENT_TO_SERVER, DIR_SERVER_TO_CLIENT,
-    DaemonStat, EVENT_LAG_CHECK, EVENT_PEER_GONE, Event, SockInfo,
+    CONN_THROTTLED_C2S, CONN_THROTTLED_S2C, CTRL_THROTTLE, ConnInfo, DIR_CLIENT_TO_SERVER,
+    DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_LAG_CHECK, EVENT_PEER_GONE, Event, SockInfo,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -38,7 +46,7 @@ use tokio::{
 
 use super::{
     CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair,
-    copy::{CopyPlane, Handover},
+    copy::{CopyPlane, Handover, Moved, move_once, write_pending},
     reset_both,
 };
 use crate::{
@@ -57,6 +65,8 @@ pub const LAG_STEP: u64 = 1 << 20;
 /// connection stays on the copy plane rather than spin behind a sender that never
 /// pauses.
 const HANDOFF_LIMIT: u64 = 8 << 20;
+/// Passed bytes one pump forwards before letting other tasks run.
+const PUMP_BUDGET: u64 = 1 << 20;
 
 /// Wakes a pair's task on events from the program.
 #[derive(Default)]
@@ -92,21 +102,22 @@ struct Cookies {
     server: u64,
 }
 
-/// What the supervising loop decided.
-enum Supervised {
-    /// The pair is finished.
-    Done(Outcome),
-    /// The kernel refused to take a socket back: continue on the copy plane.
-    Unsplice,
+/// The kernel refused a socket at insertion.
+struct Refused {
+    error: aya::maps::MapError,
+    /// Which sockets (client, server) made it into `sources` (their verdict runs).
+    in_sources: [bool; 2],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DirState {
-    /// Bytes are redirected in-kernel.
+    /// Bytes are redirected in-kernel (bytes passed during a throttle are forwarded
+    /// by the task first).
     Spliced,
-    /// Source out of `sources` until the peer catches up.
+    /// The program passes the source's bytes to its own queue, where they stay unread
+    /// until the peer catches up.
     Throttled,
-    /// EOF seen; waiting for every redirected byte to reach the peer's send queue.
+    /// EOF seen; waiting for every byte to reach the peer's send queue.
     Eof,
     /// FIN forwarded.
     Done,
@@ -118,15 +129,25 @@ struct Dir<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
     src_cookie: u64,
-    /// Bytes the daemon wrote to `dst` itself (before the splice).
+    /// Bytes the daemon wrote to `dst` itself (before the splice, and passed bytes
+    /// forwarded since).
     written: u64,
     /// What `dst`'s send counters read above the data bytes written (its SYN, for a
     /// socket that connected), measured at hand-off.
     offset: u64,
+    /// Passed bytes read from `src` (what the `ctrl` word reports once written).
+    consumed: u64,
+    /// The `ctrl` word last written.
+    ctrl: u64,
+    /// Read from `src`, not yet taken by `dst`.
+    pending: Option<Vec<u8>>,
+    /// `src` signalled readable and has not been read to `EAGAIN` since.
+    readable: bool,
+    /// The last pump stopped at its budget with bytes left: pump again at once.
+    again: bool,
     state: DirState,
-    /// The last peek saw bytes parked in the source's own queue.
-    parked: bool,
     flag: u32,
+    stat: DaemonStat,
 }
 
 impl SockmapPlane {
@@ -262,40 +283,21 @@ impl SockmapPlane {
             Ok(()) => {
                 self.stats.inc(DaemonStat::Spliced);
                 self.stats.inc(DaemonStat::SplicedActive);
-                for s in [&pair.client, &pair.server] {
-                    // Errors surface in the loop below.
-                    let _ = sys::peek(s.as_raw_fd());
+                // Whole skbs that arrived since the drain: the first pump's read runs
+                // the verdict over them.
+                for d in &mut dirs {
+                    d.readable = true;
                 }
-                let r = self.supervise(&pair, &mut dirs, &signal).await;
+                let o = self.supervise(&pair, &mut dirs, &signal).await;
                 self.stats.dec(DaemonStat::SplicedActive);
-                r
-            }
-            Err(e) => {
-                tracing::debug!(id = pair.id, error = %e, "sockmap refused the pair; copy plane");
-                Supervised::Unsplice
-            }
-        };
-        let outcome = match outcome {
-            Supervised::Done(o) => {
                 if matches!(o, Outcome::Aborted(_)) {
                     reset_both(&pair);
                 }
                 o
             }
-            Supervised::Unsplice => {
-                // No more redirects; the sockets stay in `targets` (their psocks hold
-                // the kernel's transmit backlog) until the copy plane is done.
-                for d in &dirs {
-                    self.leave_sources(d.src_cookie);
-                }
-                self.stats.inc(DaemonStat::SpliceFallback);
-                let ready = |i: usize| self.arrived(&dirs[i]);
-                let handover = Handover {
-                    finished: dirs.each_ref().map(|d| d.state == DirState::Done),
-                    ready: Some(&ready),
-                    pending: Default::default(),
-                };
-                self.copy.run_handed_over(&pair, handover).await
+            Err(refused) => {
+                tracing::debug!(id = pair.id, error = %refused.error, in_sources = ?refused.in_sources, "sockmap refused the pair; copy plane");
+                self.unsplice(&pair, &dirs, refused.in_sources).await
             }
         };
         // 4. Leave the maps (a finished pair has no redirected byte left in flight).
@@ -303,7 +305,55 @@ impl SockmapPlane {
         outcome
     }
 
-    fn insert(&self, pair: &Pair, c: Cookies) -> Result<(), aya::maps::MapError> {
+    /// Continues a pair the kernel refused on the copy plane. Bytes already redirected
+    /// reach their peer first; a socket that made it into `sources` passes its bytes
+    /// to its own queue from then on. The sockets stay in the maps (their psocks hold
+    /// the kernel's transmit backlog) until the copy plane is done.
+    async fn unsplice(&self, pair: &Pair, dirs: &[Dir<'_>; 2], in_sources: [bool; 2]) -> Outcome {
+        for (d, _) in dirs.iter().zip(in_sources).filter(|(_, v)| *v) {
+            if let Err(e) = self.bpf.set_ctrl(d.src_cookie, CTRL_THROTTLE) {
+                reset_both(pair);
+                return Outcome::Aborted(e);
+            }
+        }
+        self.stats.inc(DaemonStat::SpliceFallback);
+        let ready = |i: usize, _read: u64| self.arrived(&dirs[i]);
+        // Every byte read from a socket in `sources` was passed by the program.
+        let eof_final = move |i: usize, read: u64| {
+            Ok(!in_sources[i] || self.bpf.sock(dirs[i].src_cookie)?.passed == read)
+        };
+        let handover = Handover {
+            ready: Some(&ready),
+            eof_final: Some(&eof_final),
+            ..Handover::default()
+        };
+        self.copy.run_handed_over(pair, handover).await
+    }
+
+    fn insert(&self, pair: &Pair, c: Cookies) -> Result<(), Refused> {
+        self.insert_maps(pair, c).map_err(|error| Refused {
+            error,
+            in_sources: [false; 2],
+        })?;
+        let mut sources = self.bpf.sources.lock().expect("sources lock");
+        let mut in_sources = [false; 2];
+        for (i, (cookie, fd)) in [
+            (c.client, pair.client.as_raw_fd()),
+            (c.server, pair.server.as_raw_fd()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            sources
+                .insert(cookie, fd, 0)
+                .map_err(|error| Refused { error, in_sources })?;
+            in_sources[i] = true;
+        }
+        Ok(())
+    }
+
+    /// Every entry but `sources`: nothing is redirected yet.
+    fn insert_maps(&self, pair: &Pair, c: Cookies) -> Result<(), aya::maps::MapError> {
         let sock = |peer_cookie, dir| SockInfo {
             peer_cookie,
             conn_id: pair.id,
@@ -314,6 +364,11 @@ impl SockmapPlane {
             let mut socks = self.bpf.socks.lock().expect("socks lock");
             socks.insert(c.client, sock(c.server, DIR_CLIENT_TO_SERVER), 0)?;
             socks.insert(c.server, sock(c.client, DIR_SERVER_TO_CLIENT), 0)?;
+        }
+        {
+            let mut ctrl = self.bpf.ctrl.lock().expect("ctrl lock");
+            ctrl.insert(c.client, 0, 0)?;
+            ctrl.insert(c.server, 0, 0)?;
         }
         let info = ConnInfo {
             client_addr: addr_bytes(pair.client_addr),
@@ -338,27 +393,19 @@ impl SockmapPlane {
             targets.insert(c.client, pair.client.as_raw_fd(), 0)?;
             targets.insert(c.server, pair.server.as_raw_fd(), 0)?;
         }
-        let mut sources = self.bpf.sources.lock().expect("sources lock");
-        sources.insert(c.client, pair.client.as_raw_fd(), 0)?;
-        sources.insert(c.server, pair.server.as_raw_fd(), 0)?;
         Ok(())
     }
 
-    /// Takes a socket out of `sources`: its bytes are no longer redirected. Absent is
-    /// fine.
-    fn leave_sources(&self, cookie: u64) {
-        let _ = self
-            .bpf
-            .sources
-            .lock()
-            .expect("sources lock")
-            .remove(&cookie);
-    }
-
-    /// Removes every map entry of the pair; absent entries are fine.
+    /// Removes every map entry of the pair (sources first, so nothing is verdicted
+    /// after); absent entries are fine.
     fn remove(&self, pair: &Pair, c: Cookies) {
         for cookie in [c.client, c.server] {
-            self.leave_sources(cookie);
+            let _ = self
+                .bpf
+                .sources
+                .lock()
+                .expect("sources lock")
+                .remove(&cookie);
         }
         for cookie in [c.client, c.server] {
             let _ = self
@@ -368,6 +415,7 @@ impl SockmapPlane {
                 .expect("targets lock")
                 .remove(&cookie);
             let _ = self.bpf.socks.lock().expect("socks lock").remove(&cookie);
+            let _ = self.bpf.ctrl.lock().expect("ctrl lock").remove(&cookie);
         }
         let _ = self.bpf.conns.lock().expect("conns lock").remove(&pair.id);
         self.registry
@@ -404,65 +452,54 @@ impl SockmapPlane {
         }
     }
 
-    /// Watches a spliced pair until it ends. Returns `Unsplice` if a throttled socket
-    /// cannot go back into `sources`.
-    async fn supervise(&self, pair: &Pair, dirs: &mut [Dir<'_>; 2], signal: &Signal) -> Supervised {
+    /// Watches a spliced pair until it ends.
+    async fn supervise(&self, pair: &Pair, dirs: &mut [Dir<'_>; 2], signal: &Signal) -> Outcome {
         let idle = pair.idle_timeout;
         let mut idle_at = Instant::now() + idle;
         let mut idle_bytes = (u64::MAX, u64::MAX);
         let mut wait = POLL_MIN;
-        let watch = |d: &Dir<'_>| matches!(d.state, DirState::Spliced | DirState::Throttled);
         loop {
             if dirs.iter().all(|d| d.state == DirState::Done) {
-                return Supervised::Done(Outcome::Closed);
+                return Outcome::Closed;
             }
-            let polling = dirs
-                .iter()
-                .any(|d| d.parked || matches!(d.state, DirState::Throttled | DirState::Eof));
-            let deadline = if polling {
-                (Instant::now() + wait).min(idle_at)
+            let now = Instant::now();
+            let deadline = if dirs.iter().any(|d| d.again) {
+                now
+            } else if dirs.iter().any(Dir::polled) {
+                (now + wait).min(idle_at)
             } else {
                 idle_at
             };
             let [d0, d1] = &mut *dirs;
-            let (w0, w1) = (watch(d0), watch(d1));
+            let (r0, r1) = (d0.watch_readable(), d1.watch_readable());
+            let (w0, w1) = (d0.pending.is_some(), d1.pending.is_some());
             let event = tokio::select! {
-                r = d0.src.readable(), if w0 => r.map(|()| Some(0)),
-                r = d1.src.readable(), if w1 => r.map(|()| Some(1)),
+                r = d0.src.readable(), if r0 => r.map(|()| Some(0)),
+                r = d1.src.readable(), if r1 => r.map(|()| Some(1)),
+                r = d0.dst.writable(), if w0 => r.map(|()| None),
+                r = d1.dst.writable(), if w1 => r.map(|()| None),
                 () = signal.notify.notified() => Ok(None),
                 () = tokio::time::sleep_until(deadline.into()) => Ok(None),
             };
-            let result = match event {
-                Ok(Some(i)) => on_readable(&mut dirs[i]),
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                tracing::debug!(id = pair.id, error = %e, states = ?dirs.iter().map(|d| d.state).collect::<Vec<_>>(), "source socket error");
-                return Supervised::Done(Outcome::Aborted(e));
+            match event {
+                Ok(Some(i)) => dirs[i].readable = true,
+                Ok(None) => {}
+                Err(e) => return Outcome::Aborted(e),
             }
             if signal.peer_gone.swap(false, Ordering::Relaxed) {
-                return Supervised::Done(Outcome::Aborted(io::Error::new(
+                return Outcome::Aborted(io::Error::new(
                     io::ErrorKind::ConnectionReset,
                     "peer socket left the map",
-                )));
+                ));
             }
             let lag_bits = signal.lag.swap(0, Ordering::Relaxed);
             let mut changed = false;
             for d in dirs.iter_mut() {
                 match self.advance(pair.id, d, lag_bits & (1 << d.dir) != 0) {
-                    Ok(Some(c)) => changed |= c,
-                    Ok(None) => {
-                        tracing::debug!(
-                            id = pair.id,
-                            dir = d.dir,
-                            "throttled socket cannot rejoin sources; copy plane"
-                        );
-                        return Supervised::Unsplice;
-                    }
+                    Ok(c) => changed |= c,
                     Err(e) => {
-                        tracing::debug!(id = pair.id, dir = d.dir, error = %e, state = ?d.state, "advance error");
-                        return Supervised::Done(Outcome::Aborted(e));
+                        tracing::debug!(id = pair.id, dir = d.dir, error = %e, state = ?d.state, "spliced direction failed");
+                        return Outcome::Aborted(e);
                     }
                 }
             }
@@ -473,12 +510,9 @@ impl SockmapPlane {
             };
             let now = Instant::now();
             if now >= idle_at {
-                let bytes = (
-                    self.bpf.redirected(dirs[0].src_cookie).unwrap_or(0),
-                    self.bpf.redirected(dirs[1].src_cookie).unwrap_or(0),
-                );
+                let bytes = (self.activity(&dirs[0]), self.activity(&dirs[1]));
                 if bytes == idle_bytes {
-                    return Supervised::Done(Outcome::IdleTimeout);
+                    return Outcome::IdleTimeout;
                 }
                 idle_bytes = bytes;
                 idle_at = now + idle;
@@ -486,48 +520,127 @@ impl SockmapPlane {
         }
     }
 
-    /// Moves one direction's state machine forward. `Some(changed)`, or `None` when the
-    /// pair must leave the sockmap.
-    fn advance(&self, id: u32, d: &mut Dir<'_>, lag_event: bool) -> io::Result<Option<bool>> {
+    /// Bytes that went through direction `d` so far, either way.
+    fn activity(&self, d: &Dir<'_>) -> u64 {
+        self.bpf.redirected(d.src_cookie).unwrap_or(0) + d.consumed
+    }
+
+    /// Moves one direction's state machine forward; true when something changed.
+    fn advance(&self, id: u32, d: &mut Dir<'_>, lag_event: bool) -> io::Result<bool> {
         match d.state {
             DirState::Spliced if lag_event && self.lag(d)? > HIGH_WATER => {
-                self.leave_sources(d.src_cookie);
+                self.set_passing(d, true)?;
                 self.set_flag(id, d.flag, true);
                 self.stats.inc(DaemonStat::Throttled);
                 d.state = DirState::Throttled;
-                Ok(Some(true))
+                Ok(true)
             }
-            DirState::Spliced if d.parked => {
-                // Bytes landed in the source's own queue: a peek makes the kernel run
-                // the verdict over them.
-                d.parked = false;
-                let _ = sys::peek(d.src.as_raw_fd());
-                Ok(Some(false))
-            }
-            DirState::Throttled if self.lag(d)? <= LOW_WATER => {
-                let r = self.bpf.sources.lock().expect("sources lock").insert(
-                    d.src_cookie,
-                    d.src.as_raw_fd(),
-                    0,
-                );
-                if r.is_err() {
-                    // E.g. the source sent FIN while throttled (CLOSE_WAIT).
-                    return Ok(None);
+            DirState::Spliced if d.readable || d.pending.is_some() => self.pump(d),
+            DirState::Throttled => {
+                // Its bytes wait unread, so an error would otherwise go unseen.
+                if let Some(e) = d.src.take_error()? {
+                    return Err(e);
                 }
+                if self.lag(d)? > LOW_WATER {
+                    return Ok(false);
+                }
+                // The pump forwards what was passed, then lets the program redirect.
                 self.set_flag(id, d.flag, false);
-                d.parked = false;
-                let _ = sys::peek(d.src.as_raw_fd());
                 d.state = DirState::Spliced;
-                Ok(Some(true))
+                d.readable = true;
+                self.pump(d)?;
+                Ok(true)
             }
             DirState::Eof if self.arrived(d)? => {
                 sys::shutdown_write(d.dst.as_raw_fd())?;
+                let sock = self.bpf.sock(d.src_cookie)?;
+                tracing::debug!(
+                    id,
+                    dir = d.dir,
+                    redirected = sock.bytes,
+                    passed = sock.passed,
+                    consumed = d.consumed,
+                    written = d.written,
+                    "FIN forwarded"
+                );
                 self.stats.inc(DaemonStat::HalfClosed);
                 d.state = DirState::Done;
-                Ok(Some(true))
+                Ok(true)
             }
-            _ => Ok(Some(false)),
+            _ => Ok(false),
         }
+    }
+
+    /// Forwards bytes the program passed to `src`'s own queue (during a throttle, or
+    /// after it until the count matches), then reports the count in `ctrl` so the
+    /// program redirects again. Reading also runs the verdict over skbs still in the
+    /// receive queue, and finds EOF.
+    fn pump(&self, d: &mut Dir<'_>) -> io::Result<bool> {
+        d.again = false;
+        // Reading runs the verdict over skbs still in the receive queue, and a
+        // redirect made inside recv() would be lost from the socket's copied_seq
+        // when recv() returns (tcp_bpf_recvmsg_parser writes back its snapshot).
+        // So the program passes while the daemon reads.
+        self.set_passing(d, true)?;
+        // Redirected bytes still on their way to `dst` would be overtaken.
+        if !self.arrived(d)? {
+            return Ok(false);
+        }
+        let mut moved = 0u64;
+        loop {
+            if let Some(p) = &mut d.pending {
+                let before = p.len();
+                let all = write_pending(d.dst, p)?;
+                d.written += (before - p.len()) as u64;
+                if !all {
+                    return Ok(moved > 0);
+                }
+                d.pending = None;
+            }
+            if moved >= PUMP_BUDGET {
+                d.again = true;
+                return Ok(true);
+            }
+            match move_once(d.src, d.dst)? {
+                Moved::Idle => {
+                    d.readable = false;
+                    // The program redirects again once it has passed no more than
+                    // this count.
+                    self.set_passing(d, false)?;
+                    return Ok(moved > 0);
+                }
+                Moved::Eof if self.bpf.sock(d.src_cookie)?.passed != d.consumed => {
+                    // Passed skbs can still sit in the psock's backlog on their way to
+                    // the socket's queue, and recv() already reports EOF: poll again.
+                    return Ok(moved > 0);
+                }
+                Moved::Eof => {
+                    d.readable = false;
+                    d.state = DirState::Eof;
+                    return Ok(true);
+                }
+                Moved::Bytes { read, rest } => {
+                    let read = read as u64;
+                    self.stats.add(d.stat, read);
+                    moved += read;
+                    d.consumed += read;
+                    d.written += read - rest.as_ref().map_or(0, |r| r.len() as u64);
+                    d.pending = rest;
+                }
+            }
+        }
+    }
+
+    /// Writes the direction's `ctrl` word: pass (throttled, or the daemon is reading)
+    /// or redirect once every passed byte is forwarded. Unchanged words are not
+    /// rewritten.
+    fn set_passing(&self, d: &mut Dir<'_>, on: bool) -> io::Result<()> {
+        let word = if on { CTRL_THROTTLE } else { 0 } | d.forwarded();
+        if word != d.ctrl {
+            self.bpf.set_ctrl(d.src_cookie, word)?;
+            d.ctrl = word;
+        }
+        Ok(())
     }
 }
 
@@ -544,10 +657,10 @@ impl<'a> Dir<'a> {
         let offset = sys::send_progress(dst.as_raw_fd())?
             .enqueued()
             .saturating_sub(written);
-        let flag = if dir == DIR_CLIENT_TO_SERVER {
-            CONN_THROTTLED_C2S
+        let (flag, stat) = if dir == DIR_CLIENT_TO_SERVER {
+            (CONN_THROTTLED_C2S, DaemonStat::CopiedBytesC2s)
         } else {
-            CONN_THROTTLED_S2C
+            (CONN_THROTTLED_S2C, DaemonStat::CopiedBytesS2c)
         };
         Ok(Self {
             dir,
@@ -556,38 +669,33 @@ impl<'a> Dir<'a> {
             src_cookie,
             written,
             offset,
+            consumed: 0,
+            ctrl: 0,
+            pending: None,
+            readable: false,
+            again: false,
             state: DirState::Spliced,
-            parked: false,
             flag,
+            stat,
         })
     }
-}
 
-/// Handles readiness of a direction's source: EOF, parked bytes, or an error.
-fn on_readable(d: &mut Dir<'_>) -> io::Result<()> {
-    let fd = d.src.as_raw_fd();
-    let mut parked = false;
-    let r = d.src.try_io(Interest::READABLE, || match sys::peek(fd) {
-        Ok(0) => Ok(()),
-        Ok(_) => {
-            // Bytes in our own queue (throttled, or not yet through the verdict):
-            // clear readiness; the poll timer looks again.
-            parked = true;
-            Err(io::ErrorKind::WouldBlock.into())
-        }
-        Err(e) => Err(e),
-    });
-    match r {
-        Ok(()) => {
-            d.state = DirState::Eof;
-            d.parked = false;
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            d.parked = parked && d.state == DirState::Spliced;
-            Ok(())
-        }
-        Err(e) => Err(e),
+    /// Passed bytes read from `src` and written to `dst`.
+    fn forwarded(&self) -> u64 {
+        self.consumed - self.pending.as_ref().map_or(0, |p| p.len() as u64)
+    }
+
+    /// Whether to wait for `src` readiness (EOF, an error, or passed bytes). Not once
+    /// it fired: readiness stays set until a read reaches `EAGAIN`.
+    fn watch_readable(&self) -> bool {
+        !self.readable && matches!(self.state, DirState::Spliced | DirState::Throttled)
+    }
+
+    /// Whether the direction waits on something the kernel does not signal: the
+    /// peer's lag (throttled), redirected bytes reaching the peer's send queue.
+    fn polled(&self) -> bool {
+        matches!(self.state, DirState::Throttled | DirState::Eof)
+            || (self.state == DirState::Spliced && (self.readable || self.pending.is_some()))
     }
 }
 
@@ -604,23 +712,20 @@ enum Drained {
 /// blocking write here, with the other direction unread, can deadlock against a peer
 /// that echoes.
 fn drain(src: &TcpStream, dst: &TcpStream) -> io::Result<Drained> {
-    let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return Ok(Drained::Busy(Vec::new())),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Drained::Quiet(total)),
-            Err(e) => return Err(e),
-        };
-        let written = match dst.try_write(&buf[..n]) {
-            Ok(w) => w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(e),
-        };
-        total += written as u64;
-        if written < n || total > HANDOFF_LIMIT {
-            return Ok(Drained::Busy(buf[written..n].to_vec()));
+        match move_once(src, dst)? {
+            Moved::Idle => return Ok(Drained::Quiet(total)),
+            Moved::Eof => return Ok(Drained::Busy(Vec::new())),
+            Moved::Bytes { read, rest: None } => {
+                total += read as u64;
+                if total > HANDOFF_LIMIT {
+                    return Ok(Drained::Busy(Vec::new()));
+                }
+            }
+            Moved::Bytes {
+                rest: Some(rest), ..
+            } => return Ok(Drained::Busy(rest)),
         }
     }
 }
