@@ -18,6 +18,11 @@ const APT: &[(&str, &str)] = &[
     ("mosquitto", "/usr/sbin/mosquitto"),
     ("mosquitto-clients", "/usr/bin/mosquitto_sub"),
     ("iproute2", "/usr/bin/ss"),
+    // paho-mqtt (MQTT 5 client of the broker tests), for Debian's own python3.
+    (
+        "python3-paho-mqtt",
+        "/usr/lib/python3/dist-packages/paho/mqtt/client.py",
+    ),
 ];
 
 fn main() -> ExitCode {
