@@ -92,6 +92,8 @@ pub struct Bpf {
     _ebpf: Ebpf,
     /// Held for the life of the daemon: one daemon per instance name.
     _lock: File,
+    /// Where the maps are pinned.
+    pin_dir: PathBuf,
     /// Sockets whose bytes are redirected.
     pub sources: Mutex<SockHash<MapData, u64>>,
     /// Redirect destinations.
@@ -187,6 +189,7 @@ impl Bpf {
         Ok(Self {
             _ebpf: ebpf,
             _lock: lock,
+            pin_dir: dir,
             sources: Mutex::new(sources),
             targets: Mutex::new(targets),
             socks: Mutex::new(socks),
@@ -195,6 +198,17 @@ impl Bpf {
             daemon_stats: Mutex::new(daemon_stats),
             events: Mutex::new(Some(events)),
         })
+    }
+
+    /// Removes the instance's pinned maps (at a clean stop: nothing is left under
+    /// /sys/fs/bpf for a daemon that is gone). Best effort.
+    pub fn unpin(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
     }
 
     /// The program's counters for the socket with this cookie (one direction).

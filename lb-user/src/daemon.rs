@@ -168,6 +168,9 @@ pub async fn run(
         );
     }
     publisher.abort();
+    if let Some(p) = &sockmap {
+        p.unpin();
+    }
     Ok(())
 }
 

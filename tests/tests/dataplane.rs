@@ -417,4 +417,9 @@ async fn sockmap_bytes_bypass_the_process() {
         used * 100 < carried,
         "rchar+wchar grew by {used} for {carried} bytes carried"
     );
+    // A clean stop leaves nothing pinned under /sys/fs/bpf.
+    let pins = std::path::Path::new("/sys/fs/bpf/mqttlb").join(&lb.instance);
+    assert!(pins.exists(), "no pinned maps at {}", pins.display());
+    drop(lb);
+    assert!(!pins.exists(), "{} left after SIGTERM", pins.display());
 }

@@ -167,6 +167,11 @@ impl SockmapPlane {
         self.bpf.publish(stats);
     }
 
+    /// Removes the pinned maps (clean stop).
+    pub fn unpin(&self) {
+        self.bpf.unpin();
+    }
+
     /// Reads the program's ring buffer and wakes the pairs it names; runs for the life
     /// of the daemon.
     pub async fn run_events(self: Arc<Self>) -> io::Result<()> {
