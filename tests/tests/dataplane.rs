@@ -287,11 +287,11 @@ async fn a_server_that_stops_reading_bounds_memory_copy() {
 /// queue), then forwards what was passed and resumes the splice without losing or
 /// reordering a byte.
 ///
-/// Known kernel defect (docs/ARCHITECTURE.md, CHANGELOG "Known issues"): while a
-/// throttled socket holds passed skbs, TCP drops and the sender retransmits, and in
-/// about 3 runs out of 10 one 65,483-byte skb reaches the verdict twice.
+/// Known defect (docs/ARCHITECTURE.md trap 4, CHANGELOG "Known issues"): in about 3
+/// runs out of 10 one 65,483-byte skb reaches the verdict twice, in runs with TCP
+/// retransmissions on the loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "kernel: a throttled (passing) socket can see one skb twice after retransmissions; auto uses copy"]
+#[ignore = "kernel: the verdict can see one skb twice after retransmissions (~3 runs in 10); auto uses copy"]
 async fn a_server_that_stops_reading_bounds_memory_sockmap() {
     if privileged("backpressure") {
         slow_server("sockmap").await;
