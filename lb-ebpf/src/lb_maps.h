@@ -25,10 +25,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } targets SEC(".maps");
 
-/* Socket cookie -> peer cookie, connection, direction and redirected byte counters. */
+/*
+ * Socket cookie -> peer cookie, connection, direction and redirected byte counters.
+ * Per-connection maps are not preallocated: memory follows the live connections
+ * (preallocated, these maps alone held about 120 MiB of vmalloc per instance).
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 2 * MAX_SPLICED);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, struct lb_sock);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -52,6 +57,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_SPLICED);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct lb_conn);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

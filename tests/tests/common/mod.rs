@@ -244,6 +244,10 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed daemon leaves its pinned maps (and their kernel memory) behind.
+        let _ = std::fs::remove_dir_all(
+            std::path::Path::new("/sys/fs/bpf/mqttlb").join(&self.instance),
+        );
     }
 }
 
