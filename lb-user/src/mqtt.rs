@@ -314,9 +314,158 @@ pub fn connack_server_unavailable(version: Version) -> &'static [u8] {
     }
 }
 
+/// Total length (fixed header included) of the packet at the start of `buf`, once its
+/// fixed header is complete: `Ok(None)` if more bytes are needed to know.
+pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, Invalid> {
+    let Some(rest) = buf.get(1..) else {
+        return Ok(None);
+    };
+    Ok(remaining_length(rest)?.map(|(len, n)| 1 + n + len))
+}
+
+/// Packet builders for MQTT 3.1.1 and 5.0 clients (the load generator and tests).
+pub mod encode {
+    use super::Version;
+
+    /// Appends a variable byte integer.
+    fn varint(out: &mut Vec<u8>, mut v: usize) {
+        loop {
+            let mut b = (v % 128) as u8;
+            v /= 128;
+            if v > 0 {
+                b |= 0x80;
+            }
+            out.push(b);
+            if v == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Appends a length-prefixed string or binary field.
+    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+        let len = u16::try_from(bytes.len()).expect("MQTT fields are at most 65,535 bytes");
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+
+    /// A packet: first byte, remaining length, body.
+    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+        let mut p = Vec::with_capacity(body.len() + 5);
+        p.push(first);
+        varint(&mut p, body.len());
+        p.extend_from_slice(body);
+        p
+    }
+
+    /// CONNECT with a client id, clean start and keep-alive (3.1.1 or 5.0, no
+    /// properties, no will, no credentials).
+    pub fn connect(version: Version, client_id: &str, keep_alive: u16) -> Vec<u8> {
+        let level = match version {
+            Version::V31 => 3,
+            Version::V311 => 4,
+            Version::V5 => 5,
+        };
+        let mut body = Vec::with_capacity(16 + client_id.len());
+        field(
+            &mut body,
+            if version == Version::V31 {
+                b"MQIsdp"
+            } else {
+                b"MQTT"
+            },
+        );
+        body.push(level);
+        body.push(0x02);
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        if version == Version::V5 {
+            body.push(0);
+        }
+        field(&mut body, client_id.as_bytes());
+        packet(0x10, &body)
+    }
+
+    /// PUBLISH at QoS 0 (`packet_id` ignored) or QoS 1/2.
+    pub fn publish(
+        version: Version,
+        topic: &str,
+        payload: &[u8],
+        qos: u8,
+        packet_id: u16,
+    ) -> Vec<u8> {
+        let mut body = Vec::with_capacity(topic.len() + payload.len() + 5);
+        field(&mut body, topic.as_bytes());
+        if qos > 0 {
+            body.extend_from_slice(&packet_id.to_be_bytes());
+        }
+        if version == Version::V5 {
+            body.push(0);
+        }
+        body.extend_from_slice(payload);
+        packet(0x30 | (qos << 1), &body)
+    }
+
+    /// SUBSCRIBE to one topic filter.
+    pub fn subscribe(version: Version, packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
+        let mut body = packet_id.to_be_bytes().to_vec();
+        if version == Version::V5 {
+            body.push(0);
+        }
+        field(&mut body, filter.as_bytes());
+        body.push(qos);
+        packet(0x82, &body)
+    }
+
+    /// PUBACK for a QoS 1 PUBLISH.
+    pub fn puback(packet_id: u16) -> Vec<u8> {
+        packet(0x40, &packet_id.to_be_bytes())
+    }
+
+    /// DISCONNECT (normal).
+    pub fn disconnect() -> Vec<u8> {
+        vec![0xe0, 0x00]
+    }
+
+    /// CONNACK accepting a session (what a test server answers).
+    pub fn connack_accepted(version: Version) -> &'static [u8] {
+        match version {
+            Version::V31 | Version::V311 => &[0x20, 0x02, 0x00, 0x00],
+            Version::V5 => &[0x20, 0x03, 0x00, 0x00, 0x00],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_connects_decode_back() {
+        for version in [Version::V31, Version::V311, Version::V5] {
+            let p = encode::connect(version, "device-42", 30);
+            let Decode::Connect(c) = decode_connect(&p, 4096) else {
+                panic!("{version:?}: {p:02x?} does not decode");
+            };
+            assert_eq!(
+                (c.version, c.client_id, c.keep_alive, c.clean_start, c.len),
+                (version, "device-42", 30, true, p.len())
+            );
+        }
+    }
+
+    #[test]
+    fn packet_lengths_follow_the_fixed_header() {
+        let big = encode::publish(Version::V311, "t", &[7u8; 300], 1, 9);
+        assert_eq!(packet_len(&big), Ok(Some(big.len())));
+        assert_eq!(big[..3], [0x32, 0xb1, 0x02]); // 2 + 1 + 2 + 300 = 305 = 0xb1 0x02
+        assert_eq!(packet_len(&big[..2]), Ok(None));
+        assert_eq!(packet_len(&[0x30]), Ok(None));
+        assert_eq!(packet_len(&[0x30, 0x00]), Ok(Some(2)));
+        assert_eq!(
+            packet_len(&[0x30, 0xff, 0xff, 0xff, 0xff]),
+            Err(Invalid::RemainingLength)
+        );
+    }
 
     fn hex(s: &str) -> Vec<u8> {
         (0..s.len())

@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask run [-- ARGS]`, `cargo xtask test`, `cargo xtask bench`.
+//! Project tasks: `cargo xtask run [-- ARGS]`, `cargo xtask test`,
+//! `cargo xtask bench [--quick]`.
 //!
 //! `run` and `test` install what a fresh Debian bookworm machine lacks (as root, with
 //! apt-get), mount bpffs, build in release mode, then do their job.
@@ -9,6 +10,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+mod bench;
 
 /// Debian packages the build and the tests need, with a file that proves each present.
 const APT: &[(&str, &str)] = &[
@@ -30,12 +33,10 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("run") => run(&args[1..]),
-        Some("bench") => Err(anyhow::anyhow!(
-            "the benchmark suite arrives with its own issue; nothing to run yet"
-        )),
+        Some("bench") => bench::bench(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench"
+                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench [--quick]"
             );
             return ExitCode::from(1);
         }
@@ -75,7 +76,21 @@ fn is_root() -> bool {
 
 /// Installs missing packages and mounts bpffs.
 fn prepare() -> Result<()> {
-    let missing: Vec<&str> = APT
+    install(APT)?;
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(" /sys/fs/bpf bpf "));
+    if !mounted && is_root() {
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+            .context("cannot mount bpffs at /sys/fs/bpf (the sockmap data plane needs it)")?;
+    }
+    Ok(())
+}
+
+/// Installs the packages whose proof file is missing (`apt-get`, as root).
+fn install(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, f)| !Path::new(f).exists())
         .map(|(p, _)| *p)
@@ -95,14 +110,6 @@ fn prepare() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))
         .with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
-    }
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains(" /sys/fs/bpf bpf "));
-    if !mounted && is_root() {
-        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
-            .context("cannot mount bpffs at /sys/fs/bpf (the sockmap data plane needs it)")?;
     }
     Ok(())
 }

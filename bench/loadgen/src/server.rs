@@ -1,0 +1,93 @@
+//! The in-process MQTT test server: answers the CONNECT with a CONNACK, then echoes
+//! every byte (`Echo`) or counts and drops them (`Sink`); a DISCONNECT closes the
+//! connection from the server side (so TIME_WAIT stays off the clients' ports).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use anyhow::{Context, Result};
+use mqttlb::mqtt::{Version, encode, packet_len};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// What the server does after the CONNACK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Echo,
+    Sink,
+}
+
+/// Bytes the server received after the CONNECTs.
+#[derive(Default)]
+pub struct Counters {
+    pub bytes: AtomicU64,
+}
+
+/// Starts the server on `addr`; it runs until the process exits.
+pub async fn start(addr: SocketAddr, mode: Mode) -> Result<Arc<Counters>> {
+    let listener = bind(addr).with_context(|| format!("server cannot listen on {addr}"))?;
+    let counters = Arc::new(Counters::default());
+    let c = counters.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let c = c.clone();
+            tokio::spawn(async move {
+                // A connection error only ends that connection.
+                let _ = serve(s, mode, &c).await;
+            });
+        }
+    });
+    Ok(counters)
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(65_535)
+}
+
+async fn serve(mut s: TcpStream, mode: Mode, c: &Counters) -> Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut have = 0;
+    // The CONNECT.
+    let connect_len = loop {
+        let n = s.read(&mut buf[have..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        have += n;
+        if let Some(len) = packet_len(&buf[..have]).map_err(|e| anyhow::anyhow!("{e}"))?
+            && have >= len
+        {
+            break len;
+        }
+    };
+    s.write_all(encode::connack_accepted(Version::V311)).await?;
+    let mut rest = have - connect_len;
+    buf.copy_within(connect_len..have, 0);
+    loop {
+        if rest > 0 {
+            c.bytes.fetch_add(rest as u64, Ordering::Relaxed);
+            // A DISCONNECT on its own: close from this side.
+            if buf[..rest] == encode::disconnect()[..] {
+                return Ok(());
+            }
+            if mode == Mode::Echo {
+                s.write_all(&buf[..rest]).await?;
+            }
+        }
+        rest = s.read(&mut buf).await?;
+        if rest == 0 {
+            return Ok(());
+        }
+    }
+}
