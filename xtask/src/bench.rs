@@ -61,6 +61,13 @@ const METRICS: &[(&str, &str, bool)] = &[
 
 pub fn bench(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
+    if args.iter().any(|a| a == "--report-only") {
+        // Rewrites docs/BENCHMARKS.md from the last results (after editing the text).
+        let root = root();
+        let text = std::fs::read_to_string(root.join("bench/results/latest.json"))
+            .context("bench/results/latest.json: run `cargo xtask bench` first")?;
+        return write_report(&root, &serde_json::from_str(&text)?);
+    }
     prepare()?;
     install(BENCH_APT)?;
     raise_fd_limit();

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::bench(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench [--quick]"
+                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench [--quick | --report-only]"
             );
             return ExitCode::from(1);
         }

@@ -30,20 +30,46 @@ pub struct Counters {
     pub bytes: AtomicU64,
 }
 
-/// Starts the server on `addr`; it runs until the process exits.
-pub async fn start(addr: SocketAddr, mode: Mode) -> Result<Arc<Counters>> {
-    let listener = bind(addr).with_context(|| format!("server cannot listen on {addr}"))?;
+/// Starts the server on `addr` on its own thread and runtime (so its wake-ups do not
+/// queue behind the clients'); it runs until the process exits.
+pub fn start(addr: SocketAddr, mode: Mode) -> Result<Arc<Counters>> {
     let counters = Arc::new(Counters::default());
     let c = counters.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let c = c.clone();
-            tokio::spawn(async move {
-                // A connection error only ends that connection.
-                let _ = serve(s, mode, &c).await;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("server".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!("server runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let listener = match bind(addr) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx
+                            .send(Err(anyhow::anyhow!("server cannot listen on {addr}: {e}")));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                while let Ok((s, _)) = listener.accept().await {
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        // A connection error only ends that connection.
+                        let _ = serve(s, mode, &c).await;
+                    });
+                }
             });
-        }
-    });
+        })
+        .context("server thread")?;
+    ready_rx.recv().context("server thread ended")??;
     Ok(counters)
 }
 
