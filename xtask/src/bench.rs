@@ -289,13 +289,7 @@ impl Broker {
                 "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 0\n"
             ),
         )?;
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start mosquitto (apt-get install -y mosquitto)")?;
+        let child = crate::spawn_mosquitto(&conf)?;
         wait_port(BROKER)?;
         Ok(Self { child })
     }

@@ -145,6 +145,17 @@ fn run(args: &[String]) -> Result<()> {
     demo(&bin)
 }
 
+/// Starts mosquitto with the config file at `conf`, its output discarded.
+fn spawn_mosquitto(conf: &Path) -> Result<Child> {
+    Command::new("mosquitto")
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start mosquitto (apt-get install -y mosquitto)")
+}
+
 /// Three mosquitto nodes bridged into one cluster and mqttlb on 1883 in front.
 fn demo(bin: &Path) -> Result<()> {
     let dir = root().join("target/demo");
@@ -162,14 +173,7 @@ fn demo(bin: &Path) -> Result<()> {
         }
         let path = dir.join(format!("node{n}.conf"));
         std::fs::write(&path, conf)?;
-        children.push(
-            Command::new("mosquitto")
-                .arg("-c")
-                .arg(&path)
-                .stderr(Stdio::null())
-                .spawn()
-                .context("cannot start mosquitto")?,
-        );
+        children.push(spawn_mosquitto(&path)?);
     }
     let config = dir.join("mqttlb.toml");
     std::fs::write(

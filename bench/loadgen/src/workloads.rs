@@ -55,14 +55,7 @@ pub async fn run(args: &Args) -> Result<Value> {
             let (workers, secs) = if q { (16, 2) } else { (32, 10) };
             churn(args.target, workers, secs).await?
         }
-        Workload::W4 => {
-            idle(
-                args.target,
-                if q { 2_000 } else { 7_000 },
-                &args.proxy_pids,
-            )
-            .await?
-        }
+        Workload::W4 => idle(args.target, if q { 2_000 } else { 7_000 }, &args.proxy_pids).await?,
         Workload::W5 => ping_pong(args.target, if q { 3_000 } else { 50_000 }).await?,
         Workload::W6 => broker(args.target, if q { 10_000 } else { 100_000 }).await?,
     };
