@@ -103,9 +103,6 @@ impl DataPlane for CopyPlane {
 /// are indexed 0 = client to server, 1 = server to client.
 #[derive(Default)]
 pub struct Handover<'a> {
-    /// Directions whose FIN was already forwarded: not read again (a second EOF would
-    /// shut a socket that may be closed by now).
-    pub finished: [bool; 2],
     /// Whether a direction may start: every byte the kernel redirected in it has
     /// reached its destination's send queue (writing earlier would reorder). Each
     /// direction waits for its own gate only, so one blocked direction cannot stall
@@ -204,7 +201,6 @@ impl Direction<'_> {
 
 async fn copy_both(pair: &Pair, handover: Handover<'_>, stats: &Stats) -> io::Result<Outcome> {
     let Handover {
-        finished,
         ready: gate,
         pending: [p0, p1],
         eof_final,
@@ -213,7 +209,7 @@ async fn copy_both(pair: &Pair, handover: Handover<'_>, stats: &Stats) -> io::Re
         src,
         dst,
         pending: (!pending.is_empty()).then_some(pending),
-        done: finished[index],
+        done: false,
         probe: true,
         gate,
         eof_final,
