@@ -222,6 +222,8 @@ counters! {
         TasksAlive = 19 => "tasks_alive",
         /// Spliced connection pairs currently in the BPF maps (gauge).
         SplicedActive = 20 => "spliced_active",
+        /// Listeners with `accept_proxy_protocol`: no valid PROXY header came first.
+        RejectedProxy = 21 => "rejected_proxy_header",
     }
 }
 

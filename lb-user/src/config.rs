@@ -685,13 +685,6 @@ impl Checker<'_> {
                     "only \"mqtt\" is implemented in this version",
                 );
             }
-            if *rl.accept_proxy_protocol.get_ref() {
-                self.err(
-                    rl.accept_proxy_protocol.span(),
-                    format!("{key}.accept_proxy_protocol"),
-                    "accepting a PROXY header is not implemented in this version",
-                );
-            }
             if !(16..=16 * 1024 * 1024).contains(rl.max_connect_size.get_ref()) {
                 self.err(
                     rl.max_connect_size.span(),

@@ -103,14 +103,19 @@ enum Reject {
     Eof,
     #[error("client read failed: {0}")]
     Io(std::io::Error),
+    #[error("{0}")]
+    Proxy(&'static str),
 }
 
 /// The first packet, read and validated.
 struct First {
-    /// Every byte read from the client so far (the CONNECT and anything after it).
+    /// Every byte read from the client so far from the CONNECT on (a PROXY header
+    /// before it is not forwarded).
     bytes: Vec<u8>,
     version: mqtt::Version,
     client_id: String,
+    /// The client's address as a PROXY header in front named it.
+    proxied_source: Option<SocketAddr>,
 }
 
 /// Serves one accepted client connection on `listener` (whose cluster is `cluster`).
@@ -130,7 +135,11 @@ pub async fn handle(
     // 1. The first packet must be a complete, valid CONNECT.
     let first = match timeout(
         listener.inspect_timeout,
-        read_connect(&mut client, listener.max_connect_size as usize),
+        read_connect(
+            &mut client,
+            listener.max_connect_size as usize,
+            listener.accept_proxy_protocol,
+        ),
     )
     .await
     {
@@ -139,6 +148,7 @@ pub async fn handle(
             stats.inc(match reject {
                 Reject::Invalid(_) => DaemonStat::RejectedInvalid,
                 Reject::Eof | Reject::Io(_) => DaemonStat::RejectedEof,
+                Reject::Proxy(_) => DaemonStat::RejectedProxy,
             });
             debug!(%peer, listener = %listener.name, %reject, "client rejected");
             return;
@@ -149,6 +159,8 @@ pub async fn handle(
             return;
         }
     };
+    // Behind a load balancer that sends PROXY headers, the client is who it names.
+    let peer = first.proxied_source.unwrap_or(peer);
 
     // 2. A server.
     let Some(cluster) = shared.cluster(&cluster) else {
@@ -201,21 +213,42 @@ pub async fn handle(
     }
 }
 
-/// Reads until the buffer starts with a complete CONNECT (bytes after it are kept).
-async fn read_connect(client: &mut TcpStream, max: usize) -> Result<First, Reject> {
+/// Reads until the buffer starts with a complete CONNECT (bytes after it are kept),
+/// after a PROXY v1/v2 header when `proxy_header` is set.
+async fn read_connect(
+    client: &mut TcpStream,
+    max: usize,
+    proxy_header: bool,
+) -> Result<First, Reject> {
     let mut bytes = Vec::with_capacity(256);
+    let mut proxied_source = None;
+    let mut expect_header = proxy_header;
     loop {
-        match mqtt::decode_connect(&bytes, max) {
-            Decode::Connect(c) => {
-                let (version, client_id) = (c.version, c.client_id.to_owned());
-                return Ok(First {
-                    bytes,
-                    version,
-                    client_id,
-                });
+        if expect_header {
+            match proxy_protocol::decode(&bytes) {
+                proxy_protocol::Decoded::Header { len, source } => {
+                    bytes.drain(..len);
+                    proxied_source = source;
+                    expect_header = false;
+                }
+                proxy_protocol::Decoded::Invalid(why) => return Err(Reject::Proxy(why)),
+                proxy_protocol::Decoded::Incomplete => {}
             }
-            Decode::Invalid(e) => return Err(Reject::Invalid(e)),
-            Decode::Incomplete => {}
+        }
+        if !expect_header {
+            match mqtt::decode_connect(&bytes, max) {
+                Decode::Connect(c) => {
+                    let (version, client_id) = (c.version, c.client_id.to_owned());
+                    return Ok(First {
+                        bytes,
+                        version,
+                        client_id,
+                        proxied_source,
+                    });
+                }
+                Decode::Invalid(e) => return Err(Reject::Invalid(e)),
+                Decode::Incomplete => {}
+            }
         }
         bytes.reserve(4096);
         match client.read_buf(&mut bytes).await {

@@ -1,5 +1,6 @@
-//! PROXY protocol headers sent to servers (v1 text, v2 binary), so that brokers see the
-//! real client address.
+//! PROXY protocol (v1 text, v2 binary): headers sent to servers, so that brokers see
+//! the real client address, and headers received from a load balancer in front
+//! (`accept_proxy_protocol`), which name that address to mqttlb.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -57,6 +58,105 @@ pub fn encode(kind: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> Vec
     }
 }
 
+/// Longest v1 header, CRLF included (the specification's limit).
+const V1_MAX: usize = 107;
+
+/// What the start of a stream holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// More bytes are needed.
+    Incomplete,
+    /// A header of `len` bytes; `source` is the original client (`None` for a v2
+    /// LOCAL command or an unknown/unsupported family: use the connection's peer).
+    Header {
+        len: usize,
+        source: Option<SocketAddr>,
+    },
+    /// Not a valid PROXY header.
+    Invalid(&'static str),
+}
+
+/// Decodes a PROXY v1 or v2 header at the start of `buf`.
+pub fn decode(buf: &[u8]) -> Decoded {
+    let sig_len = buf.len().min(V2_SIGNATURE.len());
+    if buf[..sig_len] == V2_SIGNATURE[..sig_len] {
+        return decode_v2(buf);
+    }
+    let text_len = buf.len().min(6);
+    if buf[..text_len] == b"PROXY "[..text_len] {
+        return decode_v1(buf);
+    }
+    Decoded::Invalid("the connection does not start with a PROXY header")
+}
+
+fn decode_v1(buf: &[u8]) -> Decoded {
+    let Some(end) = buf.windows(2).take(V1_MAX - 1).position(|w| w == b"\r\n") else {
+        return if buf.len() >= V1_MAX {
+            Decoded::Invalid("PROXY v1 header longer than 107 bytes")
+        } else {
+            Decoded::Incomplete
+        };
+    };
+    let Ok(line) = std::str::from_utf8(&buf[..end]) else {
+        return Decoded::Invalid("PROXY v1 header is not text");
+    };
+    let f: Vec<&str> = line.split(' ').collect();
+    let source = match f.as_slice() {
+        ["PROXY", "UNKNOWN", ..] => None,
+        ["PROXY", fam @ ("TCP4" | "TCP6"), src, dst, sport, dport] => {
+            let (Ok(src), Ok(_), Ok(sport), Ok(_)) = (
+                src.parse::<IpAddr>(),
+                dst.parse::<IpAddr>(),
+                sport.parse::<u16>(),
+                dport.parse::<u16>(),
+            ) else {
+                return Decoded::Invalid("PROXY v1 header has a bad address or port");
+            };
+            if src.is_ipv4() != (*fam == "TCP4") {
+                return Decoded::Invalid("PROXY v1 address does not match its family");
+            }
+            Some(SocketAddr::new(src, sport))
+        }
+        _ => return Decoded::Invalid("malformed PROXY v1 header"),
+    };
+    Decoded::Header {
+        len: end + 2,
+        source,
+    }
+}
+
+fn decode_v2(buf: &[u8]) -> Decoded {
+    let Some(h) = buf.get(..16) else {
+        return Decoded::Incomplete;
+    };
+    if h[12] >> 4 != 2 {
+        return Decoded::Invalid("unsupported PROXY v2 version");
+    }
+    let len = 16 + usize::from(u16::from_be_bytes([h[14], h[15]]));
+    let Some(body) = buf.get(16..len) else {
+        return Decoded::Incomplete;
+    };
+    let source = match (h[12] & 0x0f, h[13]) {
+        (0, _) => None,
+        (1, 0x11) if body.len() >= 12 => Some(SocketAddr::new(
+            IpAddr::from([body[0], body[1], body[2], body[3]]),
+            u16::from_be_bytes([body[8], body[9]]),
+        )),
+        (1, 0x21) if body.len() >= 36 => {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&body[..16]);
+            Some(SocketAddr::new(
+                IpAddr::from(ip),
+                u16::from_be_bytes([body[32], body[33]]),
+            ))
+        }
+        (1, 0x11 | 0x21) => return Decoded::Invalid("PROXY v2 address block too short"),
+        (1, _) => None,
+        _ => return Decoded::Invalid("unsupported PROXY v2 command"),
+    };
+    Decoded::Header { len, source }
+}
+
 fn to_v6(ip: IpAddr) -> std::net::Ipv6Addr {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
@@ -70,6 +170,68 @@ mod tests {
 
     fn a(s: &str) -> SocketAddr {
         s.parse().expect("addr")
+    }
+
+    #[test]
+    fn decode_reads_what_encode_writes() {
+        for kind in [ProxyProtocol::V1, ProxyProtocol::V2] {
+            for (client, local) in [
+                ("192.0.2.1:5000", "198.51.100.2:1883"),
+                ("[2001:db8::7]:61000", "[2001:db8::1]:8883"),
+            ] {
+                let mut h = encode(kind, a(client), a(local));
+                let len = h.len();
+                h.extend_from_slice(b"\x10\x0c"); // the CONNECT that follows
+                assert_eq!(
+                    decode(&h),
+                    Decoded::Header {
+                        len,
+                        source: Some(a(client))
+                    },
+                    "{kind:?} {client}"
+                );
+                // Every strict prefix asks for more.
+                for cut in 0..len {
+                    assert_eq!(decode(&h[..cut]), Decoded::Incomplete, "{kind:?} cut {cut}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_local_unknown_and_garbage() {
+        let mut local = V2_SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        assert_eq!(
+            decode(&local),
+            Decoded::Header {
+                len: 16,
+                source: None
+            }
+        );
+        assert_eq!(
+            decode(b"PROXY UNKNOWN\r\n"),
+            Decoded::Header {
+                len: 15,
+                source: None
+            }
+        );
+        for bad in [
+            &b"\x10\x0c\x00\x04MQTT"[..],
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 70000 1883\r\n",
+            b"PROXY TCP6 192.0.2.1 198.51.100.2 1 2\r\n",
+            b"PROXY TCP4 a b c d\r\n",
+            &[&b"PROXY "[..], &[b'x'; 120]].concat()[..],
+        ] {
+            assert!(
+                matches!(decode(bad), Decoded::Invalid(_)),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut v3 = V2_SIGNATURE.to_vec();
+        v3.extend_from_slice(&[0x31, 0x11, 0, 12]);
+        assert!(matches!(decode(&v3), Decoded::Invalid(_)));
     }
 
     #[test]

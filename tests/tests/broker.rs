@@ -281,3 +281,76 @@ fn check_reports_problems_by_key_and_line() {
         "{err}"
     );
 }
+
+/// Behind a load balancer that sends PROXY headers (`accept_proxy_protocol`), the
+/// client is who the header names: the server gets that address in its own PROXY v2
+/// header, then exactly the client's bytes (v1 and v2 in front); a connection without
+/// a valid header is closed and counted, and no server sees it.
+#[tokio::test]
+async fn proxy_headers_from_a_load_balancer_in_front() {
+    if !privileged("PROXY header counters") {
+        return;
+    }
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let server_addr = server.local_addr().expect("addr");
+    let lb = Daemon::start_edited("sockmap", &[server_addr], |t| {
+        t.replace(
+            "cluster = \"c\"\n",
+            "cluster = \"c\"\naccept_proxy_protocol = true\n",
+        )
+        .replace(
+            "connect_timeout = \"1s\"\n",
+            "connect_timeout = \"1s\"\nproxy_protocol = \"v2\"\n",
+        )
+    });
+    let connect = connect_packet("behind-nlb");
+    let mut v2_in_front = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2_in_front.extend_from_slice(&[198, 51, 100, 9, 10, 0, 0, 1, 0xc3, 0x50, 0x07, 0x5b]);
+    for (header, client) in [
+        (
+            b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 1883\r\n".to_vec(),
+            ([203, 0, 113, 7], 51000),
+        ),
+        (v2_in_front, ([198, 51, 100, 9], 50000)),
+    ] {
+        let mut c = TcpStream::connect(lb.addr).await.expect("connect");
+        // Header and CONNECT in separate writes, then bytes after the CONNECT.
+        c.write_all(&header).await.expect("write");
+        c.write_all(&connect).await.expect("write");
+        c.write_all(b"after").await.expect("write");
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(5), server.accept())
+            .await
+            .expect("the server was contacted")
+            .expect("accept");
+        let mut got = vec![0u8; 28 + connect.len() + 5];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut got)
+            .await
+            .expect("read");
+        // PROXY v2 to the server: TCP over IPv4, source = the client the header named.
+        assert_eq!(&got[12..16], &[0x21, 0x11, 0x00, 0x0c]);
+        let (ip, port) = client;
+        assert_eq!(&got[16..20], &ip, "source address forwarded");
+        assert_eq!(
+            &got[24..26],
+            &u16::to_be_bytes(port),
+            "source port forwarded"
+        );
+        assert_eq!(&got[28..28 + connect.len()], &connect[..]);
+        assert_eq!(&got[28 + connect.len()..], b"after");
+    }
+    // No header: closed without a reply, no server contacted, counted.
+    let reply = reply_until_close(lb.addr, &connect, Duration::from_secs(2)).await;
+    assert!(reply.is_empty(), "reply {reply:02x?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), server.accept())
+            .await
+            .is_err(),
+        "a server saw a connection that had no PROXY header"
+    );
+    wait_for("the rejection counted", Duration::from_secs(2), || {
+        lb.stat("rejected_proxy_header") == 1
+    })
+    .await;
+}
