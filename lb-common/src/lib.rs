@@ -224,6 +224,23 @@ counters! {
         SplicedActive = 20 => "spliced_active",
         /// Listeners with `accept_proxy_protocol`: no valid PROXY header came first.
         RejectedProxy = 21 => "rejected_proxy_header",
+        /// Invalid first packets by reason (each is also in `rejected_invalid_connect`):
+        /// not a CONNECT, or fixed-header flags not 0.
+        InvalidNotConnect = 22 => "invalid_not_connect",
+        /// Remaining length over 4 bytes.
+        InvalidRemainingLength = 23 => "invalid_remaining_length",
+        /// Larger than the listener's `max_connect_size`.
+        InvalidTooLarge = 24 => "invalid_too_large",
+        /// Unknown protocol name or level.
+        InvalidProtocol = 25 => "invalid_protocol",
+        /// Connect flags against the specification.
+        InvalidFlags = 26 => "invalid_flags",
+        /// A string not well-formed UTF-8 or holding U+0000.
+        InvalidUtf8 = 27 => "invalid_utf8",
+        /// An MQTT 5 property unknown, misplaced, duplicated or out of range.
+        InvalidProperty = 28 => "invalid_property",
+        /// Field lengths that do not match the remaining length.
+        InvalidLength = 29 => "invalid_length",
     }
 }
 

@@ -19,7 +19,7 @@ enum lb_stat {
 	STAT_COUNT = 7,
 };
 
-#define DAEMON_STAT_COUNT 22        /* lb_common::DaemonStat::COUNT */
+#define DAEMON_STAT_COUNT 30        /* lb_common::DaemonStat::COUNT */
 
 /*
  * `ctrl` map value: bit 63 asks the program to pass (not redirect) the socket's bytes;

@@ -145,6 +145,9 @@ pub async fn handle(
     {
         Ok(Ok(first)) => first,
         Ok(Err(reject)) => {
+            if let Reject::Invalid(why) = &reject {
+                stats.inc(invalid_stat(*why));
+            }
             stats.inc(match reject {
                 Reject::Invalid(_) => DaemonStat::RejectedInvalid,
                 Reject::Eof | Reject::Io(_) => DaemonStat::RejectedEof,
@@ -210,6 +213,21 @@ pub async fn handle(
             stats.inc(DaemonStat::Aborted);
             debug!(%peer, server = lease.name(), error = %e, "connection aborted");
         }
+    }
+}
+
+/// The counter of one reason for refusing a first packet.
+fn invalid_stat(why: mqtt::Invalid) -> DaemonStat {
+    use mqtt::Invalid as I;
+    match why {
+        I::NotConnect => DaemonStat::InvalidNotConnect,
+        I::RemainingLength => DaemonStat::InvalidRemainingLength,
+        I::TooLarge => DaemonStat::InvalidTooLarge,
+        I::Protocol => DaemonStat::InvalidProtocol,
+        I::Flags => DaemonStat::InvalidFlags,
+        I::Utf8 => DaemonStat::InvalidUtf8,
+        I::Property => DaemonStat::InvalidProperty,
+        I::Length => DaemonStat::InvalidLength,
     }
 }
 

@@ -354,3 +354,51 @@ async fn proxy_headers_from_a_load_balancer_in_front() {
     })
     .await;
 }
+
+/// Each kind of invalid first packet is refused without a server, and counted under
+/// its own reason (and in the total).
+#[tokio::test]
+async fn invalid_first_packets_are_counted_by_reason() {
+    if !privileged("rejection counters") {
+        return;
+    }
+    let echo = Echo::start().await;
+    let lb = Daemon::start("sockmap", &[echo.addr]);
+    let body = |name: &[u8], level: u8, flags: u8, id: &[u8], extra: &[u8]| {
+        let mut b = vec![0, name.len() as u8];
+        b.extend_from_slice(name);
+        b.extend_from_slice(&[level, flags, 0, 60, 0, id.len() as u8]);
+        b.extend_from_slice(id);
+        b.extend_from_slice(extra);
+        let mut p = vec![0x10, b.len() as u8];
+        p.extend_from_slice(&b);
+        p
+    };
+    let cases: [(&str, Vec<u8>); 6] = [
+        ("invalid_not_connect", vec![0xc0, 0x00]),
+        (
+            "invalid_remaining_length",
+            vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x01],
+        ),
+        ("invalid_protocol", body(b"MQTX", 4, 0x02, b"a", b"")),
+        ("invalid_flags", body(b"MQTT", 4, 0x03, b"a", b"")),
+        ("invalid_utf8", body(b"MQTT", 4, 0x02, b"a\0b", b"")),
+        ("invalid_length", body(b"MQTT", 4, 0x02, b"a", b"x")),
+    ];
+    for (_, packet) in &cases {
+        let reply = reply_until_close(lb.addr, packet, Duration::from_secs(2)).await;
+        assert!(reply.is_empty(), "{packet:02x?}: reply {reply:02x?}");
+    }
+    wait_for("every rejection counted", Duration::from_secs(2), || {
+        lb.stat("rejected_invalid_connect") == cases.len() as u64
+    })
+    .await;
+    for (counter, packet) in &cases {
+        assert_eq!(lb.stat(counter), 1, "{counter} after {packet:02x?}");
+    }
+    assert_eq!(
+        echo.accepted.load(Ordering::SeqCst),
+        0,
+        "a server was contacted"
+    );
+}
