@@ -53,7 +53,8 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
-/// The data plane for connections, and the sockmap plane behind it when there is one.
+/// The data plane for connections, and the BPF side when it is loaded (it publishes
+/// the counters `mqttlb ctl` reads, whichever plane carries the bytes).
 type Planes = (Arc<dyn DataPlane>, Option<Arc<SockmapPlane>>);
 
 /// Chooses and builds the data plane.
@@ -66,20 +67,26 @@ fn data_plane(
         Bpf::load(&config.global.name, LAG_STEP)
             .map(|b| SockmapPlane::new(Arc::new(b), stats.clone()))
     };
-    let plane = match kind {
-        DataPlaneKind::Copy => None,
-        DataPlaneKind::Sockmap => Some(sockmap()?),
-        // `auto` chooses the plane that passes every acceptance test: copy. The sockmap
-        // plane can deliver one skb twice while a slow reader keeps it throttled (a
-        // kernel behaviour, see CHANGELOG "Known issues"), so it is opt-in.
-        DataPlaneKind::Auto => {
-            info!("auto: using the copy data plane (sockmap is opt-in, see CHANGELOG)");
-            None
+    let copy = || Arc::new(CopyPlane::new(stats.clone())) as Arc<dyn DataPlane>;
+    Ok(match kind {
+        DataPlaneKind::Copy => (copy(), None),
+        DataPlaneKind::Sockmap => {
+            let p = sockmap()?;
+            (p.clone() as Arc<dyn DataPlane>, Some(p))
         }
-    };
-    Ok(match plane {
-        Some(p) => (p.clone() as Arc<dyn DataPlane>, Some(p)),
-        None => (Arc::new(CopyPlane::new(stats.clone())), None),
+        // `auto` carries bytes with copy: the faster plane in the benchmarks, and the
+        // sockmap plane can deliver one skb twice (CHANGELOG "Known issues"). The BPF
+        // maps are still loaded where possible, so `mqttlb ctl stats` works.
+        DataPlaneKind::Auto => match sockmap() {
+            Ok(p) => {
+                info!("auto: copy data plane; BPF maps loaded for `mqttlb ctl`");
+                (copy(), Some(p))
+            }
+            Err(e) => {
+                info!(reason = %e, "auto: copy data plane; no BPF maps, so `mqttlb ctl` has nothing to read");
+                (copy(), None)
+            }
+        },
     })
 }
 

@@ -423,3 +423,32 @@ async fn sockmap_bytes_bypass_the_process() {
     drop(lb);
     assert!(!pins.exists(), "{} left after SIGTERM", pins.display());
 }
+
+/// `auto` carries bytes on the copy plane and still loads the BPF maps, so
+/// `mqttlb ctl stats` reads its counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_uses_copy_and_publishes_counters() {
+    if !privileged("auto data plane") {
+        return;
+    }
+    let echo = Echo::start().await;
+    let lb = Daemon::start("auto", &[echo.addr]);
+    let mut payload = connect_packet("auto");
+    payload.extend(std::iter::repeat_n(3u8, 1 << 20));
+    let got = roundtrip(lb.addr, payload.clone())
+        .await
+        .expect("roundtrip");
+    assert!(got == payload, "{} bytes came back differently", got.len());
+    assert!(
+        lb.log().contains("data_plane=\"copy\""),
+        "auto did not choose copy:\n{}",
+        lb.log()
+    );
+    // (`accepted` also counts the harness's readiness probe.)
+    wait_for("the counters published", Duration::from_secs(3), || {
+        lb.stat("closed") == 1
+    })
+    .await;
+    assert_eq!(lb.stat("spliced"), 0);
+    assert_eq!(lb.stat("copied"), 1);
+}
