@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask run [-- ARGS]`, `cargo xtask test`,
-//! `cargo xtask bench [--quick]`.
+//! `cargo xtask bench [--quick]`, `cargo xtask fuzz [--seconds N]`.
 //!
 //! `run` and `test` install what a fresh Debian bookworm machine lacks (as root, with
 //! apt-get), mount bpffs, build in release mode, then do their job.
@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod fuzz;
 
 /// Debian packages the build and the tests need, with a file that proves each present.
 const APT: &[(&str, &str)] = &[
@@ -34,9 +35,10 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("run") => run(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench [--quick | --report-only]"
+                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench [--quick | --report-only] | cargo xtask fuzz [--seconds N]"
             );
             return ExitCode::from(1);
         }
