@@ -16,8 +16,9 @@ use std::{
 use common::*;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-/// `mosquitto_pub`/`mosquitto_sub` arguments common to both: broker, topic, QoS 1, id.
-fn client_args(lb: &Daemon, topic: &str, role: &str) -> Vec<String> {
+/// `mosquitto_pub`/`mosquitto_sub` arguments common to both: broker, topic, QoS 1, id,
+/// protocol version (`mqttv31`, `mqttv311`, `mqttv5`).
+fn client_args(lb: &Daemon, topic: &str, role: &str, version: &str) -> Vec<String> {
     let port = lb.addr.port().to_string();
     [
         "-h",
@@ -30,17 +31,19 @@ fn client_args(lb: &Daemon, topic: &str, role: &str) -> Vec<String> {
         "1",
         "-i",
         &format!("{topic}-{role}"),
+        "-V",
+        version,
     ]
     .map(str::to_owned)
     .to_vec()
 }
 
-fn pubsub_1000(lb: &Daemon, topic: &str) {
+fn pubsub_1000(lb: &Daemon, topic: &str, version: &str) {
     // `-d` prints the protocol exchange, so the test knows when the SUBACK arrived;
     // `stdbuf -oL` because piped stdout is block-buffered (the line would come at exit).
     let mut sub = Command::new("stdbuf")
         .args(["-oL", "mosquitto_sub"])
-        .args(client_args(lb, topic, "sub"))
+        .args(client_args(lb, topic, "sub", version))
         .args(["-C", "1000", "-W", "60", "-d"])
         .stdout(Stdio::piped())
         .spawn()
@@ -66,7 +69,7 @@ fn pubsub_1000(lb: &Daemon, topic: &str) {
             .collect::<Vec<String>>()
     });
     let mut publisher = Command::new("mosquitto_pub")
-        .args(client_args(lb, topic, "pub"))
+        .args(client_args(lb, topic, "pub", version))
         .arg("-l")
         .stdin(Stdio::piped())
         .spawn()
@@ -108,7 +111,18 @@ fn mosquitto_clients_exchange_1000_qos1_messages_through_both_planes() {
             continue;
         }
         let lb = Daemon::start(plane, &[broker.addr]);
-        pubsub_1000(&lb, &format!("t/{plane}"));
+        pubsub_1000(&lb, &format!("t/{plane}"), "mqttv311");
+    }
+}
+
+/// mosquitto_pub/mosquitto_sub speaking MQTT 3.1 (`MQIsdp`) and MQTT 5 through mqttlb
+/// (the default plane) exchange 1,000 QoS 1 messages each, none lost or reordered.
+#[test]
+fn mosquitto_clients_31_and_5_exchange_messages() {
+    let broker = Mosquitto::start();
+    let lb = Daemon::start("auto", &[broker.addr]);
+    for version in ["mqttv31", "mqttv5"] {
+        pubsub_1000(&lb, &format!("v/{version}"), version);
     }
 }
 

@@ -1,5 +1,5 @@
 //! CONNECT packets produced by real client libraries (rumqttc for MQTT 3.1.1 and 5,
-//! paho-mqtt for MQTT 3.1.1 and 5) decode to the fields they were given. Each client
+//! paho-mqtt for MQTT 3.1, 3.1.1 and 5) decode to the fields they were given. Each client
 //! connects to an in-test listener that captures its first packet.
 
 use std::{process::Command, time::Duration};
@@ -101,13 +101,15 @@ async fn rumqttc_v4_and_v5_connects_decode() {
 }
 
 #[tokio::test]
-async fn paho_mqtt_311_and_5_connects_decode() {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = l.local_addr().expect("addr").port();
+async fn paho_mqtt_31_311_and_5_connects_decode() {
     for (protocol, version, client_id) in [
+        ("MQTTv31", Version::V31, "paho-31"),
         ("MQTTv311", Version::V311, "paho-311"),
         ("MQTTv5", Version::V5, "paho-5"),
     ] {
+        // A listener of its own: a client may reconnect while the next one runs.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = l.local_addr().expect("addr").port();
         // A will with MQTT 5 properties, credentials, keep alive 20.
         let script = format!(
             r#"
