@@ -323,12 +323,66 @@ pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, Invalid> {
     Ok(remaining_length(rest)?.map(|(len, n)| 1 + n + len))
 }
 
+/// Rewrites the client id of the CONNECT at the start of `packet`, and its username
+/// when it has one and `username` is given, keeping every other byte (flags, will,
+/// password, every MQTT 5 property) exactly as it was. For identities taken from TLS
+/// certificates. Adding or removing a username is not supported (the username is left
+/// as it is when the packet has none).
+pub fn rewrite_connect(
+    packet: &[u8],
+    max_size: usize,
+    client_id: &str,
+    username: Option<&str>,
+) -> Result<Vec<u8>, Invalid> {
+    let c = match decode_connect(packet, max_size) {
+        Decode::Connect(c) => c,
+        Decode::Invalid(e) => return Err(e),
+        Decode::Incomplete => return Err(Invalid::Length),
+    };
+    if [Some(client_id), username]
+        .iter()
+        .flatten()
+        .any(|v| v.contains('\0'))
+    {
+        return Err(Invalid::Utf8);
+    }
+    // The decoded strings borrow from `packet`: their positions are the fields'.
+    let field = |s: &str| {
+        let start = s.as_ptr() as usize - packet.as_ptr() as usize;
+        (start - 2, start + s.len())
+    };
+    let mut edits = vec![(field(c.client_id), client_id)];
+    if let (Some(old), Some(new)) = (c.username, username) {
+        edits.push((field(old), new));
+    }
+    let (body_len, _) = remaining_length(&packet[1..])?.ok_or(Invalid::Length)?;
+    let body_start = c.len - body_len;
+    let mut body = Vec::with_capacity(c.len + client_id.len() + username.map_or(0, str::len));
+    let mut pos = body_start;
+    for ((start, end), value) in edits {
+        body.extend_from_slice(&packet[pos..start]);
+        let len = u16::try_from(value.len()).map_err(|_| Invalid::Length)?;
+        body.extend_from_slice(&len.to_be_bytes());
+        body.extend_from_slice(value.as_bytes());
+        pos = end;
+    }
+    body.extend_from_slice(&packet[pos..c.len]);
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(packet[0]);
+    encode::varint(&mut out, body.len());
+    out.extend_from_slice(&body);
+    if out.len() > max_size {
+        return Err(Invalid::TooLarge);
+    }
+    Ok(out)
+}
+
 /// Packet builders for MQTT 3.1.1 and 5.0 clients (the load generator and tests).
 pub mod encode {
     use super::Version;
 
     /// Appends a variable byte integer.
-    fn varint(out: &mut Vec<u8>, mut v: usize) {
+    pub(crate) fn varint(out: &mut Vec<u8>, mut v: usize) {
         loop {
             let mut b = (v % 128) as u8;
             v /= 128;
@@ -451,6 +505,65 @@ mod tests {
                 (version, "device-42", 30, true, p.len())
             );
         }
+    }
+
+    /// Every valid shared vector: rewriting with its own values gives the same bytes;
+    /// with new values, only the client id (and username) change, and rewriting back
+    /// restores the original byte for byte.
+    #[test]
+    fn rewrite_keeps_every_other_byte() {
+        let vectors = include_str!("../../tests/data/mqtt-connect-vectors.tsv");
+        let mut rewritten = 0;
+        for line in vectors.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split('\t').collect();
+            if f.get(1) != Some(&"valid") {
+                continue;
+            }
+            let p = hex(f[2]);
+            let Decode::Connect(c) = decode_connect(&p, 1 << 16) else {
+                panic!("{}: does not decode", f[0]);
+            };
+            assert_eq!(
+                rewrite_connect(&p, 1 << 16, c.client_id, c.username).as_deref(),
+                Ok(&p[..c.len]),
+                "{}: identity rewrite",
+                f[0]
+            );
+            let new_id = "a-much-longer-client-id-from-a-certificate-0123456789-abcdefghij";
+            let q = rewrite_connect(&p, 1 << 16, new_id, Some("cn=device")).expect("rewrite");
+            let Decode::Connect(d) = decode_connect(&q, 1 << 16) else {
+                panic!("{}: rewritten packet does not decode", f[0]);
+            };
+            assert_eq!(d.client_id, new_id, "{}", f[0]);
+            assert_eq!(d.username, c.username.map(|_| "cn=device"), "{}", f[0]);
+            assert_eq!(
+                (d.version, d.clean_start, d.keep_alive, d.has_password),
+                (c.version, c.clean_start, c.keep_alive, c.has_password),
+                "{}",
+                f[0]
+            );
+            assert_eq!(
+                rewrite_connect(&q, 1 << 16, c.client_id, c.username).as_deref(),
+                Ok(&p[..c.len]),
+                "{}: rewriting back",
+                f[0]
+            );
+            rewritten += 1;
+        }
+        assert!(rewritten >= 9, "only {rewritten} valid vectors");
+        let p = encode::connect(Version::V311, "x", 10);
+        assert_eq!(
+            rewrite_connect(&p, 1 << 16, "a\0b", None),
+            Err(Invalid::Utf8)
+        );
+        assert_eq!(
+            rewrite_connect(&p, 20, &"y".repeat(40), None),
+            Err(Invalid::TooLarge)
+        );
+        assert_eq!(
+            rewrite_connect(&[0xc0, 0x00], 1 << 16, "x", None),
+            Err(Invalid::NotConnect)
+        );
     }
 
     #[test]
