@@ -104,12 +104,17 @@ pub fn decode_connect(buf: &[u8], max_size: usize) -> Decode<'_> {
     }
 }
 
-/// Reads a variable byte integer: `Ok(None)` if more bytes are needed.
+/// Reads a variable byte integer: `Ok(None)` if more bytes are needed. It must use
+/// the fewest bytes (MQTT-1.5.5-1): a last byte of 0 after others is refused, since
+/// `[0x8f, 0x00]` and `[0x0f]` would otherwise be the same 15.
 fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, Invalid> {
     let mut value = 0usize;
     for (i, &b) in buf.iter().enumerate().take(4) {
         value |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
+            if b == 0 && i > 0 {
+                return Err(Invalid::RemainingLength);
+            }
             return Ok(Some((value, i + 1)));
         }
     }
@@ -577,6 +582,16 @@ mod tests {
         assert_eq!(
             packet_len(&[0x30, 0xff, 0xff, 0xff, 0xff]),
             Err(Invalid::RemainingLength)
+        );
+        // Found by the fuzzer: a non-minimal length (15 as 0x8f 0x00) is refused, so
+        // that a packet has one encoding and the rewriter can reproduce it.
+        assert_eq!(
+            packet_len(&[0x10, 0x8f, 0x00]),
+            Err(Invalid::RemainingLength)
+        );
+        assert_eq!(
+            decode_connect(&hex("108f0000044d515454050000000000025b02"), 1 << 16),
+            Decode::Invalid(Invalid::RemainingLength)
         );
     }
 
