@@ -15,8 +15,9 @@
 //!   the source's `ctrl` word to throttled and the program *passes* its skbs instead:
 //!   they wait in the source's own queue, charged to its receive buffer, so TCP flow
 //!   control holds the sender back. When the lag falls to [`LOW_WATER`] the task
-//!   clears the bit, forwards the passed bytes itself (after every redirected byte has
-//!   reached the peer's send queue) and reports how many it forwarded; the program
+//!   forwards the passed bytes itself (after every redirected byte has reached the
+//!   peer's send queue; the bit stays set while it reads), then clears the bit and
+//!   reports how many it forwarded; the program
 //!   redirects again once that count matches what it passed, so nothing is overtaken.
 //!   The socket never leaves `sources` while the pair lives: an skb being verdicted
 //!   when its socket leaves is dropped by the kernel although TCP acknowledged it.
