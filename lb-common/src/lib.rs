@@ -32,10 +32,17 @@ pub mod maps {
     pub const EVENTS: &str = "events";
     /// Socket cookie -> throttle word ([`crate::CTRL_THROTTLE`] | bytes consumed).
     pub const CTRL: &str = "ctrl";
+    /// HASH, key = backend slot (u32), value = [`crate::BackendInfo`]: every server of
+    /// every cluster as the daemon sees it, refreshed four times a second.
+    pub const BACKENDS: &str = "backends";
+    /// LRU_HASH, key = [`crate::StickyKey`], value = [`crate::StickyValue`]: the sticky
+    /// table. Kept across daemon restarts (never unpinned by the daemon).
+    pub const STICKY: &str = "sticky";
 
     /// Maps whose contents mean nothing once the daemon that filled them is gone
-    /// (they describe its sockets); a new daemon removes their pins before loading.
-    pub const PER_PROCESS: [&str; 6] = [SOURCES, TARGETS, SOCKS, CTRL, CONNS, EVENTS];
+    /// (they describe its sockets and servers); a new daemon removes their pins before
+    /// loading.
+    pub const PER_PROCESS: [&str; 7] = [SOURCES, TARGETS, SOCKS, CTRL, CONNS, EVENTS, BACKENDS];
 }
 
 /// Name of the verdict program (the C function name).
@@ -46,6 +53,9 @@ pub const LAG_STEP_GLOBAL: &str = "lag_check_step";
 /// Capacity of the `conns` map; `socks` and the sockhashes hold two entries per
 /// connection.
 pub const MAX_SPLICED: u32 = 262_144;
+
+/// Capacity of the `backends` map (servers of all clusters together).
+pub const MAX_BACKENDS: u32 = 4096;
 
 /// Direction of a byte stream, as stored in [`SockInfo::dir`].
 pub const DIR_CLIENT_TO_SERVER: u32 = 0;
@@ -113,6 +123,109 @@ const _: () = assert!(core::mem::size_of::<ConnInfo>() == 72);
 pub const CONN_THROTTLED_C2S: u32 = 1;
 /// `ConnInfo::flags`: server-to-client direction is throttled.
 pub const CONN_THROTTLED_S2C: u32 = 2;
+
+/// `BackendInfo::state`: takes new connections.
+pub const BACKEND_UP: u8 = 0;
+/// `BackendInfo::state`: draining (keeps its connections, takes no new ones).
+pub const BACKEND_DRAIN: u8 = 1;
+/// `BackendInfo::state`: administratively down.
+pub const BACKEND_DOWN: u8 = 2;
+/// `BackendInfo::flags`: a backup server.
+pub const BACKEND_BACKUP: u8 = 1;
+/// `BackendInfo::flags`: the active health check has it down.
+pub const BACKEND_HEALTH_DOWN: u8 = 2;
+/// `BackendInfo::flags`: passively failed (`max_fails` within `fail_timeout`).
+pub const BACKEND_FAILED: u8 = 4;
+/// `BackendInfo::flags`: at its `max_connections`.
+pub const BACKEND_FULL: u8 = 8;
+
+/// One server as the daemon sees it (`backends` map; written by the daemon only).
+/// Names are NUL-padded UTF-8, cut at 32 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendInfo {
+    /// Cluster name.
+    pub cluster: [u8; 32],
+    /// Server name.
+    pub name: [u8; 32],
+    /// Server address, IPv6 or IPv4-mapped IPv6, network byte order.
+    pub addr: [u8; 16],
+    /// Server port, host byte order.
+    pub port: u16,
+    /// [`BACKEND_UP`], [`BACKEND_DRAIN`] or [`BACKEND_DOWN`] (configured state).
+    pub state: u8,
+    /// `BACKEND_*` flags.
+    pub flags: u8,
+    /// Configured weight.
+    pub weight: u32,
+    /// Connections open now.
+    pub active: u32,
+    /// Configured `max_connections` (0: none).
+    pub max_connections: u32,
+    /// Connections handed to this server since the daemon started.
+    pub connections: u64,
+    /// Bytes client to server (counted as they are carried; spliced bytes when the
+    /// connection closes).
+    pub bytes_c2s: u64,
+    /// Bytes server to client.
+    pub bytes_s2c: u64,
+    /// Failed connects.
+    pub connect_failures: u64,
+    /// Health state changes (up to down and back).
+    pub health_flips: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendInfo>() == 136);
+
+/// Bytes of a sticky key stored verbatim; longer keys are stored as their first
+/// [`STICKY_PREFIX_LEN`] bytes followed by their SHA-256.
+pub const STICKY_KEY_LEN: usize = 64;
+/// Verbatim prefix of a hashed sticky key.
+pub const STICKY_PREFIX_LEN: usize = 32;
+/// `StickyKey::kind`: MQTT client id.
+pub const STICKY_CLIENT_ID: u8 = 1;
+/// `StickyKey::kind`: MQTT username.
+pub const STICKY_USERNAME: u8 = 2;
+/// `StickyKey::kind`: client address (16 bytes, IPv4-mapped for IPv4).
+pub const STICKY_SOURCE: u8 = 3;
+
+/// Key of the sticky table. Keys up to [`STICKY_KEY_LEN`] bytes are exact; a longer
+/// one is its prefix plus its SHA-256 (`hashed` = 1), so two keys collide only if
+/// they share the prefix, the length and the hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct StickyKey {
+    /// FNV-1a of the cluster name: clusters have separate tables in one map.
+    pub cluster: u32,
+    /// `STICKY_CLIENT_ID`, `STICKY_USERNAME` or `STICKY_SOURCE`.
+    pub kind: u8,
+    /// 1 when `key` holds a prefix and a hash.
+    pub hashed: u8,
+    /// Length of the original key in bytes (saturating at 65535).
+    pub len: u16,
+    /// Key bytes, zero-padded.
+    pub key: [u8; STICKY_KEY_LEN],
+}
+const _: () = assert!(core::mem::size_of::<StickyKey>() == 72);
+
+/// Value of the sticky table: the server a key goes to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct StickyValue {
+    /// Server address, IPv6 or IPv4-mapped IPv6, network byte order (a server keeps
+    /// its entries across reloads that re-order or rename servers).
+    pub server_addr: [u8; 16],
+    /// Server port, host byte order.
+    pub server_port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: u16,
+    /// Index of the server in its cluster when the entry was written.
+    pub server_index: u32,
+    /// Last use, milliseconds since the Unix epoch.
+    pub last_used_ms: u64,
+    /// Expiry (last use + `sticky_expire`), milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+}
+const _: () = assert!(core::mem::size_of::<StickyValue>() == 40);
 
 /// A ring-buffer record from the BPF programs.
 #[repr(C)]
@@ -241,6 +354,16 @@ counters! {
         InvalidProperty = 28 => "invalid_property",
         /// Field lengths that do not match the remaining length.
         InvalidLength = 29 => "invalid_length",
+        /// Servers changing health state (up to down or back), by any check.
+        HealthFlips = 30 => "health_flips",
+        /// Connections sent to the server their sticky entry named.
+        StickyHits = 31 => "sticky_hits",
+        /// Sticky entries created (no entry, or an expired one).
+        StickyNew = 32 => "sticky_new",
+        /// Sticky entries replaced because their server was unusable or removed.
+        StickyReplaced = 33 => "sticky_replaced",
+        /// Sticky table writes the kernel refused (the connection goes on unsticky).
+        StickyErrors = 34 => "sticky_errors",
     }
 }
 
@@ -252,4 +375,10 @@ mod user {
     unsafe impl aya::Pod for super::ConnInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StickyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::StickyValue {}
 }

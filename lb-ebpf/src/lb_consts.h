@@ -3,6 +3,7 @@
 #define LB_CONSTS_H
 
 #define MAX_SPLICED 262144          /* lb_common::MAX_SPLICED */
+#define MAX_BACKENDS 4096           /* lb_common::MAX_BACKENDS */
 
 #define DIR_CLIENT_TO_SERVER 0
 #define DIR_SERVER_TO_CLIENT 1
@@ -19,7 +20,7 @@ enum lb_stat {
 	STAT_COUNT = 7,
 };
 
-#define DAEMON_STAT_COUNT 30        /* lb_common::DaemonStat::COUNT */
+#define DAEMON_STAT_COUNT 35        /* lb_common::DaemonStat::COUNT */
 
 /*
  * `ctrl` map value: bit 63 asks the program to pass (not redirect) the socket's bytes;

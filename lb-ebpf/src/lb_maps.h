@@ -63,6 +63,29 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } conns SEC(".maps");
 
+/* Backend slot -> server as the daemon sees it (for `mqttlb ctl backends`). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_BACKENDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct lb_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} backends SEC(".maps");
+
+/*
+ * The sticky table: key -> server. LRU, so a full table forgets the least recently
+ * used keys; the daemon sets max_entries from the clusters' sticky_table_size at
+ * load time. The pin outlives the daemon, so a restarted daemon keeps the entries.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 100000);
+	__type(key, struct lb_sticky_key);
+	__type(value, struct lb_sticky_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sticky SEC(".maps");
+
 /* Per-CPU counters of the programs, indexed by enum lb_stat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -44,4 +44,43 @@ struct lb_event {
 };
 _Static_assert(sizeof(struct lb_event) == 24, "lb_event layout");
 
+/* Per server (key: backend slot); written by the daemon only (lb_common::BackendInfo). */
+struct lb_backend {
+	__u8 cluster[32];
+	__u8 name[32];
+	__u8 addr[16];
+	__u16 port;
+	__u8 state;
+	__u8 flags;
+	__u32 weight;
+	__u32 active;
+	__u32 max_connections;
+	__u64 connections;
+	__u64 bytes_c2s;
+	__u64 bytes_s2c;
+	__u64 connect_failures;
+	__u64 health_flips;
+};
+_Static_assert(sizeof(struct lb_backend) == 136, "lb_backend layout");
+
+/* Sticky table key and value (lb_common::StickyKey / StickyValue). */
+struct lb_sticky_key {
+	__u32 cluster;
+	__u8 kind;
+	__u8 hashed;
+	__u16 len;
+	__u8 key[64];
+};
+_Static_assert(sizeof(struct lb_sticky_key) == 72, "lb_sticky_key layout");
+
+struct lb_sticky_value {
+	__u8 server_addr[16];
+	__u16 server_port;
+	__u16 _pad;
+	__u32 server_index;
+	__u64 last_used_ms;
+	__u64 expires_ms;
+};
+_Static_assert(sizeof(struct lb_sticky_value) == 40, "lb_sticky_value layout");
+
 #endif

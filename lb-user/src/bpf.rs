@@ -15,7 +15,8 @@ use aya::{
     programs::SkSkb,
 };
 use lb_common::{
-    ConnInfo, DaemonStat, LAG_STEP_GLOBAL, PIN_ROOT, SockInfo, Stat, VERDICT_PROGRAM, maps,
+    BackendInfo, ConnInfo, DaemonStat, LAG_STEP_GLOBAL, PIN_ROOT, SockInfo, Stat, StickyKey,
+    StickyValue, VERDICT_PROGRAM, maps,
 };
 
 /// The compiled splice program (built by `build.rs`).
@@ -104,6 +105,10 @@ pub struct Bpf {
     pub ctrl: Mutex<HashMap<MapData, u64, u64>>,
     /// Per-connection info.
     pub conns: Mutex<HashMap<MapData, u32, ConnInfo>>,
+    /// Servers as the daemon sees them.
+    pub backends: Mutex<HashMap<MapData, u32, BackendInfo>>,
+    /// The sticky table (kept across restarts).
+    pub sticky: Mutex<HashMap<MapData, StickyKey, StickyValue>>,
     /// Published daemon counters.
     daemon_stats: Mutex<Array<MapData, u64>>,
     /// Events from the program; taken once by the event loop.
@@ -124,8 +129,9 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, BpfError> {
 
 impl Bpf {
     /// Loads and attaches the splice program for `instance`, pinning its maps.
-    /// `lag_step` is the redirected byte count between two lag-check events.
-    pub fn load(instance: &str, lag_step: u64) -> Result<Self, BpfError> {
+    /// `lag_step` is the redirected byte count between two lag-check events;
+    /// `sticky_size` the capacity of the sticky table.
+    pub fn load(instance: &str, lag_step: u64, sticky_size: u32) -> Result<Self, BpfError> {
         if !is_bpffs(Path::new("/sys/fs/bpf")) {
             return Err(BpfError::NoBpffs);
         }
@@ -149,8 +155,10 @@ impl Bpf {
                 });
             }
         }
+        keep_sticky_if_compatible(&dir, sticky_size)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
+            .map_max_entries(maps::STICKY, sticky_size)
             .override_global(LAG_STEP_GLOBAL, &lag_step, true)
             .load(SPLICE_OBJECT)
             .map_err(|e| BpfError::Load(e.to_string()))?;
@@ -182,6 +190,10 @@ impl Bpf {
             HashMap::try_from(take(&mut ebpf, maps::CTRL)?).map_err(|e| map_err(maps::CTRL, e))?;
         let conns = HashMap::try_from(take(&mut ebpf, maps::CONNS)?)
             .map_err(|e| map_err(maps::CONNS, e))?;
+        let backends = HashMap::try_from(take(&mut ebpf, maps::BACKENDS)?)
+            .map_err(|e| map_err(maps::BACKENDS, e))?;
+        let sticky = HashMap::try_from(take(&mut ebpf, maps::STICKY)?)
+            .map_err(|e| map_err(maps::STICKY, e))?;
         let daemon_stats = Array::try_from(take(&mut ebpf, maps::DAEMON_STATS)?)
             .map_err(|e| map_err(maps::DAEMON_STATS, e))?;
         let events = RingBuf::try_from(take(&mut ebpf, maps::EVENTS)?)
@@ -195,6 +207,8 @@ impl Bpf {
             socks: Mutex::new(socks),
             ctrl: Mutex::new(ctrl),
             conns: Mutex::new(conns),
+            backends: Mutex::new(backends),
+            sticky: Mutex::new(sticky),
             daemon_stats: Mutex::new(daemon_stats),
             events: Mutex::new(Some(events)),
         })
@@ -205,7 +219,9 @@ impl Bpf {
     pub fn unpin(&self) {
         if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
             for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
+                if e.file_name() != maps::STICKY {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
         let _ = std::fs::remove_dir(&self.pin_dir);
@@ -244,6 +260,21 @@ impl Bpf {
     }
 }
 
+impl Bpf {
+    /// Writes `rows` to the `backends` map (slot = position) and removes slots from
+    /// `rows.len()` up to `previous` (servers gone in a reload).
+    pub fn publish_backends(&self, rows: &[BackendInfo], previous: usize) {
+        let mut map = self.backends.lock().expect("backends lock");
+        for (slot, row) in rows.iter().enumerate() {
+            // An error here only leaves `ctl backends` one period behind.
+            let _ = map.insert(slot as u32, row, 0);
+        }
+        for slot in rows.len()..previous {
+            let _ = map.remove(&(slot as u32));
+        }
+    }
+}
+
 fn lock_instance(instance: &str) -> Result<File, BpfError> {
     let dir = Path::new("/run/mqttlb");
     std::fs::create_dir_all(dir).map_err(|source| BpfError::Io {
@@ -265,6 +296,33 @@ fn lock_instance(instance: &str) -> Result<File, BpfError> {
         });
     }
     Ok(file)
+}
+
+/// Keeps a pinned sticky table from an earlier daemon when its layout and size match
+/// this one's; otherwise removes the pin (the entries are lost, and a warning says so).
+fn keep_sticky_if_compatible(dir: &Path, size: u32) -> Result<(), BpfError> {
+    let path = dir.join(maps::STICKY);
+    if !path.exists() {
+        return Ok(());
+    }
+    let same = MapData::from_pin(&path)
+        .and_then(|m| m.info())
+        .is_ok_and(|info| {
+            info.key_size() as usize == std::mem::size_of::<StickyKey>()
+                && info.value_size() as usize == std::mem::size_of::<StickyValue>()
+                && info.max_entries() == size
+                && matches!(info.map_type(), Ok(aya::maps::MapType::LruHash))
+        });
+    if same {
+        tracing::info!(path = %path.display(), "sticky table kept from the previous run");
+        return Ok(());
+    }
+    tracing::warn!(path = %path.display(), "pinned sticky table has another layout or size (sticky_table_size changed?): starting an empty one");
+    std::fs::remove_file(&path).map_err(|source| BpfError::Io {
+        what: "cannot remove stale pin",
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Read-only view of a running instance's pinned maps (for `mqttlb ctl`).
@@ -407,6 +465,28 @@ impl Pinned {
     }
 }
 
+impl Pinned {
+    /// Every server, in slot order.
+    pub fn backends(&self) -> Result<Vec<(u32, BackendInfo)>, BpfError> {
+        let m: HashMap<MapData, u32, BackendInfo> =
+            HashMap::try_from(self.open_map(maps::BACKENDS)?)
+                .map_err(|e| map_err(maps::BACKENDS, e))?;
+        let mut out: Vec<(u32, BackendInfo)> = m.iter().filter_map(Result::ok).collect();
+        out.sort_by_key(|(slot, _)| *slot);
+        Ok(out)
+    }
+
+    /// Every sticky entry (an entry evicted while we iterate is skipped).
+    pub fn sticky(&self) -> Result<Vec<(StickyKey, StickyValue)>, BpfError> {
+        let path = self.dir.join(maps::STICKY);
+        let data = MapData::from_pin(&path).map_err(|e| map_err(maps::STICKY, e))?;
+        let m: HashMap<MapData, StickyKey, StickyValue> =
+            HashMap::try_from(Map::from_map_data(data).map_err(|e| map_err(maps::STICKY, e))?)
+                .map_err(|e| map_err(maps::STICKY, e))?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+}
+
 /// Encodes an address as stored in [`ConnInfo`] (IPv4-mapped IPv6).
 pub fn addr_bytes(addr: std::net::SocketAddr) -> [u8; 16] {
     match addr.ip() {
@@ -415,7 +495,8 @@ pub fn addr_bytes(addr: std::net::SocketAddr) -> [u8; 16] {
     }
 }
 
-fn addr_string(bytes: [u8; 16], port: u16) -> String {
+/// Formats an address stored as [`addr_bytes`] does.
+pub fn addr_string(bytes: [u8; 16], port: u16) -> String {
     let v6 = std::net::Ipv6Addr::from(bytes);
     match v6.to_ipv4_mapped() {
         Some(v4) => std::net::SocketAddr::from((v4, port)).to_string(),
@@ -458,6 +539,7 @@ mod tests {
     #[test]
     fn c_constants_match_lb_common() {
         assert_eq!(c_const("MAX_SPLICED"), u64::from(MAX_SPLICED));
+        assert_eq!(c_const("MAX_BACKENDS"), u64::from(lb_common::MAX_BACKENDS));
         assert_eq!(
             c_const("DIR_CLIENT_TO_SERVER"),
             u64::from(DIR_CLIENT_TO_SERVER)

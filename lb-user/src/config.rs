@@ -247,6 +247,8 @@ struct RawCluster {
     #[serde(default)]
     health: RawHealth,
     #[serde(default)]
+    source_addresses: Vec<std::net::IpAddr>,
+    #[serde(default)]
     servers: Vec<RawServer>,
 }
 
@@ -263,6 +265,7 @@ struct RawHealth {
     rise: NonZeroU32,
     #[serde(default = "default_rise_fall")]
     fall: NonZeroU32,
+    client_id: Option<String>,
 }
 
 impl Default for RawHealth {
@@ -273,6 +276,7 @@ impl Default for RawHealth {
             timeout: default_health_timeout(),
             rise: default_rise_fall(),
             fall: default_rise_fall(),
+            client_id: None,
         }
     }
 }
@@ -436,6 +440,9 @@ pub struct Cluster {
     pub idle_timeout: Duration,
     /// Active health check.
     pub health: Health,
+    /// Local addresses server connections are made from, in turn (empty: the
+    /// kernel's choice); each address gives another ~60,000 ports per server.
+    pub source_addresses: Vec<std::net::IpAddr>,
     /// Servers, in file order (the index is the server's id).
     pub servers: Vec<Server>,
 }
@@ -453,6 +460,8 @@ pub struct Health {
     pub rise: NonZeroU32,
     /// Failures that take a server down.
     pub fall: NonZeroU32,
+    /// Client id prefix of `mqtt` checks (the server name is appended).
+    pub client_id: Option<String>,
 }
 
 /// One `[[clusters.servers]]` entry.
@@ -571,18 +580,18 @@ impl Checker<'_> {
                     format!("duplicate cluster name {:?}", rc.name.get_ref()),
                 );
             }
-            if *rc.balance.get_ref() != Balance::RoundRobin {
+            if rc.servers.len() > 1024 {
                 self.err(
-                    rc.balance.span(),
-                    format!("{key}.balance"),
-                    "only \"round-robin\" is implemented in this version",
+                    rc.name.span(),
+                    format!("{key}.servers"),
+                    "at most 1024 servers per cluster",
                 );
             }
-            if *rc.sticky.get_ref() != Sticky::None {
+            if rc.sticky_table_size.get() > 10_000_000 {
                 self.err(
-                    rc.sticky.span(),
-                    format!("{key}.sticky"),
-                    "only \"none\" is implemented in this version",
+                    rc.name.span(),
+                    format!("{key}.sticky_table_size"),
+                    "at most 10000000 entries",
                 );
             }
             if rc.servers.is_empty() {
@@ -632,6 +641,21 @@ impl Checker<'_> {
                     max_connections: rs.max_connections,
                 });
             }
+            if !rc.source_addresses.is_empty() {
+                for server in &servers {
+                    let family = server.address.is_ipv4();
+                    if !rc.source_addresses.iter().any(|a| a.is_ipv4() == family) {
+                        self.err(
+                            rc.name.span(),
+                            format!("{key}.source_addresses"),
+                            format!(
+                                "no address of the family of server {:?} ({})",
+                                server.name, server.address
+                            ),
+                        );
+                    }
+                }
+            }
             clusters.push(Cluster {
                 name: rc.name.into_inner(),
                 balance: rc.balance.into_inner(),
@@ -647,7 +671,9 @@ impl Checker<'_> {
                     timeout: rc.health.timeout.0,
                     rise: rc.health.rise,
                     fall: rc.health.fall,
+                    client_id: rc.health.client_id,
                 },
+                source_addresses: rc.source_addresses,
                 servers,
             });
         }

@@ -5,10 +5,12 @@
 //! gets a CONNACK "server unavailable" in its own protocol version.
 
 use std::{
-    net::SocketAddr,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -16,18 +18,20 @@ use std::{
 use lb_common::DaemonStat;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     time::timeout,
 };
 use tracing::{debug, warn};
 
 use crate::{
-    balance::Pool,
+    balance::{self, Lease, Pool},
     config::{Cluster, Listener},
     dataplane::{DataPlane, Outcome, Pair},
     mqtt::{self, Decode},
     proxy_protocol,
     stats::{ActiveGuard, Stats},
+    sticky::{self, StickyTable},
+    sys,
 };
 
 /// A cluster's configuration and live server pool; replaced whole on reload.
@@ -37,13 +41,37 @@ pub struct ClusterRt {
     pub config: Cluster,
     /// Servers and their state.
     pub pool: Pool,
+    /// Turn of the next entry of `source_addresses`.
+    next_source: AtomicUsize,
 }
 
 impl ClusterRt {
-    /// Builds the runtime of `config`.
-    pub fn new(config: Cluster) -> Self {
-        let pool = Pool::new(&config);
-        Self { config, pool }
+    /// Builds the runtime of `config`, taking over the live state of the servers it
+    /// shares with `previous`.
+    pub fn new(config: Cluster, previous: Option<&ClusterRt>) -> Self {
+        let pool = Pool::new(&config, previous.map(|p| &p.pool));
+        Self {
+            config,
+            pool,
+            next_source: AtomicUsize::new(0),
+        }
+    }
+
+    /// The local address for the next connection to `server`, from
+    /// `source_addresses` in turn (same family only).
+    fn source_for(&self, server: SocketAddr) -> Option<IpAddr> {
+        let family: Vec<IpAddr> = self
+            .config
+            .source_addresses
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv4() == server.is_ipv4())
+            .collect();
+        if family.is_empty() {
+            return None;
+        }
+        let turn = self.next_source.fetch_add(1, Ordering::Relaxed);
+        Some(family[turn % family.len()])
     }
 }
 
@@ -55,23 +83,36 @@ pub struct Shared {
     pub plane: Arc<dyn DataPlane>,
     /// Clusters by name, swapped on reload.
     clusters: RwLock<Arc<Vec<Arc<ClusterRt>>>>,
+    /// The sticky table of every cluster.
+    pub sticky: StickyTable,
     next_id: AtomicU32,
 }
 
 impl Shared {
     /// Shared state over `clusters`.
-    pub fn new(stats: Arc<Stats>, plane: Arc<dyn DataPlane>, clusters: Vec<Cluster>) -> Self {
+    pub fn new(
+        stats: Arc<Stats>,
+        plane: Arc<dyn DataPlane>,
+        clusters: Vec<Cluster>,
+        sticky: StickyTable,
+    ) -> Self {
         Self {
             stats,
             plane,
             clusters: RwLock::new(Arc::new(
                 clusters
                     .into_iter()
-                    .map(|c| Arc::new(ClusterRt::new(c)))
+                    .map(|c| Arc::new(ClusterRt::new(c, None)))
                     .collect(),
             )),
+            sticky,
             next_id: AtomicU32::new(1),
         }
+    }
+
+    /// Every cluster's current runtime.
+    pub fn clusters(&self) -> Arc<Vec<Arc<ClusterRt>>> {
+        self.clusters.read().expect("clusters lock").clone()
     }
 
     /// The current runtime of the cluster named `name`.
@@ -85,12 +126,18 @@ impl Shared {
     }
 
     /// Replaces the clusters (reload). Connections keep the runtime they started with.
+    /// Servers keeping their name and address keep their live state (connections,
+    /// health, counters).
     pub fn replace_clusters(&self, clusters: Vec<Cluster>) {
+        let mut current = self.clusters.write().expect("clusters lock");
         let new = clusters
             .into_iter()
-            .map(|c| Arc::new(ClusterRt::new(c)))
+            .map(|c| {
+                let previous = current.iter().find(|p| p.config.name == c.name);
+                Arc::new(ClusterRt::new(c, previous.map(|p| &**p)))
+            })
             .collect();
-        *self.clusters.write().expect("clusters lock") = Arc::new(new);
+        *current = Arc::new(new);
     }
 }
 
@@ -114,6 +161,7 @@ struct First {
     bytes: Vec<u8>,
     version: mqtt::Version,
     client_id: String,
+    username: Option<String>,
     /// The client's address as a PROXY header in front named it.
     proxied_source: Option<SocketAddr>,
 }
@@ -170,7 +218,19 @@ pub async fn handle(
         warn!(%cluster, "cluster vanished in a reload; closing client");
         return;
     };
-    let Some((server, lease)) = connect_server(&cluster, stats).await else {
+    let key = balance::Key {
+        client_id: &first.client_id,
+        source: peer.ip(),
+    };
+    let sticky_key = sticky::key(
+        &cluster.config.name,
+        cluster.config.sticky,
+        &first.client_id,
+        first.username.as_deref(),
+        peer.ip(),
+    );
+    let Some((server, lease)) = connect_server(&cluster, &shared, &key, sticky_key.as_ref()).await
+    else {
         stats.inc(DaemonStat::NoServer);
         debug!(%peer, client_id = %first.client_id, cluster = %cluster.config.name, "no server available");
         refuse(client, first.version).await;
@@ -187,6 +247,8 @@ pub async fn handle(
         head.extend_from_slice(&first.bytes);
     }
     let mut server = server;
+    let traffic = lease.traffic();
+    traffic.add(0, head.len() as u64);
     if let Err(e) = server.write_all(&head).await {
         debug!(%peer, server = lease.name(), error = %e, "server write failed");
         stats.inc(DaemonStat::Aborted);
@@ -204,6 +266,7 @@ pub async fn handle(
         written_to_client: 0,
         written_to_server: head.len() as u64,
         idle_timeout: cluster.config.idle_timeout,
+        traffic,
     };
     drop(head);
     match shared.plane.carry(pair).await {
@@ -257,10 +320,12 @@ async fn read_connect(
             match mqtt::decode_connect(&bytes, max) {
                 Decode::Connect(c) => {
                     let (version, client_id) = (c.version, c.client_id.to_owned());
+                    let username = c.username.map(str::to_owned);
                     return Ok(First {
                         bytes,
                         version,
                         client_id,
+                        username,
                         proxied_source,
                     });
                 }
@@ -277,33 +342,114 @@ async fn read_connect(
     }
 }
 
-/// Tries servers until one accepts a TCP connection within `connect_timeout`.
-async fn connect_server<'a>(
-    cluster: &'a ClusterRt,
-    stats: &Stats,
-) -> Option<(TcpStream, crate::balance::Lease<'a>)> {
-    let mut tried = vec![false; cluster.pool.servers.len()];
-    while let Some(lease) = cluster.pool.select(&tried) {
+/// What the sticky table said about a connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StickyLookup {
+    /// No sticky table for this cluster, or no key (no username).
+    Off,
+    /// No live entry.
+    New,
+    /// The entry's server, usable, at this index.
+    Hit(usize),
+    /// The entry's server is gone or cannot take the connection.
+    Replaced,
+}
+
+/// Tries servers until one accepts a TCP connection within `connect_timeout`: the
+/// sticky entry's server first, then the balancer's choices. Records the server in
+/// the sticky table.
+async fn connect_server(
+    cluster: &ClusterRt,
+    shared: &Shared,
+    key: &balance::Key<'_>,
+    sticky_key: Option<&lb_common::StickyKey>,
+) -> Option<(TcpStream, Lease)> {
+    let pool = &cluster.pool;
+    let stats = &shared.stats;
+    let mut tried = vec![false; pool.servers.len()];
+    let mut lookup = StickyLookup::Off;
+    let mut next = None;
+    if let Some(k) = sticky_key {
+        lookup = StickyLookup::New;
+        if let Some(v) = shared.sticky.get(k) {
+            next = pool
+                .position(sticky::server_of(&v))
+                .and_then(|i| pool.take(i, &tried));
+            lookup = match &next {
+                Some(lease) => StickyLookup::Hit(lease.index),
+                None => StickyLookup::Replaced,
+            };
+        }
+    }
+    loop {
+        let lease = match next.take() {
+            Some(l) => l,
+            None => pool.select(key, &tried)?,
+        };
         tried[lease.index] = true;
+        let source = cluster.source_for(lease.address);
         match timeout(
             cluster.config.connect_timeout,
-            TcpStream::connect(lease.address),
+            connect(lease.address, source),
         )
         .await
         {
             Ok(Ok(s)) => {
                 lease.succeeded();
+                if let Some(k) = sticky_key {
+                    remember(shared, cluster, k, &lease, lookup);
+                }
                 return Some((s, lease));
             }
-            Ok(Err(e)) => debug!(server = lease.name(), error = %e, "server connect failed"),
+            Ok(Err(e)) => {
+                debug!(server = lease.name(), ?source, error = %e, "server connect failed")
+            }
             Err(_) => debug!(server = lease.name(), "server connect timed out"),
         }
         stats.inc(DaemonStat::ServerConnectFailed);
         if lease.failed() {
+            stats.inc(DaemonStat::HealthFlips);
             warn!(cluster = %cluster.config.name, server = lease.name(), "server marked down after max_fails failed connects");
         }
     }
-    None
+}
+
+/// Writes the sticky entry of a connection that reached `lease`'s server.
+fn remember(
+    shared: &Shared,
+    cluster: &ClusterRt,
+    k: &lb_common::StickyKey,
+    lease: &Lease,
+    lookup: StickyLookup,
+) {
+    let stats = &shared.stats;
+    stats.inc(match lookup {
+        StickyLookup::Hit(i) if i == lease.index => DaemonStat::StickyHits,
+        StickyLookup::New => DaemonStat::StickyNew,
+        _ => DaemonStat::StickyReplaced,
+    });
+    let v = sticky::value(lease.address, lease.index, cluster.config.sticky_expire);
+    if let Err(e) = shared.sticky.put(k, v) {
+        stats.inc(DaemonStat::StickyErrors);
+        debug!(error = %e, "sticky table write failed");
+    }
+}
+
+/// Connects to `server`, from `source` when given (any port, chosen at connect).
+async fn connect(server: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(server).await;
+    };
+    let socket = if server.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if server.is_ipv4() {
+        sys::set_bind_address_no_port(socket.as_raw_fd())?;
+    }
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(server).await
 }
 
 /// Sends the "server unavailable" CONNACK, then closes without resetting it away: the

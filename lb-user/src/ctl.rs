@@ -5,7 +5,95 @@ use std::io::Write;
 
 use clap::Subcommand;
 
-use crate::bpf::{BpfError, Pinned};
+use lb_common::{
+    BACKEND_BACKUP, BACKEND_DOWN, BACKEND_DRAIN, BACKEND_FAILED, BACKEND_FULL, BACKEND_HEALTH_DOWN,
+    BackendInfo,
+};
+use serde::Serialize;
+
+use crate::{
+    bpf::{BpfError, Pinned, addr_string},
+    sticky,
+};
+
+/// One server as `ctl backends` shows it.
+#[derive(Debug, Serialize)]
+struct BackendView {
+    slot: u32,
+    cluster: String,
+    name: String,
+    address: String,
+    /// Configured state: up, drain or down.
+    state: &'static str,
+    /// Whether new connections may go to it now.
+    usable: bool,
+    /// Why not, or what else holds: backup, health-down, failed, full.
+    flags: Vec<&'static str>,
+    weight: u32,
+    active: u32,
+    max_connections: Option<u32>,
+    connections: u64,
+    bytes_c2s: u64,
+    bytes_s2c: u64,
+    connect_failures: u64,
+    health_flips: u64,
+}
+
+fn text(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn backend_view(slot: u32, b: &BackendInfo) -> BackendView {
+    let mut flags = Vec::new();
+    for (bit, name) in [
+        (BACKEND_BACKUP, "backup"),
+        (BACKEND_HEALTH_DOWN, "health-down"),
+        (BACKEND_FAILED, "failed"),
+        (BACKEND_FULL, "full"),
+    ] {
+        if b.flags & bit != 0 {
+            flags.push(name);
+        }
+    }
+    let state = match b.state {
+        BACKEND_DRAIN => "drain",
+        BACKEND_DOWN => "down",
+        _ => "up",
+    };
+    BackendView {
+        slot,
+        cluster: text(&b.cluster),
+        name: text(&b.name),
+        address: addr_string(b.addr, b.port),
+        state,
+        usable: state == "up"
+            && b.flags & (BACKEND_HEALTH_DOWN | BACKEND_FAILED | BACKEND_FULL) == 0,
+        flags,
+        weight: b.weight,
+        active: b.active,
+        max_connections: (b.max_connections != 0).then_some(b.max_connections),
+        connections: b.connections,
+        bytes_c2s: b.bytes_c2s,
+        bytes_s2c: b.bytes_s2c,
+        connect_failures: b.connect_failures,
+        health_flips: b.health_flips,
+    }
+}
+
+/// One sticky entry as `ctl sticky` shows it.
+#[derive(Debug, Serialize)]
+struct StickyView {
+    cluster: String,
+    kind: &'static str,
+    key: String,
+    /// Whether `key` is a prefix followed by the SHA-256 of the whole key.
+    hashed: bool,
+    server: String,
+    server_address: String,
+    age_ms: u64,
+    expires_in_ms: u64,
+}
 
 /// What `ctl` shows.
 #[derive(Debug, Clone, Copy, Subcommand)]
@@ -14,6 +102,10 @@ pub enum CtlCommand {
     Conns,
     /// Global counters of the BPF programs and the daemon.
     Stats,
+    /// Every server: state, health, open connections, bytes each way.
+    Backends,
+    /// The sticky table: key, server, age, expiry.
+    Sticky,
 }
 
 /// Prints the answer to `cmd` for `instance` on `out`.
@@ -52,6 +144,112 @@ pub fn run(
                     )?;
                 }
                 writeln!(out, "{} spliced connection(s)", conns.len())?;
+            }
+        }
+        CtlCommand::Backends => {
+            let rows: Vec<BackendView> = pinned
+                .backends()?
+                .iter()
+                .map(|(slot, b)| backend_view(*slot, b))
+                .collect();
+            if json {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({ "instance": instance, "backends": rows }),
+                )?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<12} {:<12} {:<22} {:<5} {:>6} {:>7} {:>10} {:>14} {:>14}  flags",
+                    "cluster",
+                    "server",
+                    "address",
+                    "state",
+                    "weight",
+                    "active",
+                    "conns",
+                    "bytes_c2s",
+                    "bytes_s2c"
+                )?;
+                for r in &rows {
+                    writeln!(
+                        out,
+                        "{:<12} {:<12} {:<22} {:<5} {:>6} {:>7} {:>10} {:>14} {:>14}  {}",
+                        r.cluster,
+                        r.name,
+                        r.address,
+                        r.state,
+                        r.weight,
+                        r.active,
+                        r.connections,
+                        r.bytes_c2s,
+                        r.bytes_s2c,
+                        r.flags.join(",")
+                    )?;
+                }
+            }
+        }
+        CtlCommand::Sticky => {
+            let backends = pinned.backends()?;
+            let now = sticky::now_ms();
+            let mut rows: Vec<StickyView> = pinned
+                .sticky()?
+                .iter()
+                .map(|(k, v)| {
+                    let address = sticky::server_of(v);
+                    let owner = backends.iter().find(|(_, b)| {
+                        sticky::cluster_tag(&text(&b.cluster)) == k.cluster
+                            && addr_string(b.addr, b.port) == address.to_string()
+                    });
+                    StickyView {
+                        cluster: owner.map_or_else(
+                            || format!("#{:08x}", k.cluster),
+                            |(_, b)| text(&b.cluster),
+                        ),
+                        kind: sticky::kind_name(k.kind),
+                        key: sticky::key_text(k),
+                        hashed: k.hashed == 1,
+                        server: owner
+                            .map_or_else(|| "(removed)".to_owned(), |(_, b)| text(&b.name)),
+                        server_address: address.to_string(),
+                        age_ms: now.saturating_sub(v.last_used_ms),
+                        expires_in_ms: v.expires_ms.saturating_sub(now),
+                    }
+                })
+                .collect();
+            rows.sort_by(|a, b| (&a.cluster, &a.key).cmp(&(&b.cluster, &b.key)));
+            if json {
+                serde_json::to_writer_pretty(
+                    &mut *out,
+                    &serde_json::json!({ "instance": instance, "sticky": rows }),
+                )?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<12} {:<9} {:<32} {:<12} {:<22} {:>9} {:>11}",
+                    "cluster", "kind", "key", "server", "address", "age_s", "expires_s"
+                )?;
+                for r in &rows {
+                    writeln!(
+                        out,
+                        "{:<12} {:<9} {:<32} {:<12} {:<22} {:>9} {:>11}",
+                        r.cluster,
+                        r.kind,
+                        r.key,
+                        r.server,
+                        r.server_address,
+                        r.age_ms / 1000,
+                        r.expires_in_ms / 1000
+                    )?;
+                }
+                writeln!(
+                    out,
+                    "{} sticky entr{}",
+                    rows.len(),
+                    if rows.len() == 1 { "y" } else { "ies" }
+                )?;
             }
         }
         CtlCommand::Stats => {

@@ -7,24 +7,30 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::DaemonStat;
+use lb_common::{
+    BACKEND_BACKUP, BACKEND_DOWN, BACKEND_DRAIN, BACKEND_FAILED, BACKEND_FULL, BACKEND_HEALTH_DOWN,
+    BACKEND_UP, BackendInfo, DaemonStat,
+};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::{Semaphore, watch},
+    task::JoinHandle,
 };
 use tracing::{error, info, warn};
 
 use crate::{
     bpf::{Bpf, BpfError},
-    config::{Config, DataPlaneKind, Listener},
-    conn::{self, Shared},
+    config::{Config, DataPlaneKind, Listener, ServerState, Sticky},
+    conn::{self, ClusterRt, Shared},
     dataplane::{
         DataPlane,
         copy::CopyPlane,
         sockmap::{LAG_STEP, SockmapPlane},
     },
+    health,
     stats::Stats,
+    sticky::StickyTable,
 };
 
 /// How long SIGTERM waits for open connections to finish before exiting.
@@ -64,7 +70,7 @@ fn data_plane(
     stats: &Arc<Stats>,
 ) -> Result<Planes, DaemonError> {
     let sockmap = || {
-        Bpf::load(&config.global.name, LAG_STEP)
+        Bpf::load(&config.global.name, LAG_STEP, sticky_size(config))
             .map(|b| SockmapPlane::new(Arc::new(b), stats.clone()))
     };
     let copy = || Arc::new(CopyPlane::new(stats.clone())) as Arc<dyn DataPlane>;
@@ -88,6 +94,17 @@ fn data_plane(
             }
         },
     })
+}
+
+/// Capacity of the sticky table: every sticky cluster's `sticky_table_size`.
+fn sticky_size(config: &Config) -> u32 {
+    let total: u64 = config
+        .clusters
+        .iter()
+        .filter(|c| c.sticky != Sticky::None)
+        .map(|c| u64::from(c.sticky_table_size.get()))
+        .sum();
+    total.clamp(1024, u64::from(u32::MAX)) as u32
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
@@ -124,7 +141,17 @@ pub async fn run(
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
-    let shared = Arc::new(Shared::new(stats.clone(), plane, config.clusters.clone()));
+    let sticky = match &sockmap {
+        Some(p) => StickyTable::Bpf(p.bpf().clone()),
+        None => StickyTable::memory(sticky_size(&config) as usize),
+    };
+    let shared = Arc::new(Shared::new(
+        stats.clone(),
+        plane,
+        config.clusters.clone(),
+        sticky,
+    ));
+    let mut checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
     let limit = config.global.max_connections.get() as usize;
     let permits = Arc::new(Semaphore::new(limit));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -137,7 +164,11 @@ pub async fn run(
             }
         });
     }
-    let publisher = tokio::spawn(publish_stats(stats.clone(), sockmap.clone()));
+    let publisher = tokio::spawn(publish_stats(
+        stats.clone(),
+        sockmap.clone(),
+        shared.clone(),
+    ));
     let mut accept_tasks = Vec::new();
     for (listener, cluster, socket) in bound {
         accept_tasks.push(tokio::spawn(accept_loop(
@@ -153,7 +184,11 @@ pub async fn run(
     let mut current = config;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&config_path, &mut current, &shared, &stats),
+            _ = hup.recv() => {
+                if reload(&config_path, &mut current, &shared, &stats) {
+                    restart_checks(&mut checks, &shared, &current.global.name, &stats);
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -175,6 +210,9 @@ pub async fn run(
         );
     }
     publisher.abort();
+    for t in checks {
+        t.abort();
+    }
     if let Some(p) = &sockmap {
         p.unpin();
     }
@@ -217,8 +255,9 @@ async fn accept_loop(
 }
 
 /// Applies a changed configuration: clusters and servers change at once (connections
-/// keep their server); listener changes need a restart.
-fn reload(path: &std::path::Path, current: &mut Config, shared: &Shared, stats: &Stats) {
+/// keep their server; servers keeping their name and address keep their live state);
+/// listener changes need a restart. False when the new file is refused.
+fn reload(path: &std::path::Path, current: &mut Config, shared: &Shared, stats: &Stats) -> bool {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(errors) => {
@@ -226,7 +265,7 @@ fn reload(path: &std::path::Path, current: &mut Config, shared: &Shared, stats: 
             for e in errors.0 {
                 error!(problem = %e, "reload refused; the running configuration stays");
             }
-            return;
+            return false;
         }
     };
     let listeners_same = new.listeners.len() == current.listeners.len()
@@ -238,15 +277,34 @@ fn reload(path: &std::path::Path, current: &mut Config, shared: &Shared, stats: 
     if !listeners_same {
         warn!("listener names or addresses changed: that part of the reload needs a restart");
     }
+    if sticky_size(&new) != sticky_size(current) {
+        warn!("sticky_table_size changed: the table keeps its size until a restart");
+    }
     shared.replace_clusters(new.clusters.clone());
     stats.inc(DaemonStat::Reloads);
     info!(clusters = new.clusters.len(), "configuration reloaded");
     *current = new;
+    true
 }
 
-/// Refreshes the gauges and publishes the counters to the pinned map, four times a second.
-async fn publish_stats(stats: Arc<Stats>, sockmap: Option<Arc<SockmapPlane>>) {
+/// Replaces the health check tasks with those of the current clusters.
+fn restart_checks(
+    checks: &mut Vec<JoinHandle<()>>,
+    shared: &Shared,
+    instance: &str,
+    stats: &Arc<Stats>,
+) {
+    for t in checks.drain(..) {
+        t.abort();
+    }
+    *checks = health::spawn(&shared.clusters(), instance, stats);
+}
+
+/// Refreshes the gauges and publishes the counters and the servers to the pinned
+/// maps, four times a second.
+async fn publish_stats(stats: Arc<Stats>, sockmap: Option<Arc<SockmapPlane>>, shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut published = 0;
     loop {
         tick.tick().await;
         stats.set(
@@ -257,6 +315,63 @@ async fn publish_stats(stats: Arc<Stats>, sockmap: Option<Arc<SockmapPlane>>) {
         );
         if let Some(p) = &sockmap {
             p.publish(&stats);
+            let rows = backend_rows(&shared.clusters());
+            p.bpf().publish_backends(&rows, published);
+            published = rows.len();
         }
     }
+}
+
+/// Every server of `clusters` as the `backends` map stores it.
+pub fn backend_rows(clusters: &[Arc<ClusterRt>]) -> Vec<BackendInfo> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = Instant::now();
+    let name = |s: &str| {
+        let mut out = [0u8; 32];
+        let n = s.len().min(32);
+        out[..n].copy_from_slice(&s.as_bytes()[..n]);
+        out
+    };
+    let mut rows = Vec::new();
+    for c in clusters {
+        for s in &c.pool.servers {
+            let cfg = &s.config;
+            let live = &s.live;
+            let active = live.active.load(Relaxed);
+            let mut flags = 0;
+            if cfg.backup {
+                flags |= BACKEND_BACKUP;
+            }
+            if !live.healthy() {
+                flags |= BACKEND_HEALTH_DOWN;
+            }
+            if live.failed(now) {
+                flags |= BACKEND_FAILED;
+            }
+            if cfg.max_connections.is_some_and(|m| active >= m.get()) {
+                flags |= BACKEND_FULL;
+            }
+            rows.push(BackendInfo {
+                cluster: name(&c.config.name),
+                name: name(&cfg.name),
+                addr: crate::bpf::addr_bytes(cfg.address),
+                port: cfg.address.port(),
+                state: match cfg.state {
+                    ServerState::Up => BACKEND_UP,
+                    ServerState::Drain => BACKEND_DRAIN,
+                    ServerState::Down => BACKEND_DOWN,
+                },
+                flags,
+                weight: cfg.weight.get(),
+                active,
+                max_connections: cfg.max_connections.map_or(0, |m| m.get()),
+                connections: live.connections.load(Relaxed),
+                bytes_c2s: live.traffic.get(0),
+                bytes_s2c: live.traffic.get(1),
+                connect_failures: live.connect_failures.load(Relaxed),
+                health_flips: live.health_flips.load(Relaxed),
+            });
+        }
+    }
+    rows
 }

@@ -5,7 +5,10 @@
 //! - [`config`]: the TOML file, parsed once into typed values and checked.
 //! - [`mqtt`]: the first-packet codec (CONNECT decoder, CONNACK refusals).
 //! - [`proxy_protocol`]: PROXY v1/v2 headers sent to servers.
-//! - [`balance`]: server pools and selection (weighted round robin, passive health).
+//! - [`balance`]: server pools and selection (round robin, least connections, random
+//!   two choices, Maglev consistent hashing by client id or address; passive health).
+//! - [`sticky`]: the sticky table (pinned BPF LRU map, or memory without BPF).
+//! - [`health`]: active health checks.
 //! - [`conn`]: one client connection's life, from accept to hand-off.
 //! - [`dataplane`]: what carries bytes after the hand-off: [`dataplane::sockmap`]
 //!   (in-kernel splice) and [`dataplane::copy`] (userspace), behind one trait.
@@ -20,7 +23,9 @@ pub mod conn;
 pub mod ctl;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod mqtt;
 pub mod proxy_protocol;
 pub mod stats;
+pub mod sticky;
 pub mod sys;

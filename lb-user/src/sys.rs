@@ -127,6 +127,25 @@ pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     .map(drop)
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT`: a `bind()` to an address with port 0 defers the port
+/// choice to `connect()`, so ports are shared between destinations (the 4-tuple must be
+/// unique, not the port): each source address then serves ~60,000 connections per
+/// server instead of ~60,000 in all.
+pub fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: `one` is a valid int for the duration of the call.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{

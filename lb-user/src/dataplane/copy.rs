@@ -8,7 +8,7 @@ use std::{cell::RefCell, io, os::fd::AsRawFd, sync::Arc, time::Instant};
 use lb_common::DaemonStat;
 use tokio::net::TcpStream;
 
-use super::{CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair, reset_both};
+use super::{CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair, Traffic, reset_both};
 use crate::{stats::Stats, sys};
 
 /// Size of the per-thread scratch buffer (64 KiB measured twice as fast as 8 KiB).
@@ -138,6 +138,7 @@ struct Direction<'a> {
     read: u64,
     index: usize,
     stat: DaemonStat,
+    traffic: &'a Traffic,
 }
 
 impl Direction<'_> {
@@ -169,6 +170,7 @@ impl Direction<'_> {
             Moved::Idle => return Ok(false),
             Moved::Bytes { read, rest } => {
                 stats.add(self.stat, read as u64);
+                self.traffic.add(self.index, read as u64);
                 self.read += read as u64;
                 self.pending = rest;
             }
@@ -216,6 +218,7 @@ async fn copy_both(pair: &Pair, handover: Handover<'_>, stats: &Stats) -> io::Re
         read: 0,
         index,
         stat,
+        traffic: &pair.traffic,
     };
     let mut c2s = direction(
         0,

@@ -10,7 +10,16 @@
 pub mod copy;
 pub mod sockmap;
 
-use std::{future::Future, net::SocketAddr, pin::Pin, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::net::TcpStream;
 
@@ -35,6 +44,25 @@ pub struct Pair {
     pub written_to_server: u64,
     /// No traffic either way for this long closes the connection.
     pub idle_timeout: Duration,
+    /// The server's byte counters, which the plane adds this connection's bytes to.
+    pub traffic: Arc<Traffic>,
+}
+
+/// Bytes carried each way (per server); index 0 client to server, 1 server to client.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    bytes: [AtomicU64; 2],
+}
+
+impl Traffic {
+    /// Adds `n` bytes to direction `dir` (0 client to server, 1 server to client).
+    pub fn add(&self, dir: usize, n: u64) {
+        self.bytes[dir].fetch_add(n, Ordering::Relaxed);
+    }
+    /// Bytes carried in direction `dir`.
+    pub fn get(&self, dir: usize) -> u64 {
+        self.bytes[dir].load(Ordering::Relaxed)
+    }
 }
 
 /// How a carried connection ended.

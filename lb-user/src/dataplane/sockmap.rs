@@ -168,6 +168,11 @@ impl SockmapPlane {
         self.bpf.publish(stats);
     }
 
+    /// The loaded program and maps.
+    pub fn bpf(&self) -> &Arc<Bpf> {
+        &self.bpf
+    }
+
     /// Removes the pinned maps (clean stop).
     pub fn unpin(&self) {
         self.bpf.unpin();
@@ -223,8 +228,14 @@ impl SockmapPlane {
                 (&pair.server, &pair.client)
             };
             match drain(src, dst) {
-                Ok(Drained::Quiet(n)) if to_server => pair.written_to_server += n,
-                Ok(Drained::Quiet(n)) => pair.written_to_client += n,
+                Ok(Drained::Quiet(n)) if to_server => {
+                    pair.written_to_server += n;
+                    pair.traffic.add(0, n);
+                }
+                Ok(Drained::Quiet(n)) => {
+                    pair.written_to_client += n;
+                    pair.traffic.add(1, n);
+                }
                 Ok(Drained::Busy(rest)) => {
                     tracing::debug!(
                         id = pair.id,
@@ -306,7 +317,12 @@ impl SockmapPlane {
                 self.unsplice(&pair, &dirs, refused.in_sources).await
             }
         };
-        // 4. Leave the maps (a finished pair has no redirected byte left in flight).
+        // 4. Count the server's bytes (redirected, and forwarded while throttled), then
+        // leave the maps (a finished pair has no redirected byte left in flight).
+        for d in &dirs {
+            let redirected = self.bpf.sock(d.src_cookie).map_or(0, |s| s.bytes);
+            pair.traffic.add(d.dir as usize, redirected + d.consumed);
+        }
         self.remove(&pair, cookies);
         outcome
     }
