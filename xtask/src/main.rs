@@ -180,7 +180,7 @@ fn demo(bin: &Path) -> Result<()> {
     let config = dir.join("mqttlb.toml");
     std::fs::write(
         &config,
-        "[global]\nname = \"demo\"\ndata_plane = \"auto\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"0.0.0.0:1883\"\ncluster = \"brokers\"\n\n[[clusters]]\nname = \"brokers\"\n\n[[clusters.servers]]\nname = \"node1\"\naddress = \"127.0.0.1:18831\"\n\n[[clusters.servers]]\nname = \"node2\"\naddress = \"127.0.0.1:18832\"\n\n[[clusters.servers]]\nname = \"node3\"\naddress = \"127.0.0.1:18833\"\n",
+        "[global]\nname = \"demo\"\ndata_plane = \"auto\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"0.0.0.0:1883\"\ncluster = \"brokers\"\n\n[[clusters]]\nname = \"brokers\"\nbalance = \"client-id\"\nsticky = \"client-id\"\n\n[clusters.health]\nkind = \"mqtt\"\n\n[[clusters.servers]]\nname = \"node1\"\naddress = \"127.0.0.1:18831\"\n\n[[clusters.servers]]\nname = \"node2\"\naddress = \"127.0.0.1:18832\"\n\n[[clusters.servers]]\nname = \"node3\"\naddress = \"127.0.0.1:18833\"\n",
     )?;
     println!("mqttlb demo: three mosquitto nodes (18831-18833, bridged) behind mqttlb on 1883");
     println!("  subscribe: mosquitto_sub -h 127.0.0.1 -p 1883 -t 'demo/#' -v");
@@ -190,7 +190,7 @@ fn demo(bin: &Path) -> Result<()> {
         config.display()
     );
     println!(
-        "  counters:  {} ctl stats --instance demo   (with data_plane = \"sockmap\")",
+        "  inspect:   {} ctl backends|sticky|stats --instance demo",
         bin.display()
     );
     println!("Ctrl-C stops everything.");

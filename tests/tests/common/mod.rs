@@ -81,6 +81,26 @@ pub struct Daemon {
     _dir: TempDir,
 }
 
+/// Runs `mqttlb run -c config`, its log appended to `dir/mqttlb.log`.
+fn spawn_daemon(config: &std::path::Path, dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("mqttlb.log"))
+        .expect("log");
+    Command::new(bin())
+        .args(["run", "-c"])
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("MQTTLB_TEST_LOG").unwrap_or_else(|_| "mqttlb=info".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn mqttlb (built by cargo xtask test)")
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -108,6 +128,8 @@ pub fn config_text(instance: &str, plane: &str, port: u16, servers: &[SocketAddr
     let mut t = format!(
         "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\ninspect_timeout = \"10s\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n"
     );
+    // No active health checks: these tests count the connections their servers get.
+    t += "\n[clusters.health]\nkind = \"none\"\n";
     for (i, s) in servers.iter().enumerate() {
         t += &format!("\n[[clusters.servers]]\nname = \"s{i}\"\naddress = \"{s}\"\n");
     }
@@ -125,33 +147,30 @@ impl Daemon {
         servers: &[SocketAddr],
         edit: impl FnOnce(String) -> String,
     ) -> Self {
-        let dir = TempDir::new("lb");
         let instance = format!(
             "t{}x{}",
             std::process::id(),
             INSTANCE.fetch_add(1, Ordering::Relaxed)
         );
         let port = free_port();
+        Self::start_text(
+            plane,
+            port,
+            &instance,
+            &edit(config_text(&instance, plane, port, servers)),
+        )
+    }
+
+    /// Starts with this config text (listening on 127.0.0.1:`port`, instance `instance`).
+    pub fn start_text(plane: &str, port: u16, instance: &str, text: &str) -> Self {
+        let dir = TempDir::new("lb");
         let config = dir.0.join("mqttlb.toml");
-        std::fs::write(&config, edit(config_text(&instance, plane, port, servers)))
-            .expect("write config");
-        let log = std::fs::File::create(dir.0.join("mqttlb.log")).expect("log");
-        let child = Command::new(bin())
-            .args(["run", "-c"])
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("MQTTLB_TEST_LOG").unwrap_or_else(|_| "mqttlb=info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn mqttlb (built by cargo xtask test)");
+        std::fs::write(&config, text).expect("write config");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut d = Daemon {
-            child,
+            child: spawn_daemon(&config, &dir.0),
             addr,
-            instance,
+            instance: instance.to_owned(),
             plane: plane.into(),
             config,
             _dir: dir,
@@ -160,7 +179,64 @@ impl Daemon {
         d
     }
 
+    /// SIGTERM and wait for the exit (pins stay for a restart; drop removes them).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "mqttlb did not stop within 10 s after SIGTERM: {}",
+            self.log()
+        );
+    }
+
+    /// Stops and starts the daemon again with the same config and instance.
+    pub fn restart(&mut self) {
+        let status = self.stop();
+        assert!(status.success(), "exit status {status}: {}", self.log());
+        self.child = spawn_daemon(&self.config, &self._dir.0);
+        self.wait_ready();
+    }
+
+    /// Writes a new config and sends SIGHUP; returns once the daemon counted the
+    /// reload (panics if it refused the file).
+    pub fn reload(&self, text: &str) {
+        let before = (self.stat("reloads"), self.stat("reload_failures"));
+        std::fs::write(&self.config, text).expect("write config");
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = (self.stat("reloads"), self.stat("reload_failures"));
+            assert_eq!(now.1, before.1, "reload refused: {}", self.log());
+            if now.0 > before.0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reload not applied: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The config file's current text.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read config")
+    }
+
     fn wait_ready(&mut self) {
+        self.wait_ready_inner();
+    }
+
+    fn wait_ready_inner(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -238,13 +314,14 @@ impl Drop for Daemon {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // A killed daemon leaves its pinned maps (and their kernel memory) behind.
+        // A killed daemon leaves its pinned maps (and their kernel memory) behind, and
+        // a stopped one its sticky table: test instances are not reused.
         let _ = std::fs::remove_dir_all(
             std::path::Path::new("/sys/fs/bpf/mqttlb").join(&self.instance),
         );
@@ -362,13 +439,17 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Self {
+        Self::start_with(free_port(), "")
+    }
+
+    /// A broker on `port` with `extra` appended to its configuration (bridges...).
+    pub fn start_with(port: u16, extra: &str) -> Self {
         let dir = TempDir::new("mosq");
-        let port = free_port();
         let conf = dir.0.join("mosquitto.conf");
         let mut f = std::fs::File::create(&conf).expect("conf");
         writeln!(
             f,
-            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false"
+            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence false\n{extra}"
         )
         .expect("conf");
         let child = Command::new("mosquitto")
@@ -392,6 +473,28 @@ impl Mosquitto {
             addr,
             _dir: dir,
         }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sets a retained message naming this node on `mqttlb/whoami` (see
+    /// [`mqttc::which_node`]).
+    pub fn set_whoami(&self, name: &str) {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .args(["-t", "mqttlb/whoami", "-m", name, "-r", "-q", "1", "-i"])
+            .arg(format!("whoami-{name}"))
+            .output()
+            .expect("mosquitto_pub (apt-get install -y mosquitto-clients)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -422,4 +525,141 @@ pub fn mem_available() -> u64 {
         .and_then(|v| v.parse::<u64>().ok())
         .expect("MemAvailable")
         * 1024
+}
+
+/// A tiny raw MQTT 3.1.1 client for the tests that need to know which broker node a
+/// connection reached, or to hold sessions open.
+pub mod mqttc {
+    use std::{io, net::SocketAddr, time::Duration};
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+        time::timeout,
+    };
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// CONNECT with a client id and the clean-session flag.
+    pub fn connect(client_id: &str, clean: bool) -> Vec<u8> {
+        let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04];
+        body.push(if clean { 0x02 } else { 0x00 });
+        body.extend_from_slice(&60u16.to_be_bytes());
+        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        packet(0x10, &body)
+    }
+
+    /// A packet with a fixed header.
+    pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+        let mut p = vec![first];
+        let mut n = body.len();
+        loop {
+            let mut b = (n % 128) as u8;
+            n /= 128;
+            if n > 0 {
+                b |= 0x80;
+            }
+            p.push(b);
+            if n == 0 {
+                break;
+            }
+        }
+        p.extend_from_slice(body);
+        p
+    }
+
+    /// SUBSCRIBE to one filter.
+    pub fn subscribe(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
+        let mut body = packet_id.to_be_bytes().to_vec();
+        body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+        body.extend_from_slice(filter.as_bytes());
+        body.push(qos);
+        packet(0x82, &body)
+    }
+
+    /// Reads one packet: (first byte, body).
+    pub async fn read_packet(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+        let first = s.read_u8().await?;
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let b = s.read_u8().await?;
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        s.read_exact(&mut body).await?;
+        Ok((first, body))
+    }
+
+    /// Connects and expects an accepting CONNACK; returns the session's stream.
+    pub async fn session(addr: SocketAddr, client_id: &str, clean: bool) -> io::Result<TcpStream> {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(&connect(client_id, clean)).await?;
+        let (first, body) = timeout(WAIT, read_packet(&mut s))
+            .await
+            .map_err(|_| io::Error::other("no CONNACK within 10 s"))??;
+        if first != 0x20 || body.len() != 2 || body[1] != 0 {
+            return Err(io::Error::other(format!("CONNACK {first:02x} {body:02x?}")));
+        }
+        Ok(s)
+    }
+
+    /// PINGREQ, expect PINGRESP.
+    pub async fn ping(s: &mut TcpStream) -> io::Result<()> {
+        s.write_all(&[0xc0, 0]).await?;
+        let (first, _) = timeout(WAIT, read_packet(s))
+            .await
+            .map_err(|_| io::Error::other("no PINGRESP within 10 s"))??;
+        if first != 0xd0 {
+            return Err(io::Error::other(format!(
+                "expected PINGRESP, got {first:02x}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads PUBLISH packets until `quiet` passes without one (acknowledging QoS 1);
+    /// returns their payloads.
+    pub async fn collect(s: &mut TcpStream, quiet: Duration) -> io::Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        while let Ok(r) = timeout(quiet, read_packet(s)).await {
+            let (first, body) = r?;
+            if first >> 4 != 3 {
+                continue;
+            }
+            let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+            let mut at = 2 + topic_len;
+            if (first >> 1) & 3 > 0 {
+                let id = [body[at], body[at + 1]];
+                at += 2;
+                s.write_all(&[0x40, 2, id[0], id[1]]).await?;
+            }
+            out.push(body[at..].to_vec());
+        }
+        Ok(out)
+    }
+
+    /// The node a new clean session for `client_id` through `addr` reaches: the
+    /// payload of the retained `mqttlb/whoami` message (set per node with
+    /// `Mosquitto::set_whoami`). Disconnects cleanly.
+    pub async fn which_node(addr: SocketAddr, client_id: &str) -> io::Result<String> {
+        let mut s = session(addr, client_id, true).await?;
+        s.write_all(&subscribe(1, "mqttlb/whoami", 0)).await?;
+        let node = loop {
+            let (first, body) = timeout(WAIT, read_packet(&mut s))
+                .await
+                .map_err(|_| io::Error::other("no retained whoami within 10 s"))??;
+            if first >> 4 == 3 {
+                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                break String::from_utf8_lossy(&body[2 + topic_len..]).into_owned();
+            }
+        };
+        s.write_all(&[0xe0, 0]).await?;
+        let _ = s.shutdown().await;
+        Ok(node)
+    }
 }
