@@ -85,12 +85,26 @@ pub struct SockInfo {
     pub checked: u64,
     /// Bytes passed to this socket's own queue (throttled) for the daemon to forward.
     pub passed: u64,
+    /// Bytes cut from the head of retransmissions that overlapped bytes already
+    /// carried (see `lb-ebpf/src/splice.bpf.c`).
+    pub trimmed: u64,
     /// Connection id (key of `conns`).
     pub conn_id: u32,
     /// [`DIR_CLIENT_TO_SERVER`] or [`DIR_SERVER_TO_CLIENT`].
     pub dir: u32,
+    /// TCP sequence number of the next byte the program has not seen (program-owned).
+    pub next_seq: u32,
+    /// Program-owned flags ([`SOCK_SEQ_KNOWN`]).
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockInfo>() == 48);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
+
+/// `SockInfo::flags`: `next_seq` has been seeded.
+pub const SOCK_SEQ_KNOWN: u32 = 1;
+
+/// Immediate of the raw kfunc call in the verdict program; the loader replaces it with
+/// the BTF id of `bpf_cast_to_kern_ctx` (aya 0.14 does not resolve kfuncs).
+pub const KFUNC_PLACEHOLDER: u32 = 0x7ead_beef;
 
 /// Per spliced connection: who talks to whom. Written once by the daemon at hand-off.
 #[repr(C)]
@@ -248,6 +262,9 @@ const _: () = assert!(core::mem::size_of::<Event>() == 24);
 pub const EVENT_LAG_CHECK: u32 = 1;
 /// Event: a redirect failed because the peer socket is gone.
 pub const EVENT_PEER_GONE: u32 = 2;
+/// Event: an overlapping retransmission could not be cut; the stream cannot be
+/// carried exactly and the connection must be reset.
+pub const EVENT_STREAM_BROKEN: u32 = 3;
 
 macro_rules! counters {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $idx:literal => $label:literal,)* }) => {
@@ -287,6 +304,12 @@ counters! {
         EventDropped = 5 => "bpf_events_dropped",
         /// Skbs left in their socket's queue for the daemon (throttled direction).
         Passed = 6 => "bpf_passed_throttled",
+        /// Retransmissions overlapping bytes already carried: the overlap was cut.
+        OverlapTrimmed = 7 => "bpf_overlap_trimmed",
+        /// Skbs holding only bytes already carried: dropped.
+        DuplicateDropped = 8 => "bpf_duplicate_dropped",
+        /// Overlap that could not be cut: skb dropped, connection reset.
+        StreamBroken = 9 => "bpf_stream_broken",
     }
 }
 

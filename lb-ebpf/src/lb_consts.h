@@ -17,8 +17,21 @@ enum lb_stat {
 	STAT_LAG_EVENT = 4,
 	STAT_EVENT_DROPPED = 5,
 	STAT_PASSED = 6,
-	STAT_COUNT = 7,
+	STAT_OVERLAP_TRIMMED = 7,
+	STAT_DUPLICATE_DROPPED = 8,
+	STAT_STREAM_BROKEN = 9,
+	STAT_COUNT = 10,
 };
+
+/* lb_sock.flags */
+#define SOCK_SEQ_KNOWN 1
+
+/*
+ * Immediate of the kfunc call to bpf_cast_to_kern_ctx: aya 0.14 does not resolve
+ * kfuncs, so the loader replaces this value with the function's BTF id in vmlinux
+ * (lb_common::KFUNC_PLACEHOLDER).
+ */
+#define KFUNC_PLACEHOLDER 0x7eadbeef
 
 #define DAEMON_STAT_COUNT 35        /* lb_common::DaemonStat::COUNT */
 
@@ -32,5 +45,6 @@ enum lb_stat {
 /* Ring-buffer event kinds (lb_common::EVENT_*). */
 #define EVENT_LAG_CHECK 1
 #define EVENT_PEER_GONE 2
+#define EVENT_STREAM_BROKEN 3
 
 #endif

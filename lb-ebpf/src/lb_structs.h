@@ -15,10 +15,13 @@ struct lb_sock {
 	__u64 packets;
 	__u64 checked;      /* `bytes` at the last lag-check event */
 	__u64 passed;
+	__u64 trimmed;      /* bytes cut from the head of overlapping retransmissions */
 	__u32 conn_id;
 	__u32 dir;
+	__u32 next_seq;     /* TCP sequence number of the next byte not yet verdicted */
+	__u32 flags;        /* SOCK_SEQ_KNOWN once next_seq is set */
 };
-_Static_assert(sizeof(struct lb_sock) == 48, "lb_sock layout");
+_Static_assert(sizeof(struct lb_sock) == 64, "lb_sock layout");
 
 /* Per spliced connection (key: connection id); written by the daemon only. */
 struct lb_conn {

@@ -156,11 +156,12 @@ impl Bpf {
             }
         }
         keep_sticky_if_compatible(&dir, sticky_size)?;
+        let object = with_kfunc_ids(SPLICE_OBJECT)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries(maps::STICKY, sticky_size)
             .override_global(LAG_STEP_GLOBAL, &lag_step, true)
-            .load(SPLICE_OBJECT)
+            .load(bytemuck::cast_slice(&object))
             .map_err(|e| BpfError::Load(e.to_string()))?;
 
         let sources: SockHash<MapData, u64> = SockHash::try_from(take(&mut ebpf, maps::SOURCES)?)
@@ -296,6 +297,45 @@ fn lock_instance(instance: &str) -> Result<File, BpfError> {
         });
     }
     Ok(file)
+}
+
+/// A copy of the object with the raw kfunc call's placeholder immediate replaced by the
+/// BTF id of `bpf_cast_to_kern_ctx` in this kernel (aya 0.14 does not resolve kfuncs;
+/// the program reads each skb's TCP sequence number through it). Returned as `u64`s so
+/// the bytes keep the alignment the ELF parser needs.
+fn with_kfunc_ids(object: &[u8]) -> Result<Vec<u64>, BpfError> {
+    use aya_obj::btf::{Btf, BtfKind};
+    let btf = Btf::from_sys_fs().map_err(|e| {
+        BpfError::Load(format!(
+            "kernel BTF (/sys/kernel/btf/vmlinux) is needed to find bpf_cast_to_kern_ctx: {e}"
+        ))
+    })?;
+    let id = btf
+        .id_by_type_name_kind("bpf_cast_to_kern_ctx", BtfKind::Func)
+        .map_err(|e| {
+            BpfError::Load(format!(
+                "this kernel has no kfunc bpf_cast_to_kern_ctx (Linux 6.3 or later needed): {e}"
+            ))
+        })?;
+    // code 0x85 (call), src_reg 2 (kfunc), off 0, imm placeholder; little endian.
+    let mut call = [0x85, 0x20, 0, 0, 0, 0, 0, 0];
+    call[4..].copy_from_slice(&lb_common::KFUNC_PLACEHOLDER.to_le_bytes());
+    let mut words = vec![0u64; object.len().div_ceil(8)];
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words);
+    bytes[..object.len()].copy_from_slice(object);
+    let mut patched = 0;
+    for insn in bytes[..object.len()].chunks_exact_mut(8) {
+        if insn == call {
+            insn[4..].copy_from_slice(&id.to_le_bytes());
+            patched += 1;
+        }
+    }
+    if patched == 0 {
+        return Err(BpfError::Load(
+            "the splice object has no kfunc call to patch (build mismatch)".into(),
+        ));
+    }
+    Ok(words)
 }
 
 /// Keeps a pinned sticky table from an earlier daemon when its layout and size match
@@ -533,12 +573,29 @@ mod tests {
         if let Some(shift) = v.strip_prefix("1ULL << ") {
             return 1 << shift.parse::<u32>().expect("shift");
         }
-        v.parse().unwrap_or_else(|_| panic!("{name} = {value}"))
+        match v.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => v.parse().ok(),
+        }
+        .unwrap_or_else(|| panic!("{name} = {value}"))
     }
 
     #[test]
     fn c_constants_match_lb_common() {
         assert_eq!(c_const("MAX_SPLICED"), u64::from(MAX_SPLICED));
+        assert_eq!(
+            c_const("KFUNC_PLACEHOLDER"),
+            u64::from(lb_common::KFUNC_PLACEHOLDER)
+        );
+        assert_eq!(
+            c_const("SOCK_SEQ_KNOWN"),
+            u64::from(lb_common::SOCK_SEQ_KNOWN)
+        );
+        assert_eq!(
+            c_const("EVENT_STREAM_BROKEN"),
+            u64::from(lb_common::EVENT_STREAM_BROKEN)
+        );
+        assert_eq!(c_const("STAT_STREAM_BROKEN"), Stat::StreamBroken as u64);
         assert_eq!(c_const("MAX_BACKENDS"), u64::from(lb_common::MAX_BACKENDS));
         assert_eq!(
             c_const("DIR_CLIENT_TO_SERVER"),

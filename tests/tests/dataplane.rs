@@ -82,6 +82,11 @@ async fn bulk_echo(plane: &str) {
             let spliced = lb.stat("spliced");
             assert!(spliced > 0, "sockmap plane spliced nothing");
             assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
+            assert_eq!(lb.stat("bpf_stream_broken"), 0);
+            eprintln!(
+                "sockmap: overlapping retransmissions cut: {}",
+                lb.stat("bpf_overlap_trimmed")
+            );
         }
     }
 }
@@ -291,7 +296,6 @@ async fn a_server_that_stops_reading_bounds_memory_copy() {
 /// runs out of 10 one 65,483-byte skb reaches the verdict twice, in runs with TCP
 /// retransmissions on the loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "kernel: the verdict can see one skb twice after retransmissions (~3 runs in 10); auto uses copy"]
 async fn a_server_that_stops_reading_bounds_memory_sockmap() {
     if privileged("backpressure") {
         slow_server("sockmap").await;
@@ -351,7 +355,10 @@ async fn slow_server(plane: &str) {
             used >> 20
         );
         if plane == "sockmap" {
-            assert!(lb.stat("splice_throttled") >= 1, "{plane}: never throttled");
+            // Either the lag check throttled the direction, or the pump's write to
+            // the full server socket was pending while the program passed bytes:
+            // both leave them in the client socket's queue, where TCP holds the
+            // client back.
             assert!(
                 lb.stat("bpf_passed_throttled") >= 1,
                 "{plane}: the program passed nothing while throttled"
@@ -392,6 +399,11 @@ async fn slow_server(plane: &str) {
         );
         if plane == "sockmap" {
             assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
+            let stats = lb.ctl("stats");
+            eprintln!(
+                "sockmap: overlapping retransmissions cut: {}, duplicate skbs dropped: {}",
+                stats["stats"]["bpf_overlap_trimmed"], stats["stats"]["bpf_duplicate_dropped"]
+            );
         }
     }
 }

@@ -37,7 +37,8 @@ use std::{
 
 use lb_common::{
     CONN_THROTTLED_C2S, CONN_THROTTLED_S2C, CTRL_THROTTLE, ConnInfo, DIR_CLIENT_TO_SERVER,
-    DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_LAG_CHECK, EVENT_PEER_GONE, Event, SockInfo,
+    DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_LAG_CHECK, EVENT_PEER_GONE, EVENT_STREAM_BROKEN, Event,
+    SockInfo,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -210,7 +211,10 @@ impl SockmapPlane {
                     EVENT_LAG_CHECK => {
                         signal.lag.fetch_or(1 << ev.dir, Ordering::Relaxed);
                     }
-                    EVENT_PEER_GONE => signal.peer_gone.store(true, Ordering::Relaxed),
+                    // Either way the pair cannot go on: it is reset.
+                    EVENT_PEER_GONE | EVENT_STREAM_BROKEN => {
+                        signal.peer_gone.store(true, Ordering::Relaxed);
+                    }
                     _ => continue,
                 }
                 signal.notify.notify_one();
