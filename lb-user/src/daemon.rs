@@ -80,16 +80,14 @@ fn data_plane(
             let p = sockmap()?;
             (p.clone() as Arc<dyn DataPlane>, Some(p))
         }
-        // `auto` carries bytes with copy: the faster plane in the benchmarks, and the
-        // sockmap plane can deliver one skb twice (CHANGELOG "Known issues"). The BPF
-        // maps are still loaded where possible, so `mqttlb ctl stats` works.
+        // `auto`: the in-kernel splice where BPF loads, userspace copy otherwise.
         DataPlaneKind::Auto => match sockmap() {
             Ok(p) => {
-                info!("auto: copy data plane; BPF maps loaded for `mqttlb ctl`");
-                (copy(), Some(p))
+                info!("auto: sockmap data plane");
+                (p.clone() as Arc<dyn DataPlane>, Some(p))
             }
             Err(e) => {
-                info!(reason = %e, "auto: copy data plane; no BPF maps, so `mqttlb ctl` has nothing to read");
+                info!(reason = %e, "auto: copy data plane (BPF unavailable); `mqttlb ctl` has nothing to read");
                 (copy(), None)
             }
         },

@@ -447,10 +447,10 @@ async fn sockmap_bytes_bypass_the_process() {
     assert_eq!(left, ["sticky"], "left in {} after SIGTERM", pins.display());
 }
 
-/// `auto` carries bytes on the copy plane and still loads the BPF maps, so
-/// `mqttlb ctl stats` reads its counters.
+/// `auto` splices where BPF loads (as root here), and `mqttlb ctl stats` reads its
+/// counters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_uses_copy_and_publishes_counters() {
+async fn auto_splices_where_bpf_loads() {
     if !privileged("auto data plane") {
         return;
     }
@@ -463,8 +463,8 @@ async fn auto_uses_copy_and_publishes_counters() {
         .expect("roundtrip");
     assert!(got == payload, "{} bytes came back differently", got.len());
     assert!(
-        lb.log().contains("data_plane=\"copy\""),
-        "auto did not choose copy:\n{}",
+        lb.log().contains("data_plane=\"sockmap\""),
+        "auto did not choose sockmap:\n{}",
         lb.log()
     );
     // (`accepted` also counts the harness's readiness probe.)
@@ -472,6 +472,7 @@ async fn auto_uses_copy_and_publishes_counters() {
         lb.stat("closed") == 1
     })
     .await;
-    assert_eq!(lb.stat("spliced"), 0);
-    assert_eq!(lb.stat("copied"), 1);
+    assert_eq!(lb.stat("spliced"), 1);
+    assert_eq!(lb.stat("copied"), 0);
+    assert!(lb.stat("bpf_redirected") > 0);
 }
