@@ -193,7 +193,71 @@ async fn sticky_entries_survive_a_restart_and_are_listed() {
         assert_eq!(&now, node, "{id} after the restart");
     }
     assert_eq!(settled_stat(&lb, "sticky_hits").await, ids.len() as u64);
-    assert_eq!(lb.stat("sticky_new"), 0);
+    assert_eq!(settled_stat(&lb, "sticky_new").await, 0);
+
+    // An entry whose server cannot take the connection is replaced.
+    let keys = "balance = \"round-robin\"\nsticky = \"client-id\"";
+    lb.reload(&lb_text(
+        &lb.instance,
+        lb.addr.port(),
+        keys,
+        &servers(&nodes, ["state = \"drain\"", "", ""]),
+    ));
+    let mut moved = 0;
+    for (id, node) in ids.iter().zip(&before) {
+        let now = mqttc::which_node(lb.addr, id).await.expect("session");
+        if node == "node1" {
+            assert_ne!(now, "node1", "{id} went to the drained node");
+            moved += 1;
+        } else {
+            assert_eq!(&now, node, "{id} left its node");
+        }
+    }
+    assert_eq!(settled_stat(&lb, "sticky_replaced").await, moved);
+    let listed = lb.ctl("sticky");
+    let on_node1 = listed["sticky"]
+        .as_array()
+        .expect("sticky array")
+        .iter()
+        .filter(|e| e["server"] == "node1")
+        .count();
+    assert_eq!(on_node1, 0, "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_reload_is_refused_and_the_running_configuration_stays() {
+    if !privileged("balancing") {
+        return;
+    }
+    let nodes = three_nodes();
+    let lb = start("balance = \"round-robin\"", &servers(&nodes, ["", "", ""]));
+    let good = lb.config_text();
+    let (mut held, _) = held_session(lb.addr, "bad-reload-held").await;
+    std::fs::write(
+        &lb.config,
+        good.replace("balance = \"round-robin\"", "balance = \"fastest\""),
+    )
+    .expect("write config");
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(lb.child.id() as i32, libc::SIGHUP) };
+    wait_for("the refusal counted", Duration::from_secs(5), || {
+        lb.stat("reload_failures") == 1
+    })
+    .await;
+    assert!(lb.log().contains("reload refused"), "{}", lb.log());
+    assert!(
+        lb.log().contains("balance"),
+        "the log names the key: {}",
+        lb.log()
+    );
+    assert_eq!(lb.stat("reloads"), 0);
+    mqttc::ping(&mut held).await.expect("held session");
+    let placed = placements(lb.addr, &ids("after-bad", 6)).await;
+    assert_eq!(
+        count(&placed).len(),
+        3,
+        "still round robin over three: {placed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
