@@ -387,6 +387,18 @@ counters! {
         StickyReplaced = 33 => "sticky_replaced",
         /// Sticky table writes the kernel refused (the connection goes on unsticky).
         StickyErrors = 34 => "sticky_errors",
+        /// TLS handshakes completed.
+        TlsHandshakes = 35 => "tls_handshakes",
+        /// Of those, sessions resumed (ticket or cache).
+        TlsResumed = 36 => "tls_resumed",
+        /// TLS handshakes that failed (not TLS, bad or missing client certificate,
+        /// no common version or ALPN...).
+        TlsHandshakeFailures = 37 => "tls_handshake_failures",
+        /// TLS handshakes not finished within `handshake_timeout`.
+        TlsHandshakeTimeouts = 38 => "tls_handshake_timeouts",
+        /// `[listeners.rewrite]`: the certificate lacks the field, or the CONNECT
+        /// cannot take it; the connection is closed.
+        RewriteFailed = 39 => "rewrite_failed",
     }
 }
 

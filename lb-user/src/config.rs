@@ -6,7 +6,8 @@
 //! strings again.
 
 use std::{
-    collections::HashSet, fmt, net::SocketAddr, num::NonZeroU32, ops::Range, path::Path,
+    collections::HashSet, fmt, net::SocketAddr, num::NonZeroU32, ops::Range,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -224,6 +225,45 @@ struct RawListener {
     accept_proxy_protocol: Spanned<bool>,
     #[serde(default = "default_max_connect_size")]
     max_connect_size: Spanned<u32>,
+    tls: Option<Spanned<RawTls>>,
+    rewrite: Option<Spanned<RawRewrite>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    certs: Vec<RawSniCert>,
+    client_ca: Option<PathBuf>,
+    verify: Option<crate::tls::Verify>,
+    crl: Option<PathBuf>,
+    #[serde(default = "default_min_version")]
+    min_version: crate::tls::MinVersion,
+    #[serde(default = "default_session_cache_size")]
+    session_cache_size: usize,
+    #[serde(default = "default_true")]
+    session_tickets: bool,
+    #[serde(default = "default_handshake_timeout")]
+    handshake_timeout: Dur,
+    #[serde(default = "default_max_handshakes")]
+    max_handshakes: NonZeroU32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSniCert {
+    server_names: Vec<String>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRewrite {
+    client_id: Option<crate::tls::CertField>,
+    username: Option<crate::tls::CertField>,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +359,21 @@ fn default_false() -> Spanned<bool> {
 }
 fn default_max_connect_size() -> Spanned<u32> {
     Spanned::new(0..0, 64 * 1024)
+}
+fn default_min_version() -> crate::tls::MinVersion {
+    crate::tls::MinVersion::Tls12
+}
+fn default_session_cache_size() -> usize {
+    20_480
+}
+fn default_true() -> bool {
+    true
+}
+fn default_handshake_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_max_handshakes() -> NonZeroU32 {
+    NonZeroU32::new(1024).expect("non-zero")
 }
 fn default_balance() -> Spanned<Balance> {
     Spanned::new(0..0, Balance::RoundRobin)
@@ -417,6 +472,32 @@ pub struct Listener {
     pub accept_proxy_protocol: bool,
     /// Largest first packet accepted, in bytes.
     pub max_connect_size: u32,
+    /// TLS termination (`mqtts`).
+    pub tls: Option<TlsListener>,
+    /// CONNECT fields replaced by client certificate fields.
+    pub rewrite: Rewrite,
+}
+
+/// A listener's TLS setup: the settings and the configuration built from them.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// `[listeners.tls]`.
+    pub settings: crate::tls::TlsSettings,
+    /// Built from the settings (files read at check time and on reload).
+    pub config: std::sync::Arc<rustls::ServerConfig>,
+    /// Time allowed for the handshake.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once on this listener; more wait.
+    pub max_handshakes: NonZeroU32,
+}
+
+/// `[listeners.rewrite]`: CONNECT fields set from the verified client certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// Client id from this certificate field.
+    pub client_id: Option<crate::tls::CertField>,
+    /// Username from this certificate field.
+    pub username: Option<crate::tls::CertField>,
 }
 
 /// One `[[clusters]]` entry.
@@ -495,15 +576,23 @@ impl Config {
                 message: format!("cannot read the configuration file: {e}"),
             }])
         })?;
-        Self::parse(&text)
+        Self::parse_in(&text, path.parent().unwrap_or(Path::new(".")))
     }
 
-    /// Parses and checks configuration text.
+    /// Parses and checks configuration text; relative file paths are relative to the
+    /// working directory.
     pub fn parse(text: &str) -> Result<Self, ConfigErrors> {
+        Self::parse_in(text, Path::new("."))
+    }
+
+    /// Parses and checks configuration text whose relative file paths (certificates,
+    /// keys) are relative to `dir`, the configuration file's directory.
+    pub fn parse_in(text: &str, dir: &Path) -> Result<Self, ConfigErrors> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(text, &e)]))?;
         let mut c = Checker {
             text,
+            dir,
             errors: Vec::new(),
         };
         let config = c.check(raw);
@@ -541,10 +630,78 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 struct Checker<'a> {
     text: &'a str,
+    dir: &'a Path,
     errors: Vec<ConfigError>,
 }
 
 impl Checker<'_> {
+    /// Checks a listener's `[listeners.tls]` against its kind and builds it (reading
+    /// the files it names).
+    fn listener_tls(
+        &mut self,
+        key: &str,
+        kind: ListenerKind,
+        name: &Spanned<String>,
+        raw: Option<Spanned<RawTls>>,
+    ) -> Option<TlsListener> {
+        let wants_tls = matches!(kind, ListenerKind::Mqtts | ListenerKind::Wss);
+        let Some(raw) = raw else {
+            if wants_tls {
+                self.err(
+                    name.span(),
+                    format!("{key}.tls"),
+                    "a TLS listener needs [listeners.tls] with cert and key",
+                );
+            }
+            return None;
+        };
+        let span = raw.span();
+        if !wants_tls {
+            self.err(
+                span,
+                format!("{key}.tls"),
+                "only \"mqtts\" and \"wss\" listeners use TLS",
+            );
+            return None;
+        }
+        let raw = raw.into_inner();
+        let at = |p: PathBuf| self.dir.join(p);
+        let settings = crate::tls::TlsSettings {
+            cert: at(raw.cert),
+            key: at(raw.key),
+            certs: raw
+                .certs
+                .into_iter()
+                .map(|c| crate::tls::SniCert {
+                    server_names: c.server_names,
+                    cert: at(c.cert),
+                    key: at(c.key),
+                })
+                .collect(),
+            verify: raw.verify.unwrap_or(crate::tls::Verify::Required),
+            client_ca: raw.client_ca.map(at),
+            crl: raw.crl.map(at),
+            min_version: raw.min_version,
+            session_cache_size: raw.session_cache_size,
+            session_tickets: raw.session_tickets,
+        };
+        if raw.verify.is_some() && settings.client_ca.is_none() {
+            self.err(span.clone(), format!("{key}.tls.verify"), "needs tls.client_ca");
+        }
+        match crate::tls::server_config(&settings) {
+            Ok(config) => Some(TlsListener {
+                settings,
+                config,
+                handshake_timeout: raw.handshake_timeout.0,
+                max_handshakes: raw.max_handshakes,
+            }),
+            Err(e) => {
+                self.err(span, format!("{key}.tls.{}", e.key), e.message);
+                None
+            }
+        }
+    }
+
     fn err(&mut self, span: Range<usize>, key: String, message: impl Into<String>) {
         let line = (span.end > 0).then(|| line_of(self.text, span.start));
         self.errors.push(ConfigError {
@@ -704,13 +861,33 @@ impl Checker<'_> {
                     format!("{} is already used by another listener", rl.bind),
                 );
             }
-            if *rl.kind.get_ref() != ListenerKind::Mqtt {
+            let kind = *rl.kind.get_ref();
+            if matches!(kind, ListenerKind::Ws | ListenerKind::Wss) {
                 self.err(
                     rl.kind.span(),
                     format!("{key}.kind"),
-                    "only \"mqtt\" is implemented in this version",
+                    "\"ws\" and \"wss\" are not implemented in this version (\"mqtt\" and \"mqtts\" are)",
                 );
             }
+            let tls = self.listener_tls(&key, kind, &rl.name, rl.tls);
+            let rewrite = match rl.rewrite {
+                None => Rewrite::default(),
+                Some(r) => {
+                    let span = r.span();
+                    let r = r.into_inner();
+                    if tls.as_ref().is_none_or(|t| t.settings.client_ca.is_none()) {
+                        self.err(
+                            span,
+                            format!("{key}.rewrite"),
+                            "needs client certificates: a TLS listener with tls.client_ca",
+                        );
+                    }
+                    Rewrite {
+                        client_id: r.client_id,
+                        username: r.username,
+                    }
+                }
+            };
             if !(16..=16 * 1024 * 1024).contains(rl.max_connect_size.get_ref()) {
                 self.err(
                     rl.max_connect_size.span(),
@@ -736,6 +913,8 @@ impl Checker<'_> {
                 inspect_timeout: rl.inspect_timeout.0,
                 accept_proxy_protocol: rl.accept_proxy_protocol.into_inner(),
                 max_connect_size: rl.max_connect_size.into_inner(),
+                tls,
+                rewrite,
             });
         }
 

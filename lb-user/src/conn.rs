@@ -25,13 +25,14 @@ use tracing::{debug, warn};
 
 use crate::{
     balance::{self, Lease, Pool},
-    config::{Cluster, Listener},
+    config::{Cluster, Listener, Rewrite},
     dataplane::{DataPlane, Outcome, Pair},
     mqtt::{self, Decode},
     proxy_protocol,
     stats::{ActiveGuard, Stats},
     sticky::{self, StickyTable},
     sys,
+    tls::{CertField, Identity, TlsInfo},
 };
 
 /// A cluster's configuration and live server pool; replaced whole on reload.
@@ -160,16 +161,120 @@ struct First {
     /// before it is not forwarded).
     bytes: Vec<u8>,
     version: mqtt::Version,
+    /// Length of the CONNECT at the start of `bytes`.
+    connect_len: usize,
     client_id: String,
     username: Option<String>,
     /// The client's address as a PROXY header in front named it.
     proxied_source: Option<SocketAddr>,
 }
 
+/// A listener as the accept loop and the connections see it: its configuration and,
+/// for TLS, the configuration a reload can replace and the handshake limit.
+pub struct ListenerRt {
+    /// Its configuration.
+    pub config: Listener,
+    /// TLS state, for TLS listeners.
+    pub tls: Option<TlsRt>,
+}
+
+/// A TLS listener's live state.
+pub struct TlsRt {
+    server_config: RwLock<Arc<rustls::ServerConfig>>,
+    handshakes: tokio::sync::Semaphore,
+    handshake_timeout: Duration,
+}
+
+impl ListenerRt {
+    /// The runtime of `config`.
+    pub fn new(config: Listener) -> Self {
+        let tls = config.tls.as_ref().map(|t| TlsRt {
+            server_config: RwLock::new(t.config.clone()),
+            handshakes: tokio::sync::Semaphore::new(t.max_handshakes.get() as usize),
+            handshake_timeout: t.handshake_timeout,
+        });
+        Self { config, tls }
+    }
+
+    /// Takes the certificates and TLS settings of `new` (reload); new handshakes use
+    /// them, established connections keep theirs.
+    pub fn replace_tls(&self, new: &Listener) {
+        if let (Some(rt), Some(t)) = (&self.tls, &new.tls) {
+            *rt.server_config.write().expect("tls lock") = t.config.clone();
+        }
+    }
+}
+
+/// The client side of a connection: plain TCP (carried by the data plane) or TLS
+/// (relayed in userspace).
+enum Client {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Client {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Client {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Client {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What the TLS handshake established.
+struct TlsSession {
+    info: TlsInfo,
+    identity: Option<Identity>,
+}
+
 /// Serves one accepted client connection on `listener` (whose cluster is `cluster`).
 pub async fn handle(
     shared: Arc<Shared>,
-    listener: Arc<Listener>,
+    listener: Arc<ListenerRt>,
     cluster: String,
     client: TcpStream,
     peer: SocketAddr,
@@ -178,16 +283,187 @@ pub async fn handle(
     let _active = ActiveGuard::new(stats);
     stats.inc(DaemonStat::Accepted);
     let _ = client.set_nodelay(true);
-    let mut client = client;
+    let config = &listener.config;
+    match &listener.tls {
+        None => {
+            let proxy = config.accept_proxy_protocol;
+            serve(&shared, config, &cluster, Client::Plain(client), peer, None, proxy).await;
+        }
+        Some(tls) => {
+            let Some((stream, peer, session)) = tls_accept(&shared, config, tls, client, peer).await
+            else {
+                return;
+            };
+            let client = Client::Tls(Box::new(stream));
+            serve(&shared, config, &cluster, client, peer, Some(session), false).await;
+        }
+    }
+}
 
+/// A PROXY header in front of a TLS handshake, read without consuming a byte of the
+/// handshake: peeked, then exactly its length read.
+async fn proxy_header_before_tls(client: &TcpStream) -> Result<Option<SocketAddr>, Reject> {
+    let mut buf = [0u8; 536];
+    loop {
+        client.readable().await.map_err(Reject::Io)?;
+        let n = match client.try_io(tokio::io::Interest::READABLE, || {
+            sys::peek(client.as_raw_fd(), &mut buf)
+        }) {
+            Ok(0) => return Err(Reject::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(Reject::Io(e)),
+        };
+        match proxy_protocol::decode(&buf[..n]) {
+            proxy_protocol::Decoded::Header { len, source } => {
+                let mut skip = vec![0u8; len];
+                let mut got = 0;
+                while got < len {
+                    client.readable().await.map_err(Reject::Io)?;
+                    match client.try_read(&mut skip[got..]) {
+                        Ok(0) => return Err(Reject::Eof),
+                        Ok(k) => got += k,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(Reject::Io(e)),
+                    }
+                }
+                return Ok(source);
+            }
+            proxy_protocol::Decoded::Invalid(why) => return Err(Reject::Proxy(why)),
+            // Peeking again returns the same bytes until more arrive.
+            proxy_protocol::Decoded::Incomplete => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+/// The TLS handshake (after a PROXY header when the listener expects one), within
+/// `handshake_timeout` and under the listener's `max_handshakes`.
+async fn tls_accept(
+    shared: &Shared,
+    config: &Listener,
+    tls: &TlsRt,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> Option<(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    SocketAddr,
+    TlsSession,
+)> {
+    let stats = &shared.stats;
+    let mut peer = peer;
+    if config.accept_proxy_protocol {
+        match timeout(config.inspect_timeout, proxy_header_before_tls(&client)).await {
+            Ok(Ok(source)) => peer = source.unwrap_or(peer),
+            Ok(Err(reject)) => {
+                stats.inc(match reject {
+                    Reject::Proxy(_) => DaemonStat::RejectedProxy,
+                    _ => DaemonStat::RejectedEof,
+                });
+                debug!(%peer, listener = %config.name, %reject, "client rejected");
+                return None;
+            }
+            Err(_) => {
+                stats.inc(DaemonStat::RejectedTimeout);
+                return None;
+            }
+        }
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config.read().expect("tls lock").clone());
+    let handshake = async {
+        let _permit = tls.handshakes.acquire().await.map_err(io::Error::other)?;
+        acceptor.accept(client).await
+    };
+    let stream = match timeout(tls.handshake_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            stats.inc(DaemonStat::TlsHandshakeFailures);
+            debug!(%peer, listener = %config.name, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            stats.inc(DaemonStat::TlsHandshakeTimeouts);
+            debug!(%peer, listener = %config.name, "TLS handshake timed out");
+            return None;
+        }
+    };
+    stats.inc(DaemonStat::TlsHandshakes);
+    let conn = stream.get_ref().1;
+    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        stats.inc(DaemonStat::TlsResumed);
+    }
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    };
+    let identity = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|der| Identity::from_der(der));
+    let info = TlsInfo {
+        version: version.to_owned(),
+        client_cn: identity.as_ref().and_then(|i| i.cn.clone()),
+        client_cert: identity.is_some(),
+    };
+    Some((stream, peer, TlsSession { info, identity }))
+}
+
+/// Replaces the client id and/or username of the CONNECT with client certificate
+/// fields (`[listeners.rewrite]`); bytes after the CONNECT are kept.
+fn apply_rewrite(
+    first: &mut First,
+    rewrite: Rewrite,
+    identity: Option<&Identity>,
+    max: usize,
+) -> Result<(), String> {
+    let Some(identity) = identity else {
+        return Err("no client certificate".into());
+    };
+    let field = |f: Option<CertField>| -> Result<Option<String>, String> {
+        f.map(|f| {
+            identity
+                .get(f)
+                .map(str::to_owned)
+                .ok_or_else(|| format!("the certificate has no {f:?}"))
+        })
+        .transpose()
+    };
+    let client_id = field(rewrite.client_id)?.unwrap_or_else(|| first.client_id.clone());
+    let username = field(rewrite.username)?;
+    let packet = &first.bytes[..first.connect_len];
+    let mut new = match (&first.username, &username) {
+        (None, Some(u)) => mqtt::rewrite_connect(packet, max, &client_id, None)
+            .and_then(|p| mqtt::add_username(&p, max, u)),
+        _ => mqtt::rewrite_connect(packet, max, &client_id, username.as_deref()),
+    }
+    .map_err(|e| format!("the CONNECT cannot take the certificate fields: {e}"))?;
+    new.extend_from_slice(&first.bytes[first.connect_len..]);
+    first.connect_len = new.len() - (first.bytes.len() - first.connect_len);
+    first.bytes = new;
+    first.client_id = client_id;
+    if username.is_some() {
+        first.username = username;
+    }
+    Ok(())
+}
+
+/// Everything after the handshake: the CONNECT, a server, the hand-off.
+async fn serve(
+    shared: &Shared,
+    listener: &Listener,
+    cluster: &str,
+    mut client: Client,
+    peer: SocketAddr,
+    tls: Option<TlsSession>,
+    proxy_header: bool,
+) {
+    let stats = &shared.stats;
     // 1. The first packet must be a complete, valid CONNECT.
-    let first = match timeout(
+    let mut first = match timeout(
         listener.inspect_timeout,
-        read_connect(
-            &mut client,
-            listener.max_connect_size as usize,
-            listener.accept_proxy_protocol,
-        ),
+        read_connect(&mut client, listener.max_connect_size as usize, proxy_header),
     )
     .await
     {
@@ -212,9 +488,22 @@ pub async fn handle(
     };
     // Behind a load balancer that sends PROXY headers, the client is who it names.
     let peer = first.proxied_source.unwrap_or(peer);
+    if listener.rewrite != Rewrite::default() {
+        let identity = tls.as_ref().and_then(|t| t.identity.as_ref());
+        if let Err(why) = apply_rewrite(
+            &mut first,
+            listener.rewrite,
+            identity,
+            listener.max_connect_size as usize,
+        ) {
+            stats.inc(DaemonStat::RewriteFailed);
+            debug!(%peer, listener = %listener.name, %why, "CONNECT rewrite failed; closing");
+            return;
+        }
+    }
 
     // 2. A server.
-    let Some(cluster) = shared.cluster(&cluster) else {
+    let Some(cluster) = shared.cluster(cluster) else {
         warn!(%cluster, "cluster vanished in a reload; closing client");
         return;
     };
@@ -229,7 +518,7 @@ pub async fn handle(
         first.username.as_deref(),
         peer.ip(),
     );
-    let Some((server, lease)) = connect_server(&cluster, &shared, &key, sticky_key.as_ref()).await
+    let Some((server, lease)) = connect_server(&cluster, shared, &key, sticky_key.as_ref()).await
     else {
         stats.inc(DaemonStat::NoServer);
         debug!(%peer, client_id = %first.client_id, cluster = %cluster.config.name, "no server available");
@@ -239,8 +528,13 @@ pub async fn handle(
     let _ = server.set_nodelay(true);
 
     // 3. PROXY header, then everything read from the client.
-    let local = client.local_addr().unwrap_or(listener.bind);
-    let mut head = proxy_protocol::encode(cluster.config.proxy_protocol, peer, local);
+    let local = client.tcp().local_addr().unwrap_or(listener.bind);
+    let mut head = proxy_protocol::encode_with_tls(
+        cluster.config.proxy_protocol,
+        peer,
+        local,
+        tls.as_ref().map(|t| &t.info),
+    );
     if head.is_empty() {
         head = first.bytes;
     } else {
@@ -256,20 +550,31 @@ pub async fn handle(
     }
 
     // 4. Hand-off.
-    let pair = Pair {
-        client,
-        server,
-        id: shared.next_id.fetch_add(1, Ordering::Relaxed),
-        client_addr: peer,
-        server_addr: lease.address,
-        server_index: lease.index as u32,
-        written_to_client: 0,
-        written_to_server: head.len() as u64,
-        idle_timeout: cluster.config.idle_timeout,
-        traffic,
+    let idle = cluster.config.idle_timeout;
+    let outcome = match client {
+        Client::Plain(client) => {
+            let pair = Pair {
+                client,
+                server,
+                id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+                client_addr: peer,
+                server_addr: lease.address,
+                server_index: lease.index as u32,
+                written_to_client: 0,
+                written_to_server: head.len() as u64,
+                idle_timeout: idle,
+                traffic,
+            };
+            drop(head);
+            shared.plane.carry(pair).await
+        }
+        Client::Tls(stream) => {
+            drop(head);
+            let fd = stream.get_ref().0.as_raw_fd();
+            crate::dataplane::stream::relay(stream, fd, server, idle, traffic, stats).await
+        }
     };
-    drop(head);
-    match shared.plane.carry(pair).await {
+    match outcome {
         Outcome::Closed => stats.inc(DaemonStat::Closed),
         Outcome::IdleTimeout => stats.inc(DaemonStat::IdleTimeout),
         Outcome::Aborted(e) => {
@@ -297,7 +602,7 @@ fn invalid_stat(why: mqtt::Invalid) -> DaemonStat {
 /// Reads until the buffer starts with a complete CONNECT (bytes after it are kept),
 /// after a PROXY v1/v2 header when `proxy_header` is set.
 async fn read_connect(
-    client: &mut TcpStream,
+    client: &mut Client,
     max: usize,
     proxy_header: bool,
 ) -> Result<First, Reject> {
@@ -321,9 +626,11 @@ async fn read_connect(
                 Decode::Connect(c) => {
                     let (version, client_id) = (c.version, c.client_id.to_owned());
                     let username = c.username.map(str::to_owned);
+                    let connect_len = c.len;
                     return Ok(First {
                         bytes,
                         version,
+                        connect_len,
                         client_id,
                         username,
                         proxied_source,
@@ -454,7 +761,7 @@ async fn connect(server: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSt
 
 /// Sends the "server unavailable" CONNACK, then closes without resetting it away: the
 /// write side is shut and whatever the client still sends is read and dropped briefly.
-async fn refuse(mut client: TcpStream, version: mqtt::Version) {
+async fn refuse(mut client: Client, version: mqtt::Version) {
     if client
         .write_all(mqtt::connack_server_unavailable(version))
         .await

@@ -21,8 +21,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     bpf::{Bpf, BpfError},
-    config::{Config, DataPlaneKind, Listener, ServerState, Sticky},
-    conn::{self, ClusterRt, Shared},
+    config::{Config, DataPlaneKind, ServerState, Sticky},
+    conn::{self, ClusterRt, ListenerRt, Shared},
     dataplane::{
         DataPlane,
         copy::CopyPlane,
@@ -130,7 +130,7 @@ pub async fn run(
             })?;
         info!(listener = %l.name, bind = %l.bind, kind = ?l.kind, "listening");
         bound.push((
-            Arc::new(l.clone()),
+            Arc::new(ListenerRt::new(l.clone())),
             config.clusters[l.cluster].name.clone(),
             listener,
         ));
@@ -168,6 +168,7 @@ pub async fn run(
         shared.clone(),
     ));
     let mut accept_tasks = Vec::new();
+    let listeners: Vec<Arc<ListenerRt>> = bound.iter().map(|b| b.0.clone()).collect();
     for (listener, cluster, socket) in bound {
         accept_tasks.push(tokio::spawn(accept_loop(
             shared.clone(),
@@ -183,7 +184,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                if reload(&config_path, &mut current, &shared, &stats) {
+                if reload(&config_path, &mut current, &shared, &listeners, &stats) {
                     restart_checks(&mut checks, &shared, &current.global.name, &stats);
                 }
             }
@@ -219,7 +220,7 @@ pub async fn run(
 
 async fn accept_loop(
     shared: Arc<Shared>,
-    listener: Arc<Listener>,
+    listener: Arc<ListenerRt>,
     cluster: String,
     socket: TcpListener,
     permits: Arc<Semaphore>,
@@ -245,7 +246,7 @@ async fn accept_loop(
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                warn!(listener = %listener.name, error = %e, "accept failed");
+                warn!(listener = %listener.config.name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -255,7 +256,13 @@ async fn accept_loop(
 /// Applies a changed configuration: clusters and servers change at once (connections
 /// keep their server; servers keeping their name and address keep their live state);
 /// listener changes need a restart. False when the new file is refused.
-fn reload(path: &std::path::Path, current: &mut Config, shared: &Shared, stats: &Stats) -> bool {
+fn reload(
+    path: &std::path::Path,
+    current: &mut Config,
+    shared: &Shared,
+    listeners: &[Arc<ListenerRt>],
+    stats: &Stats,
+) -> bool {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(errors) => {
@@ -279,6 +286,16 @@ fn reload(path: &std::path::Path, current: &mut Config, shared: &Shared, stats: 
         warn!("sticky_table_size changed: the table keeps its size until a restart");
     }
     shared.replace_clusters(new.clusters.clone());
+    // Certificates and TLS settings: new handshakes use the new ones.
+    for l in listeners {
+        if let Some(n) = new
+            .listeners
+            .iter()
+            .find(|n| n.name == l.config.name && n.bind == l.config.bind)
+        {
+            l.replace_tls(n);
+        }
+    }
     stats.inc(DaemonStat::Reloads);
     info!(clusters = new.clusters.len(), "configuration reloaded");
     *current = new;

@@ -29,3 +29,4 @@ pub mod proxy_protocol;
 pub mod stats;
 pub mod sticky;
 pub mod sys;
+pub mod tls;

@@ -382,6 +382,42 @@ pub fn rewrite_connect(
     Ok(out)
 }
 
+/// Adds a username to the CONNECT at the start of `packet`, which has none: sets the
+/// username flag and appends the field (the username is the last field when there is
+/// no password). Every other byte stays as it was. A CONNECT with a password but no
+/// username (MQTT 5 only) is refused, as is one that already has a username.
+pub fn add_username(packet: &[u8], max_size: usize, username: &str) -> Result<Vec<u8>, Invalid> {
+    let c = match decode_connect(packet, max_size) {
+        Decode::Connect(c) => c,
+        Decode::Invalid(e) => return Err(e),
+        Decode::Incomplete => return Err(Invalid::Length),
+    };
+    if c.username.is_some() || c.has_password {
+        return Err(Invalid::Flags);
+    }
+    if username.contains('\0') {
+        return Err(Invalid::Utf8);
+    }
+    let (body_len, _) = remaining_length(&packet[1..])?.ok_or(Invalid::Length)?;
+    let body_start = c.len - body_len;
+    // Protocol name (2-byte length + name), then the level, then the flags.
+    let name_len = usize::from(u16::from_be_bytes([packet[body_start], packet[body_start + 1]]));
+    let flags_at = body_start + 2 + name_len + 1 - body_start;
+    let mut body = packet[body_start..c.len].to_vec();
+    body[flags_at] |= 0x80;
+    let len = u16::try_from(username.len()).map_err(|_| Invalid::Length)?;
+    body.extend_from_slice(&len.to_be_bytes());
+    body.extend_from_slice(username.as_bytes());
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(packet[0]);
+    encode::varint(&mut out, body.len());
+    out.extend_from_slice(&body);
+    if out.len() > max_size {
+        return Err(Invalid::TooLarge);
+    }
+    Ok(out)
+}
+
 /// Packet builders for MQTT 3.1.1 and 5.0 clients (the load generator and tests).
 pub mod encode {
     use super::Version;
@@ -511,6 +547,51 @@ mod tests {
             );
         }
     }
+    #[test]
+    fn a_username_is_added_where_there_was_none() {
+        fn body(p: &[u8]) -> &[u8] {
+            let n = p[1..].iter().position(|b| b & 0x80 == 0).expect("varint") + 2;
+            &p[n..]
+        }
+        let vectors = include_str!("../../tests/data/mqtt-connect-vectors.tsv");
+        let mut added = 0;
+        for line in vectors.lines().filter(|l| !l.starts_with('#')) {
+            let f: Vec<&str> = line.split('\t').collect();
+            if f.get(1) != Some(&"valid") {
+                continue;
+            }
+            let p = hex(f[2]);
+            let Decode::Connect(c) = decode_connect(&p, 1 << 16) else {
+                panic!("{}: does not decode", f[0]);
+            };
+            let r = add_username(&p, 1 << 16, "CN=device-7");
+            if c.username.is_some() || c.has_password {
+                assert_eq!(r, Err(Invalid::Flags), "{}", f[0]);
+                continue;
+            }
+            let q = r.expect("added");
+            let Decode::Connect(d) = decode_connect(&q, 1 << 16) else {
+                panic!("{}: does not decode with a username", f[0]);
+            };
+            assert_eq!(d.username, Some("CN=device-7"), "{}", f[0]);
+            assert_eq!(
+                (d.version, d.clean_start, d.keep_alive, d.client_id, d.has_password),
+                (c.version, c.clean_start, c.keep_alive, c.client_id, c.has_password),
+                "{}",
+                f[0]
+            );
+            // The body is the old one with the username flag set, then the field.
+            let (old, new) = (body(&p[..c.len]), body(&q));
+            let mut want = old.to_vec();
+            let flags_at = 2 + usize::from(old[1]) + 1;
+            want[flags_at] |= 0x80;
+            want.extend_from_slice(b"\x00\x0bCN=device-7");
+            assert_eq!(new, &want[..], "{}", f[0]);
+            added += 1;
+        }
+        assert!(added >= 3, "only {added} vectors without credentials");
+    }
+
 
     /// Every valid shared vector: rewriting with its own values gives the same bytes;
     /// with new values, only the client id (and username) change, and rewriting back

@@ -58,6 +58,53 @@ pub fn encode(kind: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> Vec
     }
 }
 
+/// `PP2_TYPE_SSL` and its sub-types (PROXY protocol v2, section 2.2.5).
+const PP2_TYPE_SSL: u8 = 0x20;
+const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
+const PP2_SUBTYPE_SSL_CN: u8 = 0x22;
+const PP2_CLIENT_SSL: u8 = 0x01;
+const PP2_CLIENT_CERT_CONN: u8 = 0x02;
+const PP2_CLIENT_CERT_SESS: u8 = 0x04;
+
+/// [`encode`], plus for v2 behind a TLS listener a `PP2_TYPE_SSL` TLV: the client
+/// used TLS (version sub-TLV) and, when it presented a verified certificate, its CN
+/// (sub-TLV) with `verify` = 0. v1 has no room for it.
+pub fn encode_with_tls(
+    kind: ProxyProtocol,
+    client: SocketAddr,
+    local: SocketAddr,
+    tls: Option<&crate::tls::TlsInfo>,
+) -> Vec<u8> {
+    let mut h = encode(kind, client, local);
+    let (ProxyProtocol::V2, Some(tls)) = (kind, tls) else {
+        return h;
+    };
+    let mut value = Vec::with_capacity(64);
+    let mut client_bits = PP2_CLIENT_SSL;
+    if tls.client_cert {
+        client_bits |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS;
+    }
+    value.push(client_bits);
+    // verify: 0 when a presented certificate was verified (or none was presented).
+    value.extend_from_slice(&0u32.to_be_bytes());
+    let mut sub = |t: u8, v: &[u8]| {
+        value.push(t);
+        value.extend_from_slice(&(v.len().min(0xffff) as u16).to_be_bytes());
+        value.extend_from_slice(&v[..v.len().min(0xffff)]);
+    };
+    sub(PP2_SUBTYPE_SSL_VERSION, tls.version.as_bytes());
+    if let Some(cn) = &tls.client_cn {
+        sub(PP2_SUBTYPE_SSL_CN, cn.as_bytes());
+    }
+    h.push(PP2_TYPE_SSL);
+    h.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    h.extend_from_slice(&value);
+    // The address block length (bytes 14-15) covers the TLVs.
+    let len = (h.len() - 16) as u16;
+    h[14..16].copy_from_slice(&len.to_be_bytes());
+    h
+}
+
 /// Longest v1 header, CRLF included (the specification's limit).
 const V1_MAX: usize = 107;
 
@@ -161,6 +208,50 @@ fn to_v6(ip: IpAddr) -> std::net::Ipv6Addr {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    #[test]
+    fn v2_carries_the_tls_version_and_client_cn() {
+        let client: SocketAddr = "10.1.2.3:40000".parse().expect("addr");
+        let local: SocketAddr = "10.9.9.9:8883".parse().expect("addr");
+        let info = crate::tls::TlsInfo {
+            version: "TLSv1.3".into(),
+            client_cn: Some("device-7".into()),
+            client_cert: true,
+        };
+        let h = encode_with_tls(ProxyProtocol::V2, client, local, Some(&info));
+        let plain = encode(ProxyProtocol::V2, client, local);
+        assert_eq!(&h[..14], &plain[..14]);
+        assert_eq!(usize::from(u16::from_be_bytes([h[14], h[15]])), h.len() - 16);
+        assert_eq!(&h[16..28], &plain[16..28], "addresses and ports unchanged");
+        let tlv = &h[28..];
+        assert_eq!(tlv[0], 0x20);
+        assert_eq!(usize::from(u16::from_be_bytes([tlv[1], tlv[2]])), tlv.len() - 3);
+        assert_eq!(tlv[3], 0x07, "SSL, cert on this connection and session");
+        assert_eq!(&tlv[4..8], &[0, 0, 0, 0], "verified");
+        assert_eq!(&tlv[8..11], &[0x21, 0, 7]);
+        assert_eq!(&tlv[11..18], b"TLSv1.3");
+        assert_eq!(&tlv[18..21], &[0x22, 0, 8]);
+        assert_eq!(&tlv[21..], b"device-7");
+        // The decoder skips TLVs and still finds the source.
+        assert_eq!(
+            decode(&h),
+            Decoded::Header {
+                len: h.len(),
+                source: Some(client)
+            }
+        );
+        // v1 and no TLS: unchanged.
+        assert_eq!(
+            encode_with_tls(ProxyProtocol::V1, client, local, Some(&info)),
+            encode(ProxyProtocol::V1, client, local)
+        );
+        assert_eq!(encode_with_tls(ProxyProtocol::V2, client, local, None), plain);
     }
 }
 

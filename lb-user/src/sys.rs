@@ -127,6 +127,24 @@ pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     .map(drop)
 }
 
+/// `recv(MSG_PEEK | MSG_DONTWAIT)`: bytes waiting in the socket, left there.
+pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length for the duration of the call.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// `IP_BIND_ADDRESS_NO_PORT`: a `bind()` to an address with port 0 defers the port
 /// choice to `connect()`, so ports are shared between destinations (the 4-tuple must be
 /// unique, not the port): each source address then serves ~60,000 connections per

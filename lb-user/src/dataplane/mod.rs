@@ -9,6 +9,7 @@
 
 pub mod copy;
 pub mod sockmap;
+pub mod stream;
 
 use std::{
     future::Future,
