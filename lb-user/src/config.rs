@@ -6,7 +6,11 @@
 //! strings again.
 
 use std::{
-    collections::HashSet, fmt, net::SocketAddr, num::NonZeroU32, ops::Range,
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    num::NonZeroU32,
+    ops::Range,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -686,7 +690,11 @@ impl Checker<'_> {
             session_tickets: raw.session_tickets,
         };
         if raw.verify.is_some() && settings.client_ca.is_none() {
-            self.err(span.clone(), format!("{key}.tls.verify"), "needs tls.client_ca");
+            self.err(
+                span.clone(),
+                format!("{key}.tls.verify"),
+                "needs tls.client_ca",
+            );
         }
         match crate::tls::server_config(&settings) {
             Ok(config) => Some(TlsListener {

@@ -287,15 +287,34 @@ pub async fn handle(
     match &listener.tls {
         None => {
             let proxy = config.accept_proxy_protocol;
-            serve(&shared, config, &cluster, Client::Plain(client), peer, None, proxy).await;
+            serve(
+                &shared,
+                config,
+                &cluster,
+                Client::Plain(client),
+                peer,
+                None,
+                proxy,
+            )
+            .await;
         }
         Some(tls) => {
-            let Some((stream, peer, session)) = tls_accept(&shared, config, tls, client, peer).await
+            let Some((stream, peer, session)) =
+                tls_accept(&shared, config, tls, client, peer).await
             else {
                 return;
             };
             let client = Client::Tls(Box::new(stream));
-            serve(&shared, config, &cluster, client, peer, Some(session), false).await;
+            serve(
+                &shared,
+                config,
+                &cluster,
+                client,
+                peer,
+                Some(session),
+                false,
+            )
+            .await;
         }
     }
 }
@@ -370,7 +389,8 @@ async fn tls_accept(
             }
         }
     }
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config.read().expect("tls lock").clone());
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(tls.server_config.read().expect("tls lock").clone());
     let handshake = async {
         let _permit = tls.handshakes.acquire().await.map_err(io::Error::other)?;
         acceptor.accept(client).await
@@ -463,7 +483,11 @@ async fn serve(
     // 1. The first packet must be a complete, valid CONNECT.
     let mut first = match timeout(
         listener.inspect_timeout,
-        read_connect(&mut client, listener.max_connect_size as usize, proxy_header),
+        read_connect(
+            &mut client,
+            listener.max_connect_size as usize,
+            proxy_header,
+        ),
     )
     .await
     {

@@ -401,7 +401,10 @@ pub fn add_username(packet: &[u8], max_size: usize, username: &str) -> Result<Ve
     let (body_len, _) = remaining_length(&packet[1..])?.ok_or(Invalid::Length)?;
     let body_start = c.len - body_len;
     // Protocol name (2-byte length + name), then the level, then the flags.
-    let name_len = usize::from(u16::from_be_bytes([packet[body_start], packet[body_start + 1]]));
+    let name_len = usize::from(u16::from_be_bytes([
+        packet[body_start],
+        packet[body_start + 1],
+    ]));
     let flags_at = body_start + 2 + name_len + 1 - body_start;
     let mut body = packet[body_start..c.len].to_vec();
     body[flags_at] |= 0x80;
@@ -575,8 +578,20 @@ mod tests {
             };
             assert_eq!(d.username, Some("CN=device-7"), "{}", f[0]);
             assert_eq!(
-                (d.version, d.clean_start, d.keep_alive, d.client_id, d.has_password),
-                (c.version, c.clean_start, c.keep_alive, c.client_id, c.has_password),
+                (
+                    d.version,
+                    d.clean_start,
+                    d.keep_alive,
+                    d.client_id,
+                    d.has_password
+                ),
+                (
+                    c.version,
+                    c.clean_start,
+                    c.keep_alive,
+                    c.client_id,
+                    c.has_password
+                ),
                 "{}",
                 f[0]
             );
@@ -591,7 +606,6 @@ mod tests {
         }
         assert!(added >= 3, "only {added} vectors without credentials");
     }
-
 
     /// Every valid shared vector: rewriting with its own values gives the same bytes;
     /// with new values, only the client id (and username) change, and rewriting back

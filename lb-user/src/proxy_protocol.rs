@@ -227,11 +227,17 @@ mod tls_tests {
         let h = encode_with_tls(ProxyProtocol::V2, client, local, Some(&info));
         let plain = encode(ProxyProtocol::V2, client, local);
         assert_eq!(&h[..14], &plain[..14]);
-        assert_eq!(usize::from(u16::from_be_bytes([h[14], h[15]])), h.len() - 16);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([h[14], h[15]])),
+            h.len() - 16
+        );
         assert_eq!(&h[16..28], &plain[16..28], "addresses and ports unchanged");
         let tlv = &h[28..];
         assert_eq!(tlv[0], 0x20);
-        assert_eq!(usize::from(u16::from_be_bytes([tlv[1], tlv[2]])), tlv.len() - 3);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([tlv[1], tlv[2]])),
+            tlv.len() - 3
+        );
         assert_eq!(tlv[3], 0x07, "SSL, cert on this connection and session");
         assert_eq!(&tlv[4..8], &[0, 0, 0, 0], "verified");
         assert_eq!(&tlv[8..11], &[0x21, 0, 7]);
@@ -251,7 +257,10 @@ mod tls_tests {
             encode_with_tls(ProxyProtocol::V1, client, local, Some(&info)),
             encode(ProxyProtocol::V1, client, local)
         );
-        assert_eq!(encode_with_tls(ProxyProtocol::V2, client, local, None), plain);
+        assert_eq!(
+            encode_with_tls(ProxyProtocol::V2, client, local, None),
+            plain
+        );
     }
 }
 

@@ -110,9 +110,17 @@ fn provider() -> Arc<CryptoProvider> {
 fn load_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| err(key, format!("cannot read certificates from {}: {e}", path.display())))?;
+        .map_err(|e| {
+            err(
+                key,
+                format!("cannot read certificates from {}: {e}", path.display()),
+            )
+        })?;
     if certs.is_empty() {
-        return Err(err(key, format!("no PEM certificate in {}", path.display())));
+        return Err(err(
+            key,
+            format!("no PEM certificate in {}", path.display()),
+        ));
     }
     Ok(certs)
 }
@@ -125,16 +133,29 @@ fn certified_key(
 ) -> Result<Arc<CertifiedKey>, TlsError> {
     let chain = load_certs(cert, &format!("{prefix}cert"))?;
     let key_key = format!("{prefix}key");
-    let der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| err(&key_key, format!("cannot read a private key from {}: {e}", key.display())))?;
-    let signing = provider
-        .key_provider
-        .load_private_key(der)
-        .map_err(|e| err(&key_key, format!("unusable private key {}: {e}", key.display())))?;
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        err(
+            &key_key,
+            format!("cannot read a private key from {}: {e}", key.display()),
+        )
+    })?;
+    let signing = provider.key_provider.load_private_key(der).map_err(|e| {
+        err(
+            &key_key,
+            format!("unusable private key {}: {e}", key.display()),
+        )
+    })?;
     let certified = CertifiedKey::new(chain, signing);
-    certified
-        .keys_match()
-        .map_err(|e| err(&key_key, format!("{} does not belong to {}: {e}", key.display(), cert.display())))?;
+    certified.keys_match().map_err(|e| {
+        err(
+            &key_key,
+            format!(
+                "{} does not belong to {}: {e}",
+                key.display(),
+                cert.display()
+            ),
+        )
+    })?;
     Ok(Arc::new(certified))
 }
 
@@ -177,7 +198,10 @@ pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
     for (i, c) in s.certs.iter().enumerate() {
         let k = certified_key(&c.cert, &c.key, &format!("certs[{i}]."), &provider)?;
         if c.server_names.is_empty() {
-            return Err(err(format!("certs[{i}].server_names"), "at least one name is needed"));
+            return Err(err(
+                format!("certs[{i}].server_names"),
+                "at least one name is needed",
+            ));
         }
         for name in &c.server_names {
             let name = name.to_ascii_lowercase();
@@ -208,7 +232,8 @@ pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
                     .add(c)
                     .map_err(|e| err("client_ca", format!("{}: {e}", ca.display())))?;
             }
-            let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            let mut v =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
             if let Some(crl) = &s.crl {
                 let crls = CertificateRevocationListDer::pem_file_iter(crl)
                     .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -230,8 +255,8 @@ pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
         Arc::new(rustls::server::NoServerSessionStorage {})
     };
     if s.session_tickets {
-        config.ticketer =
-            rustls::crypto::ring::Ticketer::new().map_err(|e| err("session_tickets", e.to_string()))?;
+        config.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| err("session_tickets", e.to_string()))?;
     } else {
         config.send_tls13_tickets = 0;
     }
@@ -290,9 +315,10 @@ impl Identity {
                 .iter()
                 .map(|a| {
                     let oid = a.attr_type();
-                    let name = x509_parser::objects::oid2abbrev(oid, x509_parser::objects::oid_registry())
-                        .map(str::to_owned)
-                        .unwrap_or_else(|_| oid.to_id_string());
+                    let name =
+                        x509_parser::objects::oid2abbrev(oid, x509_parser::objects::oid_registry())
+                            .map(str::to_owned)
+                            .unwrap_or_else(|_| oid.to_id_string());
                     format!("{name}={}", a.as_str().unwrap_or("?"))
                 })
                 .collect();
@@ -318,7 +344,11 @@ impl Identity {
             .map(|b| format!("{b:02X}"))
             .collect::<String>();
         Some(Self {
-            serial: if serial.is_empty() { "00".into() } else { serial },
+            serial: if serial.is_empty() {
+                "00".into()
+            } else {
+                serial
+            },
             cn,
             dn: rdns.join(","),
             san_dns,

@@ -22,6 +22,8 @@ const APT: &[(&str, &str)] = &[
     ("mosquitto", "/usr/sbin/mosquitto"),
     ("mosquitto-clients", "/usr/bin/mosquitto_sub"),
     ("iproute2", "/usr/bin/ss"),
+    // Test and demo certificates, and `s_client` for the resumption test.
+    ("openssl", "/usr/bin/openssl"),
     // paho-mqtt (MQTT 5 client of the broker tests), for Debian's own python3.
     (
         "python3-paho-mqtt",

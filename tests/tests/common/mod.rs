@@ -533,7 +533,7 @@ pub mod mqttc {
     use std::{io, net::SocketAddr, time::Duration};
 
     use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
+        io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
         net::TcpStream,
         time::timeout,
     };
@@ -579,7 +579,7 @@ pub mod mqttc {
     }
 
     /// Reads one packet: (first byte, body).
-    pub async fn read_packet(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+    pub async fn read_packet<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<(u8, Vec<u8>)> {
         let first = s.read_u8().await?;
         let (mut len, mut shift) = (0usize, 0);
         loop {
@@ -597,7 +597,16 @@ pub mod mqttc {
 
     /// Connects and expects an accepting CONNACK; returns the session's stream.
     pub async fn session(addr: SocketAddr, client_id: &str, clean: bool) -> io::Result<TcpStream> {
-        let mut s = TcpStream::connect(addr).await?;
+        let s = TcpStream::connect(addr).await?;
+        session_on(s, client_id, clean).await
+    }
+
+    /// [`session`] over an established stream (TLS...).
+    pub async fn session_on<S: AsyncRead + AsyncWrite + Unpin>(
+        mut s: S,
+        client_id: &str,
+        clean: bool,
+    ) -> io::Result<S> {
         s.write_all(&connect(client_id, clean)).await?;
         let (first, body) = timeout(WAIT, read_packet(&mut s))
             .await
@@ -609,7 +618,7 @@ pub mod mqttc {
     }
 
     /// PINGREQ, expect PINGRESP.
-    pub async fn ping(s: &mut TcpStream) -> io::Result<()> {
+    pub async fn ping<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> io::Result<()> {
         s.write_all(&[0xc0, 0]).await?;
         let (first, _) = timeout(WAIT, read_packet(s))
             .await
@@ -624,7 +633,10 @@ pub mod mqttc {
 
     /// Reads PUBLISH packets until `quiet` passes without one (acknowledging QoS 1);
     /// returns their payloads.
-    pub async fn collect(s: &mut TcpStream, quiet: Duration) -> io::Result<Vec<Vec<u8>>> {
+    pub async fn collect<S: AsyncRead + AsyncWrite + Unpin>(
+        s: &mut S,
+        quiet: Duration,
+    ) -> io::Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
         while let Ok(r) = timeout(quiet, read_packet(s)).await {
             let (first, body) = r?;
@@ -647,7 +659,15 @@ pub mod mqttc {
     /// payload of the retained `mqttlb/whoami` message (set per node with
     /// `Mosquitto::set_whoami`). Disconnects cleanly.
     pub async fn which_node(addr: SocketAddr, client_id: &str) -> io::Result<String> {
-        let mut s = session(addr, client_id, true).await?;
+        which_node_on(TcpStream::connect(addr).await?, client_id).await
+    }
+
+    /// [`which_node`] over an established stream (TLS...).
+    pub async fn which_node_on<S: AsyncRead + AsyncWrite + Unpin>(
+        s: S,
+        client_id: &str,
+    ) -> io::Result<String> {
+        let mut s = session_on(s, client_id, true).await?;
         s.write_all(&subscribe(1, "mqttlb/whoami", 0)).await?;
         let node = loop {
             let (first, body) = timeout(WAIT, read_packet(&mut s))
@@ -661,5 +681,143 @@ pub mod mqttc {
         s.write_all(&[0xe0, 0]).await?;
         let _ = s.shutdown().await;
         Ok(node)
+    }
+}
+
+/// A test PKI made with the `openssl` command: a CA, a server certificate for
+/// `localhost`/127.0.0.1, a client certificate (`O=Acme, CN=device-7`, serial
+/// 0A1B2C3D, SAN e-mail and DNS) and a client certificate from another CA.
+pub struct Pki {
+    pub dir: TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = TempDir::new("pki");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir.0)
+                .output()
+                .expect("openssl (apt-get install -y openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = |name: &str, subject: &str, csr: &str| {
+            run(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                name,
+                "-out",
+                csr,
+                "-subj",
+                subject,
+            ]);
+        };
+        for ca in ["ca", "other-ca"] {
+            run(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "3650",
+                "-subj",
+                &format!("/CN=mqttlb test {ca}"),
+            ]);
+        }
+        let sign = |name: &str, ca: &str, serial: &str, ext: &str| {
+            std::fs::write(dir.0.join(format!("{name}.ext")), ext).expect("ext");
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-set_serial",
+                serial,
+                "-days",
+                "365",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ]);
+        };
+        key("server.key", "/CN=localhost", "server.csr");
+        sign(
+            "server",
+            "ca",
+            "0x1001",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        );
+        let client_ext = "subjectAltName=email:device7@example.com,DNS:device7.example.com\nbasicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
+        key("client.key", "/O=Acme/CN=device-7", "client.csr");
+        sign("client", "ca", "0x0A1B2C3D", client_ext);
+        key("stranger.key", "/CN=stranger", "stranger.csr");
+        sign("stranger", "other-ca", "0x77", client_ext);
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.0.join(name).display().to_string()
+    }
+
+    /// A rustls client trusting the CA, presenting `cert` (`client`, `stranger`) if given.
+    pub fn client(&self, cert: Option<&str>) -> tokio_rustls::TlsConnector {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(self.path("ca.pem")).expect("ca") {
+            roots.add(c.expect("ca cert")).expect("add ca");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots);
+        let config = match cert {
+            None => builder.with_no_client_auth(),
+            Some(name) => {
+                let chain = CertificateDer::pem_file_iter(self.path(&format!("{name}.pem")))
+                    .expect("cert")
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("certs");
+                let key =
+                    PrivateKeyDer::from_pem_file(self.path(&format!("{name}.key"))).expect("key");
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .expect("client auth")
+            }
+        };
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    }
+
+    /// TLS to `addr` as `localhost`.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        cert: Option<&str>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        self.client(cert).connect(name, tcp).await
     }
 }
