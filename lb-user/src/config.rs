@@ -1044,6 +1044,51 @@ state = "drain"
     }
 
     #[test]
+    fn tls_problems_name_the_key() {
+        let mqtts = GOOD.replace(
+            "cluster = \"brokers\"\ninspect",
+            "kind = \"mqtts\"\ncluster = \"brokers\"\ninspect",
+        );
+        let e = errors(&mqtts);
+        assert!(
+            e.iter()
+                .any(|m| m.contains("listeners[0].tls: a TLS listener needs")),
+            "{e:?}"
+        );
+        let missing = mqtts.replace(
+            "inspect_timeout = \"250ms\"",
+            "inspect_timeout = \"250ms\"\n[listeners.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"",
+        );
+        let e = errors(&missing);
+        assert!(
+            e.iter().any(|m| m.contains(
+                "listeners[0].tls.cert: cannot read certificates from /nonexistent/cert.pem"
+            )),
+            "{e:?}"
+        );
+        let plain_with_tls = missing.replace("kind = \"mqtts\"\n", "");
+        let e = errors(&plain_with_tls);
+        assert!(
+            e.iter()
+                .any(|m| m.contains("listeners[0].tls: only \"mqtts\" and \"wss\"")),
+            "{e:?}"
+        );
+        let rewrite = GOOD.replace(
+            "inspect_timeout = \"250ms\"",
+            "inspect_timeout = \"250ms\"\n[listeners.rewrite]\nclient_id = \"cert.serial\"",
+        );
+        let e = errors(&rewrite);
+        assert!(
+            e.iter()
+                .any(|m| m.contains("listeners[0].rewrite: needs client certificates")),
+            "{e:?}"
+        );
+        let bad_field = rewrite.replace("cert.serial", "cert.colour");
+        let e = errors(&bad_field);
+        assert!(e.iter().any(|m| m.contains("client_id")), "{e:?}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));

@@ -160,7 +160,97 @@ fn spawn_mosquitto(conf: &Path) -> Result<Child> {
         .context("cannot start mosquitto (apt-get install -y mosquitto)")
 }
 
-/// Three mosquitto nodes bridged into one cluster and mqttlb on 1883 in front.
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate for the
+/// demo's TLS listener, made with `openssl` on first run and kept.
+fn demo_pki(dir: &Path) -> Result<()> {
+    if dir.join("client.pem").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("cannot run openssl (apt-get install -y openssl)")?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=mqttlb demo CA",
+        ],
+    ]
+    .concat())?;
+    for (name, subject, serial, ext) in [
+        (
+            "server",
+            "/CN=localhost",
+            "0x1001",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        ),
+        (
+            "client",
+            "/CN=demo-device",
+            "0x2001",
+            "subjectAltName=email:demo@example.com\nextendedKeyUsage=clientAuth\n",
+        ),
+    ] {
+        let (key, csr, pem, extfile) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(dir.join(&extfile), ext)?;
+        run(&[
+            &["req"][..],
+            &ec,
+            &["-keyout", &key, "-out", &csr, "-subj", subject],
+        ]
+        .concat())?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            serial,
+            "-days",
+            "825",
+            "-out",
+            &pem,
+            "-extfile",
+            &extfile,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Three mosquitto nodes bridged into one cluster and mqttlb (1883 MQTT, 8883 TLS) in
+/// front.
 fn demo(bin: &Path) -> Result<()> {
     let dir = root().join("target/demo");
     std::fs::create_dir_all(&dir)?;
@@ -179,14 +269,69 @@ fn demo(bin: &Path) -> Result<()> {
         std::fs::write(&path, conf)?;
         children.push(spawn_mosquitto(&path)?);
     }
+    let pki = dir.join("pki");
+    demo_pki(&pki)?;
     let config = dir.join("mqttlb.toml");
     std::fs::write(
         &config,
-        "[global]\nname = \"demo\"\ndata_plane = \"auto\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"0.0.0.0:1883\"\ncluster = \"brokers\"\n\n[[clusters]]\nname = \"brokers\"\nbalance = \"client-id\"\nsticky = \"client-id\"\n\n[clusters.health]\nkind = \"mqtt\"\n\n[[clusters.servers]]\nname = \"node1\"\naddress = \"127.0.0.1:18831\"\n\n[[clusters.servers]]\nname = \"node2\"\naddress = \"127.0.0.1:18832\"\n\n[[clusters.servers]]\nname = \"node3\"\naddress = \"127.0.0.1:18833\"\n",
+        r#"[global]
+name = "demo"
+data_plane = "auto"
+
+[[listeners]]
+name = "mqtt"
+bind = "0.0.0.0:1883"
+cluster = "brokers"
+
+[[listeners]]
+name = "mqtts"
+bind = "0.0.0.0:8883"
+kind = "mqtts"
+cluster = "brokers"
+
+[listeners.tls]
+cert = "pki/server.pem"
+key = "pki/server.key"
+client_ca = "pki/ca.pem"
+verify = "optional"          # mutual TLS when the client has a certificate
+
+[[clusters]]
+name = "brokers"
+balance = "client-id"
+sticky = "client-id"
+
+[clusters.health]
+kind = "mqtt"
+
+[[clusters.servers]]
+name = "node1"
+address = "127.0.0.1:18831"
+
+[[clusters.servers]]
+name = "node2"
+address = "127.0.0.1:18832"
+
+[[clusters.servers]]
+name = "node3"
+address = "127.0.0.1:18833"
+"#,
     )?;
-    println!("mqttlb demo: three mosquitto nodes (18831-18833, bridged) behind mqttlb on 1883");
-    println!("  subscribe: mosquitto_sub -h 127.0.0.1 -p 1883 -t 'demo/#' -v");
-    println!("  publish:   mosquitto_pub -h 127.0.0.1 -p 1883 -t demo/hello -m hi");
+    let p = |f: &str| pki.join(f).display().to_string();
+    println!("mqttlb demo: three mosquitto nodes (18831-18833, bridged) behind mqttlb");
+    println!("  MQTT on 1883:");
+    println!("    mosquitto_sub -h 127.0.0.1 -p 1883 -t 'demo/#' -v");
+    println!("    mosquitto_pub -h 127.0.0.1 -p 1883 -t demo/hello -m hi");
+    println!("  MQTT over TLS on 8883 (CA {}):", p("ca.pem"));
+    println!(
+        "    mosquitto_pub -h localhost -p 8883 --cafile {} -t demo/hello -m 'over TLS'",
+        p("ca.pem")
+    );
+    println!(
+        "    mosquitto_pub -h localhost -p 8883 --cafile {} --cert {} --key {} -t demo/hello -m 'mutual TLS'",
+        p("ca.pem"),
+        p("client.pem"),
+        p("client.key")
+    );
     println!(
         "  config:    {}   (edit, then: kill -HUP <pid>)",
         config.display()
