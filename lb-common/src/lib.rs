@@ -399,6 +399,15 @@ counters! {
         /// `[listeners.rewrite]`: the certificate lacks the field, or the CONNECT
         /// cannot take it; the connection is closed.
         RewriteFailed = 39 => "rewrite_failed",
+        /// WebSocket upgrades answered with `101`.
+        WsUpgrades = 40 => "ws_upgrades",
+        /// HTTP requests that were not a proper upgrade on the listener's path
+        /// (answered with an HTTP error).
+        WsRejectedHttp = 41 => "ws_rejected_http",
+        /// Client frames before the CONNECT that were unmasked, not binary, or too large.
+        WsBadFrames = 42 => "ws_bad_frames",
+        /// Servers that did not answer the forwarded upgrade with a matching `101`.
+        WsServerRefused = 43 => "ws_server_refused",
     }
 }
 

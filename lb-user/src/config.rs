@@ -231,6 +231,7 @@ struct RawListener {
     max_connect_size: Spanned<u32>,
     tls: Option<Spanned<RawTls>>,
     rewrite: Option<Spanned<RawRewrite>>,
+    path: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -341,6 +342,7 @@ struct RawServer {
     #[serde(default = "default_fail_timeout")]
     fail_timeout: Dur,
     max_connections: Option<NonZeroU32>,
+    ws_address: Option<SocketAddr>,
 }
 
 fn default_name() -> Spanned<String> {
@@ -480,6 +482,8 @@ pub struct Listener {
     pub tls: Option<TlsListener>,
     /// CONNECT fields replaced by client certificate fields.
     pub rewrite: Rewrite,
+    /// `ws`/`wss`: the HTTP path of the upgrade.
+    pub path: String,
 }
 
 /// A listener's TLS setup: the settings and the configuration built from them.
@@ -568,6 +572,8 @@ pub struct Server {
     pub fail_timeout: Duration,
     /// Connections at once to this server.
     pub max_connections: Option<NonZeroU32>,
+    /// Its MQTT-over-WebSocket address (for `ws`/`wss` listeners).
+    pub ws_address: Option<SocketAddr>,
 }
 
 impl Config {
@@ -804,6 +810,7 @@ impl Checker<'_> {
                     max_fails: rs.max_fails,
                     fail_timeout: rs.fail_timeout.0,
                     max_connections: rs.max_connections,
+                    ws_address: rs.ws_address,
                 });
             }
             if !rc.source_addresses.is_empty() {
@@ -870,11 +877,28 @@ impl Checker<'_> {
                 );
             }
             let kind = *rl.kind.get_ref();
-            if matches!(kind, ListenerKind::Ws | ListenerKind::Wss) {
+            let websocket = matches!(kind, ListenerKind::Ws | ListenerKind::Wss);
+            let path = match rl.path {
+                Some(p) if !websocket => {
+                    self.err(
+                        p.span(),
+                        format!("{key}.path"),
+                        "only \"ws\" and \"wss\" listeners have a path",
+                    );
+                    String::new()
+                }
+                Some(p) if !p.get_ref().starts_with('/') => {
+                    self.err(p.span(), format!("{key}.path"), "must start with '/'");
+                    String::new()
+                }
+                Some(p) => p.into_inner(),
+                None => "/mqtt".to_owned(),
+            };
+            if websocket && rl.rewrite.is_some() {
                 self.err(
                     rl.kind.span(),
-                    format!("{key}.kind"),
-                    "\"ws\" and \"wss\" are not implemented in this version (\"mqtt\" and \"mqtts\" are)",
+                    format!("{key}.rewrite"),
+                    "not supported on \"ws\"/\"wss\" listeners in this version",
                 );
             }
             let tls = self.listener_tls(&key, kind, &rl.name, rl.tls);
@@ -913,6 +937,21 @@ impl Checker<'_> {
                     format!("no [[clusters]] entry is named {:?}", rl.cluster.get_ref()),
                 );
             }
+            if websocket && let Some(ci) = cluster {
+                for (si, server) in clusters[ci].servers.iter().enumerate() {
+                    if server.ws_address.is_none() {
+                        self.err(
+                            rl.cluster.span(),
+                            format!("clusters[{ci}].servers[{si}].ws_address"),
+                            format!(
+                                "server {:?} needs a ws_address: listener {:?} speaks WebSocket",
+                                server.name,
+                                rl.name.get_ref()
+                            ),
+                        );
+                    }
+                }
+            }
             listeners.push(Listener {
                 name: rl.name.into_inner(),
                 bind: rl.bind,
@@ -923,6 +962,7 @@ impl Checker<'_> {
                 max_connect_size: rl.max_connect_size.into_inner(),
                 tls,
                 rewrite,
+                path,
             });
         }
 

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 
 use crate::{
     balance::{self, Lease, Pool},
-    config::{Cluster, Listener, Rewrite},
+    config::{Cluster, Listener, ListenerKind, Rewrite},
     dataplane::{DataPlane, Outcome, Pair},
     mqtt::{self, Decode},
     proxy_protocol,
@@ -33,6 +33,7 @@ use crate::{
     sticky::{self, StickyTable},
     sys,
     tls::{CertField, Identity, TlsInfo},
+    ws,
 };
 
 /// A cluster's configuration and live server pool; replaced whole on reload.
@@ -153,6 +154,19 @@ enum Reject {
     Io(std::io::Error),
     #[error("{0}")]
     Proxy(&'static str),
+    #[error("not a WebSocket upgrade: HTTP {0}")]
+    Http(u16),
+    #[error("WebSocket: {0}")]
+    Frame(ws::FrameError),
+}
+
+/// A WebSocket client's upgrade, answered by mqttlb.
+struct WsHandshake {
+    upgrade: ws::Upgrade,
+    /// The request head as received.
+    head: Vec<u8>,
+    /// Bytes of the `101` sent to the client.
+    answered: usize,
 }
 
 /// The first packet, read and validated.
@@ -480,17 +494,22 @@ async fn serve(
     proxy_header: bool,
 ) {
     let stats = &shared.stats;
-    // 1. The first packet must be a complete, valid CONNECT.
-    let mut first = match timeout(
-        listener.inspect_timeout,
-        read_connect(
-            &mut client,
-            listener.max_connect_size as usize,
-            proxy_header,
-        ),
-    )
-    .await
-    {
+    let websocket = matches!(listener.kind, ListenerKind::Ws | ListenerKind::Wss);
+    let max = listener.max_connect_size as usize;
+    // 1. The first packet must be a complete, valid CONNECT (inside WebSocket frames
+    //    after the upgrade on ws/wss listeners).
+    let read = async {
+        if websocket {
+            read_ws_connect(&mut client, &listener.path, max, proxy_header, stats)
+                .await
+                .map(|(f, h)| (f, Some(h)))
+        } else {
+            read_connect(&mut client, max, proxy_header)
+                .await
+                .map(|f| (f, None))
+        }
+    };
+    let (mut first, ws_handshake) = match timeout(listener.inspect_timeout, read).await {
         Ok(Ok(first)) => first,
         Ok(Err(reject)) => {
             if let Reject::Invalid(why) = &reject {
@@ -500,7 +519,14 @@ async fn serve(
                 Reject::Invalid(_) => DaemonStat::RejectedInvalid,
                 Reject::Eof | Reject::Io(_) => DaemonStat::RejectedEof,
                 Reject::Proxy(_) => DaemonStat::RejectedProxy,
+                Reject::Http(_) => DaemonStat::WsRejectedHttp,
+                Reject::Frame(_) => DaemonStat::WsBadFrames,
             });
+            if websocket && matches!(reject, Reject::Invalid(_) | Reject::Frame(_)) {
+                // After the 101: say why in WebSocket terms (1002: protocol error).
+                let _ = client.write_all(&ws::close_frame(1002)).await;
+            }
+            let _ = client.shutdown().await;
             debug!(%peer, listener = %listener.name, %reject, "client rejected");
             return;
         }
@@ -542,11 +568,12 @@ async fn serve(
         first.username.as_deref(),
         peer.ip(),
     );
-    let Some((server, lease)) = connect_server(&cluster, shared, &key, sticky_key.as_ref()).await
+    let Some((server, lease)) =
+        connect_server(&cluster, shared, &key, sticky_key.as_ref(), websocket).await
     else {
         stats.inc(DaemonStat::NoServer);
         debug!(%peer, client_id = %first.client_id, cluster = %cluster.config.name, "no server available");
-        refuse(client, first.version).await;
+        refuse(client, first.version, websocket).await;
         return;
     };
     let _ = server.set_nodelay(true);
@@ -559,14 +586,54 @@ async fn serve(
         local,
         tls.as_ref().map(|t| &t.info),
     );
-    if head.is_empty() {
-        head = first.bytes;
-    } else {
-        head.extend_from_slice(&first.bytes);
-    }
     let mut server = server;
+    let mut written_to_client = 0;
+    // Bytes already written to the server (the upgrade request).
+    let mut traffic_head = 0;
+    match &ws_handshake {
+        None if head.is_empty() => head = std::mem::take(&mut first.bytes),
+        None => head.extend_from_slice(&first.bytes),
+        Some(h) => {
+            // The client's upgrade, then (once the server agreed) its frames.
+            head.extend_from_slice(&ws::forward_request(&h.head, peer.ip()));
+            if let Err(e) = server.write_all(&head).await {
+                debug!(%peer, server = lease.name(), error = %e, "server write failed");
+                stats.inc(DaemonStat::Aborted);
+                return;
+            }
+            match timeout(
+                cluster.config.connect_timeout,
+                read_ws_answer(&mut server, &h.upgrade),
+            )
+            .await
+            {
+                Ok(Ok(early)) => {
+                    if !early.is_empty() && client.write_all(&early).await.is_err() {
+                        stats.inc(DaemonStat::Aborted);
+                        return;
+                    }
+                    written_to_client = (h.answered + early.len()) as u64;
+                }
+                Ok(Err(why)) => {
+                    stats.inc(DaemonStat::WsServerRefused);
+                    warn!(%peer, server = lease.name(), %why, "server refused the WebSocket upgrade");
+                    let _ = client.write_all(&ws::close_frame(1011)).await;
+                    return;
+                }
+                Err(_) => {
+                    stats.inc(DaemonStat::WsServerRefused);
+                    warn!(%peer, server = lease.name(), "server did not answer the WebSocket upgrade");
+                    let _ = client.write_all(&ws::close_frame(1011)).await;
+                    return;
+                }
+            }
+            // Only the frames are left to write.
+            traffic_head = head.len();
+            head = std::mem::take(&mut first.bytes);
+        }
+    }
     let traffic = lease.traffic();
-    traffic.add(0, head.len() as u64);
+    traffic.add(0, (traffic_head + head.len()) as u64);
     if let Err(e) = server.write_all(&head).await {
         debug!(%peer, server = lease.name(), error = %e, "server write failed");
         stats.inc(DaemonStat::Aborted);
@@ -584,8 +651,8 @@ async fn serve(
                 client_addr: peer,
                 server_addr: lease.address,
                 server_index: lease.index as u32,
-                written_to_client: 0,
-                written_to_server: head.len() as u64,
+                written_to_client,
+                written_to_server: (traffic_head + head.len()) as u64,
                 idle_timeout: idle,
                 traffic,
             };
@@ -694,6 +761,7 @@ async fn connect_server(
     shared: &Shared,
     key: &balance::Key<'_>,
     sticky_key: Option<&lb_common::StickyKey>,
+    websocket: bool,
 ) -> Option<(TcpStream, Lease)> {
     let pool = &cluster.pool;
     let stats = &shared.stats;
@@ -718,13 +786,16 @@ async fn connect_server(
             None => pool.select(key, &tried)?,
         };
         tried[lease.index] = true;
-        let source = cluster.source_for(lease.address);
-        match timeout(
-            cluster.config.connect_timeout,
-            connect(lease.address, source),
-        )
-        .await
-        {
+        let target = if websocket {
+            pool.servers[lease.index]
+                .config
+                .ws_address
+                .unwrap_or(lease.address)
+        } else {
+            lease.address
+        };
+        let source = cluster.source_for(target);
+        match timeout(cluster.config.connect_timeout, connect(target, source)).await {
             Ok(Ok(s)) => {
                 lease.succeeded();
                 if let Some(k) = sticky_key {
@@ -783,14 +854,18 @@ async fn connect(server: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSt
     socket.connect(server).await
 }
 
-/// Sends the "server unavailable" CONNACK, then closes without resetting it away: the
-/// write side is shut and whatever the client still sends is read and dropped briefly.
-async fn refuse(mut client: Client, version: mqtt::Version) {
-    if client
-        .write_all(mqtt::connack_server_unavailable(version))
-        .await
-        .is_err()
-    {
+/// Sends the "server unavailable" CONNACK (in a WebSocket frame, then a close frame,
+/// on ws/wss listeners), then closes without resetting it away: the write side is shut
+/// and whatever the client still sends is read and dropped briefly.
+async fn refuse(mut client: Client, version: mqtt::Version, websocket: bool) {
+    let connack = mqtt::connack_server_unavailable(version);
+    let bytes = if websocket {
+        // 1013: try again later.
+        [ws::binary_frame(connack), ws::close_frame(1013)].concat()
+    } else {
+        connack.to_vec()
+    };
+    if client.write_all(&bytes).await.is_err() {
         return;
     }
     let _ = client.shutdown().await;
@@ -799,4 +874,101 @@ async fn refuse(mut client: Client, version: mqtt::Version) {
         while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
+}
+
+/// The upgrade request (answered with `101`, or with an HTTP error and closed), then
+/// client frames until their payload starts with a complete CONNECT. The returned
+/// `First` holds the frames as received (masked), to be forwarded unchanged.
+async fn read_ws_connect(
+    client: &mut Client,
+    path: &str,
+    max: usize,
+    proxy_header: bool,
+    stats: &Stats,
+) -> Result<(First, WsHandshake), Reject> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut proxied_source = None;
+    let mut expect_header = proxy_header;
+    let upgrade = loop {
+        if expect_header {
+            match proxy_protocol::decode(&buf) {
+                proxy_protocol::Decoded::Header { len, source } => {
+                    buf.drain(..len);
+                    proxied_source = source;
+                    expect_header = false;
+                }
+                proxy_protocol::Decoded::Invalid(why) => return Err(Reject::Proxy(why)),
+                proxy_protocol::Decoded::Incomplete => {}
+            }
+        }
+        if !expect_header {
+            match ws::parse_request(&buf, path) {
+                ws::Request::Upgrade(u) => break u,
+                ws::Request::Refuse(status, reason) => {
+                    let _ = client.write_all(&ws::error_response(status, reason)).await;
+                    return Err(Reject::Http(status));
+                }
+                ws::Request::Incomplete => {}
+            }
+        }
+        buf.reserve(2048);
+        match client.read_buf(&mut buf).await {
+            Ok(0) => return Err(Reject::Eof),
+            Ok(_) => {}
+            Err(e) => return Err(Reject::Io(e)),
+        }
+    };
+    let answer = ws::switching_protocols(&upgrade);
+    client.write_all(&answer).await.map_err(Reject::Io)?;
+    stats.inc(DaemonStat::WsUpgrades);
+    let mut frames = buf.split_off(upgrade.len);
+    let head = buf;
+    loop {
+        let payload = ws::client_payload(&frames, max).map_err(Reject::Frame)?;
+        match mqtt::decode_connect(&payload, max) {
+            Decode::Connect(c) => {
+                let first = First {
+                    bytes: std::mem::take(&mut frames),
+                    version: c.version,
+                    connect_len: c.len,
+                    client_id: c.client_id.to_owned(),
+                    username: c.username.map(str::to_owned),
+                    proxied_source,
+                };
+                let handshake = WsHandshake {
+                    upgrade,
+                    head,
+                    answered: answer.len(),
+                };
+                return Ok((first, handshake));
+            }
+            Decode::Invalid(e) => return Err(Reject::Invalid(e)),
+            Decode::Incomplete => {}
+        }
+        frames.reserve(4096);
+        match client.read_buf(&mut frames).await {
+            Ok(0) => return Err(Reject::Eof),
+            Ok(_) => {}
+            Err(e) => return Err(Reject::Io(e)),
+        }
+    }
+}
+
+/// Reads the server's answer to the forwarded upgrade; returns the bytes after its
+/// `101` (frames the server sent at once), or why it is refused.
+async fn read_ws_answer(server: &mut TcpStream, upgrade: &ws::Upgrade) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        match ws::parse_answer(&buf, upgrade) {
+            ws::ServerAnswer::Switched(len) => return Ok(buf.split_off(len)),
+            ws::ServerAnswer::Refused(why) => return Err(why),
+            ws::ServerAnswer::Incomplete => {}
+        }
+        buf.reserve(1024);
+        match server.read_buf(&mut buf).await {
+            Ok(0) => return Err("closed".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }

@@ -30,3 +30,4 @@ pub mod stats;
 pub mod sticky;
 pub mod sys;
 pub mod tls;
+pub mod ws;
