@@ -188,6 +188,11 @@ async fn mutual_tls_refuses_clients_without_a_valid_certificate_and_bad_input() 
         "stranger",
         &[]
     ));
+    assert!(!publish(
+        &tls_args(&pki, &lb, Some("expired")),
+        "expired",
+        &[]
+    ));
     // Plaintext MQTT and random bytes on the TLS port: closed.
     for bytes in [connect_packet("plain"), vec![0x5a; 300]] {
         let mut s = TcpStream::connect(lb.addr).await.expect("connect");
@@ -196,7 +201,7 @@ async fn mutual_tls_refuses_clients_without_a_valid_certificate_and_bad_input() 
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(lb.stat("tls_handshakes"), 1);
-    assert_eq!(lb.stat("tls_handshake_failures"), 1 + 4);
+    assert_eq!(lb.stat("tls_handshake_failures"), 1 + 5);
     assert_eq!(
         connections(&lb),
         1,

@@ -686,7 +686,8 @@ pub mod mqttc {
 
 /// A test PKI made with the `openssl` command: a CA, a server certificate for
 /// `localhost`/127.0.0.1, a client certificate (`O=Acme, CN=device-7`, serial
-/// 0A1B2C3D, SAN e-mail and DNS) and a client certificate from another CA.
+/// 0A1B2C3D, SAN e-mail and DNS), the same client with an expired certificate, and a
+/// client certificate from another CA.
 pub struct Pki {
     pub dir: TempDir,
 }
@@ -774,6 +775,26 @@ impl Pki {
         sign("client", "ca", "0x0A1B2C3D", client_ext);
         key("stranger.key", "/CN=stranger", "stranger.csr");
         sign("stranger", "other-ca", "0x77", client_ext);
+        // The client's key in a certificate that expired yesterday.
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "0x78",
+            "-days",
+            "-1",
+            "-out",
+            "expired.pem",
+            "-extfile",
+            "client.ext",
+        ]);
+        std::fs::copy(dir.0.join("client.key"), dir.0.join("expired.key")).expect("key");
         Self { dir }
     }
 
