@@ -24,7 +24,9 @@ pub const SYSTEMS: [&str; 5] = [
     "nginx",
 ];
 /// Workloads, in report order.
-pub const WORKLOADS: [&str; 6] = ["W1", "W2", "W3", "W4", "W5", "W6"];
+pub const WORKLOADS: [&str; 9] = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"];
+/// Workloads over TLS (no `direct` figure: the servers speak plain MQTT).
+const TLS_WORKLOADS: [&str; 3] = ["W7", "W8", "W9"];
 /// Runs per (system, workload); figures are their median, min and max.
 const RUNS: usize = 3;
 
@@ -42,6 +44,7 @@ const SERVER: &str = "127.0.0.1:19100";
 const FRONT: &str = "127.0.0.1:19101";
 const BROKER_FRONT: &str = "127.0.0.1:19102";
 const BROKER: &str = "127.0.0.1:19103";
+const TLS_FRONT: &str = "127.0.0.1:19104";
 
 /// What each workload reports, headline first, and whether more is better.
 const METRICS: &[(&str, &str, bool)] = &[
@@ -57,6 +60,12 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("W5", "p99_us", false),
     ("W5", "p999_us", false),
     ("W6", "msg/s", true),
+    ("W7", "sessions/s", true),
+    ("W7", "p99_ms", false),
+    ("W8", "sessions/s", true),
+    ("W8", "resumed_fraction", true),
+    ("W9", "MB/s", true),
+    ("W9", "cpu_s_per_GiB", false),
 ];
 
 pub fn bench(args: &[String]) -> Result<()> {
@@ -82,6 +91,17 @@ pub fn bench(args: &[String]) -> Result<()> {
     ]))?;
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
+    crate::make_pki(&dir.join("pki"))?;
+    // HAProxy wants the chain and the key in one file.
+    let pki = dir.join("pki");
+    std::fs::write(
+        pki.join("server.bundle.pem"),
+        [
+            std::fs::read(pki.join("server.pem"))?,
+            std::fs::read(pki.join("server.key"))?,
+        ]
+        .concat(),
+    )?;
     let started = Instant::now();
     let broker = Broker::start(&dir)?;
     let mut samples: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
@@ -90,6 +110,9 @@ pub fn bench(args: &[String]) -> Result<()> {
         eprintln!("xtask bench: {system}");
         let proxy = Proxy::start(system, &root, &dir)?;
         for workload in WORKLOADS {
+            if system == "direct" && TLS_WORKLOADS.contains(&workload) {
+                continue;
+            }
             for _ in 0..RUNS {
                 let errs = errors.entry((workload.into(), system.into())).or_default();
                 // A failed run is counted and reported, and the suite goes on.
@@ -161,11 +184,15 @@ fn loadgen(
         ("direct", "W6") => (BROKER, None),
         ("direct", _) => (SERVER, Some(SERVER)),
         (_, "W6") => (BROKER_FRONT, None),
+        (_, w) if TLS_WORKLOADS.contains(&w) => (TLS_FRONT, Some(SERVER)),
         _ => (FRONT, Some(SERVER)),
     };
     let mut cmd = Command::new(root.join("target/release/mqttlb-loadgen"));
     cmd.args(["--workload", &workload.to_lowercase(), "--target", target])
         .args(["--exclude-pid", &broker_pid.to_string()]);
+    if TLS_WORKLOADS.contains(&workload) {
+        cmd.arg("--ca").arg(root.join("target/bench/pki/ca.pem"));
+    }
     if let Some(s) = server {
         cmd.args(["--server", s]);
     }
@@ -199,6 +226,7 @@ impl Proxy {
                 .replace("{SERVER}", SERVER)
                 .replace("{BROKER_FRONT}", BROKER_FRONT)
                 .replace("{BROKER}", BROKER)
+                .replace("{TLS_FRONT}", TLS_FRONT)
                 .replace("{THREADS}", &threads.to_string())
                 .replace("{DIR}", &dir.display().to_string());
             let path = dir.join(template);
@@ -234,6 +262,7 @@ impl Proxy {
         let p = Self { child: Some(child) };
         wait_port(FRONT).with_context(|| format!("{system} did not listen on {FRONT}"))?;
         wait_port(BROKER_FRONT)?;
+        wait_port(TLS_FRONT)?;
         Ok(p)
     }
 
@@ -500,6 +529,9 @@ fn chart<'a>(get: &dyn Fn(&str, &str, &str) -> Option<&'a Value>) -> String {
                     | ("W5", "p50_us")
                     | ("W5", "p99_us")
                     | ("W6", "msg/s")
+                    | ("W7", "sessions/s")
+                    | ("W8", "sessions/s")
+                    | ("W9", "MB/s")
             )
         })
         .collect();

@@ -160,9 +160,10 @@ fn spawn_mosquitto(conf: &Path) -> Result<Child> {
         .context("cannot start mosquitto (apt-get install -y mosquitto)")
 }
 
-/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate for the
-/// demo's TLS listener, made with `openssl` on first run and kept.
-fn demo_pki(dir: &Path) -> Result<()> {
+/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate (for
+/// the demo's and the benchmark's TLS listeners), made with `openssl` on first run and
+/// kept.
+pub(crate) fn make_pki(dir: &Path) -> Result<()> {
     if dir.join("client.pem").exists() {
         return Ok(());
     }
@@ -270,7 +271,7 @@ fn demo(bin: &Path) -> Result<()> {
         children.push(spawn_mosquitto(&path)?);
     }
     let pki = dir.join("pki");
-    demo_pki(&pki)?;
+    make_pki(&pki)?;
     let config = dir.join("mqttlb.toml");
     std::fs::write(
         &config,

@@ -10,6 +10,7 @@
 
 mod cpu;
 mod server;
+mod tls;
 mod workloads;
 
 use std::net::SocketAddr;
@@ -31,6 +32,12 @@ pub enum Workload {
     W5,
     /// Pub/sub through a real broker (QoS 0 and QoS 1).
     W6,
+    /// TLS session churn, every handshake full.
+    W7,
+    /// TLS session churn, sessions resumed (tickets or cache).
+    W8,
+    /// One TLS connection, bulk bytes each way through an echo server.
+    W9,
 }
 
 /// Command line.
@@ -58,6 +65,9 @@ pub struct Args {
     /// The proxy's processes (W4 measures their RSS).
     #[arg(long = "proxy-pid")]
     pub proxy_pids: Vec<u32>,
+    /// CA of the proxy's TLS certificate (W7-W9).
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {

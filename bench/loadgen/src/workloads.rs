@@ -1,4 +1,4 @@
-//! The six workloads. Each returns its metrics as JSON.
+//! The nine workloads. Each returns its metrics as JSON.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use mqttlb::mqtt::{Version, encode, packet_len};
 use serde_json::{Value, json};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
     task::JoinSet,
 };
@@ -29,8 +29,10 @@ const V: Version = Version::V311;
 /// Runs the workload `args` names and returns its report line.
 pub async fn run(args: &Args) -> Result<Value> {
     let mode = match args.workload {
-        Workload::W1 | Workload::W5 => Some(Mode::Echo),
-        Workload::W2 | Workload::W3 | Workload::W4 => Some(Mode::Sink),
+        Workload::W1 | Workload::W5 | Workload::W9 => Some(Mode::Echo),
+        Workload::W2 | Workload::W3 | Workload::W4 | Workload::W7 | Workload::W8 => {
+            Some(Mode::Sink)
+        }
         Workload::W6 => None,
     };
     let counters = match (mode, args.server) {
@@ -58,6 +60,19 @@ pub async fn run(args: &Args) -> Result<Value> {
         Workload::W4 => idle(args.target, if q { 2_000 } else { 7_000 }, &args.proxy_pids).await?,
         Workload::W5 => ping_pong(args.target, if q { 3_000 } else { 50_000 }).await?,
         Workload::W6 => broker(args.target, if q { 10_000 } else { 100_000 }).await?,
+        Workload::W7 | Workload::W8 => {
+            let ca = args.ca.as_deref().context("TLS workloads need --ca")?;
+            let resume = args.workload == Workload::W8;
+            let tls = Arc::new(crate::tls::connector(ca, resume)?);
+            let (workers, secs) = if q { (16, 2) } else { (32, 10) };
+            churn_with(args.target, workers, secs, Some(tls)).await?
+        }
+        Workload::W9 => {
+            let ca = args.ca.as_deref().context("TLS workloads need --ca")?;
+            let tls = crate::tls::connector(ca, false)?;
+            let (s, _) = session(args.target, 0, "w9-bulk", Some(&tls)).await?;
+            bulk_on(s, if q { 256 << 20 } else { 1 << 30 }, &meter).await?
+        }
     };
     Ok(json!({
         "workload": format!("{:?}", args.workload),
@@ -98,6 +113,43 @@ async fn mqtt_connect(target: SocketAddr, i: usize, client_id: &str) -> Result<T
             "session refused: CONNACK {ack:02x?}"
         );
         Ok(s)
+    })
+    .await
+    .context("no CONNACK within 10 s")?
+}
+
+/// A client stream, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Connects (TLS to "localhost" when `tls` is given) and completes the MQTT
+/// handshake; returns the stream and whether the TLS session was resumed.
+async fn session(
+    target: SocketAddr,
+    i: usize,
+    client_id: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<(Box<dyn Io>, bool)> {
+    tokio::time::timeout(SESSION_TIMEOUT, async {
+        let tcp = tcp_connect(target, i).await?;
+        let (mut s, resumed): (Box<dyn Io>, bool) = match tls {
+            None => (Box::new(tcp), false),
+            Some(c) => {
+                let name = rustls_pki_types::ServerName::try_from("localhost")?;
+                let t = c.connect(name, tcp).await.context("TLS handshake")?;
+                let resumed =
+                    t.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                (Box::new(t), resumed)
+            }
+        };
+        s.write_all(&encode::connect(V, client_id, 600)).await?;
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).await.context("reading CONNACK")?;
+        ensure!(
+            ack[0] == 0x20 && ack[3] == 0,
+            "session refused: CONNACK {ack:02x?}"
+        );
+        Ok((s, resumed))
     })
     .await
     .context("no CONNACK within 10 s")?
@@ -158,8 +210,13 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 /// W1: one connection, `size` bytes each way through the echo server.
 async fn bulk(target: SocketAddr, size: u64, meter: &CpuMeter) -> Result<(Value, u64)> {
-    let s = mqtt_connect(target, 0, "w1-bulk").await?;
-    let (mut r, mut w) = s.into_split();
+    let (s, _) = session(target, 0, "w1-bulk", None).await?;
+    bulk_on(s, size, meter).await
+}
+
+/// `size` bytes each way through the echo server on an established session (W1, W9).
+async fn bulk_on(s: Box<dyn Io>, size: u64, meter: &CpuMeter) -> Result<(Value, u64)> {
+    let (mut r, mut w) = tokio::io::split(s);
     let mark = meter.mark()?;
     let t0 = Instant::now();
     let writer = tokio::spawn(async move {
@@ -176,7 +233,13 @@ async fn bulk(target: SocketAddr, size: u64, meter: &CpuMeter) -> Result<(Value,
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0u64;
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = match r.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer may close without close_notify once everything was echoed
+            // (NGINX does); the byte count below still says whether all arrived.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             break;
         }
@@ -270,11 +333,23 @@ async fn small_messages(
 /// W3: `workers` parallel loops of CONNECT, CONNACK, DISCONNECT for `secs` seconds,
 /// client ids from a pool of 1,000 (stickiness has something to remember).
 async fn churn(target: SocketAddr, workers: usize, secs: u64) -> Result<(Value, u64)> {
+    churn_with(target, workers, secs, None).await
+}
+
+/// Session churn, over TLS when `tls` is given (W7: every handshake full; W8: the
+/// connector resumes sessions, and the share resumed is reported).
+async fn churn_with(
+    target: SocketAddr,
+    workers: usize,
+    secs: u64,
+    tls: Option<Arc<tokio_rustls::TlsConnector>>,
+) -> Result<(Value, u64)> {
     let end = Instant::now() + Duration::from_secs(secs);
     let errors = Arc::new(AtomicU64::new(0));
+    let resumed = Arc::new(AtomicU64::new(0));
     let mut set = JoinSet::new();
     for w in 0..workers {
-        let errors = errors.clone();
+        let (errors, resumed, tls) = (errors.clone(), resumed.clone(), tls.clone());
         set.spawn(async move {
             let mut lat = Vec::new();
             let mut n = w;
@@ -282,17 +357,31 @@ async fn churn(target: SocketAddr, workers: usize, secs: u64) -> Result<(Value, 
                 n += workers;
                 let t0 = Instant::now();
                 let r = async {
-                    let mut s = mqtt_connect(target, n, &format!("churn-{}", n % 1000)).await?;
+                    let id = format!("churn-{}", n % 1000);
+                    let (mut s, was_resumed) = session(target, n, &id, tls.as_deref()).await?;
                     let took = t0.elapsed();
                     s.write_all(&encode::disconnect()).await?;
                     // The server closes first; wait for it.
                     let mut b = [0u8; 16];
-                    while s.read(&mut b).await? > 0 {}
-                    anyhow::Ok(took)
+                    loop {
+                        match s.read(&mut b).await {
+                            Ok(0) => break,
+                            Ok(_) => {}
+                            // A TLS peer may close without close_notify (NGINX does).
+                            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    anyhow::Ok((took, was_resumed))
                 }
                 .await;
                 match r {
-                    Ok(t) => lat.push(t.as_secs_f64() * 1e3),
+                    Ok((t, was_resumed)) => {
+                        lat.push(t.as_secs_f64() * 1e3);
+                        if was_resumed {
+                            resumed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -306,14 +395,16 @@ async fn churn(target: SocketAddr, workers: usize, secs: u64) -> Result<(Value, 
         lat.extend(l?);
     }
     lat.sort_by(f64::total_cmp);
-    Ok((
-        json!({
-            "sessions/s": lat.len() as f64 / secs as f64,
-            "p50_ms": pct(&lat, 0.5),
-            "p99_ms": pct(&lat, 0.99),
-        }),
-        errors.load(Ordering::Relaxed),
-    ))
+    let mut metrics = json!({
+        "sessions/s": lat.len() as f64 / secs as f64,
+        "p50_ms": pct(&lat, 0.5),
+        "p99_ms": pct(&lat, 0.99),
+    });
+    if tls.is_some() {
+        metrics["resumed_fraction"] =
+            json!(resumed.load(Ordering::Relaxed) as f64 / lat.len().max(1) as f64);
+    }
+    Ok((metrics, errors.load(Ordering::Relaxed)))
 }
 
 /// W4: `conns` idle MQTT connections; proxy RSS and kernel memory per connection.
