@@ -102,6 +102,12 @@ impl ServerLive {
         Some(if down { Flip::Up } else { Flip::Down })
     }
 
+    /// Forgets the active check's verdict (checks turned off): the server counts as up.
+    pub fn clear_health(&self) {
+        self.health_down.store(false, Ordering::Relaxed);
+        self.health_streak.store(0, Ordering::Relaxed);
+    }
+
     /// Records a failed connect (passive health check); true when it marks the
     /// server down for `fail_timeout`.
     fn report_failure(&self, cfg: &Server, now: Instant) -> bool {

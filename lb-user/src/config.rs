@@ -894,13 +894,6 @@ impl Checker<'_> {
                 Some(p) => p.into_inner(),
                 None => "/mqtt".to_owned(),
             };
-            if websocket && rl.rewrite.is_some() {
-                self.err(
-                    rl.kind.span(),
-                    format!("{key}.rewrite"),
-                    "not supported on \"ws\"/\"wss\" listeners in this version",
-                );
-            }
             let tls = self.listener_tls(&key, kind, &rl.name, rl.tls);
             let rewrite = match rl.rewrite {
                 None => Rewrite::default(),
@@ -936,21 +929,6 @@ impl Checker<'_> {
                     format!("{key}.cluster"),
                     format!("no [[clusters]] entry is named {:?}", rl.cluster.get_ref()),
                 );
-            }
-            if websocket && let Some(ci) = cluster {
-                for (si, server) in clusters[ci].servers.iter().enumerate() {
-                    if server.ws_address.is_none() {
-                        self.err(
-                            rl.cluster.span(),
-                            format!("clusters[{ci}].servers[{si}].ws_address"),
-                            format!(
-                                "server {:?} needs a ws_address: listener {:?} speaks WebSocket",
-                                server.name,
-                                rl.name.get_ref()
-                            ),
-                        );
-                    }
-                }
             }
             listeners.push(Listener {
                 name: rl.name.into_inner(),

@@ -1,8 +1,10 @@
-//! A client connection's life, top to bottom: read the first packet within
-//! `inspect_timeout` (it must be a valid CONNECT), choose a server and connect within
-//! `connect_timeout` (next server on failure), send the PROXY header and every byte read
-//! so far, then hand the pair to the data plane. When no server can take it, the client
-//! gets a CONNACK "server unavailable" in its own protocol version.
+//! A client connection's life, top to bottom: the TLS handshake on `mqtts`/`wss`
+//! listeners; the WebSocket upgrade on `ws`/`wss`; the first packet within
+//! `inspect_timeout` (it must be a valid CONNECT; optionally rewritten from the client
+//! certificate); a server (sticky entry first, then the balancer) connected within
+//! `connect_timeout` (next server on failure); the PROXY header and every byte read so
+//! far; then the data plane (plain TCP) or the userspace relay (TLS). When no server can
+//! take it, the client gets a CONNACK "server unavailable" in its own protocol version.
 
 use std::{
     io,
@@ -62,18 +64,19 @@ impl ClusterRt {
     /// The local address for the next connection to `server`, from
     /// `source_addresses` in turn (same family only).
     fn source_for(&self, server: SocketAddr) -> Option<IpAddr> {
-        let family: Vec<IpAddr> = self
-            .config
-            .source_addresses
-            .iter()
-            .copied()
-            .filter(|a| a.is_ipv4() == server.is_ipv4())
-            .collect();
-        if family.is_empty() {
+        let family = || {
+            self.config
+                .source_addresses
+                .iter()
+                .copied()
+                .filter(|a| a.is_ipv4() == server.is_ipv4())
+        };
+        let n = family().count();
+        if n == 0 {
             return None;
         }
         let turn = self.next_source.fetch_add(1, Ordering::Relaxed);
-        Some(family[turn % family.len()])
+        family().nth(turn % n)
     }
 }
 
@@ -483,6 +486,26 @@ fn apply_rewrite(
     Ok(())
 }
 
+/// [`apply_rewrite`] for a CONNECT inside WebSocket frames: the complete frames are
+/// replaced by one masked binary frame carrying the rewritten CONNECT and whatever
+/// followed it (MQTT over WebSocket does not depend on frame boundaries,
+/// MQTT-6.0.0-2); bytes of an incomplete frame after them are kept as they were.
+fn rewrite_in_frames(
+    first: &mut First,
+    rewrite: Rewrite,
+    identity: Option<&Identity>,
+    max: usize,
+) -> Result<(), String> {
+    let (payload, used) = ws::client_frames(&first.bytes, max).map_err(|e| e.to_string())?;
+    let rest = first.bytes.split_off(used);
+    first.bytes = payload;
+    apply_rewrite(first, rewrite, identity, max)?;
+    let mut frames = ws::masked_binary_frame(&first.bytes, rand::random());
+    frames.extend_from_slice(&rest);
+    first.bytes = frames;
+    Ok(())
+}
+
 /// Everything after the handshake: the CONNECT, a server, the hand-off.
 async fn serve(
     shared: &Shared,
@@ -540,14 +563,17 @@ async fn serve(
     let peer = first.proxied_source.unwrap_or(peer);
     if listener.rewrite != Rewrite::default() {
         let identity = tls.as_ref().and_then(|t| t.identity.as_ref());
-        if let Err(why) = apply_rewrite(
-            &mut first,
-            listener.rewrite,
-            identity,
-            listener.max_connect_size as usize,
-        ) {
+        let rewritten = if websocket {
+            rewrite_in_frames(&mut first, listener.rewrite, identity, max)
+        } else {
+            apply_rewrite(&mut first, listener.rewrite, identity, max)
+        };
+        if let Err(why) = rewritten {
             stats.inc(DaemonStat::RewriteFailed);
             debug!(%peer, listener = %listener.name, %why, "CONNECT rewrite failed; closing");
+            if websocket {
+                let _ = client.write_all(&ws::close_frame(1008)).await;
+            }
             return;
         }
     }
@@ -590,9 +616,30 @@ async fn serve(
     let mut written_to_client = 0;
     // Bytes already written to the server (the upgrade request).
     let mut traffic_head = 0;
+    // WebSocket terminated here: the client bytes after the frames already unwrapped.
+    let mut terminated: Option<Vec<u8>> = None;
+    let terminate = ws_handshake.is_some()
+        && cluster.pool.servers[lease.index]
+            .config
+            .ws_address
+            .is_none();
     match &ws_handshake {
         None if head.is_empty() => head = std::mem::take(&mut first.bytes),
         None => head.extend_from_slice(&first.bytes),
+        Some(h) if terminate => {
+            // The server speaks plain MQTT: the CONNECT and what followed, unwrapped.
+            let (payload, used) = match ws::client_frames(&first.bytes, max) {
+                Ok(p) => p,
+                Err(e) => {
+                    stats.inc(DaemonStat::WsBadFrames);
+                    debug!(%peer, error = %e, "client frames");
+                    return;
+                }
+            };
+            head.extend_from_slice(&payload);
+            terminated = Some(first.bytes.split_off(used));
+            written_to_client = h.answered as u64;
+        }
         Some(h) => {
             // The client's upgrade, then (once the server agreed) its frames.
             head.extend_from_slice(&ws::forward_request(&h.head, peer.ip()));
@@ -642,6 +689,16 @@ async fn serve(
 
     // 4. Hand-off.
     let idle = cluster.config.idle_timeout;
+    if let Some(pending) = terminated {
+        drop(head);
+        let fd = client.tcp().as_raw_fd();
+        let outcome = crate::dataplane::stream::ws_terminate(
+            client, fd, pending, server, idle, traffic, stats,
+        )
+        .await;
+        count_outcome(stats, outcome, peer, lease.name());
+        return;
+    }
     let outcome = match client {
         Client::Plain(client) => {
             let pair = Pair {
@@ -665,12 +722,17 @@ async fn serve(
             crate::dataplane::stream::relay(stream, fd, server, idle, traffic, stats).await
         }
     };
+    count_outcome(stats, outcome, peer, lease.name());
+}
+
+/// Counts how a carried connection ended.
+fn count_outcome(stats: &Stats, outcome: Outcome, peer: SocketAddr, server: &str) {
     match outcome {
         Outcome::Closed => stats.inc(DaemonStat::Closed),
         Outcome::IdleTimeout => stats.inc(DaemonStat::IdleTimeout),
         Outcome::Aborted(e) => {
             stats.inc(DaemonStat::Aborted);
-            debug!(%peer, server = lease.name(), error = %e, "connection aborted");
+            debug!(%peer, server, error = %e, "connection aborted");
         }
     }
 }

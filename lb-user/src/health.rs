@@ -36,6 +36,10 @@ pub fn spawn(
     for cluster in clusters {
         let health = &cluster.config.health;
         if health.kind == HealthKind::None {
+            // Checks turned off by a reload: nothing would ever bring a server back.
+            for server in &cluster.pool.servers {
+                server.live.clear_health();
+            }
             continue;
         }
         for server in &cluster.pool.servers {

@@ -4,14 +4,18 @@
 //!
 //! - [`config`]: the TOML file, parsed once into typed values and checked.
 //! - [`mqtt`]: the first-packet codec (CONNECT decoder, CONNACK refusals).
-//! - [`proxy_protocol`]: PROXY v1/v2 headers sent to servers.
+//! - [`proxy_protocol`]: PROXY v1/v2 headers, sent to servers (with TLS TLVs) and
+//!   read from a load balancer in front.
 //! - [`balance`]: server pools and selection (round robin, least connections, random
 //!   two choices, Maglev consistent hashing by client id or address; passive health).
 //! - [`sticky`]: the sticky table (pinned BPF LRU map, or memory without BPF).
 //! - [`health`]: active health checks.
+//! - [`tls`]: TLS termination (rustls configuration, client certificate identity).
+//! - [`ws`]: MQTT over WebSocket (the upgrade and the frames before the CONNECT).
 //! - [`conn`]: one client connection's life, from accept to hand-off.
 //! - [`dataplane`]: what carries bytes after the hand-off: [`dataplane::sockmap`]
-//!   (in-kernel splice) and [`dataplane::copy`] (userspace), behind one trait.
+//!   (in-kernel splice) and [`dataplane::copy`] (userspace), behind one trait, and
+//!   [`dataplane::stream`] (the userspace relay for TLS clients).
 //! - [`bpf`]: loading the eBPF program, the pinned maps, and reading them back.
 //! - [`stats`]: daemon counters. [`ctl`]: `mqttlb ctl`. [`daemon`]: `mqttlb run`.
 //! - [`sys`]: the socket syscalls std and tokio do not wrap.

@@ -8,7 +8,9 @@
 //! packet possibly split across frames: MQTT-6.0.0-2), validates it, connects to the
 //! server's WebSocket address, forwards the client's request (with `X-Forwarded-For`
 //! and `X-Real-IP`), checks the server's `101` against its own, and forwards the frames
-//! unchanged.
+//! unchanged. For a server without a WebSocket address, mqttlb terminates the
+//! WebSocket itself and speaks plain MQTT to the server
+//! (`dataplane::stream::ws_terminate`).
 
 use std::net::IpAddr;
 
@@ -206,44 +208,70 @@ pub enum FrameError {
     NotBinary,
 }
 
+/// One complete client frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Opcode (0 continuation, 1 text, 2 binary, 8 close, 9 ping, 10 pong).
+    pub opcode: u8,
+    /// Unmasked payload.
+    pub payload: Vec<u8>,
+    /// Bytes the frame took in the buffer.
+    pub len: usize,
+}
+
+/// The complete client frame at the start of `buf`, if there is one. Frames must be
+/// masked (RFC 6455 5.1), without reserved bits, with at most `max` payload bytes.
+pub fn next_client_frame(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(FrameError::NotBinary);
+    }
+    if b1 & 0x80 == 0 {
+        return Err(FrameError::Unmasked);
+    }
+    let (len, header) = match b1 & 0x7f {
+        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() >= 10 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(n), 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (u64::from(n), 2),
+    };
+    if len > max as u64 {
+        return Err(FrameError::NotBinary);
+    }
+    let total = header + 4 + len as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let mask = &buf[header..header + 4];
+    let payload = buf[header + 4..total]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ mask[i % 4])
+        .collect();
+    Ok(Some(Frame {
+        opcode: b0 & 0x0f,
+        payload,
+        len: total,
+    }))
+}
+
 /// The unmasked payload of the complete client frames at the start of `buf` (binary
-/// and continuation frames; pings and pongs are skipped), at most `max` bytes of it.
-pub fn client_payload(buf: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
+/// and continuation frames; pings and pongs are skipped), at most `max` bytes of it,
+/// and how many bytes those frames took.
+pub fn client_frames(buf: &[u8], max: usize) -> Result<(Vec<u8>, usize), FrameError> {
     let mut out = Vec::new();
     let mut at = 0;
-    while buf.len() - at >= 2 {
-        let (b0, b1) = (buf[at], buf[at + 1]);
-        if b0 & 0x70 != 0 {
-            return Err(FrameError::NotBinary);
-        }
-        if b1 & 0x80 == 0 {
-            return Err(FrameError::Unmasked);
-        }
-        let opcode = b0 & 0x0f;
-        let (len, header) = match b1 & 0x7f {
-            126 if buf.len() - at >= 4 => {
-                (u64::from(u16::from_be_bytes([buf[at + 2], buf[at + 3]])), 4)
-            }
-            127 if buf.len() - at >= 10 => {
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&buf[at + 2..at + 10]);
-                (u64::from_be_bytes(n), 10)
-            }
-            126 | 127 => break,
-            n => (u64::from(n), 2),
-        };
-        if len > max as u64 + 16 {
-            return Err(FrameError::NotBinary);
-        }
-        let total = header + 4 + len as usize;
-        if buf.len() - at < total {
-            break;
-        }
-        let mask = &buf[at + header..at + header + 4];
-        let payload = &buf[at + header + 4..at + total];
-        match opcode {
+    while let Some(f) = next_client_frame(&buf[at..], max + 16)? {
+        match f.opcode {
             0x0 | 0x2 => {
-                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+                out.extend_from_slice(&f.payload);
                 if out.len() > max + 16 {
                     return Err(FrameError::NotBinary);
                 }
@@ -251,9 +279,21 @@ pub fn client_payload(buf: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
             0x9 | 0xa => {}
             _ => return Err(FrameError::NotBinary),
         }
-        at += total;
+        at += f.len;
     }
-    Ok(out)
+    Ok((out, at))
+}
+
+/// [`client_frames`] without the length.
+pub fn client_payload(buf: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
+    client_frames(buf, max).map(|(p, _)| p)
+}
+
+/// A server-to-client control frame (close 8, pong 10) with `payload`.
+pub fn control_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode, payload.len().min(125) as u8];
+    f.extend_from_slice(&payload[..payload.len().min(125)]);
+    f
 }
 
 /// A server-to-client (unmasked) binary frame.
@@ -274,11 +314,21 @@ pub fn binary_frame(payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A client-to-server binary frame masked with `mask` (what mqttlb sends in a client's
+/// name after rewriting its CONNECT).
+pub fn masked_binary_frame(payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut f = binary_frame(payload);
+    let at = f.len() - payload.len();
+    f[1] |= 0x80;
+    let mut out = f[..at].to_vec();
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
 /// A close frame with a status code (1002: protocol error, 1011: server error).
 pub fn close_frame(code: u16) -> Vec<u8> {
-    let mut f = vec![0x88, 2];
-    f.extend_from_slice(&code.to_be_bytes());
-    f
+    control_frame(0x8, &code.to_be_bytes())
 }
 
 #[cfg(test)]
@@ -427,6 +477,14 @@ mod tests {
             ServerAnswer::Refused(_)
         ));
         assert_eq!(binary_frame(&[1, 2]), [0x82, 2, 1, 2]);
+        for len in [0usize, 5, 125, 126, 300, 70_000] {
+            let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let f = masked_binary_frame(&data, [9, 8, 7, 6]);
+            let frame = next_client_frame(&f, 1 << 20)
+                .expect("valid")
+                .expect("complete");
+            assert_eq!((frame.opcode, frame.payload, frame.len), (2, data, f.len()));
+        }
         assert_eq!(&binary_frame(&[0; 200])[..4], &[0x82, 126, 0, 200]);
     }
 }

@@ -91,7 +91,7 @@ fn publish(args: &[String], id: &str, extra: &[&str]) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mosquitto_clients_exchange_messages_over_tls_1_2_and_1_3() {
+async fn clients_exchange_messages_over_tls_1_2_and_1_3() {
     if !privileged("tls") {
         return;
     }
@@ -138,8 +138,15 @@ async fn mosquitto_clients_exchange_messages_over_tls_1_2_and_1_3() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // (mosquitto's --tls-version is a minimum: pin each version with rustls too.)
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let s = pki.connect_version(lb.addr, version).await.expect("TLS");
+        assert_eq!(s.get_ref().1.protocol_version(), Some(version.version));
+        let mut s = mqttc::session_on(s, "pinned", true).await.expect("session");
+        mqttc::ping(&mut s).await.expect("PINGRESP");
+    }
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(lb.stat("tls_handshakes") >= 4);
+    assert!(lb.stat("tls_handshakes") >= 6);
     // Only the harness's readiness probe.
     assert_eq!(lb.stat("tls_handshake_failures"), 1);
 }
@@ -461,4 +468,49 @@ async fn stickiness_and_connect_validation_hold_over_tls() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(lb.stat("rejected_invalid_connect"), 2);
     assert_eq!(connections(&lb), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_new_tls_settings_to_new_handshakes_only() {
+    if !privileged("tls") {
+        return;
+    }
+    let pki = Pki::new();
+    let broker = Mosquitto::start();
+    let lb = start(&pki, "", "", "", &[broker.addr]);
+    let s = pki
+        .connect_version(lb.addr, &rustls::version::TLS12)
+        .await
+        .expect("TLS 1.2 before the reload");
+    mqttc::session_on(s, "before", true).await.expect("session");
+    let held = pki.connect(lb.addr, None).await.expect("TLS");
+    let mut held = mqttc::session_on(held, "held", true)
+        .await
+        .expect("session");
+    let text = tls_text(
+        &lb.instance,
+        lb.addr.port(),
+        &pki,
+        "min_version = \"1.3\"",
+        "",
+        "",
+        &[broker.addr],
+    );
+    lb.reload(&text);
+    assert!(
+        pki.connect_version(lb.addr, &rustls::version::TLS12)
+            .await
+            .is_err(),
+        "TLS 1.2 still accepted after the reload"
+    );
+    let s = pki
+        .connect_version(lb.addr, &rustls::version::TLS13)
+        .await
+        .expect("TLS 1.3");
+    mqttc::session_on(s, "after-1.3", true)
+        .await
+        .expect("session");
+    mqttc::ping(&mut held)
+        .await
+        .expect("the established session keeps working");
 }

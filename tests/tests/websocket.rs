@@ -19,13 +19,13 @@ use tokio::{
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 /// A config with a `ws` listener and a `wss` listener in front of `servers` (TCP
-/// address, WebSocket address).
+/// address, WebSocket address: `None` makes mqttlb terminate the WebSocket).
 fn ws_text(
     instance: &str,
     ports: (u16, u16),
     pki: &Pki,
     cluster_keys: &str,
-    servers: &[(SocketAddr, SocketAddr)],
+    servers: &[(SocketAddr, Option<SocketAddr>)],
 ) -> String {
     let mut t = format!(
         "[global]\nname = \"{instance}\"\n\n[[listeners]]\nname = \"ws\"\nbind = \"127.0.0.1:{}\"\nkind = \"ws\"\ncluster = \"c\"\ninspect_timeout = \"3s\"\n\n[[listeners]]\nname = \"wss\"\nbind = \"127.0.0.1:{}\"\nkind = \"wss\"\ncluster = \"c\"\npath = \"/mqtt\"\n\n[listeners.tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n{cluster_keys}\n[clusters.health]\nkind = \"none\"\n",
@@ -36,9 +36,12 @@ fn ws_text(
     );
     for (i, (tcp, ws)) in servers.iter().enumerate() {
         t += &format!(
-            "\n[[clusters.servers]]\nname = \"node{}\"\naddress = \"{tcp}\"\nws_address = \"{ws}\"\n",
+            "\n[[clusters.servers]]\nname = \"node{}\"\naddress = \"{tcp}\"\n",
             i + 1
         );
+        if let Some(ws) = ws {
+            t += &format!("ws_address = \"{ws}\"\n");
+        }
     }
     t
 }
@@ -47,7 +50,7 @@ fn ws_text(
 fn start(
     pki: &Pki,
     cluster_keys: &str,
-    servers: &[(SocketAddr, SocketAddr)],
+    servers: &[(SocketAddr, Option<SocketAddr>)],
 ) -> (Daemon, SocketAddr) {
     let instance = format!("ws{}x{}", std::process::id(), free_port());
     let ports = (free_port(), free_port());
@@ -57,14 +60,63 @@ fn start(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn paho_over_ws_and_wss_with_mqtt_311_and_5() {
+async fn paho_over_ws_and_wss_with_mqtt_311_and_5_to_a_websocket_server() {
     if !privileged("websocket") {
         return;
     }
     let pki = Pki::new();
     let broker = Mosquitto::start();
     let bridge = WsBridge::start(broker.addr).await;
-    let (lb, wss) = start(&pki, "", &[(broker.addr, bridge.addr)]);
+    let (lb, wss) = start(&pki, "", &[(broker.addr, Some(bridge.addr))]);
+    paho_both_ways(&pki, &lb, wss).await;
+    let forwarded = bridge.forwarded.lock().expect("lock").clone();
+    assert_eq!(forwarded.len(), 4);
+    for (xff, real) in forwarded {
+        assert_eq!((xff.as_str(), real.as_str()), ("127.0.0.1", "127.0.0.1"));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        lb.stat("spliced") >= 2,
+        "ws connections spliced: {}",
+        lb.ctl("stats")
+    );
+}
+
+/// Servers without `ws_address`: mqttlb terminates the WebSocket and speaks plain
+/// MQTT to mosquitto's TCP listener (no WebSocket terminator in between).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_over_ws_and_wss_with_mqtt_311_and_5_terminated_by_mqttlb() {
+    if !privileged("websocket") {
+        return;
+    }
+    let pki = Pki::new();
+    let broker = Mosquitto::start();
+    let (lb, wss) = start(&pki, "", &[(broker.addr, None)]);
+    paho_both_ways(&pki, &lb, wss).await;
+    // WebSocket control frames are answered by mqttlb; MQTT goes through.
+    let mut s = ws_session(lb.addr, "raw-terminated", true).await;
+    s.write_all(&masked(0x89, b"are you there"))
+        .await
+        .expect("ping");
+    let (b0, p) = read_frame(&mut s).await.expect("pong");
+    assert_eq!((b0, p.as_slice()), (0x8a, &b"are you there"[..]));
+    s.write_all(&masked(0x82, &[0xc0, 0]))
+        .await
+        .expect("PINGREQ");
+    let (b0, p) = read_frame(&mut s).await.expect("PINGRESP");
+    assert_eq!((b0, p.as_slice()), (0x82, &[0xd0, 0][..]));
+    s.write_all(&masked(0x88, &[0x03, 0xe8]))
+        .await
+        .expect("close");
+    let (b0, _) = read_frame(&mut s).await.expect("close reply");
+    assert_eq!(b0 & 0x0f, 0x8);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
+}
+
+/// paho-mqtt over ws and wss, MQTT 3.1.1 and 5: 100 QoS 1 messages published and
+/// received back by the same client.
+async fn paho_both_ways(pki: &Pki, lb: &Daemon, wss: SocketAddr) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/paho_ws_pubsub.py");
     for (name, port, cafile) in [
         ("ws", lb.addr.port(), None),
@@ -100,18 +152,8 @@ async fn paho_over_ws_and_wss_with_mqtt_311_and_5() {
             assert_eq!(got, want, "{topic}");
         }
     }
-    let forwarded = bridge.forwarded.lock().expect("lock").clone();
-    assert_eq!(forwarded.len(), 4);
-    for (xff, real) in forwarded {
-        assert_eq!((xff.as_str(), real.as_str()), ("127.0.0.1", "127.0.0.1"));
-    }
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(lb.stat("ws_upgrades"), 4);
-    assert!(
-        lb.stat("spliced") >= 2,
-        "ws connections spliced: {}",
-        lb.ctl("stats")
-    );
 }
 
 /// Sends an upgrade request; returns the stream and the response head.
@@ -201,10 +243,10 @@ async fn a_connect_split_across_frames_is_balanced_by_client_id_and_sticks() {
     for b in &brokers {
         bridges.push(WsBridge::start(b.addr).await);
     }
-    let servers: Vec<(SocketAddr, SocketAddr)> = brokers
+    let servers: Vec<(SocketAddr, Option<SocketAddr>)> = brokers
         .iter()
         .zip(&bridges)
-        .map(|(b, w)| (b.addr, w.addr))
+        .map(|(b, w)| (b.addr, Some(w.addr)))
         .collect();
     let (lb, _) = start(&pki, "balance = \"client-id\"", &servers);
     let counts = || {
@@ -245,7 +287,7 @@ async fn bad_websocket_input_is_refused_counted_and_reaches_no_server() {
     let pki = Pki::new();
     let broker = Mosquitto::start();
     let bridge = WsBridge::start(broker.addr).await;
-    let (lb, _) = start(&pki, "", &[(broker.addr, bridge.addr)]);
+    let (lb, _) = start(&pki, "", &[(broker.addr, Some(bridge.addr))]);
     // Not an upgrade; the wrong path.
     let (_, head) = upgrade(lb.addr, "GET /mqtt HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 426"), "{head}");
@@ -273,4 +315,56 @@ async fn bad_websocket_input_is_refused_counted_and_reaches_no_server() {
     // A good client still gets through.
     let _s = ws_session(lb.addr, "good", false).await;
     assert_eq!(bridge.forwarded.lock().expect("lock").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_rewrites_the_client_id_from_the_certificate() {
+    if !privileged("websocket") {
+        return;
+    }
+    let pki = Pki::new();
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let instance = format!("wsrw{}x{}", std::process::id(), free_port());
+    let ports = (free_port(), free_port());
+    let text = ws_text(&instance, ports, &pki, "", &[(receiver.local_addr().expect("addr"), None)])
+        .replace(
+            "\n\n[[clusters]]",
+            &format!(
+                "\nclient_ca = \"{}\"\n\n[listeners.rewrite]\nclient_id = \"cert.serial\"\n\n[[clusters]]",
+                pki.path("ca.pem")
+            ),
+        );
+    let _lb = Daemon::start_text("auto", ports.0, &instance, &text);
+    let wss = SocketAddr::from(([127, 0, 0, 1], ports.1));
+    let mut s = pki.connect(wss, Some("client")).await.expect("TLS");
+    s.write_all(request("/mqtt").as_bytes())
+        .await
+        .expect("upgrade");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.expect("101"));
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // The CONNECT split over two frames, a PINGREQ after it.
+    let mut connect = mqttc::connect("chosen-by-device", true);
+    connect.extend_from_slice(&[0xc0, 0]);
+    let (a, b) = connect.split_at(7);
+    s.write_all(&[masked(0x02, a), masked(0x80, b)].concat())
+        .await
+        .expect("frames");
+    let (mut server, _) = tokio::time::timeout(Duration::from_secs(5), receiver.accept())
+        .await
+        .expect("server connection")
+        .expect("accept");
+    let mut want =
+        mqttlb::mqtt::rewrite_connect(&connect, 1 << 16, "0A1B2C3D", None).expect("rewrite");
+    want.extend_from_slice(&[0xc0, 0]);
+    let mut got = vec![0u8; want.len()];
+    server.read_exact(&mut got).await.expect("plain MQTT");
+    assert_eq!(
+        got, want,
+        "the server gets the rewritten CONNECT, unwrapped"
+    );
 }

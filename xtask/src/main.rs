@@ -250,8 +250,8 @@ pub(crate) fn make_pki(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Three mosquitto nodes bridged into one cluster and mqttlb (1883 MQTT, 8883 TLS) in
-/// front.
+/// Three mosquitto nodes bridged into one cluster and mqttlb in front (1883 MQTT, 8883
+/// TLS, 8083 WebSocket, 8084 WebSocket over TLS).
 fn demo(bin: &Path) -> Result<()> {
     let dir = root().join("target/demo");
     std::fs::create_dir_all(&dir)?;
@@ -296,6 +296,24 @@ key = "pki/server.key"
 client_ca = "pki/ca.pem"
 verify = "optional"          # mutual TLS when the client has a certificate
 
+# MQTT over WebSocket: the servers have no ws_address, so mqttlb terminates the
+# WebSocket and speaks plain MQTT to them.
+[[listeners]]
+name = "ws"
+bind = "0.0.0.0:8083"
+kind = "ws"
+cluster = "brokers"
+
+[[listeners]]
+name = "wss"
+bind = "0.0.0.0:8084"
+kind = "wss"
+cluster = "brokers"
+
+[listeners.tls]
+cert = "pki/server.pem"
+key = "pki/server.key"
+
 [[clusters]]
 name = "brokers"
 balance = "client-id"
@@ -332,6 +350,11 @@ address = "127.0.0.1:18833"
         p("ca.pem"),
         p("client.pem"),
         p("client.key")
+    );
+    println!("  MQTT over WebSocket on 8083 (ws) and 8084 (wss), path /mqtt:");
+    println!(
+        "    /usr/bin/python3 -c \"import paho.mqtt.client as m; c = m.Client(transport='websockets'); c.tls_set(ca_certs='{}'); c.connect('localhost', 8084); c.loop_start(); c.publish('demo/hello', 'over WSS').wait_for_publish()\"",
+        p("ca.pem")
     );
     println!(
         "  config:    {}   (edit, then: kill -HUP <pid>)",

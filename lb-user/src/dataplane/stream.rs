@@ -1,6 +1,7 @@
-//! The userspace relay for connections whose client side is not a plain TCP socket
-//! (TLS): bytes are decrypted and encrypted in the process, so neither the sockmap nor
-//! the copy plane (which moves bytes between two sockets) can carry them.
+//! The userspace relays for connections whose bytes must change on the way: a TLS
+//! client (decrypted and encrypted in the process) and a WebSocket terminated by mqttlb
+//! in front of a plain MQTT server (frames unwrapped and wrapped). Neither the sockmap
+//! nor the copy plane (which move bytes unchanged between two sockets) can carry them.
 //!
 //! Each direction copies through a 16 KiB buffer; a half-close is forwarded after
 //! every byte before it (TLS: `close_notify`, then FIN); an error on either side
@@ -124,6 +125,129 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Err(e) => {
                         // Reset both rather than let either side believe the stream ended.
+                        let _ = sys::set_linger_zero(client_fd);
+                        let _ = sys::set_linger_zero(server_fd);
+                        Outcome::Aborted(e)
+                    }
+                };
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                if epoch.elapsed() >= Duration::from_millis(last.load(Ordering::Relaxed)) + idle {
+                    return Outcome::IdleTimeout;
+                }
+            }
+        }
+    }
+}
+
+/// Largest client frame accepted while terminating a WebSocket.
+const MAX_FRAME: usize = 16 << 20;
+
+/// Carries a WebSocket client to a plain MQTT server, terminating the WebSocket:
+/// client frames are unmasked to the server (`pending`: client bytes already read, the
+/// start of the next frames), server bytes go back in binary frames, pings are answered,
+/// a close frame is answered and ends the client-to-server direction (FIN), the
+/// server's FIN becomes a close frame (1000). An unmasked or text frame resets both.
+pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
+    client: C,
+    client_fd: RawFd,
+    pending: Vec<u8>,
+    server: TcpStream,
+    idle: Duration,
+    traffic: Arc<Traffic>,
+    stats: &Stats,
+) -> Outcome {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stats.inc(DaemonStat::Copied);
+    let epoch = Instant::now();
+    let last = AtomicU64::new(0);
+    let touch = || last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let server_fd = server.as_raw_fd();
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut sr, mut sw) = server.into_split();
+    // Control frames the client-to-server side owes the client (pongs, the close reply).
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let up = async {
+        let mut buf = pending;
+        let mut chunk = vec![0u8; BUF];
+        loop {
+            while let Some(f) = crate::ws::next_client_frame(&buf, MAX_FRAME)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            {
+                buf.drain(..f.len);
+                match f.opcode {
+                    0x0 | 0x2 => {
+                        sw.write_all(&f.payload).await?;
+                        traffic.add(0, f.payload.len() as u64);
+                        stats.add(DaemonStat::CopiedBytesC2s, f.payload.len() as u64);
+                    }
+                    0x9 => {
+                        let _ = ctl_tx.send(crate::ws::control_frame(0xa, &f.payload)).await;
+                    }
+                    0xa => {}
+                    0x8 => {
+                        let _ = ctl_tx.send(crate::ws::control_frame(0x8, &f.payload)).await;
+                        return sw.shutdown().await;
+                    }
+                    _ => {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "text frame"));
+                    }
+                }
+            }
+            let n = match cr.read(&mut chunk).await {
+                // A TLS client may close without close_notify: the end all the same.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                r => r?,
+            };
+            if n == 0 {
+                return sw.shutdown().await;
+            }
+            touch();
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let down = async {
+        let mut chunk = vec![0u8; BUF];
+        let mut ctl_open = true;
+        loop {
+            tokio::select! {
+                ctl = ctl_rx.recv(), if ctl_open => match ctl {
+                    Some(frame) => cw.write_all(&frame).await?,
+                    None => ctl_open = false,
+                },
+                r = sr.read(&mut chunk) => {
+                    let n = r?;
+                    if n == 0 {
+                        // The server is done: close the WebSocket. The client may be
+                        // gone already (it closed first), which is no error.
+                        let _ = cw.write_all(&crate::ws::close_frame(1000)).await;
+                        let _ = cw.shutdown().await;
+                        return Ok(());
+                    }
+                    touch();
+                    traffic.add(1, n as u64);
+                    stats.add(DaemonStat::CopiedBytesS2c, n as u64);
+                    cw.write_all(&crate::ws::binary_frame(&chunk[..n])).await?;
+                }
+            }
+        }
+    };
+    let both = async {
+        let (a, b) = tokio::join!(up, down);
+        a.and(b)
+    };
+    tokio::pin!(both);
+    loop {
+        let since = Duration::from_millis(last.load(Ordering::Relaxed));
+        let deadline = epoch + since + idle;
+        tokio::select! {
+            r = &mut both => {
+                return match r {
+                    Ok(()) => {
+                        stats.add(DaemonStat::HalfClosed, 2);
+                        Outcome::Closed
+                    }
+                    Err(e) => {
                         let _ = sys::set_linger_zero(client_fd);
                         let _ = sys::set_linger_zero(server_fd);
                         Outcome::Aborted(e)

@@ -804,6 +804,27 @@ impl Pki {
 
     /// A rustls client trusting the CA, presenting `cert` (`client`, `stranger`) if given.
     pub fn client(&self, cert: Option<&str>) -> tokio_rustls::TlsConnector {
+        self.client_versions(cert, rustls::DEFAULT_VERSIONS)
+    }
+
+    /// TLS to `addr` as `localhost` with only this protocol version.
+    pub async fn connect_version(
+        &self,
+        addr: SocketAddr,
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        self.client_versions(None, &[version])
+            .connect(name, tcp)
+            .await
+    }
+
+    fn client_versions(
+        &self,
+        cert: Option<&str>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> tokio_rustls::TlsConnector {
         use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_file_iter(self.path("ca.pem")).expect("ca") {
@@ -811,7 +832,7 @@ impl Pki {
         }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .expect("versions")
             .with_root_certificates(roots);
         let config = match cert {
