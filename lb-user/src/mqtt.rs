@@ -328,6 +328,27 @@ pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, Invalid> {
     Ok(remaining_length(rest)?.map(|(len, n)| 1 + n + len))
 }
 
+/// The CONNECT at the start of `packet`, which must be complete and valid.
+fn complete_connect(packet: &[u8], max_size: usize) -> Result<Connect<'_>, Invalid> {
+    match decode_connect(packet, max_size) {
+        Decode::Connect(c) => Ok(c),
+        Decode::Invalid(e) => Err(e),
+        Decode::Incomplete => Err(Invalid::Length),
+    }
+}
+
+/// A packet from its first byte and body, refused when over `max_size` bytes.
+fn with_fixed_header(first: u8, body: &[u8], max_size: usize) -> Result<Vec<u8>, Invalid> {
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(first);
+    encode::varint(&mut out, body.len());
+    out.extend_from_slice(body);
+    if out.len() > max_size {
+        return Err(Invalid::TooLarge);
+    }
+    Ok(out)
+}
+
 /// Rewrites the client id of the CONNECT at the start of `packet`, and its username
 /// when it has one and `username` is given, keeping every other byte (flags, will,
 /// password, every MQTT 5 property) exactly as it was. For identities taken from TLS
@@ -339,11 +360,7 @@ pub fn rewrite_connect(
     client_id: &str,
     username: Option<&str>,
 ) -> Result<Vec<u8>, Invalid> {
-    let c = match decode_connect(packet, max_size) {
-        Decode::Connect(c) => c,
-        Decode::Invalid(e) => return Err(e),
-        Decode::Incomplete => return Err(Invalid::Length),
-    };
+    let c = complete_connect(packet, max_size)?;
     if [Some(client_id), username]
         .iter()
         .flatten()
@@ -372,14 +389,7 @@ pub fn rewrite_connect(
         pos = end;
     }
     body.extend_from_slice(&packet[pos..c.len]);
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(packet[0]);
-    encode::varint(&mut out, body.len());
-    out.extend_from_slice(&body);
-    if out.len() > max_size {
-        return Err(Invalid::TooLarge);
-    }
-    Ok(out)
+    with_fixed_header(packet[0], &body, max_size)
 }
 
 /// Adds a username to the CONNECT at the start of `packet`, which has none: sets the
@@ -387,11 +397,7 @@ pub fn rewrite_connect(
 /// no password). Every other byte stays as it was. A CONNECT with a password but no
 /// username (MQTT 5 only) is refused, as is one that already has a username.
 pub fn add_username(packet: &[u8], max_size: usize, username: &str) -> Result<Vec<u8>, Invalid> {
-    let c = match decode_connect(packet, max_size) {
-        Decode::Connect(c) => c,
-        Decode::Invalid(e) => return Err(e),
-        Decode::Incomplete => return Err(Invalid::Length),
-    };
+    let c = complete_connect(packet, max_size)?;
     if c.username.is_some() || c.has_password {
         return Err(Invalid::Flags);
     }
@@ -411,14 +417,7 @@ pub fn add_username(packet: &[u8], max_size: usize, username: &str) -> Result<Ve
     let len = u16::try_from(username.len()).map_err(|_| Invalid::Length)?;
     body.extend_from_slice(&len.to_be_bytes());
     body.extend_from_slice(username.as_bytes());
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(packet[0]);
-    encode::varint(&mut out, body.len());
-    out.extend_from_slice(&body);
-    if out.len() > max_size {
-        return Err(Invalid::TooLarge);
-    }
-    Ok(out)
+    with_fixed_header(packet[0], &body, max_size)
 }
 
 /// Packet builders for MQTT 3.1.1 and 5.0 clients (the load generator and tests).

@@ -105,17 +105,26 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 async fn mqtt_connect(target: SocketAddr, i: usize, client_id: &str) -> Result<TcpStream> {
     tokio::time::timeout(SESSION_TIMEOUT, async {
         let mut s = tcp_connect(target, i).await?;
-        s.write_all(&encode::connect(V, client_id, 600)).await?;
-        let mut ack = [0u8; 4];
-        s.read_exact(&mut ack).await.context("reading CONNACK")?;
-        ensure!(
-            ack[0] == 0x20 && ack[3] == 0,
-            "session refused: CONNACK {ack:02x?}"
-        );
+        mqtt_handshake(&mut s, client_id).await?;
         Ok(s)
     })
     .await
     .context("no CONNACK within 10 s")?
+}
+
+/// CONNECT, then a CONNACK that accepts it.
+async fn mqtt_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    client_id: &str,
+) -> Result<()> {
+    s.write_all(&encode::connect(V, client_id, 600)).await?;
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await.context("reading CONNACK")?;
+    ensure!(
+        ack[0] == 0x20 && ack[3] == 0,
+        "session refused: CONNACK {ack:02x?}"
+    );
+    Ok(())
 }
 
 /// A client stream, plain or TLS.
@@ -142,13 +151,7 @@ async fn session(
                 (Box::new(t), resumed)
             }
         };
-        s.write_all(&encode::connect(V, client_id, 600)).await?;
-        let mut ack = [0u8; 4];
-        s.read_exact(&mut ack).await.context("reading CONNACK")?;
-        ensure!(
-            ack[0] == 0x20 && ack[3] == 0,
-            "session refused: CONNACK {ack:02x?}"
-        );
+        mqtt_handshake(&mut s, client_id).await?;
         Ok((s, resumed))
     })
     .await

@@ -111,22 +111,41 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
         last: &last,
         epoch,
     };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, BUF, BUF);
-    tokio::pin!(copy);
+    let copy = async {
+        tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, BUF, BUF)
+            .await
+            .map(drop)
+    };
+    until_idle(copy, &last, epoch, idle, [client_fd, server_fd], stats).await
+}
+
+/// Runs `both` (both directions of a relay) to its end, or until neither direction
+/// moved a byte for `idle` (`last`: milliseconds since `epoch` of the last byte). An
+/// error resets both TCP connections (`fds`) rather than let either side believe the
+/// stream ended.
+async fn until_idle(
+    both: impl std::future::Future<Output = io::Result<()>>,
+    last: &AtomicU64,
+    epoch: Instant,
+    idle: Duration,
+    fds: [RawFd; 2],
+    stats: &Stats,
+) -> Outcome {
+    tokio::pin!(both);
     loop {
         let since = Duration::from_millis(last.load(Ordering::Relaxed));
         let deadline = epoch + since + idle;
         tokio::select! {
-            r = &mut copy => {
+            r = &mut both => {
                 return match r {
-                    Ok(_) => {
+                    Ok(()) => {
                         stats.add(DaemonStat::HalfClosed, 2);
                         Outcome::Closed
                     }
                     Err(e) => {
-                        // Reset both rather than let either side believe the stream ended.
-                        let _ = sys::set_linger_zero(client_fd);
-                        let _ = sys::set_linger_zero(server_fd);
+                        for fd in fds {
+                            let _ = sys::set_linger_zero(fd);
+                        }
                         Outcome::Aborted(e)
                     }
                 };
@@ -236,29 +255,5 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
         let (a, b) = tokio::join!(up, down);
         a.and(b)
     };
-    tokio::pin!(both);
-    loop {
-        let since = Duration::from_millis(last.load(Ordering::Relaxed));
-        let deadline = epoch + since + idle;
-        tokio::select! {
-            r = &mut both => {
-                return match r {
-                    Ok(()) => {
-                        stats.add(DaemonStat::HalfClosed, 2);
-                        Outcome::Closed
-                    }
-                    Err(e) => {
-                        let _ = sys::set_linger_zero(client_fd);
-                        let _ = sys::set_linger_zero(server_fd);
-                        Outcome::Aborted(e)
-                    }
-                };
-            }
-            () = tokio::time::sleep_until(deadline.into()) => {
-                if epoch.elapsed() >= Duration::from_millis(last.load(Ordering::Relaxed)) + idle {
-                    return Outcome::IdleTimeout;
-                }
-            }
-        }
-    }
+    until_idle(both, &last, epoch, idle, [client_fd, server_fd], stats).await
 }
