@@ -549,33 +549,38 @@ mod tests {
             );
         }
     }
+    /// The valid CONNECTs of the shared vectors: (name, bytes).
+    fn valid_vectors() -> Vec<(String, Vec<u8>)> {
+        include_str!("../../tests/data/mqtt-connect-vectors.tsv")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split('\t').collect::<Vec<_>>())
+            .filter(|f| f.get(1) == Some(&"valid"))
+            .map(|f| (f[0].to_owned(), hex(f[2])))
+            .collect()
+    }
+
     #[test]
     fn a_username_is_added_where_there_was_none() {
         fn body(p: &[u8]) -> &[u8] {
             let n = p[1..].iter().position(|b| b & 0x80 == 0).expect("varint") + 2;
             &p[n..]
         }
-        let vectors = include_str!("../../tests/data/mqtt-connect-vectors.tsv");
         let mut added = 0;
-        for line in vectors.lines().filter(|l| !l.starts_with('#')) {
-            let f: Vec<&str> = line.split('\t').collect();
-            if f.get(1) != Some(&"valid") {
-                continue;
-            }
-            let p = hex(f[2]);
+        for (name, p) in valid_vectors() {
             let Decode::Connect(c) = decode_connect(&p, 1 << 16) else {
-                panic!("{}: does not decode", f[0]);
+                panic!("{}: does not decode", name);
             };
             let r = add_username(&p, 1 << 16, "CN=device-7");
             if c.username.is_some() || c.has_password {
-                assert_eq!(r, Err(Invalid::Flags), "{}", f[0]);
+                assert_eq!(r, Err(Invalid::Flags), "{}", name);
                 continue;
             }
             let q = r.expect("added");
             let Decode::Connect(d) = decode_connect(&q, 1 << 16) else {
-                panic!("{}: does not decode with a username", f[0]);
+                panic!("{}: does not decode with a username", name);
             };
-            assert_eq!(d.username, Some("CN=device-7"), "{}", f[0]);
+            assert_eq!(d.username, Some("CN=device-7"), "{}", name);
             assert_eq!(
                 (
                     d.version,
@@ -592,7 +597,7 @@ mod tests {
                     c.has_password
                 ),
                 "{}",
-                f[0]
+                name
             );
             // The body is the old one with the username flag set, then the field.
             let (old, new) = (body(&p[..c.len]), body(&q));
@@ -600,7 +605,7 @@ mod tests {
             let flags_at = 2 + usize::from(old[1]) + 1;
             want[flags_at] |= 0x80;
             want.extend_from_slice(b"\x00\x0bCN=device-7");
-            assert_eq!(new, &want[..], "{}", f[0]);
+            assert_eq!(new, &want[..], "{}", name);
             added += 1;
         }
         assert!(added >= 3, "only {added} vectors without credentials");
@@ -611,41 +616,35 @@ mod tests {
     /// restores the original byte for byte.
     #[test]
     fn rewrite_keeps_every_other_byte() {
-        let vectors = include_str!("../../tests/data/mqtt-connect-vectors.tsv");
         let mut rewritten = 0;
-        for line in vectors.lines().filter(|l| !l.starts_with('#')) {
-            let f: Vec<&str> = line.split('\t').collect();
-            if f.get(1) != Some(&"valid") {
-                continue;
-            }
-            let p = hex(f[2]);
+        for (name, p) in valid_vectors() {
             let Decode::Connect(c) = decode_connect(&p, 1 << 16) else {
-                panic!("{}: does not decode", f[0]);
+                panic!("{}: does not decode", name);
             };
             assert_eq!(
                 rewrite_connect(&p, 1 << 16, c.client_id, c.username).as_deref(),
                 Ok(&p[..c.len]),
                 "{}: identity rewrite",
-                f[0]
+                name
             );
             let new_id = "a-much-longer-client-id-from-a-certificate-0123456789-abcdefghij";
             let q = rewrite_connect(&p, 1 << 16, new_id, Some("cn=device")).expect("rewrite");
             let Decode::Connect(d) = decode_connect(&q, 1 << 16) else {
-                panic!("{}: rewritten packet does not decode", f[0]);
+                panic!("{}: rewritten packet does not decode", name);
             };
-            assert_eq!(d.client_id, new_id, "{}", f[0]);
-            assert_eq!(d.username, c.username.map(|_| "cn=device"), "{}", f[0]);
+            assert_eq!(d.client_id, new_id, "{}", name);
+            assert_eq!(d.username, c.username.map(|_| "cn=device"), "{}", name);
             assert_eq!(
                 (d.version, d.clean_start, d.keep_alive, d.has_password),
                 (c.version, c.clean_start, c.keep_alive, c.has_password),
                 "{}",
-                f[0]
+                name
             );
             assert_eq!(
                 rewrite_connect(&q, 1 << 16, c.client_id, c.username).as_deref(),
                 Ok(&p[..c.len]),
                 "{}: rewriting back",
-                f[0]
+                name
             );
             rewritten += 1;
         }
