@@ -456,12 +456,31 @@ async fn auto_splices_where_bpf_loads() {
     }
     let echo = Echo::start().await;
     let lb = Daemon::start("auto", &[echo.addr]);
-    let mut payload = connect_packet("auto");
-    payload.extend(std::iter::repeat_n(3u8, 1 << 20));
-    let got = roundtrip(lb.addr, payload.clone())
-        .await
-        .expect("roundtrip");
-    assert!(got == payload, "{} bytes came back differently", got.len());
+    // The CONNECT first, the bulk once the pair is spliced: the program must carry it.
+    let connect = connect_packet("auto");
+    let bulk = vec![3u8; 1 << 20];
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(&connect).await.expect("CONNECT");
+    let mut echoed = vec![0u8; connect.len()];
+    s.read_exact(&mut echoed).await.expect("CONNECT echoed");
+    wait_for("the pair spliced", Duration::from_secs(3), || {
+        lb.stat("spliced") == 1
+    })
+    .await;
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&bulk).await.expect("bulk");
+        w.shutdown().await.expect("shutdown");
+    });
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).await.expect("echo");
+    writer.await.expect("writer");
+    assert_eq!(echoed, connect);
+    assert!(
+        got == vec![3u8; 1 << 20],
+        "{} bytes came back differently",
+        got.len()
+    );
     assert!(
         lb.log().contains("data_plane=\"sockmap\""),
         "auto did not choose sockmap:\n{}",
