@@ -144,8 +144,8 @@ impl ServerLive {
 /// One server of a pool: its configuration and live state.
 #[derive(Debug)]
 pub struct ServerRt {
-    /// Its configuration.
-    pub config: Server,
+    /// Its configuration (shared with the leases of its connections).
+    pub config: Arc<Server>,
     /// Its live state.
     pub live: Arc<ServerLive>,
 }
@@ -318,8 +318,7 @@ pub struct Lease {
     pub index: usize,
     /// Its address.
     pub address: SocketAddr,
-    name: String,
-    config: Server,
+    config: Arc<Server>,
     live: Arc<ServerLive>,
 }
 
@@ -341,7 +340,7 @@ impl Lease {
     }
     /// The server's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.config.name
     }
     /// Byte counters of the server.
     pub fn traffic(&self) -> Arc<Traffic> {
@@ -366,7 +365,7 @@ impl Pool {
                     .map(|s| s.live.clone())
                     .unwrap_or_default();
                 ServerRt {
-                    config: config.clone(),
+                    config: Arc::new(config.clone()),
                     live,
                 }
             })
@@ -427,7 +426,6 @@ impl Pool {
         Lease {
             index,
             address: server.config.address,
-            name: server.config.name.clone(),
             config: server.config.clone(),
             live: server.live.clone(),
         }
@@ -638,8 +636,9 @@ mod tests {
 
     #[test]
     fn leases_count_active_connections_and_respect_max() {
-        let mut p = pool(&[(1, false, "up")]);
-        p.servers[0].config.max_connections = NonZeroU32::new(2);
+        let mut c = cluster("round-robin", &[(1, false, "up")]);
+        c.servers[0].max_connections = NonZeroU32::new(2);
+        let p = Pool::new(&c, None);
         let a = p.select(&key("x"), &[false]).expect("1");
         let b = p.select(&key("x"), &[false]).expect("2");
         assert!(p.select(&key("x"), &[false]).is_none(), "full");

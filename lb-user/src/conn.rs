@@ -374,6 +374,22 @@ async fn proxy_header_before_tls(client: &TcpStream) -> Result<Option<SocketAddr
     }
 }
 
+/// Waits until the client has sent something (or closed). `readable()` alone can
+/// report a fresh socket ready: a peek that would block clears that.
+async fn wait_for_bytes(client: &TcpStream) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    loop {
+        client.readable().await?;
+        match client.try_io(tokio::io::Interest::READABLE, || {
+            sys::peek(client.as_raw_fd(), &mut byte)
+        }) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The TLS handshake (after a PROXY header when the listener expects one), within
 /// `handshake_timeout` and under the listener's `max_handshakes`.
 async fn tls_accept(
@@ -409,6 +425,9 @@ async fn tls_accept(
     let acceptor =
         tokio_rustls::TlsAcceptor::from(tls.server_config.read().expect("tls lock").clone());
     let handshake = async {
+        // A client that sends nothing takes no handshake slot: silent connections
+        // cannot starve the others; they are cut at the same timeout.
+        wait_for_bytes(&client).await?;
         let _permit = tls.handshakes.acquire().await.map_err(io::Error::other)?;
         acceptor.accept(client).await
     };

@@ -514,3 +514,42 @@ async fn a_reload_applies_new_tls_settings_to_new_handshakes_only() {
         .await
         .expect("the established session keeps working");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_cut_at_handshake_timeout_without_blocking_others() {
+    if !privileged("tls") {
+        return;
+    }
+    let pki = Pki::new();
+    let broker = Mosquitto::start();
+    // One handshake at a time: the silent clients must not hold up the good one
+    // beyond their own timeout.
+    let lb = start(
+        &pki,
+        "handshake_timeout = \"300ms\"\nmax_handshakes = 1",
+        "",
+        "",
+        &[broker.addr],
+    );
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(lb.addr).await.expect("connect"));
+    }
+    let started = std::time::Instant::now();
+    let s = pki
+        .connect(lb.addr, None)
+        .await
+        .unwrap_or_else(|e| panic!("TLS after the silent ones: {e}: {}", lb.log()));
+    mqttc::session_on(s, "patient", true)
+        .await
+        .unwrap_or_else(|e| panic!("session: {e}: {}", lb.log()));
+    eprintln!(
+        "a handshake queued behind 3 silent clients took {:?}",
+        started.elapsed()
+    );
+    for mut s in silent {
+        assert!(closed_within(&mut s, Duration::from_secs(3)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(lb.stat("tls_handshake_timeouts"), 3);
+}

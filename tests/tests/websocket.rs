@@ -368,3 +368,52 @@ async fn wss_rewrites_the_client_id_from_the_certificate() {
         "the server gets the rewritten CONNECT, unwrapped"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_server_and_a_refused_upgrade_end_in_websocket_terms() {
+    if !privileged("websocket") {
+        return;
+    }
+    let pki = Pki::new();
+    // No server listening: CONNACK 3 in a binary frame, then close 1013.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let (lb, _) = start(&pki, "", &[(dead, None)]);
+    let (mut s, head) = upgrade(lb.addr, &request("/mqtt")).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(&masked(0x82, &mqttc::connect("nobody-home", true)))
+        .await
+        .expect("CONNECT");
+    let (b0, p) = read_frame(&mut s).await.expect("CONNACK frame");
+    assert_eq!((b0, p.as_slice()), (0x82, &[0x20, 2, 0, 3][..]));
+    let (b0, p) = read_frame(&mut s).await.expect("close frame");
+    assert_eq!((b0, p.as_slice()), (0x88, &1013u16.to_be_bytes()[..]));
+    drop(lb);
+
+    // A WebSocket server that answers the forwarded upgrade with 404: close 1011.
+    let refuser = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let ws_addr = refuser.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = refuser.accept().await {
+            let mut buf = [0u8; 2048];
+            let _ = c.read(&mut buf).await;
+            let _ = c
+                .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let (lb, _) = start(&pki, "", &[(dead, Some(ws_addr))]);
+    let (mut s, head) = upgrade(lb.addr, &request("/mqtt")).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(&masked(0x82, &mqttc::connect("refused", true)))
+        .await
+        .expect("CONNECT");
+    let (b0, p) = read_frame(&mut s).await.expect("close frame");
+    assert_eq!((b0, p.as_slice()), (0x88, &1011u16.to_be_bytes()[..]));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(lb.stat("ws_server_refused"), 1);
+}
