@@ -260,7 +260,8 @@ impl Maglev {
     }
 
     /// The server owning `hash`'s slot, usable or not.
-    pub fn owner(&self, hash: u64) -> Option<usize> {
+    #[cfg(test)]
+    fn owner(&self, hash: u64) -> Option<usize> {
         self.lookup(hash, |_| true)
     }
 }
@@ -475,8 +476,9 @@ impl Pool {
         (0..self.servers.len()).filter(|&i| usable(i)).collect()
     }
 
-    /// The server of `key` in the lookup table, whatever its state (tests, tools).
-    pub fn table_owner(&self, key: &Key<'_>) -> Option<usize> {
+    /// The server of `key` in the lookup table, whatever its state.
+    #[cfg(test)]
+    fn table_owner(&self, key: &Key<'_>) -> Option<usize> {
         let hash = match self.balance {
             Balance::Source => key.source_hash(),
             _ => hash_bytes(key.client_id.as_bytes(), 0),

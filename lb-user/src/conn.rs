@@ -186,6 +186,20 @@ struct First {
     proxied_source: Option<SocketAddr>,
 }
 
+impl First {
+    /// The fields of `c`, with no bytes yet.
+    fn of(c: &mqtt::Connect<'_>, proxied_source: Option<SocketAddr>) -> Self {
+        Self {
+            bytes: Vec::new(),
+            version: c.version,
+            connect_len: c.len,
+            client_id: c.client_id.to_owned(),
+            username: c.username.map(str::to_owned),
+            proxied_source,
+        }
+    }
+}
+
 /// A listener as the accept loop and the connections see it: its configuration and,
 /// for TLS, the configuration a reload can replace and the handshake limit.
 pub struct ListenerRt {
@@ -779,45 +793,63 @@ async fn read_connect(
     proxy_header: bool,
 ) -> Result<First, Reject> {
     let mut bytes = Vec::with_capacity(256);
-    let mut proxied_source = None;
-    let mut expect_header = proxy_header;
+    let mut proxy = ProxyPrefix::expected(proxy_header);
     loop {
-        if expect_header {
-            match proxy_protocol::decode(&bytes) {
-                proxy_protocol::Decoded::Header { len, source } => {
-                    bytes.drain(..len);
-                    proxied_source = source;
-                    expect_header = false;
-                }
-                proxy_protocol::Decoded::Invalid(why) => return Err(Reject::Proxy(why)),
-                proxy_protocol::Decoded::Incomplete => {}
-            }
-        }
-        if !expect_header {
+        if proxy.strip(&mut bytes)? {
             match mqtt::decode_connect(&bytes, max) {
                 Decode::Connect(c) => {
-                    let (version, client_id) = (c.version, c.client_id.to_owned());
-                    let username = c.username.map(str::to_owned);
-                    let connect_len = c.len;
-                    return Ok(First {
-                        bytes,
-                        version,
-                        connect_len,
-                        client_id,
-                        username,
-                        proxied_source,
-                    });
+                    let mut first = First::of(&c, proxy.source);
+                    first.bytes = bytes;
+                    return Ok(first);
                 }
                 Decode::Invalid(e) => return Err(Reject::Invalid(e)),
                 Decode::Incomplete => {}
             }
         }
-        bytes.reserve(4096);
-        match client.read_buf(&mut bytes).await {
-            Ok(0) => return Err(Reject::Eof),
-            Ok(_) => {}
-            Err(e) => return Err(Reject::Io(e)),
+        read_more(client, &mut bytes).await?;
+    }
+}
+
+/// A PROXY header a listener expects in front of the client's first bytes.
+struct ProxyPrefix {
+    expected: bool,
+    /// The client the header named.
+    source: Option<SocketAddr>,
+}
+
+impl ProxyPrefix {
+    fn expected(expected: bool) -> Self {
+        Self {
+            expected,
+            source: None,
         }
+    }
+
+    /// Removes the header from the front of `buf` once it is complete; true when what
+    /// follows may be parsed (no header expected, or it has been removed).
+    fn strip(&mut self, buf: &mut Vec<u8>) -> Result<bool, Reject> {
+        if self.expected {
+            match proxy_protocol::decode(buf) {
+                proxy_protocol::Decoded::Header { len, source } => {
+                    buf.drain(..len);
+                    self.source = source;
+                    self.expected = false;
+                }
+                proxy_protocol::Decoded::Invalid(why) => return Err(Reject::Proxy(why)),
+                proxy_protocol::Decoded::Incomplete => {}
+            }
+        }
+        Ok(!self.expected)
+    }
+}
+
+/// Appends what the client sends next to `buf`.
+async fn read_more(client: &mut Client, buf: &mut Vec<u8>) -> Result<(), Reject> {
+    buf.reserve(4096);
+    match client.read_buf(buf).await {
+        Ok(0) => Err(Reject::Eof),
+        Ok(_) => Ok(()),
+        Err(e) => Err(Reject::Io(e)),
     }
 }
 
@@ -968,21 +1000,9 @@ async fn read_ws_connect(
     stats: &Stats,
 ) -> Result<(First, WsHandshake), Reject> {
     let mut buf = Vec::with_capacity(1024);
-    let mut proxied_source = None;
-    let mut expect_header = proxy_header;
+    let mut proxy = ProxyPrefix::expected(proxy_header);
     let upgrade = loop {
-        if expect_header {
-            match proxy_protocol::decode(&buf) {
-                proxy_protocol::Decoded::Header { len, source } => {
-                    buf.drain(..len);
-                    proxied_source = source;
-                    expect_header = false;
-                }
-                proxy_protocol::Decoded::Invalid(why) => return Err(Reject::Proxy(why)),
-                proxy_protocol::Decoded::Incomplete => {}
-            }
-        }
-        if !expect_header {
+        if proxy.strip(&mut buf)? {
             match ws::parse_request(&buf, path) {
                 ws::Request::Upgrade(u) => break u,
                 ws::Request::Refuse(status, reason) => {
@@ -992,12 +1012,7 @@ async fn read_ws_connect(
                 ws::Request::Incomplete => {}
             }
         }
-        buf.reserve(2048);
-        match client.read_buf(&mut buf).await {
-            Ok(0) => return Err(Reject::Eof),
-            Ok(_) => {}
-            Err(e) => return Err(Reject::Io(e)),
-        }
+        read_more(client, &mut buf).await?;
     };
     let answer = ws::switching_protocols(&upgrade);
     client.write_all(&answer).await.map_err(Reject::Io)?;
@@ -1008,14 +1023,8 @@ async fn read_ws_connect(
         let payload = ws::client_payload(&frames, max).map_err(Reject::Frame)?;
         match mqtt::decode_connect(&payload, max) {
             Decode::Connect(c) => {
-                let first = First {
-                    bytes: std::mem::take(&mut frames),
-                    version: c.version,
-                    connect_len: c.len,
-                    client_id: c.client_id.to_owned(),
-                    username: c.username.map(str::to_owned),
-                    proxied_source,
-                };
+                let mut first = First::of(&c, proxy.source);
+                first.bytes = frames;
                 let handshake = WsHandshake {
                     upgrade,
                     head,
@@ -1026,12 +1035,7 @@ async fn read_ws_connect(
             Decode::Invalid(e) => return Err(Reject::Invalid(e)),
             Decode::Incomplete => {}
         }
-        frames.reserve(4096);
-        match client.read_buf(&mut frames).await {
-            Ok(0) => return Err(Reject::Eof),
-            Ok(_) => {}
-            Err(e) => return Err(Reject::Io(e)),
-        }
+        read_more(client, &mut frames).await?;
     }
 }
 

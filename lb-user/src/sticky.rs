@@ -220,13 +220,15 @@ impl MemTable {
         self.entries.retain(|_, v| v.last_used_ms > threshold);
     }
 
-    /// Entries (tests).
-    pub fn len(&self) -> usize {
+    /// Entries.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether the table is empty (tests).
-    pub fn is_empty(&self) -> bool {
+    /// Whether the table is empty.
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 }
