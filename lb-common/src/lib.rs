@@ -40,9 +40,19 @@ pub mod maps {
     pub const STICKY: &str = "sticky";
 
     /// Maps whose contents mean nothing once the daemon that filled them is gone
-    /// (they describe its sockets and servers); a new daemon removes their pins before
-    /// loading.
-    pub const PER_PROCESS: [&str; 7] = [SOURCES, TARGETS, SOCKS, CTRL, CONNS, EVENTS, BACKENDS];
+    /// (they describe its sockets, servers and counters, and their size can change
+    /// between versions); a new daemon removes their pins before loading.
+    pub const PER_PROCESS: [&str; 9] = [
+        SOURCES,
+        TARGETS,
+        SOCKS,
+        CTRL,
+        CONNS,
+        EVENTS,
+        BACKENDS,
+        STATS,
+        DAEMON_STATS,
+    ];
 }
 
 /// Name of the verdict program (the C function name).
@@ -408,6 +418,20 @@ counters! {
         WsBadFrames = 42 => "ws_bad_frames",
         /// Servers that did not answer the forwarded upgrade with a matching `101`.
         WsServerRefused = 43 => "ws_server_refused",
+        /// Clients closed before the CONNECT for passing a per-connection cap: bytes
+        /// buffered or WebSocket frames (a ping flood, say).
+        RejectedOversize = 44 => "rejected_oversize",
+        /// Clients closed before the CONNECT because every connection's pre-CONNECT
+        /// buffers together reached `[global] max_preconnect_bytes`.
+        RejectedBudget = 45 => "rejected_preconnect_budget",
+        /// Clients refused (CONNACK "server unavailable") because a local resource ran
+        /// out (descriptors, buffers, source ports), not because of a server.
+        RejectedLocalResource = 46 => "rejected_local_resource",
+        /// Local resource errors seen (EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL) on
+        /// accept, server connects and health checks; never counted against a server.
+        LocalResourceErrors = 47 => "local_resource_errors",
+        /// Times the accept loops found `max_connections` connections open and waited.
+        MaxConnectionsReached = 48 => "max_connections_reached",
     }
 }
 

@@ -57,6 +57,16 @@ pub enum BpfError {
         "loading the eBPF splice program failed (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with sockmap): {0}"
     )]
     Load(String),
+    /// A directory on the pin path is not safely ours.
+    #[error(
+        "refusing to use {path}: it {why}; remove it (or fix its owner and mode) and start again"
+    )]
+    Unsafe {
+        /// The directory.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A map is missing or of the wrong type in the object or pin directory.
     #[error("BPF map {name:?}: {reason}")]
     Map {
@@ -91,8 +101,6 @@ fn unsafe_zeroed_statfs() -> libc::statfs {
 pub struct Bpf {
     /// Keeps the program (and its attachment) alive.
     _ebpf: Ebpf,
-    /// Held for the life of the daemon: one daemon per instance name.
-    _lock: File,
     /// Where the maps are pinned.
     pin_dir: PathBuf,
     /// Sockets whose bytes are redirected.
@@ -130,18 +138,15 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, BpfError> {
 impl Bpf {
     /// Loads and attaches the splice program for `instance`, pinning its maps.
     /// `lag_step` is the redirected byte count between two lag-check events;
-    /// `sticky_size` the capacity of the sticky table.
+    /// `sticky_size` the capacity of the sticky table. The caller holds the
+    /// instance's [`InstanceLock`].
     pub fn load(instance: &str, lag_step: u64, sticky_size: u32) -> Result<Self, BpfError> {
         if !is_bpffs(Path::new("/sys/fs/bpf")) {
             return Err(BpfError::NoBpffs);
         }
         let dir = pin_dir(instance);
-        std::fs::create_dir_all(&dir).map_err(|source| BpfError::Io {
-            what: "cannot create",
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let lock = lock_instance(instance)?;
+        own_dir(Path::new(PIN_ROOT))?;
+        own_dir(&dir)?;
         // Maps describing a previous daemon's sockets are meaningless now.
         for name in maps::PER_PROCESS {
             let p = dir.join(name);
@@ -201,7 +206,6 @@ impl Bpf {
             .map_err(|e| map_err(maps::EVENTS, e))?;
         Ok(Self {
             _ebpf: ebpf,
-            _lock: lock,
             pin_dir: dir,
             sources: Mutex::new(sources),
             targets: Mutex::new(targets),
@@ -276,27 +280,114 @@ impl Bpf {
     }
 }
 
-fn lock_instance(instance: &str) -> Result<File, BpfError> {
-    let dir = Path::new("/run/mqttlb");
-    std::fs::create_dir_all(dir).map_err(|source| BpfError::Io {
-        what: "cannot create",
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let path = dir.join(format!("{instance}.lock"));
-    let file = File::create(&path).map_err(|source| BpfError::Io {
-        what: "cannot create",
+/// Makes `path` a directory of ours that nobody else can change, or refuses: created
+/// with mode 0700 when missing; when present it must be a real directory (not a
+/// symlink), owned by this user, and writable by nobody else. `/sys/fs/bpf` is often
+/// world-writable (1777): without this check, another user could plant
+/// `mqttlb/<instance>` as a symlink and have the daemon pin, and delete stale pins,
+/// wherever it points.
+pub fn own_dir(path: &Path) -> Result<(), BpfError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let io = |what, source| BpfError::Io {
+        what,
         path: path.display().to_string(),
         source,
-    })?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(BpfError::InstanceBusy {
-            name: instance.to_owned(),
-            path: path.display().to_string(),
-        });
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("cannot create", e)),
     }
-    Ok(file)
+    // lstat: a symlink is judged as itself, never followed.
+    let meta = std::fs::symlink_metadata(path).map_err(|e| io("cannot inspect", e))?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let why = if meta.file_type().is_symlink() {
+        Some("is a symbolic link")
+    } else if !meta.is_dir() {
+        Some("is not a directory")
+    } else if meta.uid() != me {
+        Some("is owned by another user")
+    } else if meta.mode() & 0o022 != 0 {
+        Some("is writable by other users")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(BpfError::Unsafe {
+            path: path.display().to_string(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// One running daemon per instance name: an exclusive `flock` on
+/// `/run/mqttlb/<instance>.lock`, taken whatever the data plane, held for the
+/// daemon's life and removed at a clean stop.
+pub struct InstanceLock {
+    /// Holds the lock.
+    _file: File,
+    path: PathBuf,
+}
+
+impl InstanceLock {
+    /// Takes the lock of `instance`, or says which daemon holds it.
+    pub fn acquire(instance: &str) -> Result<Self, BpfError> {
+        Self::acquire_in(Path::new("/run/mqttlb"), instance)
+    }
+
+    fn acquire_in(dir: &Path, instance: &str) -> Result<Self, BpfError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+        let io = |what, path: &Path, source| BpfError::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        };
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+        {
+            return Err(io("cannot create", dir, e));
+        }
+        let path = dir.join(format!("{instance}.lock"));
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|e| io("cannot create", &path, e))?;
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(BpfError::InstanceBusy {
+                    name: instance.to_owned(),
+                    path: path.display().to_string(),
+                });
+            }
+            // A daemon stopping removes its lock file after we opened it: then our lock
+            // is on a file nobody else will open. Lock the current file instead.
+            let opened = file
+                .metadata()
+                .map_err(|e| io("cannot inspect", &path, e))?;
+            match std::fs::symlink_metadata(&path) {
+                Ok(now) if now.ino() == opened.ino() && now.dev() == opened.dev() => {
+                    return Ok(Self { _file: file, path });
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so a daemon starting now locks a new file.
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// A copy of the object with the raw kfunc call's placeholder immediate replaced by the

@@ -195,8 +195,9 @@ struct RawGlobal {
     name: Spanned<String>,
     #[serde(default = "default_data_plane")]
     data_plane: DataPlaneKind,
-    #[serde(default = "default_max_connections")]
-    max_connections: NonZeroU32,
+    max_connections: Option<NonZeroU32>,
+    #[serde(default = "default_max_preconnect_bytes")]
+    max_preconnect_bytes: Spanned<u64>,
 }
 
 impl Default for RawGlobal {
@@ -204,7 +205,8 @@ impl Default for RawGlobal {
         Self {
             name: default_name(),
             data_plane: default_data_plane(),
-            max_connections: default_max_connections(),
+            max_connections: None,
+            max_preconnect_bytes: default_max_preconnect_bytes(),
         }
     }
 }
@@ -229,6 +231,7 @@ struct RawListener {
     accept_proxy_protocol: Spanned<bool>,
     #[serde(default = "default_max_connect_size")]
     max_connect_size: Spanned<u32>,
+    max_frame_size: Option<Spanned<u32>>,
     tls: Option<Spanned<RawTls>>,
     rewrite: Option<Spanned<RawRewrite>>,
     path: Option<Spanned<String>>,
@@ -351,8 +354,11 @@ fn default_name() -> Spanned<String> {
 fn default_data_plane() -> DataPlaneKind {
     DataPlaneKind::Auto
 }
-fn default_max_connections() -> NonZeroU32 {
-    NonZeroU32::new(1_000_000).expect("non-zero")
+fn default_max_preconnect_bytes() -> Spanned<u64> {
+    Spanned::new(0..0, 64 << 20)
+}
+fn default_max_frame_size() -> Spanned<u32> {
+    Spanned::new(0..0, 1 << 20)
 }
 fn default_listener_kind() -> Spanned<ListenerKind> {
     Spanned::new(0..0, ListenerKind::Mqtt)
@@ -450,8 +456,11 @@ pub struct Global {
     pub name: String,
     /// Data plane choice.
     pub data_plane: DataPlaneKind,
-    /// Connections open at once, all listeners together.
-    pub max_connections: NonZeroU32,
+    /// Connections open at once, all listeners together; `None`: as many as the
+    /// descriptor limit allows (`limits::connections_for`).
+    pub max_connections: Option<NonZeroU32>,
+    /// Bytes all connections together may buffer before their CONNECT.
+    pub max_preconnect_bytes: usize,
 }
 
 /// `[stats]`.
@@ -478,6 +487,9 @@ pub struct Listener {
     pub accept_proxy_protocol: bool,
     /// Largest first packet accepted, in bytes.
     pub max_connect_size: u32,
+    /// `ws`/`wss`: largest client frame after the CONNECT where mqttlb terminates the
+    /// WebSocket (a server without `ws_address`), in bytes.
+    pub max_frame_size: u32,
     /// TLS termination (`mqtts`).
     pub tls: Option<TlsListener>,
     /// CONNECT fields replaced by client certificate fields.
@@ -740,6 +752,14 @@ impl Checker<'_> {
             );
         }
 
+        if *raw.global.max_preconnect_bytes.get_ref() < 64 << 10 {
+            self.err(
+                raw.global.max_preconnect_bytes.span(),
+                "global.max_preconnect_bytes".into(),
+                "must be at least 65536 bytes",
+            );
+        }
+
         let mut clusters = Vec::new();
         let mut cluster_names = HashSet::new();
         for (ci, rc) in raw.clusters.into_iter().enumerate() {
@@ -913,6 +933,26 @@ impl Checker<'_> {
                     }
                 }
             };
+            let max_frame_size = match rl.max_frame_size {
+                Some(m) if !websocket => {
+                    self.err(
+                        m.span(),
+                        format!("{key}.max_frame_size"),
+                        "only \"ws\" and \"wss\" listeners have frames",
+                    );
+                    0
+                }
+                Some(m) if !(128..=256 << 20).contains(m.get_ref()) => {
+                    self.err(
+                        m.span(),
+                        format!("{key}.max_frame_size"),
+                        "must be between 128 and 268435456 bytes",
+                    );
+                    0
+                }
+                Some(m) => m.into_inner(),
+                None => default_max_frame_size().into_inner(),
+            };
             if !(16..=16 * 1024 * 1024).contains(rl.max_connect_size.get_ref()) {
                 self.err(
                     rl.max_connect_size.span(),
@@ -938,6 +978,7 @@ impl Checker<'_> {
                 inspect_timeout: rl.inspect_timeout.0,
                 accept_proxy_protocol: rl.accept_proxy_protocol.into_inner(),
                 max_connect_size: rl.max_connect_size.into_inner(),
+                max_frame_size,
                 tls,
                 rewrite,
                 path,
@@ -949,6 +990,7 @@ impl Checker<'_> {
                 name,
                 data_plane: raw.global.data_plane,
                 max_connections: raw.global.max_connections,
+                max_preconnect_bytes: *raw.global.max_preconnect_bytes.get_ref() as usize,
             },
             stats: raw.stats.map(|s| StatsConfig { bind: s.bind }),
             listeners,
@@ -992,7 +1034,8 @@ state = "drain"
         let c = Config::parse(GOOD).expect("valid");
         assert_eq!(c.global.name, "t1");
         assert_eq!(c.global.data_plane, DataPlaneKind::Copy);
-        assert_eq!(c.global.max_connections.get(), 1_000_000);
+        assert_eq!(c.global.max_connections, None);
+        assert_eq!(c.global.max_preconnect_bytes, 64 << 20);
         let l = &c.listeners[0];
         assert_eq!(l.bind, "127.0.0.1:1883".parse().expect("addr"));
         assert_eq!(l.inspect_timeout, Duration::from_millis(250));

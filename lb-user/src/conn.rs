@@ -29,6 +29,7 @@ use crate::{
     balance::{self, Lease, Pool},
     config::{Cluster, Listener, ListenerKind, Rewrite},
     dataplane::{DataPlane, Outcome, Pair},
+    limits::{Charge, LogOnce, PreConnectBudget, is_local_resource},
     mqtt::{self, Decode},
     proxy_protocol,
     stats::{ActiveGuard, Stats},
@@ -90,6 +91,10 @@ pub struct Shared {
     clusters: RwLock<Arc<Vec<Arc<ClusterRt>>>>,
     /// The sticky table of every cluster.
     pub sticky: StickyTable,
+    /// Memory of connections before their CONNECT, all together.
+    pub preconnect: PreConnectBudget,
+    /// Keeps local resource warnings (EMFILE...) to one a second.
+    pub local_errors: LogOnce,
     next_id: AtomicU32,
 }
 
@@ -100,6 +105,7 @@ impl Shared {
         plane: Arc<dyn DataPlane>,
         clusters: Vec<Cluster>,
         sticky: StickyTable,
+        max_preconnect_bytes: usize,
     ) -> Self {
         Self {
             stats,
@@ -111,6 +117,8 @@ impl Shared {
                     .collect(),
             )),
             sticky,
+            preconnect: PreConnectBudget::new(max_preconnect_bytes),
+            local_errors: LogOnce::new(Duration::from_secs(1)),
             next_id: AtomicU32::new(1),
         }
     }
@@ -161,6 +169,8 @@ enum Reject {
     Http(u16),
     #[error("WebSocket: {0}")]
     Frame(ws::FrameError),
+    #[error("pre-CONNECT memory budget (max_preconnect_bytes) exhausted")]
+    Budget,
 }
 
 /// A WebSocket client's upgrade, answered by mqttlb.
@@ -554,13 +564,21 @@ async fn serve(
     let max = listener.max_connect_size as usize;
     // 1. The first packet must be a complete, valid CONNECT (inside WebSocket frames
     //    after the upgrade on ws/wss listeners).
+    let mut charge = shared.preconnect.charge();
     let read = async {
         if websocket {
-            read_ws_connect(&mut client, &listener.path, max, proxy_header, stats)
-                .await
-                .map(|(f, h)| (f, Some(h)))
+            read_ws_connect(
+                &mut client,
+                &listener.path,
+                max,
+                proxy_header,
+                stats,
+                &mut charge,
+            )
+            .await
+            .map(|(f, h)| (f, Some(h)))
         } else {
-            read_connect(&mut client, max, proxy_header)
+            read_connect(&mut client, max, proxy_header, &mut charge)
                 .await
                 .map(|f| (f, None))
         }
@@ -576,7 +594,9 @@ async fn serve(
                 Reject::Eof | Reject::Io(_) => DaemonStat::RejectedEof,
                 Reject::Proxy(_) => DaemonStat::RejectedProxy,
                 Reject::Http(_) => DaemonStat::WsRejectedHttp,
+                Reject::Frame(e) if e.is_oversize() => DaemonStat::RejectedOversize,
                 Reject::Frame(_) => DaemonStat::WsBadFrames,
+                Reject::Budget => DaemonStat::RejectedBudget,
             });
             if websocket && matches!(reject, Reject::Invalid(_) | Reject::Frame(_)) {
                 // After the 101: say why in WebSocket terms (1002: protocol error).
@@ -592,6 +612,7 @@ async fn serve(
             return;
         }
     };
+    drop(charge);
     // Behind a load balancer that sends PROXY headers, the client is who it names.
     let peer = first.proxied_source.unwrap_or(peer);
     if listener.rewrite != Rewrite::default() {
@@ -627,13 +648,25 @@ async fn serve(
         first.username.as_deref(),
         peer.ip(),
     );
-    let Some((server, lease)) =
-        connect_server(&cluster, shared, &key, sticky_key.as_ref(), websocket).await
-    else {
-        stats.inc(DaemonStat::NoServer);
-        debug!(%peer, client_id = %first.client_id, cluster = %cluster.config.name, "no server available");
-        refuse(client, first.version, websocket).await;
-        return;
+    let (server, lease) = match connect_server(
+        &cluster,
+        shared,
+        &key,
+        sticky_key.as_ref(),
+        websocket,
+    )
+    .await
+    {
+        Ok(connected) => connected,
+        Err(why) => {
+            stats.inc(match why {
+                NoServer::Unavailable => DaemonStat::NoServer,
+                NoServer::LocalResource => DaemonStat::RejectedLocalResource,
+            });
+            debug!(%peer, client_id = %first.client_id, cluster = %cluster.config.name, ?why, "no server available");
+            refuse(client, first.version, websocket).await;
+            return;
+        }
     };
     let _ = server.set_nodelay(true);
 
@@ -725,8 +758,12 @@ async fn serve(
     if let Some(pending) = terminated {
         drop(head);
         let fd = client.tcp().as_raw_fd();
+        let limits = crate::dataplane::stream::WsLimits {
+            idle,
+            max_frame: u64::from(listener.max_frame_size),
+        };
         let outcome = crate::dataplane::stream::ws_terminate(
-            client, fd, pending, server, idle, traffic, stats,
+            client, fd, pending, server, limits, traffic, stats,
         )
         .await;
         count_outcome(stats, outcome, peer, lease.name());
@@ -791,6 +828,7 @@ async fn read_connect(
     client: &mut Client,
     max: usize,
     proxy_header: bool,
+    charge: &mut Charge<'_>,
 ) -> Result<First, Reject> {
     let mut bytes = Vec::with_capacity(256);
     let mut proxy = ProxyPrefix::expected(proxy_header);
@@ -806,7 +844,7 @@ async fn read_connect(
                 Decode::Incomplete => {}
             }
         }
-        read_more(client, &mut bytes).await?;
+        read_more(client, &mut bytes, charge).await?;
     }
 }
 
@@ -843,9 +881,17 @@ impl ProxyPrefix {
     }
 }
 
-/// Appends what the client sends next to `buf`.
-async fn read_more(client: &mut Client, buf: &mut Vec<u8>) -> Result<(), Reject> {
+/// Appends what the client sends next to `buf`, whose memory is charged to the
+/// pre-CONNECT budget.
+async fn read_more(
+    client: &mut Client,
+    buf: &mut Vec<u8>,
+    charge: &mut Charge<'_>,
+) -> Result<(), Reject> {
     buf.reserve(4096);
+    if !charge.hold(buf.capacity()) {
+        return Err(Reject::Budget);
+    }
     match client.read_buf(buf).await {
         Ok(0) => Err(Reject::Eof),
         Ok(_) => Ok(()),
@@ -866,16 +912,27 @@ enum StickyLookup {
     Replaced,
 }
 
+/// Why no server took a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoServer {
+    /// Every usable server was tried, or none is usable.
+    Unavailable,
+    /// This host ran out of something (descriptors, buffers, ports): no server is
+    /// blamed and none is tried further, since the next would fail the same way.
+    LocalResource,
+}
+
 /// Tries servers until one accepts a TCP connection within `connect_timeout`: the
 /// sticky entry's server first, then the balancer's choices. Records the server in
-/// the sticky table.
+/// the sticky table. Only a server's own answer (refused, timed out, reset) counts
+/// against it.
 async fn connect_server(
     cluster: &ClusterRt,
     shared: &Shared,
     key: &balance::Key<'_>,
     sticky_key: Option<&lb_common::StickyKey>,
     websocket: bool,
-) -> Option<(TcpStream, Lease)> {
+) -> Result<(TcpStream, Lease), NoServer> {
     let pool = &cluster.pool;
     let stats = &shared.stats;
     let mut tried = vec![false; pool.servers.len()];
@@ -896,7 +953,7 @@ async fn connect_server(
     loop {
         let lease = match next.take() {
             Some(l) => l,
-            None => pool.select(key, &tried)?,
+            None => pool.select(key, &tried).ok_or(NoServer::Unavailable)?,
         };
         tried[lease.index] = true;
         let target = if websocket {
@@ -914,7 +971,14 @@ async fn connect_server(
                 if let Some(k) = sticky_key {
                     remember(shared, cluster, k, &lease, lookup);
                 }
-                return Some((s, lease));
+                return Ok((s, lease));
+            }
+            Ok(Err(e)) if is_local_resource(&e) => {
+                stats.inc(DaemonStat::LocalResourceErrors);
+                if shared.local_errors.allow() {
+                    warn!(server = lease.name(), error = %e, "cannot open a server connection: this host is out of a resource (not the server's fault); refusing clients until it recovers");
+                }
+                return Err(NoServer::LocalResource);
             }
             Ok(Err(e)) => {
                 debug!(server = lease.name(), ?source, error = %e, "server connect failed")
@@ -998,6 +1062,7 @@ async fn read_ws_connect(
     max: usize,
     proxy_header: bool,
     stats: &Stats,
+    charge: &mut Charge<'_>,
 ) -> Result<(First, WsHandshake), Reject> {
     let mut buf = Vec::with_capacity(1024);
     let mut proxy = ProxyPrefix::expected(proxy_header);
@@ -1012,16 +1077,17 @@ async fn read_ws_connect(
                 ws::Request::Incomplete => {}
             }
         }
-        read_more(client, &mut buf).await?;
+        read_more(client, &mut buf, charge).await?;
     };
     let answer = ws::switching_protocols(&upgrade);
     client.write_all(&answer).await.map_err(Reject::Io)?;
     stats.inc(DaemonStat::WsUpgrades);
     let mut frames = buf.split_off(upgrade.len);
     let head = buf;
+    let mut parsed = ws::PreConnectFrames::default();
     loop {
-        let payload = ws::client_payload(&frames, max).map_err(Reject::Frame)?;
-        match mqtt::decode_connect(&payload, max) {
+        let payload = parsed.feed(&frames, max).map_err(Reject::Frame)?;
+        match mqtt::decode_connect(payload, max) {
             Decode::Connect(c) => {
                 let mut first = First::of(&c, proxy.source);
                 first.bytes = frames;
@@ -1035,7 +1101,7 @@ async fn read_ws_connect(
             Decode::Invalid(e) => return Err(Reject::Invalid(e)),
             Decode::Incomplete => {}
         }
-        read_more(client, &mut frames).await?;
+        read_more(client, &mut frames, charge).await?;
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    bpf::{Bpf, BpfError},
+    bpf::{Bpf, BpfError, InstanceLock},
     config::{Config, DataPlaneKind, ServerState, Sticky},
     conn::{self, ClusterRt, ListenerRt, Shared},
     dataplane::{
@@ -29,6 +29,7 @@ use crate::{
         sockmap::{LAG_STEP, SockmapPlane},
     },
     health,
+    limits::{self, LogOnce},
     stats::Stats,
     sticky::StickyTable,
 };
@@ -54,6 +55,9 @@ pub enum DaemonError {
     /// `data_plane = "sockmap"` was required and BPF is not usable.
     #[error("data_plane = \"sockmap\" needs BPF: {0}")]
     Bpf(#[from] BpfError),
+    /// Another daemon runs this instance, or its lock cannot be taken.
+    #[error("{0}")]
+    Instance(BpfError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -111,7 +115,9 @@ pub async fn run(
     config: Config,
     plane_override: Option<DataPlaneKind>,
 ) -> Result<(), DaemonError> {
+    let lock = InstanceLock::acquire(&config.global.name).map_err(DaemonError::Instance)?;
     let stats = Arc::new(Stats::default());
+    let limit = max_connections(&config) as usize;
     let kind = plane_override.unwrap_or(config.global.data_plane);
     let (plane, sockmap) = data_plane(&config, kind, &stats)?;
     info!(instance = %config.global.name, data_plane = plane.name(), "data plane selected");
@@ -148,9 +154,9 @@ pub async fn run(
         plane,
         config.clusters.clone(),
         sticky,
+        config.global.max_preconnect_bytes,
     ));
     let mut checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
-    let limit = config.global.max_connections.get() as usize;
     let permits = Arc::new(Semaphore::new(limit));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -215,7 +221,44 @@ pub async fn run(
     if let Some(p) = &sockmap {
         p.unpin();
     }
+    drop(lock);
     Ok(())
+}
+
+/// `max_connections`, or what the descriptor limit allows (two per connection plus a
+/// reserve), after raising the soft open-files limit to the hard one. Says at start
+/// which it is, and warns when a configured value cannot be reached.
+fn max_connections(config: &Config) -> u32 {
+    let nofile = limits::raise_nofile();
+    let fits = nofile.map(limits::connections_for);
+    match (config.global.max_connections, fits) {
+        (Some(set), Some(fits)) if set.get() > fits => {
+            warn!(
+                max_connections = set.get(),
+                open_files_limit = nofile,
+                fits,
+                "max_connections is above what the open-files limit allows (two descriptors per connection); past {fits} connections new ones are refused as local resource errors: raise the limit (LimitNOFILE=, ulimit -n) or lower max_connections"
+            );
+            set.get()
+        }
+        (Some(set), _) => {
+            info!(max_connections = set.get(), "max_connections (configured)");
+            set.get()
+        }
+        (None, Some(fits)) => {
+            info!(
+                max_connections = fits,
+                open_files_limit = nofile,
+                reserve = limits::FD_RESERVE,
+                "max_connections from the open-files limit (two descriptors per connection plus a reserve)"
+            );
+            fits
+        }
+        (None, None) => {
+            warn!("cannot read the open-files limit; max_connections = 10000");
+            10_000
+        }
+    }
 }
 
 async fn accept_loop(
@@ -226,10 +269,22 @@ async fn accept_loop(
     permits: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let stats = shared.stats.clone();
+    let full_log = LogOnce::new(Duration::from_secs(10));
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.changed() => return,
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                stats.inc(DaemonStat::MaxConnectionsReached);
+                if full_log.allow() {
+                    warn!(listener = %listener.config.name, "max_connections reached: new connections wait in the kernel's accept queue");
+                }
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    _ = stop.changed() => return,
+                }
+            }
         };
         let accepted = tokio::select! {
             r = socket.accept() => r,
@@ -245,9 +300,15 @@ async fn accept_loop(
                 });
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(listener = %listener.config.name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // EMFILE and friends: back off instead of spinning, and warn once a
+                // second at most (the count is in local_resource_errors).
+                if limits::is_local_resource(&e) {
+                    stats.inc(DaemonStat::LocalResourceErrors);
+                }
+                if shared.local_errors.allow() {
+                    warn!(listener = %listener.config.name, error = %e, "accept failed; backing off");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -263,7 +324,7 @@ fn reload(
     listeners: &[Arc<ListenerRt>],
     stats: &Stats,
 ) -> bool {
-    let new = match Config::load(path) {
+    let mut new = match Config::load(path) {
         Ok(c) => c,
         Err(errors) => {
             stats.inc(DaemonStat::ReloadFailures);
@@ -285,6 +346,13 @@ fn reload(
     if sticky_size(&new) != sticky_size(current) {
         warn!("sticky_table_size changed: the table keeps its size until a restart");
     }
+    for key in restart_only_changes(current, &new) {
+        warn!(
+            key,
+            "changed in the file, but takes effect only at a restart; the running value stays"
+        );
+    }
+    new.global = current.global.clone();
     shared.replace_clusters(new.clusters.clone());
     // Certificates and TLS settings: new handshakes use the new ones.
     for l in listeners {
@@ -300,6 +368,25 @@ fn reload(
     info!(clusters = new.clusters.len(), "configuration reloaded");
     *current = new;
     true
+}
+
+/// The keys a reload cannot apply that differ between `old` and `new`.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.global, &new.global);
+    let mut keys = Vec::new();
+    if a.name != b.name {
+        keys.push("global.name");
+    }
+    if a.data_plane != b.data_plane {
+        keys.push("global.data_plane");
+    }
+    if a.max_connections != b.max_connections {
+        keys.push("global.max_connections");
+    }
+    if a.max_preconnect_bytes != b.max_preconnect_bytes {
+        keys.push("global.max_preconnect_bytes");
+    }
+    keys
 }
 
 /// Replaces the health check tasks with those of the current clusters.

@@ -74,6 +74,7 @@ async fn check_loop(
     live: Arc<ServerLive>,
     stats: Arc<Stats>,
 ) {
+    let local_log = crate::limits::LogOnce::new(std::time::Duration::from_secs(10));
     let mut tick = tokio::time::interval(health.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -81,7 +82,16 @@ async fn check_loop(
         let result = timeout(health.timeout, check(health.kind, address, &client_id)).await;
         let (ok, why) = match result {
             Ok(Ok(())) => (true, String::new()),
-            Ok(Err(e)) => (false, e),
+            // This host is out of descriptors or buffers: the check says nothing about
+            // the server, whose verdict stays as it was.
+            Ok(Err(Failed::Local(e))) => {
+                stats.inc(DaemonStat::LocalResourceErrors);
+                if local_log.allow() {
+                    warn!(%cluster, %server, error = %e, "health check skipped: this host is out of a resource (the server's state is kept)");
+                }
+                continue;
+            }
+            Ok(Err(Failed::Server(e))) => (false, e),
             Err(_) => (false, format!("no answer within {:?}", health.timeout)),
         };
         match live.health_result(ok, health.rise.get(), health.fall.get()) {
@@ -98,11 +108,30 @@ async fn check_loop(
     }
 }
 
-/// One check; the error says what failed.
-async fn check(kind: HealthKind, address: SocketAddr, client_id: &str) -> Result<(), String> {
-    let mut s = TcpStream::connect(address)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+/// Why a check failed.
+#[derive(Debug)]
+enum Failed {
+    /// A local resource ran out (descriptors...): no verdict on the server.
+    Local(std::io::Error),
+    /// The server's fault; says what failed.
+    Server(String),
+}
+
+impl From<String> for Failed {
+    fn from(why: String) -> Self {
+        Self::Server(why)
+    }
+}
+
+/// One check.
+async fn check(kind: HealthKind, address: SocketAddr, client_id: &str) -> Result<(), Failed> {
+    let mut s = TcpStream::connect(address).await.map_err(|e| {
+        if crate::limits::is_local_resource(&e) {
+            Failed::Local(e)
+        } else {
+            Failed::Server(format!("connect: {e}"))
+        }
+    })?;
     if kind != HealthKind::Mqtt {
         return Ok(());
     }
@@ -115,8 +144,10 @@ async fn check(kind: HealthKind, address: SocketAddr, client_id: &str) -> Result
         .map_err(|e| format!("CONNACK: {e}"))?;
     match connack {
         [0x20, 0x02, _, 0] => {}
-        [0x20, 0x02, _, code] => return Err(format!("CONNACK refused, return code {code}")),
-        other => return Err(format!("not a CONNACK: {other:02x?}")),
+        [0x20, 0x02, _, code] => {
+            return Err(format!("CONNACK refused, return code {code}").into());
+        }
+        other => return Err(format!("not a CONNACK: {other:02x?}").into()),
     }
     s.write_all(&mqtt::encode::disconnect())
         .await
@@ -150,12 +181,15 @@ mod tests {
     #[tokio::test]
     async fn mqtt_check_needs_an_accepting_connack() {
         let good = fake([0x20, 2, 0, 0]).await;
-        assert_eq!(check(HealthKind::Mqtt, good, "h").await, Ok(()));
+        assert!(check(HealthKind::Mqtt, good, "h").await.is_ok());
         let refused = fake([0x20, 2, 0, 5]).await;
         let e = check(HealthKind::Mqtt, refused, "h")
             .await
             .expect_err("refused");
-        assert!(e.contains("return code 5"), "{e}");
+        assert!(
+            matches!(&e, Failed::Server(why) if why.contains("return code 5")),
+            "{e:?}"
+        );
         let garbage = fake(*b"HTTP").await;
         assert!(check(HealthKind::Mqtt, garbage, "h").await.is_err());
         // Nothing listening.
@@ -163,8 +197,11 @@ mod tests {
             let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             l.local_addr().expect("addr")
         };
-        assert!(check(HealthKind::Tcp, closed, "h").await.is_err());
-        assert_eq!(check(HealthKind::Tcp, good, "h").await, Ok(()));
+        assert!(matches!(
+            check(HealthKind::Tcp, closed, "h").await,
+            Err(Failed::Server(_))
+        ));
+        assert!(check(HealthKind::Tcp, good, "h").await.is_ok());
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod limits;
 pub mod mqtt;
 pub mod proxy_protocol;
 pub mod stats;

@@ -197,15 +197,34 @@ pub fn parse_answer(buf: &[u8], u: &Upgrade) -> ServerAnswer {
     ServerAnswer::Switched(len)
 }
 
-/// Why client frames are refused before the CONNECT.
+/// Most client frames accepted before the CONNECT is complete: a client sends its
+/// CONNECT in one frame, or a few; anything past this (a flood of empty pings, say) is
+/// closed rather than parsed on.
+pub const MAX_FRAMES_BEFORE_CONNECT: u32 = 64;
+
+/// Why client frames are refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     /// RFC 6455 5.1: a client must mask every frame.
     #[error("unmasked client frame")]
     Unmasked,
-    /// Text frames, close frames, reserved bits or opcodes, or a frame too large.
+    /// Text frames, close frames before the CONNECT, reserved bits or opcodes, control
+    /// frames that are fragmented or longer than 125 bytes.
     #[error("not a binary MQTT frame")]
     NotBinary,
+    /// A frame (or the CONNECT's frames together) longer than the listener allows.
+    #[error("frame too large")]
+    TooLarge,
+    /// More than [`MAX_FRAMES_BEFORE_CONNECT`] frames without a complete CONNECT.
+    #[error("too many frames before the CONNECT")]
+    TooMany,
+}
+
+impl FrameError {
+    /// Whether the client passed a size or count cap (rather than broke the protocol).
+    pub fn is_oversize(self) -> bool {
+        matches!(self, Self::TooLarge | Self::TooMany)
+    }
 }
 
 /// One complete client frame.
@@ -222,6 +241,177 @@ pub struct Frame {
 /// The complete client frame at the start of `buf`, if there is one. Frames must be
 /// masked (RFC 6455 5.1), without reserved bits, with at most `max` payload bytes.
 pub fn next_client_frame(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameError> {
+    // The length is checked at the header: a frame announcing more than `max` is
+    // refused before its bytes are waited for.
+    let Some((opcode, len, header)) = frame_header(buf)? else {
+        return Ok(None);
+    };
+    if len > max as u64 {
+        return Err(FrameError::TooLarge);
+    }
+    let total = header + len as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let mask = &buf[header - 4..header];
+    let payload = buf[header..total]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ mask[i % 4])
+        .collect();
+    Ok(Some(Frame {
+        opcode,
+        payload,
+        len: total,
+    }))
+}
+
+/// The client frames before the CONNECT, parsed as they arrive: each complete frame is
+/// parsed once (a reader that re-parsed the whole buffer on every read spent a core on
+/// a ping flood), binary and continuation payloads are joined, pings and pongs are
+/// skipped, and both the payload (`max` bytes, plus slack for what follows the CONNECT
+/// in the same frame) and the number of frames are capped. The raw bytes stay with the
+/// caller, to be forwarded unchanged.
+#[derive(Debug, Default)]
+pub struct PreConnectFrames {
+    /// Bytes of the caller's buffer taken by complete frames.
+    parsed: usize,
+    /// Their unmasked data payload.
+    payload: Vec<u8>,
+    /// How many complete frames.
+    frames: u32,
+}
+
+impl PreConnectFrames {
+    /// Parses the complete frames of `buf` past those already parsed (`buf` only ever
+    /// grows at its end) and returns the payload of every complete frame so far.
+    pub fn feed(&mut self, buf: &[u8], max: usize) -> Result<&[u8], FrameError> {
+        let cap = max + 16;
+        while let Some(f) = next_client_frame(&buf[self.parsed..], cap)? {
+            self.frames += 1;
+            if self.frames > MAX_FRAMES_BEFORE_CONNECT {
+                return Err(FrameError::TooMany);
+            }
+            match f.opcode {
+                0x0 | 0x2 => {
+                    self.payload.extend_from_slice(&f.payload);
+                    if self.payload.len() > cap {
+                        return Err(FrameError::TooLarge);
+                    }
+                }
+                0x9 | 0xa => {}
+                _ => return Err(FrameError::NotBinary),
+            }
+            self.parsed += f.len;
+        }
+        Ok(&self.payload)
+    }
+}
+
+/// The unmasked payload of the complete client frames at the start of `buf` (binary
+/// and continuation frames; pings and pongs are skipped), at most `max` bytes of it,
+/// and how many bytes those frames took.
+pub fn client_frames(buf: &[u8], max: usize) -> Result<(Vec<u8>, usize), FrameError> {
+    let mut frames = PreConnectFrames::default();
+    frames.feed(buf, max)?;
+    Ok((frames.payload, frames.parsed))
+}
+
+/// [`client_frames`] without the length.
+pub fn client_payload(buf: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
+    client_frames(buf, max).map(|(p, _)| p)
+}
+
+/// A control frame from the client (close 8, ping 9, pong 10), whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    /// Opcode.
+    pub opcode: u8,
+    /// Unmasked payload (at most 125 bytes).
+    pub payload: Vec<u8>,
+}
+
+/// Client frames after the CONNECT on a WebSocket that mqttlb terminates, decoded as
+/// bytes arrive: data payloads are unmasked and handed on at once, so however long a
+/// frame is, no more of it than one read sits in memory; control frames (at most 125
+/// bytes and never fragmented, RFC 6455 5.5) are returned whole. A data frame longer
+/// than `max` is refused at its header.
+#[derive(Debug)]
+pub struct FrameStream {
+    max: u64,
+    /// Payload bytes left in the current data frame, its mask, and bytes of it done.
+    data: Option<(u64, [u8; 4], u64)>,
+}
+
+impl FrameStream {
+    /// A decoder refusing data frames longer than `max` bytes.
+    pub fn new(max: u64) -> Self {
+        Self { max, data: None }
+    }
+
+    /// Decodes from the start of `buf`: data payload is appended to `out`; stops after
+    /// one control frame (returned) or where a header is incomplete. Returns the bytes
+    /// of `buf` consumed.
+    pub fn decode(
+        &mut self,
+        buf: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Control>), FrameError> {
+        let mut at = 0;
+        loop {
+            if let Some((left, mask, done)) = &mut self.data {
+                let n = (*left).min((buf.len() - at) as u64) as usize;
+                out.extend(
+                    buf[at..at + n]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| b ^ mask[((*done as usize) + i) % 4]),
+                );
+                at += n;
+                *left -= n as u64;
+                *done += n as u64;
+                if *left > 0 {
+                    return Ok((at, None));
+                }
+                self.data = None;
+            }
+            let Some((opcode, len, header)) = frame_header(&buf[at..])? else {
+                return Ok((at, None));
+            };
+            match opcode {
+                0x0 | 0x2 => {
+                    if len > self.max {
+                        return Err(FrameError::TooLarge);
+                    }
+                    let mut mask = [0u8; 4];
+                    mask.copy_from_slice(&buf[at + header - 4..at + header]);
+                    at += header;
+                    self.data = Some((len, mask, 0));
+                }
+                0x8..=0xa => {
+                    // Control frames: FIN set, at most 125 bytes.
+                    if buf[at] & 0x80 == 0 || len > 125 {
+                        return Err(FrameError::NotBinary);
+                    }
+                    let Some(f) = next_client_frame(&buf[at..], 125)? else {
+                        return Ok((at, None));
+                    };
+                    at += f.len;
+                    let control = Control {
+                        opcode: f.opcode,
+                        payload: f.payload,
+                    };
+                    return Ok((at, Some(control)));
+                }
+                _ => return Err(FrameError::NotBinary),
+            }
+        }
+    }
+}
+
+/// The opcode, payload length and header length (with the mask) of the client frame
+/// at the start of `buf`, once its header is complete. Checks reserved bits and mask.
+fn frame_header(buf: &[u8]) -> Result<Option<(u8, u64, usize)>, FrameError> {
     if buf.len() < 2 {
         return Ok(None);
     }
@@ -232,61 +422,21 @@ pub fn next_client_frame(buf: &[u8], max: usize) -> Result<Option<Frame>, FrameE
     if b1 & 0x80 == 0 {
         return Err(FrameError::Unmasked);
     }
-    let (len, header) = match b1 & 0x7f {
-        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+    let (len, ext) = match b1 & 0x7f {
+        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 2),
         127 if buf.len() >= 10 => {
             let mut n = [0u8; 8];
             n.copy_from_slice(&buf[2..10]);
-            (u64::from_be_bytes(n), 10)
+            (u64::from_be_bytes(n), 8)
         }
         126 | 127 => return Ok(None),
-        n => (u64::from(n), 2),
+        n => (u64::from(n), 0),
     };
-    if len > max as u64 {
-        return Err(FrameError::NotBinary);
-    }
-    let total = header + 4 + len as usize;
-    if buf.len() < total {
+    let header = 2 + ext + 4;
+    if buf.len() < header {
         return Ok(None);
     }
-    let mask = &buf[header..header + 4];
-    let payload = buf[header + 4..total]
-        .iter()
-        .enumerate()
-        .map(|(i, b)| b ^ mask[i % 4])
-        .collect();
-    Ok(Some(Frame {
-        opcode: b0 & 0x0f,
-        payload,
-        len: total,
-    }))
-}
-
-/// The unmasked payload of the complete client frames at the start of `buf` (binary
-/// and continuation frames; pings and pongs are skipped), at most `max` bytes of it,
-/// and how many bytes those frames took.
-pub fn client_frames(buf: &[u8], max: usize) -> Result<(Vec<u8>, usize), FrameError> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while let Some(f) = next_client_frame(&buf[at..], max + 16)? {
-        match f.opcode {
-            0x0 | 0x2 => {
-                out.extend_from_slice(&f.payload);
-                if out.len() > max + 16 {
-                    return Err(FrameError::NotBinary);
-                }
-            }
-            0x9 | 0xa => {}
-            _ => return Err(FrameError::NotBinary),
-        }
-        at += f.len;
-    }
-    Ok((out, at))
-}
-
-/// [`client_frames`] without the length.
-pub fn client_payload(buf: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
-    client_frames(buf, max).map(|(p, _)| p)
+    Ok(Some((b0 & 0x0f, len, header)))
 }
 
 /// A server-to-client control frame (close 8, pong 10) with `payload`.
@@ -450,6 +600,99 @@ mod tests {
         );
         assert_eq!(
             client_payload(&masked(0x82, &data), 100),
+            Err(FrameError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn a_ping_flood_before_the_connect_is_cut_at_the_frame_cap() {
+        let ping = [0x89, 0x80, 0, 0, 0, 0];
+        let mut buf = Vec::new();
+        let mut frames = PreConnectFrames::default();
+        let mut result = Ok(());
+        for _ in 0..=MAX_FRAMES_BEFORE_CONNECT {
+            buf.extend_from_slice(&ping);
+            result = frames.feed(&buf, 1024).map(drop);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(FrameError::TooMany));
+        assert!(FrameError::TooMany.is_oversize());
+        // Fed one byte at a time, the same frames give the same payload as one parse.
+        let data: Vec<u8> = (0..200u16).map(|i| i as u8).collect();
+        let mut all = masked(0x02, &data[..90]);
+        all.extend(masked(0x89, b"p"));
+        all.extend(masked(0x80, &data[90..]));
+        let mut frames = PreConnectFrames::default();
+        for cut in 1..=all.len() {
+            let got = frames.feed(&all[..cut], 1024).expect("valid").to_vec();
+            assert!(data.starts_with(&got));
+        }
+        assert_eq!(frames.feed(&all, 1024).expect("valid"), &data[..]);
+    }
+
+    /// Decodes `input` split at every `step` bytes; returns the data and the controls.
+    fn stream(input: &[u8], step: usize, max: u64) -> Result<(Vec<u8>, Vec<Control>), FrameError> {
+        let mut dec = FrameStream::new(max);
+        let (mut buf, mut out, mut controls) = (Vec::new(), Vec::new(), Vec::new());
+        for chunk in input.chunks(step) {
+            buf.extend_from_slice(chunk);
+            loop {
+                let (used, control) = dec.decode(&buf, &mut out)?;
+                buf.drain(..used);
+                // What waits in the buffer is never more than a header or a control frame.
+                assert!(buf.len() <= 14 + 125 + step, "{}", buf.len());
+                match control {
+                    Some(c) => controls.push(c),
+                    None => break,
+                }
+            }
+        }
+        Ok((out, controls))
+    }
+
+    #[test]
+    fn frames_after_the_connect_stream_through() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        let mut input = masked(0x02, &data[..60_000]);
+        input.extend(masked(0x89, b"ping!"));
+        input.extend(masked(0x80, &data[60_000..]));
+        input.extend(masked(0x88, &1000u16.to_be_bytes()));
+        for step in [1, 3, 1000, input.len()] {
+            let (out, controls) = stream(&input, step, 1 << 20).expect("valid");
+            assert!(out == data, "step {step}");
+            assert_eq!(
+                controls,
+                [
+                    Control {
+                        opcode: 9,
+                        payload: b"ping!".to_vec()
+                    },
+                    Control {
+                        opcode: 8,
+                        payload: vec![3, 0xe8]
+                    }
+                ]
+            );
+        }
+        // A frame over the cap is refused at its header, before its payload.
+        let big = masked(0x82, &data[..60_000]);
+        assert_eq!(stream(&big[..8], 8, 50_000), Err(FrameError::TooLarge));
+        let mut huge = vec![0x82, 0x80 | 127];
+        huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        huge.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(stream(&huge, 1, 1 << 20), Err(FrameError::TooLarge));
+        assert_eq!(
+            stream(&masked(0x81, b"text"), 2, 1 << 20),
+            Err(FrameError::NotBinary)
+        );
+        let mut unmasked = masked(0x82, b"x");
+        unmasked[1] &= 0x7f;
+        assert_eq!(stream(&unmasked, 1, 1 << 20), Err(FrameError::Unmasked));
+        // A fragmented ping is against RFC 6455 5.5.
+        assert_eq!(
+            stream(&masked(0x09, b"p"), 9, 1 << 20),
             Err(FrameError::NotBinary)
         );
     }

@@ -4,7 +4,9 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
+    io::Write as _,
     net::{SocketAddr, TcpStream},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -92,16 +94,22 @@ pub fn bench(args: &[String]) -> Result<()> {
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;
     crate::make_pki(&dir.join("pki"))?;
-    // HAProxy wants the chain and the key in one file.
+    // HAProxy wants the chain and the key in one file: a private key, so mode 0600.
     let pki = dir.join("pki");
-    std::fs::write(
-        pki.join("server.bundle.pem"),
-        [
-            std::fs::read(pki.join("server.pem"))?,
-            std::fs::read(pki.join("server.key"))?,
-        ]
-        .concat(),
-    )?;
+    let bundle = pki.join("server.bundle.pem");
+    let _ = std::fs::remove_file(&bundle);
+    std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&bundle)?
+        .write_all(
+            &[
+                std::fs::read(pki.join("server.pem"))?,
+                std::fs::read(pki.join("server.key"))?,
+            ]
+            .concat(),
+        )?;
     let started = Instant::now();
     let broker = Broker::start(&dir)?;
     let mut samples: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();

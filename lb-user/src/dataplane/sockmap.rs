@@ -139,6 +139,8 @@ struct Dir<'a> {
     offset: u64,
     /// Passed bytes read from `src` (what the `ctrl` word reports once written).
     consumed: u64,
+    /// Redirected bytes already added to the server's traffic counters.
+    counted: u64,
     /// The `ctrl` word last written.
     ctrl: u64,
     /// Read from `src`, not yet taken by `dst`.
@@ -323,9 +325,9 @@ impl SockmapPlane {
         };
         // 4. Count the server's bytes (redirected, and forwarded while throttled), then
         // leave the maps (a finished pair has no redirected byte left in flight).
-        for d in &dirs {
-            let redirected = self.bpf.sock(d.src_cookie).map_or(0, |s| s.bytes);
-            pair.traffic.add(d.dir as usize, redirected + d.consumed);
+        for d in &mut dirs {
+            self.count_redirected(d, &pair.traffic);
+            pair.traffic.add(d.dir as usize, d.consumed);
         }
         self.remove(&pair, cookies);
         outcome
@@ -478,11 +480,27 @@ impl SockmapPlane {
         }
     }
 
+    /// Adds the bytes direction `d` redirected since the last call to the server's
+    /// traffic counters (so `ctl backends` moves while the pair lives: the task runs at
+    /// every lag event, i.e. every `lag_check_step` bytes, and every idle sample).
+    fn count_redirected(&self, d: &mut Dir<'_>, traffic: &super::Traffic) -> u64 {
+        let redirected = self.bpf.redirected(d.src_cookie).unwrap_or(d.counted);
+        if redirected > d.counted {
+            traffic.add(d.dir as usize, redirected - d.counted);
+            d.counted = redirected;
+        }
+        d.counted
+    }
+
     /// Watches a spliced pair until it ends.
     async fn supervise(&self, pair: &Pair, dirs: &mut [Dir<'_>; 2], signal: &Signal) -> Outcome {
+        // Idle: activity is sampled every tenth of `idle_timeout`, so the connection
+        // closes between `idle` and `idle` + 10% after its last byte.
         let idle = pair.idle_timeout;
-        let mut idle_at = Instant::now() + idle;
-        let mut idle_bytes = (u64::MAX, u64::MAX);
+        let sample = (idle / 10).max(POLL_MIN);
+        let mut active_at = Instant::now();
+        let mut sample_at = active_at + sample;
+        let mut activity = (0, 0);
         let mut wait = POLL_MIN;
         loop {
             if dirs.iter().all(|d| d.state == DirState::Done) {
@@ -492,9 +510,9 @@ impl SockmapPlane {
             let deadline = if dirs.iter().any(|d| d.again) {
                 now
             } else if dirs.iter().any(Dir::polled) {
-                (now + wait).min(idle_at)
+                (now + wait).min(sample_at)
             } else {
-                idle_at
+                sample_at
             };
             let [d0, d1] = &mut *dirs;
             let (r0, r1) = (d0.watch_readable(), d1.watch_readable());
@@ -519,6 +537,9 @@ impl SockmapPlane {
                 ));
             }
             let lag_bits = signal.lag.swap(0, Ordering::Relaxed);
+            for d in dirs.iter_mut().filter(|d| lag_bits & (1 << d.dir) != 0) {
+                self.count_redirected(d, &pair.traffic);
+            }
             let mut changed = false;
             for d in dirs.iter_mut() {
                 match self.advance(pair.id, d, lag_bits & (1 << d.dir) != 0) {
@@ -535,20 +556,21 @@ impl SockmapPlane {
                 (wait * 2).min(POLL_MAX)
             };
             let now = Instant::now();
-            if now >= idle_at {
-                let bytes = (self.activity(&dirs[0]), self.activity(&dirs[1]));
-                if bytes == idle_bytes {
+            if now >= sample_at {
+                let [d0, d1] = &mut *dirs;
+                let bytes = (
+                    self.count_redirected(d0, &pair.traffic) + d0.consumed,
+                    self.count_redirected(d1, &pair.traffic) + d1.consumed,
+                );
+                if bytes != activity {
+                    activity = bytes;
+                    active_at = now;
+                } else if now.duration_since(active_at) >= idle {
                     return Outcome::IdleTimeout;
                 }
-                idle_bytes = bytes;
-                idle_at = now + idle;
+                sample_at = now + sample;
             }
         }
-    }
-
-    /// Bytes that went through direction `d` so far, either way.
-    fn activity(&self, d: &Dir<'_>) -> u64 {
-        self.bpf.redirected(d.src_cookie).unwrap_or(0) + d.consumed
     }
 
     /// Moves one direction's state machine forward; true when something changed.
@@ -696,6 +718,7 @@ impl<'a> Dir<'a> {
             written,
             offset,
             consumed: 0,
+            counted: 0,
             ctrl: 0,
             pending: None,
             readable: false,

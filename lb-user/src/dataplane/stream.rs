@@ -159,20 +159,29 @@ async fn until_idle(
     }
 }
 
-/// Largest client frame accepted while terminating a WebSocket.
-const MAX_FRAME: usize = 16 << 20;
+/// What bounds a terminated WebSocket.
+#[derive(Debug, Clone, Copy)]
+pub struct WsLimits {
+    /// No bytes either way for this long closes the connection.
+    pub idle: Duration,
+    /// Largest client data frame (the listener's `max_frame_size`).
+    pub max_frame: u64,
+}
 
 /// Carries a WebSocket client to a plain MQTT server, terminating the WebSocket:
-/// client frames are unmasked to the server (`pending`: client bytes already read, the
-/// start of the next frames), server bytes go back in binary frames, pings are answered,
-/// a close frame is answered and ends the client-to-server direction (FIN), the
-/// server's FIN becomes a close frame (1000). An unmasked or text frame resets both.
+/// client frames are unmasked to the server as they arrive (`pending`: client bytes
+/// already read, the start of the next frames), server bytes go back in binary frames,
+/// pings are answered, the client's close frame is answered (once) and ends the
+/// client-to-server direction (FIN), the server's FIN becomes a close frame (1000)
+/// unless one was sent already. A frame against the protocol (text, unmasked, reserved
+/// bits, a control frame over 125 bytes) or over `max_frame` ends both directions at
+/// once and resets both connections.
 pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
     client: C,
     client_fd: RawFd,
     pending: Vec<u8>,
     server: TcpStream,
-    idle: Duration,
+    limits: WsLimits,
     traffic: Arc<Traffic>,
     stats: &Stats,
 ) -> Outcome {
@@ -187,30 +196,35 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
     // Control frames the client-to-server side owes the client (pongs, the close reply).
     let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let up = async {
+        let mut frames = crate::ws::FrameStream::new(limits.max_frame);
         let mut buf = pending;
+        let mut out = Vec::with_capacity(BUF);
         let mut chunk = vec![0u8; BUF];
         loop {
-            while let Some(f) = crate::ws::next_client_frame(&buf, MAX_FRAME)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
-            {
-                buf.drain(..f.len);
-                match f.opcode {
-                    0x0 | 0x2 => {
-                        sw.write_all(&f.payload).await?;
-                        traffic.add(0, f.payload.len() as u64);
-                        stats.add(DaemonStat::CopiedBytesC2s, f.payload.len() as u64);
-                    }
+            loop {
+                let (used, control) = frames.decode(&buf, &mut out).map_err(|e| {
+                    stats.inc(DaemonStat::WsBadFrames);
+                    io::Error::new(io::ErrorKind::InvalidData, e)
+                })?;
+                buf.drain(..used);
+                if !out.is_empty() {
+                    sw.write_all(&out).await?;
+                    traffic.add(0, out.len() as u64);
+                    stats.add(DaemonStat::CopiedBytesC2s, out.len() as u64);
+                    out.clear();
+                }
+                let Some(control) = control else { break };
+                match control.opcode {
                     0x9 => {
-                        let _ = ctl_tx.send(crate::ws::control_frame(0xa, &f.payload)).await;
+                        let pong = crate::ws::control_frame(0xa, &control.payload);
+                        let _ = ctl_tx.send(pong).await;
                     }
-                    0xa => {}
                     0x8 => {
-                        let _ = ctl_tx.send(crate::ws::control_frame(0x8, &f.payload)).await;
+                        let reply = crate::ws::control_frame(0x8, &control.payload);
+                        let _ = ctl_tx.send(reply).await;
                         return sw.shutdown().await;
                     }
-                    _ => {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "text frame"));
-                    }
+                    _ => {}
                 }
             }
             let n = match cr.read(&mut chunk).await {
@@ -228,10 +242,15 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
     let down = async {
         let mut chunk = vec![0u8; BUF];
         let mut ctl_open = true;
+        // A close frame went to the client (the reply to its own): no second one.
+        let mut closed = false;
         loop {
             tokio::select! {
                 ctl = ctl_rx.recv(), if ctl_open => match ctl {
-                    Some(frame) => cw.write_all(&frame).await?,
+                    Some(frame) => {
+                        closed |= frame.first() == Some(&0x88);
+                        cw.write_all(&frame).await?;
+                    }
                     None => ctl_open = false,
                 },
                 r = sr.read(&mut chunk) => {
@@ -239,7 +258,9 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
                     if n == 0 {
                         // The server is done: close the WebSocket. The client may be
                         // gone already (it closed first), which is no error.
-                        let _ = cw.write_all(&crate::ws::close_frame(1000)).await;
+                        if !closed {
+                            let _ = cw.write_all(&crate::ws::close_frame(1000)).await;
+                        }
                         let _ = cw.shutdown().await;
                         return Ok(());
                     }
@@ -251,9 +272,15 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
-    let both = async {
-        let (a, b) = tokio::join!(up, down);
-        a.and(b)
-    };
-    until_idle(both, &last, epoch, idle, [client_fd, server_fd], stats).await
+    // The first error ends both directions: the other must not wait for its own end.
+    let both = async { tokio::try_join!(up, down).map(drop) };
+    until_idle(
+        both,
+        &last,
+        epoch,
+        limits.idle,
+        [client_fd, server_fd],
+        stats,
+    )
+    .await
 }
