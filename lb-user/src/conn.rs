@@ -29,7 +29,7 @@ use crate::{
     balance::{self, Lease, Pool},
     config::{Cluster, Listener, ListenerKind, Rewrite},
     dataplane::{DataPlane, Outcome, Pair},
-    limits::{Charge, LogOnce, PreConnectBudget, is_local_resource},
+    limits::{Charge, LOCAL_RESOURCE_LOG, PreConnectBudget, is_local_resource},
     mqtt::{self, Decode},
     proxy_protocol,
     stats::{ActiveGuard, Stats},
@@ -93,8 +93,6 @@ pub struct Shared {
     pub sticky: StickyTable,
     /// Memory of connections before their CONNECT, all together.
     pub preconnect: PreConnectBudget,
-    /// Keeps local resource warnings (EMFILE...) to one a second.
-    pub local_errors: LogOnce,
     next_id: AtomicU32,
 }
 
@@ -118,7 +116,6 @@ impl Shared {
             )),
             sticky,
             preconnect: PreConnectBudget::new(max_preconnect_bytes),
-            local_errors: LogOnce::new(Duration::from_secs(1)),
             next_id: AtomicU32::new(1),
         }
     }
@@ -975,7 +972,7 @@ async fn connect_server(
             }
             Ok(Err(e)) if is_local_resource(&e) => {
                 stats.inc(DaemonStat::LocalResourceErrors);
-                if shared.local_errors.allow() {
+                if LOCAL_RESOURCE_LOG.allow() {
                     warn!(server = lease.name(), error = %e, "cannot open a server connection: this host is out of a resource (not the server's fault); refusing clients until it recovers");
                 }
                 return Err(NoServer::LocalResource);

@@ -63,38 +63,55 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
-/// The data plane for connections, and the BPF side when it is loaded (it publishes
-/// the counters `mqttlb ctl` reads, whichever plane carries the bytes).
-type Planes = (Arc<dyn DataPlane>, Option<Arc<SockmapPlane>>);
+/// The data plane for connections; the loaded BPF maps, whichever plane carries the
+/// bytes (the counters, servers and sticky table `mqttlb ctl` reads); the sockmap
+/// plane when it is the one in use.
+struct Planes {
+    plane: Arc<dyn DataPlane>,
+    bpf: Option<Arc<Bpf>>,
+    sockmap: Option<Arc<SockmapPlane>>,
+}
 
-/// Chooses and builds the data plane.
+/// Chooses and builds the data plane. A pin directory that is not safely ours stops
+/// the start whatever the plane asked for: falling back would hide an attack.
 fn data_plane(
     config: &Config,
     kind: DataPlaneKind,
     stats: &Arc<Stats>,
 ) -> Result<Planes, DaemonError> {
-    let sockmap = || {
-        Bpf::load(&config.global.name, LAG_STEP, sticky_size(config))
-            .map(|b| SockmapPlane::new(Arc::new(b), stats.clone()))
+    let load = || Bpf::load(&config.global.name, LAG_STEP, sticky_size(config)).map(Arc::new);
+    let copy = |bpf: Option<Arc<Bpf>>| Planes {
+        plane: Arc::new(CopyPlane::new(stats.clone())),
+        bpf,
+        sockmap: None,
     };
-    let copy = || Arc::new(CopyPlane::new(stats.clone())) as Arc<dyn DataPlane>;
-    Ok(match kind {
-        DataPlaneKind::Copy => (copy(), None),
-        DataPlaneKind::Sockmap => {
-            let p = sockmap()?;
-            (p.clone() as Arc<dyn DataPlane>, Some(p))
+    let sockmap = |bpf: Arc<Bpf>| {
+        let p = SockmapPlane::new(bpf.clone(), stats.clone());
+        Planes {
+            plane: p.clone(),
+            bpf: Some(bpf),
+            sockmap: Some(p),
+        }
+    };
+    Ok(match (kind, load()) {
+        (_, Err(e @ BpfError::Unsafe { .. })) => return Err(DaemonError::Instance(e)),
+        (DataPlaneKind::Sockmap, loaded) => sockmap(loaded?),
+        // The maps serve `ctl` and keep the sticky table across restarts; no socket
+        // ever enters the socket maps.
+        (DataPlaneKind::Copy, Ok(bpf)) => copy(Some(bpf)),
+        (DataPlaneKind::Copy, Err(e)) => {
+            info!(reason = %e, "BPF maps unavailable: `mqttlb ctl` has nothing to read and the sticky table lives in memory");
+            copy(None)
         }
         // `auto`: the in-kernel splice where BPF loads, userspace copy otherwise.
-        DataPlaneKind::Auto => match sockmap() {
-            Ok(p) => {
-                info!("auto: sockmap data plane");
-                (p.clone() as Arc<dyn DataPlane>, Some(p))
-            }
-            Err(e) => {
-                info!(reason = %e, "auto: copy data plane (BPF unavailable); `mqttlb ctl` has nothing to read");
-                (copy(), None)
-            }
-        },
+        (DataPlaneKind::Auto, Ok(bpf)) => {
+            info!("auto: sockmap data plane");
+            sockmap(bpf)
+        }
+        (DataPlaneKind::Auto, Err(e)) => {
+            info!(reason = %e, "auto: copy data plane (BPF unavailable); `mqttlb ctl` has nothing to read");
+            copy(None)
+        }
     })
 }
 
@@ -119,7 +136,11 @@ pub async fn run(
     let stats = Arc::new(Stats::default());
     let limit = max_connections(&config) as usize;
     let kind = plane_override.unwrap_or(config.global.data_plane);
-    let (plane, sockmap) = data_plane(&config, kind, &stats)?;
+    let Planes {
+        plane,
+        bpf,
+        sockmap,
+    } = data_plane(&config, kind, &stats)?;
     info!(instance = %config.global.name, data_plane = plane.name(), "data plane selected");
     if let Some(s) = &config.stats {
         warn!(bind = %s.bind, "[stats] is accepted but not served in this version");
@@ -127,13 +148,11 @@ pub async fn run(
 
     let mut bound = Vec::new();
     for l in &config.listeners {
-        let listener = TcpListener::bind(l.bind)
-            .await
-            .map_err(|source| DaemonError::Bind {
-                name: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
+        let listener = listen(l.bind).map_err(|source| DaemonError::Bind {
+            name: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?;
         info!(listener = %l.name, bind = %l.bind, kind = ?l.kind, "listening");
         bound.push((
             Arc::new(ListenerRt::new(l.clone())),
@@ -145,8 +164,8 @@ pub async fn run(
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
 
-    let sticky = match &sockmap {
-        Some(p) => StickyTable::Bpf(p.bpf().clone()),
+    let sticky = match &bpf {
+        Some(b) => StickyTable::Bpf(b.clone()),
         None => StickyTable::memory(sticky_size(&config) as usize),
     };
     let shared = Arc::new(Shared::new(
@@ -168,11 +187,7 @@ pub async fn run(
             }
         });
     }
-    let publisher = tokio::spawn(publish_stats(
-        stats.clone(),
-        sockmap.clone(),
-        shared.clone(),
-    ));
+    let publisher = tokio::spawn(publish_stats(stats.clone(), bpf.clone(), shared.clone()));
     let mut accept_tasks = Vec::new();
     let listeners: Vec<Arc<ListenerRt>> = bound.iter().map(|b| b.0.clone()).collect();
     for (listener, cluster, socket) in bound {
@@ -218,11 +233,29 @@ pub async fn run(
     for t in checks {
         t.abort();
     }
-    if let Some(p) = &sockmap {
-        p.unpin();
+    if let Some(b) = &bpf {
+        b.unpin();
     }
     drop(lock);
     Ok(())
+}
+
+/// Connections the kernel completes and queues for a listener while the daemon is not
+/// accepting (at `max_connections`, out of descriptors, a burst of reconnects); capped
+/// by `net.core.somaxconn`. The 128 of std's `bind` sent SYNs of a reconnect storm
+/// into one-second retransmissions.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`].
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// `max_connections`, or what the descriptor limit allows (two per connection plus a
@@ -305,7 +338,7 @@ async fn accept_loop(
                 if limits::is_local_resource(&e) {
                     stats.inc(DaemonStat::LocalResourceErrors);
                 }
-                if shared.local_errors.allow() {
+                if limits::LOCAL_RESOURCE_LOG.allow() {
                     warn!(listener = %listener.config.name, error = %e, "accept failed; backing off");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -404,7 +437,7 @@ fn restart_checks(
 
 /// Refreshes the gauges and publishes the counters and the servers to the pinned
 /// maps, four times a second.
-async fn publish_stats(stats: Arc<Stats>, sockmap: Option<Arc<SockmapPlane>>, shared: Arc<Shared>) {
+async fn publish_stats(stats: Arc<Stats>, bpf: Option<Arc<Bpf>>, shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut published = 0;
     loop {
@@ -415,10 +448,10 @@ async fn publish_stats(stats: Arc<Stats>, sockmap: Option<Arc<SockmapPlane>>, sh
                 .metrics()
                 .num_alive_tasks() as u64,
         );
-        if let Some(p) = &sockmap {
-            p.publish(&stats);
+        if let Some(b) = &bpf {
+            b.publish(&stats);
             let rows = backend_rows(&shared.clusters());
-            p.bpf().publish_backends(&rows, published);
+            b.publish_backends(&rows, published);
             published = rows.len();
         }
     }

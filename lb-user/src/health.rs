@@ -74,7 +74,6 @@ async fn check_loop(
     live: Arc<ServerLive>,
     stats: Arc<Stats>,
 ) {
-    let local_log = crate::limits::LogOnce::new(std::time::Duration::from_secs(10));
     let mut tick = tokio::time::interval(health.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -86,7 +85,7 @@ async fn check_loop(
             // the server, whose verdict stays as it was.
             Ok(Err(Failed::Local(e))) => {
                 stats.inc(DaemonStat::LocalResourceErrors);
-                if local_log.allow() {
+                if crate::limits::LOCAL_RESOURCE_LOG.allow() {
                     warn!(%cluster, %server, error = %e, "health check skipped: this host is out of a resource (the server's state is kept)");
                 }
                 continue;

@@ -5,7 +5,10 @@
 
 use std::{
     io,
-    sync::atomic::{AtomicU64, AtomicUsize, Ordering},
+    sync::{
+        LazyLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -89,6 +92,11 @@ pub fn is_local_resource(e: &io::Error) -> bool {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
     )
 }
+
+/// One warning a second at most about local resource errors, wherever they are met
+/// (accept, server connects, health checks).
+pub static LOCAL_RESOURCE_LOG: LazyLock<LogOnce> =
+    LazyLock::new(|| LogOnce::new(Duration::from_secs(1)));
 
 /// Lets a warning through at most once per `period`: the first of an episode, then one
 /// a period while it lasts. Counting is the caller's job; this only keeps the log

@@ -10,13 +10,11 @@ mod common;
 
 use std::{net::SocketAddr, process::Command, time::Duration};
 
-use common::*;
+use common::{wsc::*, *};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-
-const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 /// A config with a `ws` listener and a `wss` listener in front of `servers` (TCP
 /// address, WebSocket address: `None` makes mqttlb terminate the WebSocket).
@@ -154,52 +152,6 @@ async fn paho_both_ways(pki: &Pki, lb: &Daemon, wss: SocketAddr) {
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(lb.stat("ws_upgrades"), 4);
-}
-
-/// Sends an upgrade request; returns the stream and the response head.
-async fn upgrade(addr: SocketAddr, request: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("request");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
-            .await
-            .expect("response in time")
-            .expect("read");
-        if n == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    (s, String::from_utf8_lossy(&head).into_owned())
-}
-
-fn request(path: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
-    )
-}
-
-fn masked(opcode_fin: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    let mut f = vec![opcode_fin, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
-/// Reads one server frame: (first byte, payload).
-async fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let b0 = s.read_u8().await?;
-    let len = match s.read_u8().await? & 0x7f {
-        126 => usize::from(s.read_u16().await?),
-        127 => s.read_u64().await? as usize,
-        n => usize::from(n),
-    };
-    let mut p = vec![0u8; len];
-    s.read_exact(&mut p).await?;
-    Ok((b0, p))
 }
 
 /// Upgrades, sends the CONNECT of `id` split over two frames (a fragmented message, or

@@ -139,7 +139,10 @@ struct Dir<'a> {
     offset: u64,
     /// Passed bytes read from `src` (what the `ctrl` word reports once written).
     consumed: u64,
-    /// Redirected bytes already added to the server's traffic counters.
+    /// The server's byte counters.
+    traffic: &'a super::Traffic,
+    /// Redirected bytes already added to `traffic` (passed bytes are added as the
+    /// task forwards them).
     counted: u64,
     /// The `ctrl` word last written.
     ctrl: u64,
@@ -166,19 +169,9 @@ impl SockmapPlane {
         })
     }
 
-    /// Writes the daemon counters to the pinned `daemon_stats` map.
-    pub fn publish(&self, stats: &Stats) {
-        self.bpf.publish(stats);
-    }
-
     /// The loaded program and maps.
     pub fn bpf(&self) -> &Arc<Bpf> {
         &self.bpf
-    }
-
-    /// Removes the pinned maps (clean stop).
-    pub fn unpin(&self) {
-        self.bpf.unpin();
     }
 
     /// Reads the program's ring buffer and wakes the pairs it names; runs for the life
@@ -280,6 +273,7 @@ impl SockmapPlane {
                 &pair.server,
                 cookies.client,
                 pair.written_to_server,
+                &pair.traffic,
             ),
             Dir::new(
                 DIR_SERVER_TO_CLIENT,
@@ -287,6 +281,7 @@ impl SockmapPlane {
                 &pair.client,
                 cookies.server,
                 pair.written_to_client,
+                &pair.traffic,
             ),
         ) {
             (Ok(a), Ok(b)) => [a, b],
@@ -326,8 +321,7 @@ impl SockmapPlane {
         // 4. Count the server's bytes (redirected, and forwarded while throttled), then
         // leave the maps (a finished pair has no redirected byte left in flight).
         for d in &mut dirs {
-            self.count_redirected(d, &pair.traffic);
-            pair.traffic.add(d.dir as usize, d.consumed);
+            self.count_redirected(d);
         }
         self.remove(&pair, cookies);
         outcome
@@ -483,10 +477,10 @@ impl SockmapPlane {
     /// Adds the bytes direction `d` redirected since the last call to the server's
     /// traffic counters (so `ctl backends` moves while the pair lives: the task runs at
     /// every lag event, i.e. every `lag_check_step` bytes, and every idle sample).
-    fn count_redirected(&self, d: &mut Dir<'_>, traffic: &super::Traffic) -> u64 {
+    fn count_redirected(&self, d: &mut Dir<'_>) -> u64 {
         let redirected = self.bpf.redirected(d.src_cookie).unwrap_or(d.counted);
         if redirected > d.counted {
-            traffic.add(d.dir as usize, redirected - d.counted);
+            d.traffic.add(d.dir as usize, redirected - d.counted);
             d.counted = redirected;
         }
         d.counted
@@ -494,10 +488,10 @@ impl SockmapPlane {
 
     /// Watches a spliced pair until it ends.
     async fn supervise(&self, pair: &Pair, dirs: &mut [Dir<'_>; 2], signal: &Signal) -> Outcome {
-        // Idle: activity is sampled every tenth of `idle_timeout`, so the connection
-        // closes between `idle` and `idle` + 10% after its last byte.
+        // Idle: activity is sampled every twentieth of `idle_timeout`, so the
+        // connection closes between `idle` and `idle` + 5% after its last byte.
         let idle = pair.idle_timeout;
-        let sample = (idle / 10).max(POLL_MIN);
+        let sample = (idle / 20).max(POLL_MIN);
         let mut active_at = Instant::now();
         let mut sample_at = active_at + sample;
         let mut activity = (0, 0);
@@ -538,7 +532,7 @@ impl SockmapPlane {
             }
             let lag_bits = signal.lag.swap(0, Ordering::Relaxed);
             for d in dirs.iter_mut().filter(|d| lag_bits & (1 << d.dir) != 0) {
-                self.count_redirected(d, &pair.traffic);
+                self.count_redirected(d);
             }
             let mut changed = false;
             for d in dirs.iter_mut() {
@@ -559,8 +553,8 @@ impl SockmapPlane {
             if now >= sample_at {
                 let [d0, d1] = &mut *dirs;
                 let bytes = (
-                    self.count_redirected(d0, &pair.traffic) + d0.consumed,
-                    self.count_redirected(d1, &pair.traffic) + d1.consumed,
+                    self.count_redirected(d0) + d0.consumed,
+                    self.count_redirected(d1) + d1.consumed,
                 );
                 if bytes != activity {
                     activity = bytes;
@@ -670,6 +664,7 @@ impl SockmapPlane {
                 Moved::Bytes { read, rest } => {
                     let read = read as u64;
                     self.stats.add(d.stat, read);
+                    d.traffic.add(d.dir as usize, read);
                     moved += read;
                     d.consumed += read;
                     d.written += read - rest.as_ref().map_or(0, |r| r.len() as u64);
@@ -701,6 +696,7 @@ impl<'a> Dir<'a> {
         dst: &'a TcpStream,
         src_cookie: u64,
         written: u64,
+        traffic: &'a super::Traffic,
     ) -> io::Result<Self> {
         let offset = sys::send_progress(dst.as_raw_fd())?
             .enqueued()
@@ -718,6 +714,7 @@ impl<'a> Dir<'a> {
             written,
             offset,
             consumed: 0,
+            traffic,
             counted: 0,
             ctrl: 0,
             pending: None,

@@ -78,18 +78,37 @@ pub struct Daemon {
     pub instance: String,
     pub plane: String,
     pub config: PathBuf,
+    /// Open-files limit (soft and hard) the daemon runs under, when the test sets one.
+    pub nofile: Option<u64>,
     _dir: TempDir,
 }
 
-/// Runs `mqttlb run -c config`, its log appended to `dir/mqttlb.log`.
-fn spawn_daemon(config: &std::path::Path, dir: &std::path::Path) -> Child {
+/// Runs `mqttlb run -c config`, its log appended to `dir/mqttlb.log`, under an
+/// open-files limit of `nofile` (soft and hard) when given.
+fn spawn_daemon(config: &std::path::Path, dir: &std::path::Path, nofile: Option<u64>) -> Child {
+    use std::os::unix::process::CommandExt;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("mqttlb.log"))
         .expect("log");
-    Command::new(bin())
-        .args(["run", "-c"])
+    let mut cmd = Command::new(bin());
+    if let Some(n) = nofile {
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.args(["run", "-c"])
         .arg(config)
         .env(
             "RUST_LOG",
@@ -163,16 +182,28 @@ impl Daemon {
 
     /// Starts with this config text (listening on 127.0.0.1:`port`, instance `instance`).
     pub fn start_text(plane: &str, port: u16, instance: &str, text: &str) -> Self {
+        Self::start_limited(plane, port, instance, text, None)
+    }
+
+    /// [`Daemon::start_text`] under an open-files limit of `nofile`.
+    pub fn start_limited(
+        plane: &str,
+        port: u16,
+        instance: &str,
+        text: &str,
+        nofile: Option<u64>,
+    ) -> Self {
         let dir = TempDir::new("lb");
         let config = dir.0.join("mqttlb.toml");
         std::fs::write(&config, text).expect("write config");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut d = Daemon {
-            child: spawn_daemon(&config, &dir.0),
+            child: spawn_daemon(&config, &dir.0, nofile),
             addr,
             instance: instance.to_owned(),
             plane: plane.into(),
             config,
+            nofile,
             _dir: dir,
         };
         d.wait_ready();
@@ -200,7 +231,7 @@ impl Daemon {
     pub fn restart(&mut self) {
         let status = self.stop();
         assert!(status.success(), "exit status {status}: {}", self.log());
-        self.child = spawn_daemon(&self.config, &self._dir.0);
+        self.child = spawn_daemon(&self.config, &self._dir.0, self.nofile);
         self.wait_ready();
     }
 
@@ -284,6 +315,19 @@ impl Daemon {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .expect("proc fd")
             .count()
+    }
+
+    /// Resident memory (VmRSS), bytes.
+    pub fn rss(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
     }
 
     pub fn thread_count(&self) -> usize {
@@ -991,5 +1035,70 @@ fn whole_frames(buf: &[u8]) -> Option<usize> {
 impl Drop for WsBridge {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A raw WebSocket client: the upgrade request, masked client frames of any length,
+/// server frames read back.
+pub mod wsc {
+    use std::{net::SocketAddr, time::Duration};
+
+    use tokio::{
+        io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    /// An upgrade request for `path` (subprotocol `mqtt`).
+    pub fn request(path: &str) -> String {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+        )
+    }
+
+    /// Sends `request` on `s`; returns the response head.
+    pub async fn upgrade_on<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, request: &str) -> String {
+        s.write_all(request.as_bytes()).await.expect("request");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+                .await
+                .expect("response in time")
+                .expect("read");
+            if n == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    /// Connects and sends an upgrade request; returns the stream and the response head.
+    pub async fn upgrade(addr: SocketAddr, request: &str) -> (TcpStream, String) {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let head = upgrade_on(&mut s, request).await;
+        (s, head)
+    }
+
+    /// A masked client frame: first byte `opcode_fin`, any payload length.
+    pub fn masked(opcode_fin: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = mqttlb::ws::masked_binary_frame(payload, [0x11, 0x22, 0x33, 0x44]);
+        f[0] = opcode_fin;
+        f
+    }
+
+    /// Reads one server frame: (first byte, payload).
+    pub async fn read_frame<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(u8, Vec<u8>)> {
+        let b0 = s.read_u8().await?;
+        let len = match s.read_u8().await? & 0x7f {
+            126 => usize::from(s.read_u16().await?),
+            127 => s.read_u64().await? as usize,
+            n => usize::from(n),
+        };
+        let mut p = vec![0u8; len];
+        s.read_exact(&mut p).await?;
+        Ok((b0, p))
     }
 }
