@@ -91,6 +91,10 @@ async fn paho_over_ws_and_wss_with_mqtt_311_and_5_terminated_by_mqttlb() {
     let broker = Mosquitto::start();
     let (lb, wss) = start(&pki, "", &[(broker.addr, None)]);
     paho_both_ways(&pki, &lb, wss).await;
+    // paho may reset its socket right after its DISCONNECT (unread bytes in its
+    // queue): that is its business. The close handshake below must end cleanly.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let aborted = lb.stat("aborted");
     // WebSocket control frames are answered by mqttlb; MQTT goes through.
     let mut s = ws_session(lb.addr, "raw-terminated", true).await;
     s.write_all(&masked(0x89, b"are you there"))
@@ -109,7 +113,7 @@ async fn paho_over_ws_and_wss_with_mqtt_311_and_5_terminated_by_mqttlb() {
     let (b0, _) = read_frame(&mut s).await.expect("close reply");
     assert_eq!(b0 & 0x0f, 0x8);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
+    assert_eq!(lb.stat("aborted"), aborted, "{}", lb.log());
 }
 
 /// paho-mqtt over ws and wss, MQTT 3.1.1 and 5: 100 QoS 1 messages published and

@@ -159,6 +159,11 @@ async fn until_idle(
     }
 }
 
+/// `e` with the operation that met it (the kind is kept).
+fn context(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
 /// What bounds a terminated WebSocket.
 #[derive(Debug, Clone, Copy)]
 pub struct WsLimits {
@@ -195,6 +200,9 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
     let (mut sr, mut sw) = server.into_split();
     // Control frames the client-to-server side owes the client (pongs, the close reply).
     let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    // The server finished and the client got its close frame: the WebSocket is over,
+    // and a client that resets rather than closes ends it cleanly all the same.
+    let server_done = std::sync::atomic::AtomicBool::new(false);
     let up = async {
         let mut frames = crate::ws::FrameStream::new(limits.max_frame);
         let mut buf = pending;
@@ -208,7 +216,9 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
                 })?;
                 buf.drain(..used);
                 if !out.is_empty() {
-                    sw.write_all(&out).await?;
+                    sw.write_all(&out)
+                        .await
+                        .map_err(|e| context(e, "server write"))?;
                     traffic.add(0, out.len() as u64);
                     stats.add(DaemonStat::CopiedBytesC2s, out.len() as u64);
                     out.clear();
@@ -230,7 +240,8 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
             let n = match cr.read(&mut chunk).await {
                 // A TLS client may close without close_notify: the end all the same.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-                r => r?,
+                Err(_) if server_done.load(Ordering::Relaxed) => 0,
+                r => r.map_err(|e| context(e, "client read"))?,
             };
             if n == 0 {
                 return sw.shutdown().await;
@@ -249,12 +260,12 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
                 ctl = ctl_rx.recv(), if ctl_open => match ctl {
                     Some(frame) => {
                         closed |= frame.first() == Some(&0x88);
-                        cw.write_all(&frame).await?;
+                        cw.write_all(&frame).await.map_err(|e| context(e, "client write"))?;
                     }
                     None => ctl_open = false,
                 },
                 r = sr.read(&mut chunk) => {
-                    let n = r?;
+                    let n = r.map_err(|e| context(e, "server read"))?;
                     if n == 0 {
                         // The server is done: close the WebSocket. The client may be
                         // gone already (it closed first), which is no error.
@@ -262,12 +273,15 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
                             let _ = cw.write_all(&crate::ws::close_frame(1000)).await;
                         }
                         let _ = cw.shutdown().await;
+                        server_done.store(true, Ordering::Relaxed);
                         return Ok(());
                     }
                     touch();
                     traffic.add(1, n as u64);
                     stats.add(DaemonStat::CopiedBytesS2c, n as u64);
-                    cw.write_all(&crate::ws::binary_frame(&chunk[..n])).await?;
+                    cw.write_all(&crate::ws::binary_frame(&chunk[..n]))
+                        .await
+                        .map_err(|e| context(e, "client write"))?;
                 }
             }
         }
