@@ -275,6 +275,13 @@ pub const EVENT_PEER_GONE: u32 = 2;
 /// Event: an overlapping retransmission could not be cut; the stream cannot be
 /// carried exactly and the connection must be reset.
 pub const EVENT_STREAM_BROKEN: u32 = 3;
+/// Event: the socket received the peer's FIN (alone, or with the last data): the daemon
+/// reads it to EOF. Spliced sockets' readability is not watched, so this is how the
+/// daemon learns of it.
+pub const EVENT_FIN: u32 = 4;
+/// Event: an skb was passed to the socket's own queue after the daemon's last read (the
+/// program catches up on passed bytes before it redirects again): read again.
+pub const EVENT_PASSED: u32 = 5;
 
 macro_rules! counters {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $idx:literal => $label:literal,)* }) => {

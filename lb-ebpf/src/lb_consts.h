@@ -46,5 +46,7 @@ enum lb_stat {
 #define EVENT_LAG_CHECK 1
 #define EVENT_PEER_GONE 2
 #define EVENT_STREAM_BROKEN 3
+#define EVENT_FIN 4
+#define EVENT_PASSED 5
 
 #endif

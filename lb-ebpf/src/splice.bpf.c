@@ -8,7 +8,9 @@
  *   path. Passing it is not safe either: when skbs redirected *to* this socket are
  *   still queued on its psock, the passed skb joins that queue and the 0-byte
  *   "transmit" sets EPIPE on the socket. So it is dropped: TCP has already marked the
- *   receive side shut, userspace sees recv() == 0 and propagates the half-close;
+ *   receive side shut, userspace sees recv() == 0 and propagates the half-close. The
+ *   daemon does not watch a spliced socket's readability (that woke it for every skb):
+ *   the program reports the FIN (a zero-length skb, or data carrying it) as an event;
  * - redirected bytes stop counting against the source's receive buffer, so the peer's
  *   queue can grow without bound. The program reports every `lag_check_step` bytes;
  *   the daemon throttles a direction whose peer does not read by setting
@@ -61,11 +63,12 @@ struct tcp_sock___lb {
 #define ADJUST_ROUNDS 64
 
 /*
- * The TCP sequence number of the skb's first byte (struct tcp_skb_cb starts with it).
+ * The TCP sequence number at `offset` in the skb's control block: 0 the first byte
+ * (seq), 4 the byte after it, counting the FIN, which takes one (end_seq).
  * The kernel skb comes from the kfunc bpf_cast_to_kern_ctx, called with a raw
  * instruction whose immediate the loader patches (see KFUNC_PLACEHOLDER).
  */
-static __always_inline __u32 skb_seq(struct __sk_buff *skb)
+static __always_inline __u32 skb_seq(struct __sk_buff *skb, int offset)
 {
 	struct sk_buff___lb *kskb;
 
@@ -77,7 +80,7 @@ static __always_inline __u32 skb_seq(struct __sk_buff *skb)
 		     : [kskb] "=r"(kskb)
 		     : [ctx] "r"(skb)
 		     : "r0", "r1", "r2", "r3", "r4", "r5");
-	return *(__u32 *)&kskb->cb[0];
+	return *(__u32 *)&kskb->cb[offset];
 }
 
 /* Cuts `n` bytes from the head of the skb; 0 on success. */
@@ -100,7 +103,7 @@ static __always_inline int cut_head(struct __sk_buff *skb, __u32 n)
  */
 static __always_inline int only_new_bytes(struct __sk_buff *skb, struct lb_sock *s)
 {
-	__u32 seq = skb_seq(skb), end = seq + skb->len, overlap;
+	__u32 seq = skb_seq(skb, 0), end = seq + skb->len, overlap;
 
 	if (!(s->flags & SOCK_SEQ_KNOWN)) {
 		struct bpf_sock *sk = skb->sk;
@@ -130,7 +133,11 @@ static __always_inline int only_new_bytes(struct __sk_buff *skb, struct lb_sock 
 	return 1;
 }
 
-/* Whether this socket's bytes must go to the daemon rather than to the peer. */
+/*
+ * Whether this socket's bytes must go to the daemon rather than to the peer: 0 no,
+ * 1 throttled (the daemon reads when the peer catches up), 2 catching up (the daemon
+ * has not yet forwarded every passed byte and must be told to read again).
+ */
 static __always_inline int throttled(__u64 cookie, const struct lb_sock *s)
 {
 	__u64 *word = bpf_map_lookup_elem(&ctrl, &cookie);
@@ -139,7 +146,9 @@ static __always_inline int throttled(__u64 cookie, const struct lb_sock *s)
 	if (!word)
 		return 0;
 	w = *(volatile __u64 *)word;
-	return (w & CTRL_THROTTLE) || (w & ~CTRL_THROTTLE) != s->passed;
+	if (w & CTRL_THROTTLE)
+		return 1;
+	return (w & ~CTRL_THROTTLE) != s->passed ? 2 : 0;
 }
 
 SEC("sk_skb/stream_verdict")
@@ -148,14 +157,16 @@ int mqttlb_verdict(struct __sk_buff *skb)
 	__u64 cookie, peer, total;
 	struct lb_sock *s;
 	long verdict;
-
-	if (skb->len == 0) {
-		stat_inc(STAT_FIN_DROPPED);
-		return SK_DROP;
-	}
+	int mode;
 
 	cookie = bpf_get_socket_cookie(skb);
 	s = bpf_map_lookup_elem(&socks, &cookie);
+	if (skb->len == 0) {
+		stat_inc(STAT_FIN_DROPPED);
+		if (s)
+			emit(EVENT_FIN, s, s->bytes);
+		return SK_DROP;
+	}
 	if (!s) {
 		stat_inc(STAT_UNKNOWN_SOCKET);
 		return SK_PASS;
@@ -169,10 +180,16 @@ int mqttlb_verdict(struct __sk_buff *skb)
 		emit(EVENT_STREAM_BROKEN, s, s->bytes);
 		return SK_DROP;
 	}
+	/* Data carrying the FIN: it takes one sequence number past the data's end. */
+	if (skb_seq(skb, 4) != s->next_seq)
+		emit(EVENT_FIN, s, s->bytes);
 
-	if (throttled(cookie, s)) {
+	mode = throttled(cookie, s);
+	if (mode) {
 		__sync_fetch_and_add(&s->passed, skb->len);
 		stat_inc(STAT_PASSED);
+		if (mode == 2)
+			emit(EVENT_PASSED, s, s->passed);
 		return SK_PASS;
 	}
 

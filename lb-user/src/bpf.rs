@@ -697,6 +697,8 @@ mod tests {
             u64::from(DIR_SERVER_TO_CLIENT)
         );
         assert_eq!(c_const("EVENT_LAG_CHECK"), u64::from(EVENT_LAG_CHECK));
+        assert_eq!(c_const("EVENT_FIN"), u64::from(lb_common::EVENT_FIN));
+        assert_eq!(c_const("EVENT_PASSED"), u64::from(lb_common::EVENT_PASSED));
         assert_eq!(c_const("EVENT_PEER_GONE"), u64::from(EVENT_PEER_GONE));
         assert_eq!(c_const("STAT_COUNT"), u64::from(Stat::COUNT));
         assert_eq!(c_const("DAEMON_STAT_COUNT"), u64::from(DaemonStat::COUNT));

@@ -127,6 +127,25 @@ pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     .map(drop)
 }
 
+/// Sets `SO_SNDBUF` and `SO_RCVBUF` to `bytes` (the kernel doubles them for its own
+/// bookkeeping and stops autotuning them).
+pub fn set_buffers(fd: RawFd, bytes: u32) -> io::Result<()> {
+    let v = bytes as libc::c_int;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: `v` is a valid int for the duration of the call.
+        check(unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const v).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// `recv(MSG_PEEK | MSG_DONTWAIT)`: bytes waiting in the socket, left there.
 pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length for the duration of the call.

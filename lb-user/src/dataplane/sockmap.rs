@@ -37,8 +37,8 @@ use std::{
 
 use lb_common::{
     CONN_THROTTLED_C2S, CONN_THROTTLED_S2C, CTRL_THROTTLE, ConnInfo, DIR_CLIENT_TO_SERVER,
-    DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_LAG_CHECK, EVENT_PEER_GONE, EVENT_STREAM_BROKEN, Event,
-    SockInfo,
+    DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_FIN, EVENT_LAG_CHECK, EVENT_PASSED, EVENT_PEER_GONE,
+    EVENT_STREAM_BROKEN, Event, SockInfo,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -57,6 +57,9 @@ use crate::{
     sys,
 };
 
+/// `SO_SNDBUF`/`SO_RCVBUF` of spliced sockets: the kernel stops autotuning buffers for
+/// redirected bytes, and the default ones halved bulk throughput.
+const SPLICE_BUFFER: u32 = 4 << 20;
 /// Unacknowledged bytes in one direction above which its source is throttled.
 pub const HIGH_WATER: u64 = 4 << 20;
 /// Unacknowledged bytes at or below which a throttled direction resumes.
@@ -76,6 +79,9 @@ struct Signal {
     notify: Notify,
     /// Bit per direction that asked for a lag check.
     lag: AtomicU32,
+    /// Bit per direction whose source must be read: its FIN arrived, or the program
+    /// passed bytes after the daemon's last read.
+    read: AtomicU32,
     /// A redirect failed: the peer socket is gone.
     peer_gone: AtomicBool,
 }
@@ -206,6 +212,9 @@ impl SockmapPlane {
                     EVENT_LAG_CHECK => {
                         signal.lag.fetch_or(1 << ev.dir, Ordering::Relaxed);
                     }
+                    EVENT_FIN | EVENT_PASSED => {
+                        signal.read.fetch_or(1 << ev.dir, Ordering::Relaxed);
+                    }
                     // Either way the pair cannot go on: it is reset.
                     EVENT_PEER_GONE | EVENT_STREAM_BROKEN => {
                         signal.peer_gone.store(true, Ordering::Relaxed);
@@ -255,6 +264,9 @@ impl SockmapPlane {
                     return Outcome::Aborted(e);
                 }
             }
+        }
+        for fd in [pair.client.as_raw_fd(), pair.server.as_raw_fd()] {
+            let _ = sys::set_buffers(fd, SPLICE_BUFFER);
         }
         let cookies = match (
             sys::socket_cookie(pair.client.as_raw_fd()),
@@ -455,11 +467,14 @@ impl SockmapPlane {
         Ok(sys::send_progress(d.dst.as_raw_fd())?.enqueued() >= d.offset + d.written + redirected)
     }
 
-    /// Bytes redirected in direction `d` and not yet acknowledged by the peer's receiver.
+    /// Bytes redirected in direction `d` that the peer's send queue has not taken yet:
+    /// they wait on the peer's psock backlog, the one queue the kernel does not bound
+    /// (the send queue itself is bounded by the peer's send buffer). A peer whose
+    /// receiver stops reading fills its send queue, then this backlog grows.
     fn lag(&self, d: &Dir<'_>) -> io::Result<u64> {
         let redirected = self.bpf.redirected(d.src_cookie).unwrap_or(0);
-        let acked = sys::send_progress(d.dst.as_raw_fd())?.acked;
-        Ok((d.offset + d.written + redirected).saturating_sub(acked))
+        let enqueued = sys::send_progress(d.dst.as_raw_fd())?.enqueued();
+        Ok((d.offset + d.written + redirected).saturating_sub(enqueued))
     }
 
     fn set_flag(&self, id: u32, flag: u32, on: bool) {
@@ -510,10 +525,14 @@ impl SockmapPlane {
             };
             let [d0, d1] = &mut *dirs;
             let (r0, r1) = (d0.watch_readable(), d1.watch_readable());
+            let (e0, e1) = (d0.watch_errors(), d1.watch_errors());
             let (w0, w1) = (d0.pending.is_some(), d1.pending.is_some());
             let event = tokio::select! {
                 r = d0.src.readable(), if r0 => r.map(|()| Some(0)),
                 r = d1.src.readable(), if r1 => r.map(|()| Some(1)),
+                // A reset: the pump's read reports it.
+                r = d0.src.ready(Interest::ERROR), if e0 => r.map(|_| Some(0)),
+                r = d1.src.ready(Interest::ERROR), if e1 => r.map(|_| Some(1)),
                 r = d0.dst.writable(), if w0 => r.map(|()| None),
                 r = d1.dst.writable(), if w1 => r.map(|()| None),
                 () = signal.notify.notified() => Ok(None),
@@ -529,6 +548,10 @@ impl SockmapPlane {
                     io::ErrorKind::ConnectionReset,
                     "peer socket left the map",
                 ));
+            }
+            let read_bits = signal.read.swap(0, Ordering::Relaxed);
+            for d in dirs.iter_mut().filter(|d| read_bits & (1 << d.dir) != 0) {
+                d.readable = true;
             }
             let lag_bits = signal.lag.swap(0, Ordering::Relaxed);
             for d in dirs.iter_mut().filter(|d| lag_bits & (1 << d.dir) != 0) {
@@ -649,6 +672,12 @@ impl SockmapPlane {
                     // The program redirects again once it has passed no more than
                     // this count.
                     self.set_passing(d, false)?;
+                    // An skb passed between the last read and that word is read at
+                    // once (the program reports later ones as events).
+                    if self.bpf.sock(d.src_cookie)?.passed != d.consumed {
+                        d.readable = true;
+                        d.again = true;
+                    }
                     return Ok(moved > 0);
                 }
                 Moved::Eof if self.bpf.sock(d.src_cookie)?.passed != d.consumed => {
@@ -731,10 +760,19 @@ impl<'a> Dir<'a> {
         self.consumed - self.pending.as_ref().map_or(0, |p| p.len() as u64)
     }
 
-    /// Whether to wait for `src` readiness (EOF, an error, or passed bytes). Not once
-    /// it fired: readiness stays set until a read reaches `EAGAIN`.
+    /// Whether to wait for `src` readiness (EOF, an error, or passed bytes): only while
+    /// throttled. A spliced socket turns readable with every skb the program
+    /// redirects, which would wake the task per message; its FIN and passed bytes
+    /// come as events from the program instead, its errors through
+    /// [`Dir::watch_errors`]. Not once it fired: readiness stays set until a read
+    /// reaches `EAGAIN`.
     fn watch_readable(&self) -> bool {
-        !self.readable && matches!(self.state, DirState::Spliced | DirState::Throttled)
+        !self.readable && self.state == DirState::Throttled
+    }
+
+    /// Whether to wait for an error (a reset) on `src` while spliced.
+    fn watch_errors(&self) -> bool {
+        !self.readable && self.state == DirState::Spliced
     }
 
     /// Whether the direction waits on something the kernel does not signal: the
