@@ -439,6 +439,9 @@ counters! {
         LocalResourceErrors = 47 => "local_resource_errors",
         /// Times the accept loops found `max_connections` connections open and waited.
         MaxConnectionsReached = 48 => "max_connections_reached",
+        /// `auto`: connections moved from the copy plane to the splice (also counted
+        /// in `copied` and `spliced`).
+        Promoted = 49 => "promoted",
     }
 }
 

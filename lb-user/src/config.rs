@@ -292,6 +292,9 @@ struct RawCluster {
     connect_timeout: Dur,
     #[serde(default = "default_idle_timeout")]
     idle_timeout: Dur,
+    promote_after_bytes: Option<u64>,
+    #[serde(default = "default_promote_after")]
+    promote_after: Option<Dur>,
     #[serde(default)]
     health: RawHealth,
     #[serde(default)]
@@ -404,6 +407,9 @@ fn default_proxy_protocol() -> ProxyProtocol {
 }
 fn default_connect_timeout() -> Dur {
     Dur(Duration::from_secs(5))
+}
+fn default_promote_after() -> Option<Dur> {
+    Some(Dur(Duration::from_secs(10)))
 }
 fn default_idle_timeout() -> Dur {
     Dur(Duration::from_secs(30 * 60))
@@ -539,6 +545,8 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     /// A connection with no traffic either way for this long is closed.
     pub idle_timeout: Duration,
+    /// `data_plane = "auto"`: when a connection moves from the copy plane to the splice.
+    pub promote: Promote,
     /// Active health check.
     pub health: Health,
     /// Local addresses server connections are made from, in turn (empty: the
@@ -563,6 +571,17 @@ pub struct Health {
     pub fall: NonZeroU32,
     /// Client id prefix of `mqtt` checks (the server name is appended).
     pub client_id: Option<String>,
+}
+
+/// When `auto` moves a connection from the copy plane to the in-kernel splice: after
+/// `after_bytes` bytes either way, or once it has lived `after`, whichever comes first
+/// (`None`: that threshold is off).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Promote {
+    /// `promote_after_bytes`.
+    pub after_bytes: Option<u64>,
+    /// `promote_after`.
+    pub after: Option<Duration>,
 }
 
 /// One `[[clusters.servers]]` entry.
@@ -857,6 +876,10 @@ impl Checker<'_> {
                 proxy_protocol: rc.proxy_protocol,
                 connect_timeout: rc.connect_timeout.0,
                 idle_timeout: rc.idle_timeout.0,
+                promote: Promote {
+                    after_bytes: rc.promote_after_bytes.filter(|&b| b > 0),
+                    after: rc.promote_after.map(|d| d.0).filter(|d| !d.is_zero()),
+                },
                 health: Health {
                     kind: rc.health.kind,
                     interval: rc.health.interval.0,
@@ -1043,6 +1066,13 @@ state = "drain"
         let cl = &c.clusters[l.cluster];
         assert_eq!(cl.connect_timeout, Duration::from_secs(2));
         assert_eq!(cl.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(
+            cl.promote,
+            Promote {
+                after_bytes: None,
+                after: Some(Duration::from_secs(10))
+            }
+        );
         assert_eq!(cl.servers.len(), 2);
         assert_eq!(cl.servers[0].weight.get(), 3);
         assert_eq!(cl.servers[1].state, ServerState::Drain);

@@ -778,6 +778,7 @@ async fn serve(
                 written_to_client,
                 written_to_server: (traffic_head + head.len()) as u64,
                 idle_timeout: idle,
+                promote: cluster.config.promote,
                 traffic,
             };
             drop(head);

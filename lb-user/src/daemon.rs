@@ -25,6 +25,7 @@ use crate::{
     conn::{self, ClusterRt, ListenerRt, Shared},
     dataplane::{
         DataPlane,
+        auto::AutoPlane,
         copy::CopyPlane,
         sockmap::{LAG_STEP, SockmapPlane},
     },
@@ -103,10 +104,15 @@ fn data_plane(
             info!(reason = %e, "BPF maps unavailable: `mqttlb ctl` has nothing to read and the sticky table lives in memory");
             copy(None)
         }
-        // `auto`: the in-kernel splice where BPF loads, userspace copy otherwise.
+        // `auto`: copy first, the in-kernel splice for connections that cross their
+        // cluster's promotion threshold, where BPF loads; copy otherwise.
         (DataPlaneKind::Auto, Ok(bpf)) => {
-            info!("auto: sockmap data plane");
-            sockmap(bpf)
+            info!("auto: copy plane, busy connections promoted to the sockmap splice");
+            let mut planes = sockmap(bpf);
+            if let Some(s) = &planes.sockmap {
+                planes.plane = Arc::new(AutoPlane::new(s.clone(), stats.clone()));
+            }
+            planes
         }
         (DataPlaneKind::Auto, Err(e)) => {
             info!(reason = %e, "auto: copy data plane (BPF unavailable); `mqttlb ctl` has nothing to read");

@@ -148,15 +148,19 @@ pub fn set_buffers(fd: RawFd, bytes: u32) -> io::Result<()> {
 
 /// `recv(MSG_PEEK | MSG_DONTWAIT)`: bytes waiting in the socket, left there.
 pub fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(fd, buf, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+}
+
+/// `recv(MSG_DONTWAIT)`: whatever the socket holds now, whatever the runtime last
+/// saw of its readiness (a read that must not miss bytes whose readiness edge the
+/// runtime has not processed yet).
+pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    recv_flags(fd, buf, libc::MSG_DONTWAIT)
+}
+
+fn recv_flags(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length for the duration of the call.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -5,8 +5,9 @@
 
 use std::collections::HashSet;
 
-const SYSTEMS: [&str; 5] = [
+const SYSTEMS: [&str; 6] = [
     "direct",
+    "mqttlb-auto",
     "mqttlb-sockmap",
     "mqttlb-copy",
     "haproxy",

@@ -29,7 +29,7 @@ fn planes(test: &str) -> Vec<&'static str> {
 /// with half-close: everything comes back (SHA-256), then EOF.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_echo_with_half_close_is_exact_copy() {
-    bulk_echo("copy").await;
+    bulk_echo("copy", "").await;
 }
 
 /// The same on the sockmap plane (throttling engages and resumes many times here, as
@@ -37,14 +37,24 @@ async fn bulk_echo_with_half_close_is_exact_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_echo_with_half_close_is_exact_sockmap() {
     if privileged("bulk_echo") {
-        bulk_echo("sockmap").await;
+        bulk_echo("sockmap", "").await;
     }
 }
 
-async fn bulk_echo(plane: &str) {
+/// The same on `auto`, each connection promoted from copy to the splice after its
+/// first MiB, with bytes in flight both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_echo_with_half_close_is_exact_promoted_mid_stream() {
+    if privileged("bulk_echo") {
+        bulk_echo("auto", "promote_after_bytes = 1048576").await;
+    }
+}
+
+/// `cluster_keys`: config lines added to the cluster.
+async fn bulk_echo(plane: &str, cluster_keys: &str) {
     let echo = Echo::start().await;
     {
-        let lb = Daemon::start(plane, &[echo.addr]);
+        let lb = Daemon::start_edited(plane, &[echo.addr], |t| with_cluster_keys(t, cluster_keys));
         // Payloads and digests first: CPU work inside the client tasks would starve the
         // test's own runtime and make CONNECTs late.
         let jobs: Vec<(Vec<u8>, Vec<u8>)> = (0..50)
@@ -78,7 +88,20 @@ async fn bulk_echo(plane: &str) {
                 lb.log()
             );
         }
-        if plane == "sockmap" {
+        if plane == "auto" {
+            wait_for("50 promotions", Duration::from_secs(3), || {
+                lb.stat("promoted") == 50
+            })
+            .await;
+            // A pair whose sender keeps the hand-off drain busy stays on copy.
+            assert_eq!(
+                lb.stat("spliced") + lb.stat("splice_fallback_to_copy"),
+                50,
+                "{}",
+                lb.ctl("stats")
+            );
+        }
+        if plane != "copy" {
             let spliced = lb.stat("spliced");
             assert!(spliced > 0, "sockmap plane spliced nothing");
             assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
@@ -284,7 +307,7 @@ async fn run_short_connections(addr: std::net::SocketAddr, n: usize) {
 /// every byte arrives once the server reads again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_reading_bounds_memory_copy() {
-    slow_server("copy").await;
+    slow_server("copy", "").await;
 }
 
 /// The same on the sockmap plane, where the kernel gives no backpressure by itself:
@@ -298,16 +321,36 @@ async fn a_server_that_stops_reading_bounds_memory_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_reading_bounds_memory_sockmap() {
     if privileged("backpressure") {
-        slow_server("sockmap").await;
+        slow_server("sockmap", "").await;
     }
 }
 
-async fn slow_server(plane: &str) {
+/// `auto` with a promotion threshold the client crosses while the server does not
+/// read: the copy plane holds the pair (a write is pending) until the server reads
+/// again, then it is promoted mid-stream and the rest is spliced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_reading_bounds_memory_promoted() {
+    if privileged("backpressure") {
+        slow_server("auto", "promote_after_bytes = 4194304").await;
+    }
+}
+
+/// The generated config with `keys` added to its cluster.
+fn with_cluster_keys(text: String, keys: &str) -> String {
+    text.replace(
+        "connect_timeout = \"1s\"\n",
+        &format!("connect_timeout = \"1s\"\n{keys}\n"),
+    )
+}
+
+async fn slow_server(plane: &str, cluster_keys: &str) {
     const TOTAL: u64 = 1 << 30;
     {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let server_addr = l.local_addr().expect("addr");
-        let lb = Daemon::start(plane, &[server_addr]);
+        let lb = Daemon::start_edited(plane, &[server_addr], |t| {
+            with_cluster_keys(t, cluster_keys)
+        });
         let base = mem_available();
         let mut client = TcpStream::connect(lb.addr).await.expect("connect");
         let hello = connect_packet("slow");
@@ -379,13 +422,7 @@ async fn slow_server(plane: &str) {
             hash.update(&buf[..n]);
             got += n as u64;
         }
-        let counters = || {
-            if plane == "sockmap" {
-                lb.ctl("stats").to_string()
-            } else {
-                String::new()
-            }
-        };
+        let counters = || lb.ctl("stats").to_string();
         assert_eq!(
             got,
             TOTAL,
@@ -397,7 +434,10 @@ async fn slow_server(plane: &str) {
             writer.await.expect("writer"),
             "{plane}: bytes differ"
         );
-        if plane == "sockmap" {
+        if plane == "auto" {
+            assert_eq!(lb.stat("promoted"), 1, "{}", lb.ctl("stats"));
+        }
+        if plane != "copy" {
             assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
             let stats = lb.ctl("stats");
             eprintln!(
@@ -447,26 +487,31 @@ async fn sockmap_bytes_bypass_the_process() {
     assert_eq!(left, ["sticky"], "left in {} after SIGTERM", pins.display());
 }
 
-/// `auto` splices where BPF loads (as root here), and `mqttlb ctl stats` reads its
-/// counters.
+/// `auto` (where BPF loads, as root here) starts every connection on the copy plane:
+/// a short session stays there; one that crosses `promote_after_bytes` is promoted to
+/// the splice mid-stream and the program carries the rest. `ctl stats` reads it all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_splices_where_bpf_loads() {
+async fn auto_copies_first_and_promotes_busy_connections() {
     if !privileged("auto data plane") {
         return;
     }
     let echo = Echo::start().await;
-    let lb = Daemon::start("auto", &[echo.addr]);
-    // The CONNECT first, the bulk once the pair is spliced: the program must carry it.
+    let lb = Daemon::start_edited("auto", &[echo.addr], |t| {
+        with_cluster_keys(t, "promote_after_bytes = 65536")
+    });
+    // A short session: CONNECT, echo, close. Never promoted.
     let connect = connect_packet("auto");
-    let bulk = vec![3u8; 1 << 20];
+    assert_eq!(
+        roundtrip(lb.addr, connect.clone()).await.expect("short"),
+        connect
+    );
+    // A busy one: promoted after 64 KiB, the rest spliced.
+    let bulk = vec![3u8; 4 << 20];
     let mut s = TcpStream::connect(lb.addr).await.expect("connect");
     s.write_all(&connect).await.expect("CONNECT");
     let mut echoed = vec![0u8; connect.len()];
     s.read_exact(&mut echoed).await.expect("CONNECT echoed");
-    wait_for("the pair spliced", Duration::from_secs(3), || {
-        lb.stat("spliced") == 1
-    })
-    .await;
+    assert_eq!(echoed, connect);
     let (mut r, mut w) = s.into_split();
     let writer = tokio::spawn(async move {
         w.write_all(&bulk).await.expect("bulk");
@@ -475,23 +520,24 @@ async fn auto_splices_where_bpf_loads() {
     let mut got = Vec::new();
     r.read_to_end(&mut got).await.expect("echo");
     writer.await.expect("writer");
-    assert_eq!(echoed, connect);
     assert!(
-        got == vec![3u8; 1 << 20],
+        got == vec![3u8; 4 << 20],
         "{} bytes came back differently",
         got.len()
     );
     assert!(
-        lb.log().contains("data_plane=\"sockmap\""),
-        "auto did not choose sockmap:\n{}",
+        lb.log().contains("data_plane=\"auto\""),
+        "auto not chosen:\n{}",
         lb.log()
     );
     // (`accepted` also counts the harness's readiness probe.)
     wait_for("the counters published", Duration::from_secs(3), || {
-        lb.stat("closed") == 1
+        lb.stat("closed") == 2
     })
     .await;
+    assert_eq!(lb.stat("copied"), 2);
+    assert_eq!(lb.stat("promoted"), 1);
     assert_eq!(lb.stat("spliced"), 1);
-    assert_eq!(lb.stat("copied"), 0);
+    assert_eq!(lb.stat("aborted"), 0);
     assert!(lb.stat("bpf_redirected") > 0);
 }

@@ -65,7 +65,12 @@ async fn paho_over_ws_and_wss_with_mqtt_311_and_5_to_a_websocket_server() {
     let pki = Pki::new();
     let broker = Mosquitto::start();
     let bridge = WsBridge::start(broker.addr).await;
-    let (lb, wss) = start(&pki, "", &[(broker.addr, Some(bridge.addr))]);
+    // Promoted to the splice at their first bytes after the CONNECT.
+    let (lb, wss) = start(
+        &pki,
+        "promote_after_bytes = 1",
+        &[(broker.addr, Some(bridge.addr))],
+    );
     paho_both_ways(&pki, &lb, wss).await;
     let forwarded = bridge.forwarded.lock().expect("lock").clone();
     assert_eq!(forwarded.len(), 4);

@@ -18,8 +18,9 @@ use serde_json::{Value, json};
 use crate::{install, prepare, root};
 
 /// Systems, in report order; names are part of the results format.
-pub const SYSTEMS: [&str; 5] = [
+pub const SYSTEMS: [&str; 6] = [
     "direct",
+    "mqttlb-auto",
     "mqttlb-sockmap",
     "mqttlb-copy",
     "haproxy",
@@ -243,6 +244,13 @@ impl Proxy {
         };
         let mut cmd = match system {
             "direct" => return Ok(Self { child: None }),
+            // mqttlb-auto runs the default exactly as a user does (`auto`, no flag).
+            "mqttlb-auto" => {
+                let mut c = Command::new(root.join("target/release/mqttlb"));
+                c.args(["run", "-c"]).arg(render("mqttlb.toml")?);
+                c.env("RUST_LOG", "warn");
+                c
+            }
             "mqttlb-sockmap" | "mqttlb-copy" => {
                 let mut c = Command::new(root.join("target/release/mqttlb"));
                 c.args(["run", "-c"])
@@ -543,8 +551,10 @@ fn chart<'a>(get: &dyn Fn(&str, &str, &str) -> Option<&'a Value>) -> String {
             )
         })
         .collect();
-    let colors = ["#888888", "#1f77b4", "#2ca02c", "#d62728", "#9467bd"];
-    let (group_w, bar_w, left, top, height) = (110.0, 18.0, 60.0, 40.0, 260.0);
+    let colors = [
+        "#888888", "#ff7f0e", "#1f77b4", "#2ca02c", "#d62728", "#9467bd",
+    ];
+    let (group_w, bar_w, left, top, height) = (130.0, 18.0, 60.0, 40.0, 260.0);
     let width = left + group_w * headline.len() as f64 + 20.0;
     let max = 3.0f64;
     let y = |v: f64| top + height - (v.min(max) / max) * height;
@@ -594,7 +604,7 @@ fn chart<'a>(get: &dyn Fn(&str, &str, &str) -> Option<&'a Value>) -> String {
         let _ = writeln!(
             svg,
             r#"<text x="{}" y="{}" text-anchor="middle">{w} {m}</text>"#,
-            x0 + bar_w * 2.5,
+            x0 + bar_w * SYSTEMS.len() as f64 / 2.0,
             top + height + 15.0
         );
     }

@@ -3,13 +3,19 @@
 //! has not taken all of a read (and then the direction stops reading, so TCP flow
 //! control holds the sender back).
 
-use std::{cell::RefCell, io, os::fd::AsRawFd, sync::Arc, time::Instant};
+use std::{
+    cell::RefCell,
+    io,
+    os::fd::AsRawFd,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use lb_common::DaemonStat;
 use tokio::net::TcpStream;
 
 use super::{CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair, Traffic, reset_both};
-use crate::{stats::Stats, sys};
+use crate::{config::Promote, stats::Stats, sys};
 
 /// Size of the per-thread scratch buffer (64 KiB measured twice as fast as 8 KiB).
 const SCRATCH: usize = 64 * 1024;
@@ -29,10 +35,26 @@ pub(crate) enum Moved {
 }
 
 /// Reads once from `src` into the thread's scratch buffer and writes it to `dst`,
-/// never waiting. Only a tail `dst` did not take is copied to the heap.
+/// never waiting. Only a tail `dst` did not take is copied to the heap. The read
+/// trusts the runtime's readiness (it is skipped while the runtime has seen none):
+/// right for a task that waits for readability.
 pub(crate) fn move_once(src: &TcpStream, dst: &TcpStream) -> io::Result<Moved> {
+    move_from(|buf| src.try_read(buf), dst)
+}
+
+/// [`move_once`] with a read that always asks the socket: for a task that does not
+/// wait for readability and so cannot count on the runtime having seen the latest
+/// readiness edge (the sockmap pump).
+pub(crate) fn move_once_now(src: &TcpStream, dst: &TcpStream) -> io::Result<Moved> {
+    move_from(|buf| sys::recv_now(src.as_raw_fd(), buf), dst)
+}
+
+fn move_from(
+    read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    dst: &TcpStream,
+) -> io::Result<Moved> {
     SCRATCH_BUF.with_borrow_mut(|buf| {
-        let n = match src.try_read(buf) {
+        let n = match read(buf) {
             Ok(0) => return Ok(Moved::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Idle),
@@ -78,11 +100,37 @@ impl CopyPlane {
         self.run_handed_over(&pair, Handover::default()).await
     }
 
+    /// Carries the pair from its start until it ends, or until it crosses a
+    /// `promote` threshold with nothing read and unwritten either way and neither side
+    /// finished: then returns the bytes copied each way (client to server, server to
+    /// client), and the pair is the caller's to splice.
+    pub async fn run_promotable(&self, pair: &Pair, promote: Promote) -> Result<Outcome, [u64; 2]> {
+        self.stats.inc(DaemonStat::Copied);
+        match copy_both(pair, Handover::default(), &self.stats, promote).await {
+            Ok(Ended::Promote(copied)) => Err(copied),
+            Ok(Ended::Outcome(o)) => {
+                if let Outcome::Aborted(_) = o {
+                    reset_both(pair);
+                }
+                Ok(o)
+            }
+            Err(e) => {
+                reset_both(pair);
+                Ok(Outcome::Aborted(e))
+            }
+        }
+    }
+
     /// Carries a pair, possibly one the sockmap plane hands over mid-stream. Resets both
     /// sockets on error; the caller closes them.
     pub async fn run_handed_over(&self, pair: &Pair, handover: Handover<'_>) -> Outcome {
         self.stats.inc(DaemonStat::Copied);
-        let result = copy_both(pair, handover, &self.stats).await;
+        let result = match copy_both(pair, handover, &self.stats, Promote::default()).await {
+            Ok(Ended::Outcome(o)) => Ok(o),
+            // No threshold: never promoted.
+            Ok(Ended::Promote(_)) => Ok(Outcome::Closed),
+            Err(e) => Err(e),
+        };
         if let Err(_) | Ok(Outcome::Aborted(_)) = &result {
             reset_both(pair);
         }
@@ -201,7 +249,20 @@ impl Direction<'_> {
     }
 }
 
-async fn copy_both(pair: &Pair, handover: Handover<'_>, stats: &Stats) -> io::Result<Outcome> {
+/// How [`copy_both`] stopped.
+enum Ended {
+    /// The pair ended.
+    Outcome(Outcome),
+    /// A promotion threshold was crossed with nothing pending: bytes copied each way.
+    Promote([u64; 2]),
+}
+
+async fn copy_both(
+    pair: &Pair,
+    handover: Handover<'_>,
+    stats: &Stats,
+    promote: Promote,
+) -> io::Result<Ended> {
     let Handover {
         ready: gate,
         pending: [p0, p1],
@@ -238,17 +299,39 @@ async fn copy_both(pair: &Pair, handover: Handover<'_>, stats: &Stats) -> io::Re
     let mut last = Instant::now();
     let sleep = tokio::time::sleep(idle);
     tokio::pin!(sleep);
+    // Promotion by age: checked when due, and again shortly while a write is pending.
+    let mut promote_at = promote.after.map(|d| last + d);
+    let far = last + Duration::from_secs(86_400 * 365);
+    let promote_timer = tokio::time::sleep_until(promote_at.unwrap_or(far).into());
+    tokio::pin!(promote_timer);
+    let promotable = |c2s: &Direction<'_>, s2c: &Direction<'_>| {
+        !c2s.done && !s2c.done && c2s.pending.is_none() && s2c.pending.is_none()
+    };
     while !(c2s.done && s2c.done) {
         tokio::select! {
             r = c2s.step(stats), if !c2s.done => if r? { last = Instant::now(); },
             r = s2c.step(stats), if !s2c.done => if r? { last = Instant::now(); },
             () = &mut sleep => {
                 if last.elapsed() >= idle {
-                    return Ok(Outcome::IdleTimeout);
+                    return Ok(Ended::Outcome(Outcome::IdleTimeout));
                 }
                 sleep.as_mut().reset((last + idle).into());
             }
+            () = &mut promote_timer, if promote_at.is_some() => {
+                if promotable(&c2s, &s2c) {
+                    return Ok(Ended::Promote([c2s.read, s2c.read]));
+                }
+                promote_at = Some(Instant::now() + POLL_MAX);
+                promote_timer.as_mut().reset(promote_at.unwrap_or(far).into());
+            }
+        }
+        if promote
+            .after_bytes
+            .is_some_and(|b| c2s.read + s2c.read >= b)
+            && promotable(&c2s, &s2c)
+        {
+            return Ok(Ended::Promote([c2s.read, s2c.read]));
         }
     }
-    Ok(Outcome::Closed)
+    Ok(Ended::Outcome(Outcome::Closed))
 }

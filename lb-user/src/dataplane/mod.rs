@@ -7,6 +7,7 @@
 //! reset on one side resets the other; memory per connection stays bounded when a peer
 //! stops reading; and nothing (socket, map entry, task) outlives the connection.
 
+pub mod auto;
 pub mod copy;
 pub mod sockmap;
 pub mod stream;
@@ -45,6 +46,8 @@ pub struct Pair {
     pub written_to_server: u64,
     /// No traffic either way for this long closes the connection.
     pub idle_timeout: Duration,
+    /// When the `auto` plane moves the pair from copy to the splice.
+    pub promote: crate::config::Promote,
     /// The server's byte counters, which the plane adds this connection's bytes to.
     pub traffic: Arc<Traffic>,
 }

@@ -48,7 +48,7 @@ use tokio::{
 
 use super::{
     CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair,
-    copy::{CopyPlane, Handover, Moved, move_once, write_pending},
+    copy::{CopyPlane, Handover, Moved, move_once_now, write_pending},
     reset_both,
 };
 use crate::{
@@ -227,7 +227,8 @@ impl SockmapPlane {
         }
     }
 
-    async fn run(&self, mut pair: Pair) -> Outcome {
+    /// Splices `pair` (the hand-off: drain, insert, supervise) until it ends.
+    pub(crate) async fn run(&self, mut pair: Pair) -> Outcome {
         // 1. Hand-off: no partly read skb may stay in either receive queue.
         for to_server in [true, false] {
             let (src, dst) = if to_server {
@@ -666,7 +667,7 @@ impl SockmapPlane {
                 d.again = true;
                 return Ok(true);
             }
-            match move_once(d.src, d.dst)? {
+            match move_once_now(d.src, d.dst)? {
                 Moved::Idle => {
                     d.readable = false;
                     // The program redirects again once it has passed no more than
@@ -798,7 +799,7 @@ enum Drained {
 fn drain(src: &TcpStream, dst: &TcpStream) -> io::Result<Drained> {
     let mut total = 0u64;
     loop {
-        match move_once(src, dst)? {
+        match move_once_now(src, dst)? {
             Moved::Idle => return Ok(Drained::Quiet(total)),
             Moved::Eof => return Ok(Drained::Busy(Vec::new())),
             Moved::Bytes { read, rest: None } => {

@@ -1,0 +1,50 @@
+//! The `auto` data plane: every connection starts on the copy plane, and one that
+//! crosses its cluster's promotion threshold (`promote_after_bytes`, `promote_after`)
+//! moves to the in-kernel splice, through the same hand-off as a connection spliced
+//! right after its CONNECT. Short sessions never pay for a splice they would not use.
+
+use std::sync::Arc;
+
+use lb_common::DaemonStat;
+
+use super::{CarryFuture, DataPlane, Outcome, Pair, copy::CopyPlane, sockmap::SockmapPlane};
+use crate::stats::Stats;
+
+/// Copy first, splice once busy.
+pub struct AutoPlane {
+    copy: CopyPlane,
+    sockmap: Arc<SockmapPlane>,
+    stats: Arc<Stats>,
+}
+
+impl AutoPlane {
+    /// An `auto` plane over a loaded sockmap plane.
+    pub fn new(sockmap: Arc<SockmapPlane>, stats: Arc<Stats>) -> Self {
+        Self {
+            copy: CopyPlane::new(stats.clone()),
+            sockmap,
+            stats,
+        }
+    }
+
+    async fn run(&self, mut pair: Pair) -> Outcome {
+        let copied = match self.copy.run_promotable(&pair, pair.promote).await {
+            Ok(outcome) => return outcome,
+            Err(copied) => copied,
+        };
+        // Every byte read was written: the splice's byte accounting starts from there.
+        pair.written_to_server += copied[0];
+        pair.written_to_client += copied[1];
+        self.stats.inc(DaemonStat::Promoted);
+        self.sockmap.run(pair).await
+    }
+}
+
+impl DataPlane for AutoPlane {
+    fn name(&self) -> &'static str {
+        "auto"
+    }
+    fn carry(&self, pair: Pair) -> CarryFuture<'_> {
+        Box::pin(self.run(pair))
+    }
+}
