@@ -26,6 +26,8 @@ const REQUIRED: &[(&str, &str)] = &[
     ("W5", "p99_us"),
     ("W5", "p999_us"),
     ("W6", "msg/s"),
+    ("W10", "msg/s"),
+    ("W10", "msg/s_qos0"),
 ];
 /// TLS workloads: every system but `direct` (its servers speak plain MQTT).
 const REQUIRED_TLS: &[(&str, &str)] = &[

@@ -27,7 +27,7 @@ pub const SYSTEMS: [&str; 6] = [
     "nginx",
 ];
 /// Workloads, in report order.
-pub const WORKLOADS: [&str; 9] = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"];
+pub const WORKLOADS: [&str; 10] = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10"];
 /// Workloads over TLS (no `direct` figure: the servers speak plain MQTT).
 const TLS_WORKLOADS: [&str; 3] = ["W7", "W8", "W9"];
 /// Runs per (system, workload); figures are their median, min and max.
@@ -63,6 +63,8 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("W5", "p99_us", false),
     ("W5", "p999_us", false),
     ("W6", "msg/s", true),
+    ("W10", "msg/s", true),
+    ("W10", "msg/s_qos0", true),
     ("W7", "sessions/s", true),
     ("W7", "p99_ms", false),
     ("W8", "sessions/s", true),
@@ -125,7 +127,12 @@ pub fn bench(args: &[String]) -> Result<()> {
             for _ in 0..RUNS {
                 let errs = errors.entry((workload.into(), system.into())).or_default();
                 // A failed run is counted and reported, and the suite goes on.
-                let report = match loadgen(&root, workload, system, quick, &proxy, broker.pid()) {
+                let run = if workload == "W10" {
+                    real_clients(system, quick)
+                } else {
+                    loadgen(&root, workload, system, quick, &proxy, broker.pid())
+                };
+                let report = match run {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("xtask bench: {workload} against {system}: {e:#}");
@@ -218,6 +225,69 @@ fn loadgen(
     let report: Value = serde_json::from_slice(&out.stdout).context("loadgen output")?;
     eprintln!("  {system} {workload}: {}", report["metrics"]);
     Ok(report)
+}
+
+/// W10: the W6 broker path driven by real clients instead of our load generator:
+/// `mosquitto_sub` counting `n` messages while `mosquitto_pub -l` publishes `n` lines,
+/// QoS 1 then QoS 0; delivered messages per second, publisher start to the
+/// subscriber's last message.
+fn real_clients(system: &str, quick: bool) -> Result<Value> {
+    let target = if system == "direct" {
+        BROKER
+    } else {
+        BROKER_FRONT
+    };
+    let (host, port) = target.rsplit_once(':').context("target")?;
+    let n: u64 = if quick { 10_000 } else { 50_000 };
+    let mut metrics = serde_json::Map::new();
+    let mut errors = 0;
+    for qos in ["1", "0"] {
+        let topic = format!("bench/w10/{qos}");
+        let mut sub = Command::new("mosquitto_sub")
+            .args(["-h", host, "-p", port, "-t", &topic, "-q", qos])
+            .args([
+                "-C",
+                &n.to_string(),
+                "-W",
+                "120",
+                "-i",
+                &format!("w10-sub-{qos}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("mosquitto_sub (apt-get install -y mosquitto-clients)")?;
+        // The subscription must exist before the first message.
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let mut publisher = Command::new("mosquitto_pub")
+            .args(["-h", host, "-p", port, "-t", &topic, "-q", qos, "-l"])
+            .args(["-i", &format!("w10-pub-{qos}")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("mosquitto_pub")?;
+        {
+            let mut stdin = publisher.stdin.take().context("publisher stdin")?;
+            let mut lines = String::with_capacity(n as usize * 8);
+            for i in 0..n {
+                let _ = writeln!(lines, "m{i}");
+            }
+            stdin.write_all(lines.as_bytes())?;
+        }
+        let got = sub.wait()?;
+        let secs = started.elapsed().as_secs_f64();
+        let _ = publisher.wait();
+        if !got.success() {
+            errors += 1;
+            continue;
+        }
+        let key = if qos == "1" { "msg/s" } else { "msg/s_qos0" };
+        metrics.insert(key.into(), json!(n as f64 / secs));
+    }
+    eprintln!("  {system} W10: {}", Value::Object(metrics.clone()));
+    Ok(json!({ "metrics": metrics, "errors": errors }))
 }
 
 /// The system under test, stopped on drop.
