@@ -3,13 +3,7 @@
 //! has not taken all of a read (and then the direction stops reading, so TCP flow
 //! control holds the sender back).
 
-use std::{
-    cell::RefCell,
-    io,
-    os::fd::AsRawFd,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{cell::RefCell, io, os::fd::AsRawFd, sync::Arc, time::Instant};
 
 use lb_common::DaemonStat;
 use tokio::net::TcpStream;
@@ -297,13 +291,14 @@ async fn copy_both(
     );
     let idle = pair.idle_timeout;
     let mut last = Instant::now();
-    let sleep = tokio::time::sleep(idle);
-    tokio::pin!(sleep);
-    // Promotion by age: checked when due, and again shortly while a write is pending.
+    // One timer for the idle timeout and promotion by age (checked when due, then
+    // shortly again while a write is pending).
     let mut promote_at = promote.after.map(|d| last + d);
-    let far = last + Duration::from_secs(86_400 * 365);
-    let promote_timer = tokio::time::sleep_until(promote_at.unwrap_or(far).into());
-    tokio::pin!(promote_timer);
+    let due = |last: Instant, promote_at: Option<Instant>| {
+        promote_at.map_or(last + idle, |p| p.min(last + idle))
+    };
+    let sleep = tokio::time::sleep_until(due(last, promote_at).into());
+    tokio::pin!(sleep);
     let promotable = |c2s: &Direction<'_>, s2c: &Direction<'_>| {
         !c2s.done && !s2c.done && c2s.pending.is_none() && s2c.pending.is_none()
     };
@@ -312,17 +307,17 @@ async fn copy_both(
             r = c2s.step(stats), if !c2s.done => if r? { last = Instant::now(); },
             r = s2c.step(stats), if !s2c.done => if r? { last = Instant::now(); },
             () = &mut sleep => {
-                if last.elapsed() >= idle {
+                let now = Instant::now();
+                if now.duration_since(last) >= idle {
                     return Ok(Ended::Outcome(Outcome::IdleTimeout));
                 }
-                sleep.as_mut().reset((last + idle).into());
-            }
-            () = &mut promote_timer, if promote_at.is_some() => {
-                if promotable(&c2s, &s2c) {
-                    return Ok(Ended::Promote([c2s.read, s2c.read]));
+                if promote_at.is_some_and(|p| now >= p) {
+                    if promotable(&c2s, &s2c) {
+                        return Ok(Ended::Promote([c2s.read, s2c.read]));
+                    }
+                    promote_at = Some(now + POLL_MAX);
                 }
-                promote_at = Some(Instant::now() + POLL_MAX);
-                promote_timer.as_mut().reset(promote_at.unwrap_or(far).into());
+                sleep.as_mut().reset(due(last, promote_at).into());
             }
         }
         if promote
