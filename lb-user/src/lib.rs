@@ -13,8 +13,11 @@
 //! - [`tls`]: TLS termination (rustls configuration, client certificate identity).
 //! - [`ws`]: MQTT over WebSocket (the upgrade and the frames before the CONNECT).
 //! - [`conn`]: one client connection's life, from accept to hand-off.
+//! - [`limits`]: what protects the process itself: the pre-CONNECT memory budget, the
+//!   descriptor limit behind `max_connections`, local resource errors.
 //! - [`dataplane`]: what carries bytes after the hand-off: [`dataplane::sockmap`]
-//!   (in-kernel splice) and [`dataplane::copy`] (userspace), behind one trait, and
+//!   (in-kernel splice) and [`dataplane::copy`] (userspace), behind one trait,
+//!   [`dataplane::auto`] (copy first, promoted to the splice), and
 //!   [`dataplane::stream`] (the userspace relay for TLS clients).
 //! - [`bpf`]: loading the eBPF program, the pinned maps, and reading them back.
 //! - [`stats`]: daemon counters. [`ctl`]: `mqttlb ctl`. [`daemon`]: `mqttlb run`.

@@ -6,12 +6,17 @@
 //!   before insertion (a partly read skb would be forwarded again); whole skbs that
 //!   arrive after that are flushed by a read once the sockets are in the maps (a read
 //!   runs the verdict over the receive queue first).
+//! - **Wake-ups.** A spliced socket turns readable for every redirected skb, so the
+//!   task does not wait for readability (that ran it once per message): the program
+//!   reports the FIN and bytes it passed after the daemon's last read as events, and
+//!   resets come as error readiness.
 //! - **FIN.** The program drops the zero-length FIN skb (passing it can set EPIPE on
-//!   the socket, see the program); the task sees `recv() == 0`
+//!   the socket, see the program) and reports it; the task sees `recv() == 0`
 //!   and sends `shutdown(SHUT_WR)` to the peer only once the peer's send queue has taken
 //!   every redirected byte (BPF byte counter against `tcpi_bytes_acked + SIOCOUTQ`).
 //! - **No backpressure.** Every `lag_check_step` redirected bytes the program sends an
-//!   event; when a direction's unacknowledged bytes pass [`HIGH_WATER`] the task sets
+//!   event; when a direction's lag (redirected bytes still on the peer's psock
+//!   backlog, not yet in its send queue) passes [`HIGH_WATER`] the task sets
 //!   the source's `ctrl` word to throttled and the program *passes* its skbs instead:
 //!   they wait in the source's own queue, charged to its receive buffer, so TCP flow
 //!   control holds the sender back. When the lag falls to [`LOW_WATER`] the task
@@ -60,9 +65,9 @@ use crate::{
 /// `SO_SNDBUF`/`SO_RCVBUF` of spliced sockets: the kernel stops autotuning buffers for
 /// redirected bytes, and the default ones halved bulk throughput.
 const SPLICE_BUFFER: u32 = 4 << 20;
-/// Unacknowledged bytes in one direction above which its source is throttled.
+/// Lag (see `SockmapPlane::lag`) in one direction above which its source is throttled.
 pub const HIGH_WATER: u64 = 4 << 20;
-/// Unacknowledged bytes at or below which a throttled direction resumes.
+/// Lag at or below which a throttled direction resumes.
 pub const LOW_WATER: u64 = 1 << 20;
 /// Redirected bytes between two lag checks (the program's `lag_check_step`).
 pub const LAG_STEP: u64 = 1 << 20;
