@@ -488,16 +488,17 @@ async fn sockmap_bytes_bypass_the_process() {
 }
 
 /// `auto` (where BPF loads, as root here) starts every connection on the copy plane:
-/// a short session stays there; one that crosses `promote_after_bytes` is promoted to
-/// the splice mid-stream and the program carries the rest. `ctl stats` reads it all.
+/// a short session stays there; one that lives past `promote_after` is promoted to the
+/// splice and the program carries what follows. `ctl stats` reads it all. (Promotion
+/// mid-stream by bytes: the 50 x 16 MiB echo.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_copies_first_and_promotes_busy_connections() {
+async fn auto_copies_first_and_promotes_long_lived_connections() {
     if !privileged("auto data plane") {
         return;
     }
     let echo = Echo::start().await;
     let lb = Daemon::start_edited("auto", &[echo.addr], |t| {
-        with_cluster_keys(t, "promote_after_bytes = 65536")
+        with_cluster_keys(t, "promote_after = \"300ms\"")
     });
     // A short session: CONNECT, echo, close. Never promoted.
     let connect = connect_packet("auto");
@@ -505,13 +506,17 @@ async fn auto_copies_first_and_promotes_busy_connections() {
         roundtrip(lb.addr, connect.clone()).await.expect("short"),
         connect
     );
-    // A busy one: promoted after 64 KiB, the rest spliced.
+    // A long-lived one: promoted after 300 ms, the bulk then spliced.
     let bulk = vec![3u8; 4 << 20];
     let mut s = TcpStream::connect(lb.addr).await.expect("connect");
     s.write_all(&connect).await.expect("CONNECT");
     let mut echoed = vec![0u8; connect.len()];
     s.read_exact(&mut echoed).await.expect("CONNECT echoed");
     assert_eq!(echoed, connect);
+    wait_for("the promotion", Duration::from_secs(3), || {
+        lb.stat("spliced") == 1
+    })
+    .await;
     let (mut r, mut w) = s.into_split();
     let writer = tokio::spawn(async move {
         w.write_all(&bulk).await.expect("bulk");

@@ -125,6 +125,23 @@ fn start_ws(pki: &Pki, listener_keys: &str, server: SocketAddr) -> (Daemon, Sock
     (lb, SocketAddr::from(([127, 0, 0, 1], ports.1)))
 }
 
+/// The header of a masked binary frame announcing `len` bytes (64-bit length form).
+fn binary_header(len: u64) -> Vec<u8> {
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&[9, 9, 9, 9]);
+    frame
+}
+
+/// mqttlb terminating the WebSocket (ws and wss, with `listener_keys`) in front of a
+/// [`Sink`]; returns the PKI, the sink, mqttlb and the wss address.
+async fn terminated(listener_keys: &str) -> (Pki, Sink, Daemon, SocketAddr) {
+    let pki = Pki::new();
+    let sink = Sink::start().await;
+    let (lb, wss) = start_ws(&pki, listener_keys, sink.addr);
+    (pki, sink, lb, wss)
+}
+
 /// A client stream, plain or TLS.
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
@@ -161,18 +178,15 @@ async fn ping_flood(addr: SocketAddr, pki: Option<&Pki>, limit: Duration) -> Dur
     let started = Instant::now();
     let pings: Vec<u8> = [0x89u8, 0x80, 0, 0, 0, 0].repeat(1024);
     let (mut r, mut w) = tokio::io::split(s);
-    let closed = async {
-        let mut buf = [0u8; 1024];
-        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
-    };
     let flood = async {
         while w.write_all(&pings).await.is_ok() {}
         std::future::pending::<()>().await;
     };
     tokio::select! {
-        () = closed => {}
+        closed = closed_within(&mut r, limit) => {
+            assert!(closed, "a ping flood stayed open for {limit:?}");
+        }
         () = flood => {}
-        () = tokio::time::sleep(limit) => panic!("a ping flood stayed open for {limit:?}"),
     }
     started.elapsed()
 }
@@ -296,18 +310,13 @@ async fn bad_frames_after_the_connect_close_both_sides_at_once() {
     if !privileged("hostile input") {
         return;
     }
-    let pki = Pki::new();
-    let sink = Sink::start().await;
-    let (lb, wss) = start_ws(&pki, "", sink.addr);
+    let (pki, sink, lb, wss) = terminated("").await;
     let mut unmasked = masked(0x82, &[0xc0, 0]);
     unmasked[1] &= 0x7f;
-    let mut huge = vec![0x82, 0x80 | 127];
-    huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
-    huge.extend_from_slice(&[1, 2, 3, 4]);
     let bad: [(&str, Vec<u8>); 3] = [
         ("text", masked(0x81, b"hello")),
         ("unmasked", unmasked),
-        ("2^63 bytes", huge),
+        ("2^63 bytes", binary_header(1 << 63)),
     ];
     let mut n = 0;
     for (listener, addr, tls) in [("ws", lb.addr, None), ("wss", wss, Some(&pki))] {
@@ -325,13 +334,8 @@ async fn bad_frames_after_the_connect_close_both_sides_at_once() {
                 .expect("PINGREQ");
             let sent = Instant::now();
             s.write_all(frame).await.expect("bad frame");
-            let closed = tokio::time::timeout(Duration::from_secs(1), async {
-                let mut buf = [0u8; 256];
-                while matches!(s.read(&mut buf).await, Ok(k) if k > 0) {}
-            })
-            .await;
             assert!(
-                closed.is_ok(),
+                closed_within(&mut s, Duration::from_secs(1)).await,
                 "{listener} {what}: client still open after 1 s"
             );
             wait_for("the server side to close", Duration::from_secs(1), || {
@@ -359,9 +363,7 @@ async fn a_close_frame_gets_exactly_one_close_frame_back() {
     if !privileged("hostile input") {
         return;
     }
-    let pki = Pki::new();
-    let sink = Sink::start().await;
-    let (lb, wss) = start_ws(&pki, "", sink.addr);
+    let (pki, _sink, lb, wss) = terminated("").await;
     for (addr, tls) in [(lb.addr, None), (wss, Some(&pki))] {
         let mut s = session(addr, tls, "closing").await;
         s.write_all(&masked(0x88, &1000u16.to_be_bytes()))
@@ -390,9 +392,7 @@ async fn frames_over_max_frame_size_are_refused_at_the_header_and_large_ones_str
     if !privileged("hostile input") {
         return;
     }
-    let pki = Pki::new();
-    let sink = Sink::start().await;
-    let (lb, _) = start_ws(&pki, "max_frame_size = 1048576", sink.addr);
+    let (_pki, sink, lb, _) = terminated("max_frame_size = 1048576").await;
     // A PUBLISH just under the cap in one frame arrives byte for byte.
     let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
     let publish = mqttc::packet(0x30, &[&[0, 1, b't'][..], &payload].concat());
@@ -411,19 +411,11 @@ async fn frames_over_max_frame_size_are_refused_at_the_header_and_large_ones_str
     let mut clients = Vec::new();
     for i in 0..10 {
         let mut s = session(lb.addr, None, &format!("partial-{i}")).await;
-        let mut frame = vec![0x82, 0x80 | 127];
-        frame.extend_from_slice(&(16u64 << 20).to_be_bytes());
-        frame.extend_from_slice(&[9, 9, 9, 9]);
-        s.write_all(&frame).await.expect("header");
+        s.write_all(&binary_header(16 << 20)).await.expect("header");
         let part = part.clone();
         clients.push(tokio::spawn(async move {
             let _ = s.write_all(&part).await;
-            let mut buf = [0u8; 256];
-            tokio::time::timeout(Duration::from_secs(1), async {
-                while matches!(s.read(&mut buf).await, Ok(k) if k > 0) {}
-            })
-            .await
-            .is_ok()
+            closed_within(&mut s, Duration::from_secs(1)).await
         }));
     }
     for c in clients {

@@ -436,7 +436,7 @@ pub async fn roundtrip(addr: SocketAddr, payload: Vec<u8>) -> std::io::Result<Ve
 }
 
 /// Reads and drops bytes until EOF or an error; whether that happened within `limit`.
-pub async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Duration) -> bool {
     let mut buf = vec![0u8; 64 * 1024];
     tokio::time::timeout(limit, async {
         while let Ok(n) = s.read(&mut buf).await {
