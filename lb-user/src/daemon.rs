@@ -107,12 +107,13 @@ fn data_plane(
         // `auto`: copy first, the in-kernel splice for connections that cross their
         // cluster's promotion threshold, where BPF loads; copy otherwise.
         (DataPlaneKind::Auto, Ok(bpf)) => {
-            info!("auto: copy plane, busy connections promoted to the sockmap splice");
-            let mut planes = sockmap(bpf);
-            if let Some(s) = &planes.sockmap {
-                planes.plane = Arc::new(AutoPlane::new(s.clone(), stats.clone()));
+            info!("auto: copy plane, long-lived connections promoted to the sockmap splice");
+            let splice = SockmapPlane::new(bpf.clone(), stats.clone());
+            Planes {
+                plane: Arc::new(AutoPlane::new(splice.clone(), stats.clone())),
+                bpf: Some(bpf),
+                sockmap: Some(splice),
             }
-            planes
         }
         (DataPlaneKind::Auto, Err(e)) => {
             info!(reason = %e, "auto: copy data plane (BPF unavailable); `mqttlb ctl` has nothing to read");
