@@ -747,6 +747,28 @@ impl Checker<'_> {
         }
     }
 
+    /// `value` of a listener key only `ws` and `wss` listeners have; on another kind
+    /// it is an error and treated as absent.
+    fn websocket_only<T>(
+        &mut self,
+        value: Option<Spanned<T>>,
+        websocket: bool,
+        listener: &str,
+        name: &str,
+    ) -> Option<Spanned<T>> {
+        match value {
+            Some(v) if !websocket => {
+                self.err(
+                    v.span(),
+                    format!("{listener}.{name}"),
+                    "only \"ws\" and \"wss\" listeners have this key",
+                );
+                None
+            }
+            v => v,
+        }
+    }
+
     fn err(&mut self, span: Range<usize>, key: String, message: impl Into<String>) {
         let line = (span.end > 0).then(|| line_of(self.text, span.start));
         self.errors.push(ConfigError {
@@ -921,15 +943,7 @@ impl Checker<'_> {
             }
             let kind = *rl.kind.get_ref();
             let websocket = matches!(kind, ListenerKind::Ws | ListenerKind::Wss);
-            let path = match rl.path {
-                Some(p) if !websocket => {
-                    self.err(
-                        p.span(),
-                        format!("{key}.path"),
-                        "only \"ws\" and \"wss\" listeners have a path",
-                    );
-                    String::new()
-                }
+            let path = match self.websocket_only(rl.path, websocket, &key, "path") {
                 Some(p) if !p.get_ref().starts_with('/') => {
                     self.err(p.span(), format!("{key}.path"), "must start with '/'");
                     String::new()
@@ -956,26 +970,19 @@ impl Checker<'_> {
                     }
                 }
             };
-            let max_frame_size = match rl.max_frame_size {
-                Some(m) if !websocket => {
-                    self.err(
-                        m.span(),
-                        format!("{key}.max_frame_size"),
-                        "only \"ws\" and \"wss\" listeners have frames",
-                    );
-                    0
-                }
-                Some(m) if !(128..=256 << 20).contains(m.get_ref()) => {
-                    self.err(
-                        m.span(),
-                        format!("{key}.max_frame_size"),
-                        "must be between 128 and 268435456 bytes",
-                    );
-                    0
-                }
-                Some(m) => m.into_inner(),
-                None => default_max_frame_size().into_inner(),
-            };
+            let max_frame_size =
+                match self.websocket_only(rl.max_frame_size, websocket, &key, "max_frame_size") {
+                    Some(m) if !(128..=256 << 20).contains(m.get_ref()) => {
+                        self.err(
+                            m.span(),
+                            format!("{key}.max_frame_size"),
+                            "must be between 128 and 268435456 bytes",
+                        );
+                        0
+                    }
+                    Some(m) => m.into_inner(),
+                    None => default_max_frame_size().into_inner(),
+                };
             if !(16..=16 * 1024 * 1024).contains(rl.max_connect_size.get_ref()) {
                 self.err(
                     rl.max_connect_size.span(),
@@ -1112,6 +1119,48 @@ state = "drain"
             e[0].contains("state") && e[0].contains("unknown variant"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn second_wave_keys_are_checked_by_name() {
+        // WebSocket-only keys on a plain listener.
+        let plain = GOOD.replace(
+            "inspect_timeout = \"250ms\"",
+            "inspect_timeout = \"250ms\"\nmax_frame_size = 4096\npath = \"/mqtt\"",
+        );
+        let e = errors(&plain);
+        assert_eq!(e.len(), 2, "{e:?}");
+        for key in [
+            "listeners[0].max_frame_size: only",
+            "listeners[0].path: only",
+        ] {
+            assert!(e.iter().any(|l| l.contains(key)), "{key}: {e:?}");
+        }
+        let ws = GOOD.replace(
+            "inspect_timeout = \"250ms\"",
+            "inspect_timeout = \"250ms\"\nkind = \"ws\"\nmax_frame_size = 16",
+        );
+        let e = errors(&ws);
+        assert!(e[0].contains("max_frame_size: must be between"), "{e:?}");
+        let small = GOOD.replace("[global]\n", "[global]\nmax_preconnect_bytes = 1000\n");
+        let e = errors(&small);
+        assert!(e[0].contains("global.max_preconnect_bytes"), "{e:?}");
+        // Thresholds: "0s" turns promotion by age off; bytes are taken as given.
+        let c = Config::parse(&GOOD.replace(
+            "connect_timeout = \"2s\"",
+            "connect_timeout = \"2s\"\npromote_after = \"0s\"\npromote_after_bytes = 65536",
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.clusters[0].promote,
+            Promote {
+                after_bytes: Some(65536),
+                after: None
+            }
+        );
+        let c = Config::parse(&GOOD.replace("data_plane = \"copy\"", "max_connections = 500"))
+            .expect("valid");
+        assert_eq!(c.global.max_connections.map(NonZeroU32::get), Some(500));
     }
 
     #[test]

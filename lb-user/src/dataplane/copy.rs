@@ -119,12 +119,13 @@ impl CopyPlane {
     /// sockets on error; the caller closes them.
     pub async fn run_handed_over(&self, pair: &Pair, handover: Handover<'_>) -> Outcome {
         self.stats.inc(DaemonStat::Copied);
-        let result = match copy_both(pair, handover, &self.stats, Promote::default()).await {
-            Ok(Ended::Outcome(o)) => Ok(o),
-            // No threshold: never promoted.
-            Ok(Ended::Promote(_)) => Ok(Outcome::Closed),
-            Err(e) => Err(e),
-        };
+        // No promotion threshold: `copy_both` ends only with an outcome.
+        let result = copy_both(pair, handover, &self.stats, Promote::default())
+            .await
+            .map(|ended| match ended {
+                Ended::Outcome(o) => o,
+                Ended::Promote(_) => unreachable!("promoted without a threshold"),
+            });
         if let Err(_) | Ok(Outcome::Aborted(_)) = &result {
             reset_both(pair);
         }
