@@ -442,6 +442,10 @@ counters! {
         /// `auto`: connections moved from the copy plane to the splice (also counted
         /// in `copied` and `spliced`).
         Promoted = 49 => "promoted",
+        /// `auto`: promotions by age put off because the connection was busy (more
+        /// than its cluster's `promote_max_rate` reads a second): it stays on the copy
+        /// plane and is looked at again one `promote_after` later.
+        PromotionDeferred = 50 => "promotion_deferred_busy",
     }
 }
 

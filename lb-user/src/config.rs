@@ -295,6 +295,8 @@ struct RawCluster {
     promote_after_bytes: Option<u64>,
     #[serde(default = "default_promote_after")]
     promote_after: Option<Dur>,
+    #[serde(default = "default_promote_max_rate")]
+    promote_max_rate: u64,
     #[serde(default)]
     health: RawHealth,
     #[serde(default)]
@@ -407,6 +409,13 @@ fn default_proxy_protocol() -> ProxyProtocol {
 }
 fn default_connect_timeout() -> Dur {
     Dur(Duration::from_secs(5))
+}
+/// Reads a second (both directions) above which a connection is too busy to promote
+/// by age: measured, the splice loses to the copy plane on pipelined streams and bulk
+/// transfers (docs/ARCHITECTURE.md, "Choosing a plane").
+pub const DEFAULT_PROMOTE_MAX_RATE: u64 = 1000;
+fn default_promote_max_rate() -> u64 {
+    DEFAULT_PROMOTE_MAX_RATE
 }
 fn default_promote_after() -> Option<Dur> {
     Some(Dur(Duration::from_secs(10)))
@@ -574,14 +583,17 @@ pub struct Health {
 }
 
 /// When `auto` moves a connection from the copy plane to the in-kernel splice: after
-/// `after_bytes` bytes either way, or once it has lived `after`, whichever comes first
-/// (`None`: that threshold is off).
+/// `after_bytes` bytes either way, or once it has lived `after` and is not busy,
+/// whichever comes first (`None`: that threshold is off).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Promote {
     /// `promote_after_bytes`.
     pub after_bytes: Option<u64>,
     /// `promote_after`.
     pub after: Option<Duration>,
+    /// `promote_max_rate`: reads a second over the last `after`, both directions,
+    /// above which promotion by age waits another `after` (`None`: no limit).
+    pub max_rate: Option<u64>,
 }
 
 /// One `[[clusters.servers]]` entry.
@@ -901,6 +913,7 @@ impl Checker<'_> {
                 promote: Promote {
                     after_bytes: rc.promote_after_bytes.filter(|&b| b > 0),
                     after: rc.promote_after.map(|d| d.0).filter(|d| !d.is_zero()),
+                    max_rate: Some(rc.promote_max_rate).filter(|&r| r > 0),
                 },
                 health: Health {
                     kind: rc.health.kind,
@@ -1077,7 +1090,8 @@ state = "drain"
             cl.promote,
             Promote {
                 after_bytes: None,
-                after: Some(Duration::from_secs(10))
+                after: Some(Duration::from_secs(10)),
+                max_rate: Some(DEFAULT_PROMOTE_MAX_RATE),
             }
         );
         assert_eq!(cl.servers.len(), 2);
@@ -1148,14 +1162,15 @@ state = "drain"
         // Thresholds: "0s" turns promotion by age off; bytes are taken as given.
         let c = Config::parse(&GOOD.replace(
             "connect_timeout = \"2s\"",
-            "connect_timeout = \"2s\"\npromote_after = \"0s\"\npromote_after_bytes = 65536",
+            "connect_timeout = \"2s\"\npromote_after = \"0s\"\npromote_after_bytes = 65536\npromote_max_rate = 0",
         ))
         .expect("valid");
         assert_eq!(
             c.clusters[0].promote,
             Promote {
                 after_bytes: Some(65536),
-                after: None
+                after: None,
+                max_rate: None,
             }
         );
         let c = Config::parse(&GOOD.replace("data_plane = \"copy\"", "max_connections = 500"))

@@ -546,3 +546,65 @@ async fn auto_copies_first_and_promotes_long_lived_connections() {
     assert_eq!(lb.stat("aborted"), 0);
     assert!(lb.stat("bpf_redirected") > 0);
 }
+
+/// `auto` leaves a busy connection on the copy plane (the splice loses there): above
+/// `promote_max_rate` reads a second, promotion by age is put off and counted, and
+/// the connection is looked at again one `promote_after` later; once it goes quiet it
+/// is promoted, and every byte of both phases comes back exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_leaves_busy_connections_on_copy_until_they_quieten() {
+    if !privileged("auto data plane") {
+        return;
+    }
+    let echo = Echo::start().await;
+    let lb = Daemon::start_edited("auto", &[echo.addr], |t| {
+        with_cluster_keys(t, "promote_after = \"300ms\"\npromote_max_rate = 50")
+    });
+    let connect = connect_packet("busy");
+    let s = TcpStream::connect(lb.addr).await.expect("connect");
+    let (mut r, mut w) = s.into_split();
+    w.write_all(&connect).await.expect("CONNECT");
+    let mut echoed = vec![0u8; connect.len()];
+    r.read_exact(&mut echoed).await.expect("CONNECT echoed");
+    assert_eq!(echoed, connect);
+    // Busy: a 64-byte message every 2 ms for 1.5 s, about 500 reads a second each way.
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.expect("echo");
+        got
+    });
+    let mut sent = Vec::new();
+    let busy_until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let mut n = 0u8;
+    while tokio::time::Instant::now() < busy_until {
+        let msg = [n; 64];
+        w.write_all(&msg).await.expect("message");
+        sent.extend_from_slice(&msg);
+        n = n.wrapping_add(1);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(lb.stat("promoted"), 0, "a busy connection was promoted");
+    assert!(
+        lb.stat("promotion_deferred_busy") >= 2,
+        "{}",
+        lb.ctl("stats")
+    );
+    // Quiet: promoted at the next look, then the rest is spliced.
+    wait_for("the promotion", Duration::from_secs(3), || {
+        lb.stat("spliced") == 1
+    })
+    .await;
+    let bulk = vec![7u8; 1 << 20];
+    w.write_all(&bulk).await.expect("bulk");
+    sent.extend_from_slice(&bulk);
+    w.shutdown().await.expect("shutdown");
+    let got = reader.await.expect("reader");
+    assert!(
+        got == sent,
+        "{} of {} bytes came back, or differently",
+        got.len(),
+        sent.len()
+    );
+    assert_eq!(lb.stat("promoted"), 1);
+    assert!(lb.stat("bpf_redirected") > 0);
+}

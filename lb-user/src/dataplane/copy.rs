@@ -179,6 +179,8 @@ struct Direction<'a> {
     eof_final: Option<&'a Gate<'a>>,
     /// Bytes read from `src`.
     read: u64,
+    /// Reads that returned bytes (a busy connection makes many).
+    reads: u64,
     index: usize,
     stat: DaemonStat,
     traffic: &'a Traffic,
@@ -215,6 +217,7 @@ impl Direction<'_> {
                 stats.add(self.stat, read as u64);
                 self.traffic.add(self.index, read as u64);
                 self.read += read as u64;
+                self.reads += 1;
                 self.pending = rest;
             }
             Moved::Eof
@@ -272,6 +275,7 @@ async fn copy_both(
         gate,
         eof_final,
         read: 0,
+        reads: 0,
         index,
         stat,
         traffic: &pair.traffic,
@@ -303,6 +307,16 @@ async fn copy_both(
     let promotable = |c2s: &Direction<'_>, s2c: &Direction<'_>| {
         !c2s.done && !s2c.done && c2s.pending.is_none() && s2c.pending.is_none()
     };
+    // Promotion by age looks at the reads since the previous look: a connection above
+    // `max_rate` is left on the copy plane, where pipelined and bulk streams are
+    // carried faster (docs/ARCHITECTURE.md, "Choosing a plane").
+    let mut window = (last, 0u64);
+    let busy = |window: (Instant, u64), now: Instant, reads: u64| {
+        promote.max_rate.is_some_and(|max| {
+            let secs = now.duration_since(window.0).as_secs_f64();
+            (reads - window.1) as f64 > max as f64 * secs
+        })
+    };
     while !(c2s.done && s2c.done) {
         tokio::select! {
             r = c2s.step(stats), if !c2s.done => if r? { last = Instant::now(); },
@@ -312,11 +326,19 @@ async fn copy_both(
                 if now.duration_since(last) >= idle {
                     return Ok(Ended::Outcome(Outcome::IdleTimeout));
                 }
-                if promote_at.is_some_and(|p| now >= p) {
-                    if promotable(&c2s, &s2c) {
+                if let Some(after) = promote.after
+                    && promote_at.is_some_and(|p| now >= p)
+                {
+                    let reads = c2s.reads + s2c.reads;
+                    if busy(window, now, reads) {
+                        stats.inc(DaemonStat::PromotionDeferred);
+                        window = (now, reads);
+                        promote_at = Some(now + after);
+                    } else if promotable(&c2s, &s2c) {
                         return Ok(Ended::Promote([c2s.read, s2c.read]));
+                    } else {
+                        promote_at = Some(now + POLL_MAX);
                     }
-                    promote_at = Some(now + POLL_MAX);
                 }
                 sleep.as_mut().reset(due(last, promote_at).into());
             }
