@@ -306,6 +306,7 @@ pub struct Pool {
     /// Servers in configuration order (the index is the server id).
     pub servers: Vec<ServerRt>,
     balance: Balance,
+    empty_client_id: Balance,
     /// Smooth WRR current weights, one per server.
     current: Mutex<Vec<i64>>,
     /// Lookup tables of the primary and the backup servers (`client-id`, `source`).
@@ -390,6 +391,7 @@ impl Pool {
             current: Mutex::new(vec![0; servers.len()]),
             servers,
             balance: cluster.balance,
+            empty_client_id: cluster.empty_client_id,
             maglev,
         }
     }
@@ -450,7 +452,13 @@ impl Pool {
             backup = true;
         }
         let usable = usable_in(backup);
-        let index = match self.balance {
+        // An empty client id (a clean session letting the broker assign one) names no
+        // device: hashing it would send every such client to one server.
+        let balance = match self.balance {
+            Balance::ClientId if key.client_id.is_empty() => self.empty_client_id,
+            b => b,
+        };
+        let index = match balance {
             Balance::ClientId => self.maglev[usize::from(backup)]
                 .lookup(hash_bytes(key.client_id.as_bytes(), 0), usable),
             Balance::Source => self.maglev[usize::from(backup)].lookup(key.source_hash(), usable),
@@ -706,6 +714,17 @@ mod tests {
             }),
             p.servers.len(),
         )
+    }
+
+    #[test]
+    fn empty_client_ids_use_the_fallback_not_one_hash() {
+        let p = Pool::new(&cluster("client-id", &[(1, false, "up"); 3]), None);
+        // Held leases: least-conn (the default fallback) fills the servers in turn.
+        let leases: Vec<Lease> = (0..300)
+            .map(|_| p.select(&key(""), &[false; 3]).expect("lease"))
+            .collect();
+        let c = counts(leases.iter().map(|l| l.index), 3);
+        assert_eq!(c, vec![100, 100, 100]);
     }
 
     #[test]

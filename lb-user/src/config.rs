@@ -280,6 +280,8 @@ struct RawCluster {
     name: Spanned<String>,
     #[serde(default = "default_balance")]
     balance: Spanned<Balance>,
+    #[serde(default = "default_empty_client_id")]
+    empty_client_id: Spanned<Balance>,
     #[serde(default = "default_sticky")]
     sticky: Spanned<Sticky>,
     #[serde(default = "default_sticky_expire")]
@@ -391,6 +393,9 @@ fn default_handshake_timeout() -> Dur {
 }
 fn default_max_handshakes() -> NonZeroU32 {
     NonZeroU32::new(1024).expect("non-zero")
+}
+fn default_empty_client_id() -> Spanned<Balance> {
+    Spanned::new(0..0, Balance::LeastConn)
 }
 fn default_balance() -> Spanned<Balance> {
     Spanned::new(0..0, Balance::RoundRobin)
@@ -542,6 +547,9 @@ pub struct Cluster {
     pub name: String,
     /// Algorithm.
     pub balance: Balance,
+    /// Algorithm for connections whose client id is empty when `balance` is
+    /// `client-id`: an empty id identifies nobody, so it must not pick one server.
+    pub empty_client_id: Balance,
     /// Sticky key.
     pub sticky: Sticky,
     /// Lifetime of a sticky entry after its last use.
@@ -831,6 +839,13 @@ impl Checker<'_> {
                     "at most 1024 servers per cluster",
                 );
             }
+            if *rc.empty_client_id.get_ref() == Balance::ClientId {
+                self.err(
+                    rc.empty_client_id.span(),
+                    format!("{key}.empty_client_id"),
+                    "an empty client id cannot be hashed: least-conn, round-robin, random or source",
+                );
+            }
             if rc.sticky_table_size.get() > 10_000_000 {
                 self.err(
                     rc.name.span(),
@@ -904,6 +919,7 @@ impl Checker<'_> {
             clusters.push(Cluster {
                 name: rc.name.into_inner(),
                 balance: rc.balance.into_inner(),
+                empty_client_id: rc.empty_client_id.into_inner(),
                 sticky: rc.sticky.into_inner(),
                 sticky_expire: rc.sticky_expire.0,
                 sticky_table_size: rc.sticky_table_size,
@@ -1137,6 +1153,18 @@ state = "drain"
 
     #[test]
     fn second_wave_keys_are_checked_by_name() {
+        // An empty client id cannot fall back to hashing it.
+        let e = errors(&GOOD.replace(
+            "connect_timeout = \"2s\"",
+            "connect_timeout = \"2s\"\nempty_client_id = \"client-id\"",
+        ));
+        assert!(e[0].contains("clusters[0].empty_client_id: an empty"), "{e:?}");
+        let c = Config::parse(&GOOD.replace(
+            "connect_timeout = \"2s\"",
+            "connect_timeout = \"2s\"\nempty_client_id = \"round-robin\"",
+        ))
+        .expect("valid");
+        assert_eq!(c.clusters[0].empty_client_id, Balance::RoundRobin);
         // WebSocket-only keys on a plain listener.
         let plain = GOOD.replace(
             "inspect_timeout = \"250ms\"",

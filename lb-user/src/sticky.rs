@@ -44,7 +44,8 @@ pub fn cluster_tag(name: &str) -> u32 {
 }
 
 /// The sticky key of a connection, or `None` when the cluster has no sticky table or
-/// the connection lacks the field (no username).
+/// the connection lacks the field: no username, or an empty one or an empty client id
+/// (it names no device; every such client would share one entry).
 pub fn key(
     cluster: &str,
     kind: Sticky,
@@ -55,8 +56,12 @@ pub fn key(
     let source_bytes;
     let (tag, bytes): (u8, &[u8]) = match kind {
         Sticky::None => return None,
+        Sticky::ClientId if client_id.is_empty() => return None,
         Sticky::ClientId => (STICKY_CLIENT_ID, client_id.as_bytes()),
-        Sticky::Username => (STICKY_USERNAME, username?.as_bytes()),
+        Sticky::Username => match username {
+            Some(u) if !u.is_empty() => (STICKY_USERNAME, u.as_bytes()),
+            _ => return None,
+        },
         Sticky::Source => {
             source_bytes = match source {
                 IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
@@ -240,6 +245,14 @@ mod tests {
     use super::*;
 
     const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn empty_ids_and_usernames_have_no_key() {
+        assert_eq!(key("c", Sticky::ClientId, "", None, LOCAL), None);
+        assert_eq!(key("c", Sticky::Username, "dev-1", Some(""), LOCAL), None);
+        assert_eq!(key("c", Sticky::Username, "dev-1", None, LOCAL), None);
+        assert!(key("c", Sticky::Username, "", Some("u"), LOCAL).is_some());
+    }
 
     #[test]
     fn short_keys_are_exact_and_long_keys_are_prefix_plus_hash() {

@@ -135,6 +135,37 @@ async fn client_id_spreads_evenly_and_every_id_returns_to_its_node() {
     }
 }
 
+/// An empty client id (a clean session asking the broker for one) names no device:
+/// with `balance = "client-id"` such clients are spread by the cluster's
+/// `empty_client_id` (least-conn by default) instead of all hashing to one node, and
+/// the sticky table gets no entry for them. Named clients keep hashing and sticking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_client_ids_spread_and_make_no_sticky_entry() {
+    if !privileged("balancing") {
+        return;
+    }
+    let nodes = three_nodes();
+    let lb = start(
+        "balance = \"client-id\"\nsticky = \"client-id\"",
+        &servers(&nodes, ["", "", ""]),
+    );
+    let empty = vec![String::new(); 300];
+    let placed = placements(lb.addr, &empty).await;
+    assert_shares(&placed, [1.0 / 3.0; 3], "empty client ids");
+    let named = ids("named", 3);
+    placements(lb.addr, &named).await;
+    let listed = lb.ctl("sticky");
+    let keys: Vec<&str> = listed["sticky"]
+        .as_array()
+        .expect("sticky array")
+        .iter()
+        .map(|e| e["key"].as_str().expect("key"))
+        .collect();
+    assert_eq!(keys.len(), named.len(), "{listed}");
+    assert!(keys.iter().all(|k| k.starts_with("named-")), "{listed}");
+    assert_eq!(settled_stat(&lb, "sticky_new").await, named.len() as u64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_3_2_1_are_honoured_by_client_id_and_round_robin() {
     if !privileged("balancing") {
