@@ -222,14 +222,7 @@ impl Bpf {
     /// Removes the instance's pinned maps (at a clean stop: nothing is left under
     /// /sys/fs/bpf for a daemon that is gone). Best effort.
     pub fn unpin(&self) {
-        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
-            for e in entries.flatten() {
-                if e.file_name() != maps::STICKY {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        let _ = std::fs::remove_dir(&self.pin_dir);
+        unpin_dir(&self.pin_dir, true);
     }
 
     /// The program's counters for the socket with this cookie (one direction).
@@ -334,7 +327,7 @@ pub struct InstanceLock {
 impl InstanceLock {
     /// Takes the lock of `instance`, or says which daemon holds it.
     pub fn acquire(instance: &str) -> Result<Self, BpfError> {
-        Self::acquire_in(Path::new("/run/mqttlb"), instance)
+        Self::acquire_in(Path::new(crate::control::RUN_DIR), instance)
     }
 
     fn acquire_in(dir: &Path, instance: &str) -> Result<Self, BpfError> {
@@ -490,7 +483,7 @@ impl Pinned {
             return Err(BpfError::Map {
                 name: maps::STATS,
                 reason: format!(
-                    "no pinned maps under {}: is an mqttlb instance named {instance:?} running with the sockmap data plane?",
+                    "no pinned maps under {}: no mqttlb instance named {instance:?} runs here with BPF (or it stopped cleanly)",
                     dir.display()
                 ),
             });
@@ -618,21 +611,31 @@ impl Pinned {
     }
 }
 
+/// Removes the pinned maps in `dir`, the sticky table too unless `keep_sticky`, then
+/// the directory if that left it empty. Returns how many were removed. Best effort.
+pub fn unpin_dir(dir: &Path, keep_sticky: bool) -> usize {
+    let mut removed = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if (!keep_sticky || e.file_name() != maps::STICKY)
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    removed
+}
+
 /// Encodes an address as stored in [`ConnInfo`] (IPv4-mapped IPv6).
 pub fn addr_bytes(addr: std::net::SocketAddr) -> [u8; 16] {
-    match addr.ip() {
-        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        std::net::IpAddr::V6(v6) => v6.octets(),
-    }
+    crate::addr::ip_bytes(addr.ip())
 }
 
 /// Formats an address stored as [`addr_bytes`] does.
 pub fn addr_string(bytes: [u8; 16], port: u16) -> String {
-    let v6 = std::net::Ipv6Addr::from(bytes);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => std::net::SocketAddr::from((v4, port)).to_string(),
-        None => std::net::SocketAddr::from((v6, port)).to_string(),
-    }
+    crate::addr::from_bytes(bytes, port).to_string()
 }
 
 #[cfg(test)]

@@ -1158,7 +1158,10 @@ state = "drain"
             "connect_timeout = \"2s\"",
             "connect_timeout = \"2s\"\nempty_client_id = \"client-id\"",
         ));
-        assert!(e[0].contains("clusters[0].empty_client_id: an empty"), "{e:?}");
+        assert!(
+            e[0].contains("clusters[0].empty_client_id: an empty"),
+            "{e:?}"
+        );
         let c = Config::parse(&GOOD.replace(
             "connect_timeout = \"2s\"",
             "connect_timeout = \"2s\"\nempty_client_id = \"round-robin\"",

@@ -12,7 +12,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -32,6 +32,7 @@ use crate::{
     limits::{Charge, LOCAL_RESOURCE_LOG, PreConnectBudget, is_local_resource},
     mqtt::{self, Decode},
     proxy_protocol,
+    registry::{Entry, Plane, Registry},
     stats::{ActiveGuard, Stats},
     sticky::{self, StickyTable},
     sys,
@@ -93,7 +94,8 @@ pub struct Shared {
     pub sticky: StickyTable,
     /// Memory of connections before their CONNECT, all together.
     pub preconnect: PreConnectBudget,
-    next_id: AtomicU32,
+    /// Every connection held, whatever carries it (`ctl conns`).
+    pub conns: Arc<Registry>,
 }
 
 impl Shared {
@@ -116,7 +118,7 @@ impl Shared {
             )),
             sticky,
             preconnect: PreConnectBudget::new(max_preconnect_bytes),
-            next_id: AtomicU32::new(1),
+            conns: Arc::default(),
         }
     }
 
@@ -319,6 +321,8 @@ pub async fn handle(
 ) {
     let stats = &shared.stats;
     let _active = ActiveGuard::new(stats);
+    let registered = shared.conns.open(&listener.config.name, peer);
+    let entry = &registered.entry;
     stats.inc(DaemonStat::Accepted);
     let _ = client.set_nodelay(true);
     let config = &listener.config;
@@ -330,7 +334,7 @@ pub async fn handle(
                 config,
                 &cluster,
                 Client::Plain(client),
-                peer,
+                (peer, entry),
                 None,
                 proxy,
             )
@@ -348,7 +352,7 @@ pub async fn handle(
                 config,
                 &cluster,
                 client,
-                peer,
+                (peer, entry),
                 Some(session),
                 false,
             )
@@ -552,7 +556,7 @@ async fn serve(
     listener: &Listener,
     cluster: &str,
     mut client: Client,
-    peer: SocketAddr,
+    (peer, entry): (SocketAddr, &Arc<Entry>),
     tls: Option<TlsSession>,
     proxy_header: bool,
 ) {
@@ -612,6 +616,7 @@ async fn serve(
     drop(charge);
     // Behind a load balancer that sends PROXY headers, the client is who it names.
     let peer = first.proxied_source.unwrap_or(peer);
+    entry.identified(peer, &first.client_id);
     if listener.rewrite != Rewrite::default() {
         let identity = tls.as_ref().and_then(|t| t.identity.as_ref());
         let rewritten = if websocket {
@@ -742,7 +747,7 @@ async fn serve(
             head = std::mem::take(&mut first.bytes);
         }
     }
-    let traffic = lease.traffic();
+    let traffic = entry.reached(lease.name(), lease.address, lease.traffic());
     traffic.add(0, (traffic_head + head.len()) as u64);
     if let Err(e) = server.write_all(&head).await {
         debug!(%peer, server = lease.name(), error = %e, "server write failed");
@@ -755,6 +760,7 @@ async fn serve(
     if let Some(pending) = terminated {
         drop(head);
         let fd = client.tcp().as_raw_fd();
+        entry.set_plane(Plane::WebSocket);
         let limits = crate::dataplane::stream::WsLimits {
             idle,
             max_frame: u64::from(listener.max_frame_size),
@@ -771,7 +777,7 @@ async fn serve(
             let pair = Pair {
                 client,
                 server,
-                id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+                id: entry.id,
                 client_addr: peer,
                 server_addr: lease.address,
                 server_index: lease.index as u32,
@@ -780,12 +786,14 @@ async fn serve(
                 idle_timeout: idle,
                 promote: cluster.config.promote,
                 traffic,
+                entry: entry.clone(),
             };
             drop(head);
             shared.plane.carry(pair).await
         }
         Client::Tls(stream) => {
             drop(head);
+            entry.set_plane(Plane::Tls);
             let fd = stream.get_ref().0.as_raw_fd();
             crate::dataplane::stream::relay(stream, fd, server, idle, traffic, stats).await
         }

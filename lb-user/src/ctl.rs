@@ -1,5 +1,7 @@
-//! `mqttlb ctl`: reads a running instance's pinned BPF maps directly, so it answers
-//! even while the daemon is busy.
+//! `mqttlb ctl`: reads an instance's pinned BPF maps directly (counters, servers,
+//! sticky table), so it answers even while the daemon is busy, and asks the daemon on
+//! its control socket for what only the daemon knows (`conns`). It says when the
+//! instance is not running and what it shows is what a stopped daemon left.
 
 use std::io::Write;
 
@@ -13,6 +15,8 @@ use serde::Serialize;
 
 use crate::{
     bpf::{BpfError, Pinned, addr_string},
+    control,
+    registry::ConnRow,
     sticky,
 };
 
@@ -98,7 +102,15 @@ struct StickyView {
 /// What `ctl` shows.
 #[derive(Debug, Clone, Copy, Subcommand)]
 pub enum CtlCommand {
-    /// Spliced connection pairs: client, server, bytes each way.
+    /// Remove what an instance that is no longer running left (pinned maps, lock and
+    /// control socket files); the sticky table is kept unless `--sticky`.
+    Cleanup {
+        /// Remove the sticky table too (reconnecting devices lose their server).
+        #[arg(long)]
+        sticky: bool,
+    },
+    /// Every connection, whatever carries it: client, client id, listener, server,
+    /// plane, bytes each way, age.
     Conns,
     /// Global counters of the BPF programs and the daemon.
     Stats,
@@ -115,37 +127,18 @@ pub fn run(
     json: bool,
     out: &mut impl Write,
 ) -> Result<(), CtlError> {
-    let pinned = Pinned::open(instance)?;
+    let running = control::running(instance);
     match cmd {
-        CtlCommand::Conns => {
-            let conns = pinned.conns()?;
-            if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
-                    &serde_json::json!({ "instance": instance, "conns": conns }),
-                )?;
-                writeln!(out)?;
-            } else {
-                writeln!(
-                    out,
-                    "{:>8}  {:<22} {:<22} {:>14} {:>14}  throttled",
-                    "id", "client", "server", "bytes_c2s", "bytes_s2c"
-                )?;
-                for c in &conns {
-                    writeln!(
-                        out,
-                        "{:>8}  {:<22} {:<22} {:>14} {:>14}  {}",
-                        c.id,
-                        c.client,
-                        c.server,
-                        c.bytes_c2s,
-                        c.bytes_s2c,
-                        c.throttled.join(",")
-                    )?;
-                }
-                writeln!(out, "{} spliced connection(s)", conns.len())?;
-            }
-        }
+        CtlCommand::Conns => return conns(instance, running, json, out),
+        CtlCommand::Cleanup { sticky } => return cleanup(instance, running, sticky, out),
+        _ => {}
+    }
+    let pinned = Pinned::open(instance)?;
+    if !running {
+        not_running(instance);
+    }
+    match cmd {
+        CtlCommand::Conns | CtlCommand::Cleanup { .. } => unreachable!("answered above"),
         CtlCommand::Backends => {
             let rows: Vec<BackendView> = pinned
                 .backends()?
@@ -274,6 +267,124 @@ pub fn run(
     Ok(())
 }
 
+/// Says on stderr (so JSON on stdout stays whole) that what follows is what a
+/// stopped or killed instance left, not live state.
+fn not_running(instance: &str) {
+    eprintln!(
+        "mqttlb ctl: instance {instance:?} is not running (no daemon holds {}/{instance}.lock); showing what it left in its pinned maps",
+        control::RUN_DIR
+    );
+}
+
+/// `ctl conns`: every connection, from the daemon itself (whatever the plane, with
+/// or without BPF); for an instance that is not running, the spliced pairs its pinned
+/// maps still hold.
+fn conns(instance: &str, running: bool, json: bool, out: &mut impl Write) -> Result<(), CtlError> {
+    let rows: Vec<ConnRow> = if running {
+        let answer = control::query(instance, "conns").map_err(|source| CtlError::Control {
+            path: control::socket_path(instance).display().to_string(),
+            source,
+        })?;
+        serde_json::from_value(answer["conns"].clone())?
+    } else {
+        let pinned = Pinned::open(instance)?;
+        not_running(instance);
+        let now = sticky::now_ms() / 1000;
+        pinned
+            .conns()?
+            .into_iter()
+            .map(|c| ConnRow {
+                id: c.id,
+                listener: String::new(),
+                client: c.client,
+                client_id: None,
+                server: None,
+                server_address: Some(c.server),
+                plane: "sockmap".to_owned(),
+                bytes_c2s: c.bytes_c2s,
+                bytes_s2c: c.bytes_s2c,
+                age_s: now.saturating_sub(c.started_unix),
+                started_unix: c.started_unix,
+            })
+            .collect()
+    };
+    if json {
+        serde_json::to_writer_pretty(
+            &mut *out,
+            &serde_json::json!({ "instance": instance, "running": running, "conns": rows }),
+        )?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:>8}  {:<22} {:<24} {:<10} {:<12} {:<10} {:>12} {:>12} {:>7}",
+        "id",
+        "client",
+        "client_id",
+        "listener",
+        "server",
+        "plane",
+        "bytes_c2s",
+        "bytes_s2c",
+        "age_s"
+    )?;
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    for r in &rows {
+        writeln!(
+            out,
+            "{:>8}  {:<22} {:<24} {:<10} {:<12} {:<10} {:>12} {:>12} {:>7}",
+            r.id,
+            r.client,
+            or_dash(&r.client_id),
+            if r.listener.is_empty() {
+                "-"
+            } else {
+                &r.listener
+            },
+            r.server
+                .clone()
+                .or_else(|| r.server_address.clone())
+                .unwrap_or_else(|| "-".to_owned()),
+            r.plane,
+            r.bytes_c2s,
+            r.bytes_s2c,
+            r.age_s
+        )?;
+    }
+    writeln!(out, "{} connection(s)", rows.len())?;
+    Ok(())
+}
+
+/// `ctl cleanup`: only for an instance no daemon runs.
+fn cleanup(
+    instance: &str,
+    running: bool,
+    sticky: bool,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    if running {
+        return Err(CtlError::Running(instance.to_owned()));
+    }
+    let dir = crate::bpf::pin_dir(instance);
+    let removed = crate::bpf::unpin_dir(&dir, !sticky);
+    let run = std::path::Path::new(control::RUN_DIR);
+    for file in [format!("{instance}.sock"), format!("{instance}.lock")] {
+        let _ = std::fs::remove_file(run.join(file));
+    }
+    let kept = if !sticky && dir.join(lb_common::maps::STICKY).exists() {
+        " (kept the sticky table; --sticky removes it)"
+    } else {
+        ""
+    };
+    writeln!(
+        out,
+        "instance {instance:?}: removed {removed} pinned map(s) from {}{kept}",
+        dir.display()
+    )?;
+    Ok(())
+}
+
 /// Why `ctl` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -286,4 +397,15 @@ pub enum CtlError {
     /// JSON encoding failed.
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// `cleanup` of an instance a daemon runs.
+    #[error("instance {0:?} is running: stop it first (cleanup is for what a killed daemon left)")]
+    Running(String),
+    /// The running daemon did not answer on its control socket.
+    #[error("cannot ask the daemon on {path}: {source} (ctl needs root, like the daemon)")]
+    Control {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
 }

@@ -23,6 +23,7 @@ use crate::{
     bpf::{Bpf, BpfError, InstanceLock},
     config::{Config, DataPlaneKind, ServerState, Sticky},
     conn::{self, ClusterRt, ListenerRt, Shared},
+    control,
     dataplane::{
         DataPlane,
         auto::AutoPlane,
@@ -62,6 +63,14 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The control socket (`mqttlb ctl`) could not be bound.
+    #[error("cannot bind the control socket {path}: {source}")]
+    Control {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// The data plane for connections; the loaded BPF maps, whichever plane carries the
@@ -182,6 +191,14 @@ pub async fn run(
         sticky,
         config.global.max_preconnect_bytes,
     ));
+    let _control = control::serve(&config.global.name, shared.conns.clone()).map_err(|source| {
+        DaemonError::Control {
+            path: control::socket_path(&config.global.name)
+                .display()
+                .to_string(),
+            source,
+        }
+    })?;
     let mut checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
     let permits = Arc::new(Semaphore::new(limit));
     let (stop_tx, stop_rx) = watch::channel(false);

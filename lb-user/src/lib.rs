@@ -20,13 +20,17 @@
 //!   [`dataplane::auto`] (copy first, promoted to the splice), and
 //!   [`dataplane::stream`] (the userspace relay for TLS clients).
 //! - [`bpf`]: loading the eBPF program, the pinned maps, and reading them back.
+//! - [`registry`]: every connection held, whatever carries it (`ctl conns`), served
+//!   on the control socket by [`control`]. [`addr`]: addresses as stored and shown.
 //! - [`stats`]: daemon counters. [`ctl`]: `mqttlb ctl`. [`daemon`]: `mqttlb run`.
 //! - [`sys`]: the socket syscalls std and tokio do not wrap.
 
+pub mod addr;
 pub mod balance;
 pub mod bpf;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod dataplane;
@@ -34,6 +38,7 @@ pub mod health;
 pub mod limits;
 pub mod mqtt;
 pub mod proxy_protocol;
+pub mod registry;
 pub mod stats;
 pub mod sticky;
 pub mod sys;

@@ -39,7 +39,7 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Inspect a running instance through its pinned BPF maps.
+    /// Inspect an instance: its pinned BPF maps and, while it runs, the daemon itself.
     Ctl {
         #[command(subcommand)]
         what: CtlCommand,
@@ -83,6 +83,10 @@ fn main() -> ExitCode {
             instance,
         } => match ctl::run(what, &instance, json, &mut std::io::stdout().lock()) {
             Ok(()) => ExitCode::SUCCESS,
+            // `mqttlb ctl conns | head`: the reader has all it wanted.
+            Err(ctl::CtlError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("mqttlb ctl: {e}");
                 ExitCode::from(2)

@@ -131,9 +131,7 @@ pub fn value(server: SocketAddr, index: usize, expire: Duration) -> StickyValue 
 
 /// The server address a value names.
 pub fn server_of(v: &StickyValue) -> SocketAddr {
-    let ip = std::net::Ipv6Addr::from(v.server_addr);
-    let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
-    SocketAddr::new(ip, v.server_port)
+    crate::addr::from_bytes(v.server_addr, v.server_port)
 }
 
 /// The table, in a BPF map or in memory.

@@ -261,6 +261,7 @@ async fn copy_both(
     stats: &Stats,
     promote: Promote,
 ) -> io::Result<Ended> {
+    pair.entry.set_plane(crate::registry::Plane::Copy);
     let Handover {
         ready: gate,
         pending: [p0, p1],

@@ -48,20 +48,36 @@ pub struct Pair {
     pub idle_timeout: Duration,
     /// When the `auto` plane moves the pair from copy to the splice.
     pub promote: crate::config::Promote,
-    /// The server's byte counters, which the plane adds this connection's bytes to.
+    /// The connection's byte counters (adding to its server's), which the plane adds
+    /// its bytes to.
     pub traffic: Arc<Traffic>,
+    /// The connection's row in the registry: the plane says what carries it.
+    pub entry: Arc<crate::registry::Entry>,
 }
 
-/// Bytes carried each way (per server); index 0 client to server, 1 server to client.
+/// Bytes carried each way (per server, or per connection adding to its server's);
+/// index 0 client to server, 1 server to client.
 #[derive(Debug, Default)]
 pub struct Traffic {
     bytes: [AtomicU64; 2],
+    /// Counters that every byte counted here is added to as well.
+    parent: Option<Arc<Traffic>>,
 }
 
 impl Traffic {
+    /// Counters whose bytes also count in `parent` (a connection's, under its server's).
+    pub fn under(parent: Arc<Traffic>) -> Self {
+        Self {
+            bytes: Default::default(),
+            parent: Some(parent),
+        }
+    }
     /// Adds `n` bytes to direction `dir` (0 client to server, 1 server to client).
     pub fn add(&self, dir: usize, n: u64) {
         self.bytes[dir].fetch_add(n, Ordering::Relaxed);
+        if let Some(p) = &self.parent {
+            p.add(dir, n);
+        }
     }
     /// Bytes carried in direction `dir`.
     pub fn get(&self, dir: usize) -> u64 {

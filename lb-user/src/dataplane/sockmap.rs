@@ -317,6 +317,7 @@ impl SockmapPlane {
         // 2. Insert; 3. flush whole skbs that arrived since the drain.
         let outcome = match self.insert(&pair, cookies) {
             Ok(()) => {
+                pair.entry.set_plane(crate::registry::Plane::Sockmap);
                 self.stats.inc(DaemonStat::Spliced);
                 self.stats.inc(DaemonStat::SplicedActive);
                 // Whole skbs that arrived since the drain: the first pump's read runs

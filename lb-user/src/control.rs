@@ -1,0 +1,132 @@
+//! The control socket: `/run/mqttlb/<instance>.sock` (mode 0600, next to the instance
+//! lock), through which `mqttlb ctl` reads what only the daemon knows, whatever the
+//! data plane and whether or not BPF loads. One request line, one JSON answer, then the
+//! daemon closes:
+//!
+//! - `conns`: `{"conns": [ConnRow...]}`, every connection held (see [`Registry`]).
+//!
+//! The daemon holds the instance lock before it binds, so a socket file left by a
+//! killed daemon is removed and replaced safely.
+
+use std::{
+    io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    time::timeout,
+};
+use tracing::{debug, warn};
+
+use crate::registry::Registry;
+
+/// Where instance locks and control sockets live.
+pub const RUN_DIR: &str = "/run/mqttlb";
+
+/// How long either side waits for the other.
+const WAIT: Duration = Duration::from_secs(2);
+
+/// The control socket of `instance`.
+pub fn socket_path(instance: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{instance}.sock"))
+}
+
+/// The socket file, removed when dropped (at a clean stop).
+pub struct ControlSocket {
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the control socket of `instance` (the caller holds the instance lock) and
+/// answers requests from `registry` until the runtime stops.
+pub fn serve(instance: &str, registry: Arc<Registry>) -> io::Result<ControlSocket> {
+    let path = socket_path(instance);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            debug!(path = %path.display(), "removed a control socket left by a stopped daemon")
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let registry = registry.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = answer(stream, &registry).await {
+                            debug!(error = %e, "control request failed");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok(ControlSocket { path })
+}
+
+async fn answer(stream: UnixStream, registry: &Registry) -> io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    timeout(WAIT, BufReader::new(r.take(256)).read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    let body = match line.trim() {
+        "conns" => serde_json::json!({ "conns": registry.rows() }),
+        other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
+    };
+    let mut bytes = serde_json::to_vec(&body).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    timeout(WAIT, w.write_all(&bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "reader too slow"))??;
+    w.shutdown().await
+}
+
+/// Sends `request` to the daemon of `instance` and returns its JSON answer.
+pub fn query(instance: &str, request: &str) -> io::Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let path = socket_path(instance);
+    let mut s = std::os::unix::net::UnixStream::connect(&path)?;
+    s.set_read_timeout(Some(WAIT))?;
+    s.set_write_timeout(Some(WAIT))?;
+    s.write_all(format!("{request}\n").as_bytes())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let v: serde_json::Value = serde_json::from_slice(&out).map_err(io::Error::other)?;
+    if let Some(e) = v.get("error") {
+        return Err(io::Error::other(format!("the daemon answered: {e}")));
+    }
+    Ok(v)
+}
+
+/// Whether a daemon holds the instance lock of `instance` now (a `kill -9` leaves
+/// pins and files behind but releases the lock).
+pub fn running(instance: &str) -> bool {
+    use std::os::fd::AsRawFd;
+    let path = Path::new(RUN_DIR).join(format!("{instance}.lock"));
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+        // Not ours to read (ctl without root): assume it runs; asking it says more.
+        Err(_) => return true,
+    };
+    // SAFETY: flock on a descriptor we own; a shared lock we get is dropped with it.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+}

@@ -1,0 +1,281 @@
+//! Every connection the daemon holds, whatever carries it: what `mqttlb ctl conns`
+//! lists (through the control socket, [`crate::control`]). A connection is entered
+//! when it is accepted and leaves when its task ends, so the row count always equals
+//! the `active` counter.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU8, Ordering},
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+
+use crate::dataplane::Traffic;
+
+/// What carries a connection's bytes at the moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Plane {
+    /// Accepted; TLS handshake, WebSocket upgrade or CONNECT not finished yet.
+    Inspecting = 0,
+    /// A server is being chosen and connected.
+    Connecting = 1,
+    /// Userspace copy (`copy`, or `auto` before promotion).
+    Copy = 2,
+    /// In-kernel splice.
+    Sockmap = 3,
+    /// TLS terminated here, relayed in userspace.
+    Tls = 4,
+    /// WebSocket terminated here (the server speaks plain MQTT), relayed in userspace.
+    WebSocket = 5,
+}
+
+impl Plane {
+    /// The name `ctl conns` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Inspecting => "inspecting",
+            Self::Connecting => "connecting",
+            Self::Copy => "copy",
+            Self::Sockmap => "sockmap",
+            Self::Tls => "tls",
+            Self::WebSocket => "websocket",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        [
+            Self::Inspecting,
+            Self::Connecting,
+            Self::Copy,
+            Self::Sockmap,
+            Self::Tls,
+            Self::WebSocket,
+        ]
+        .get(usize::from(v))
+        .copied()
+        .unwrap_or(Self::Inspecting)
+    }
+}
+
+/// The server a connection reached.
+#[derive(Debug)]
+struct Reached {
+    name: String,
+    address: SocketAddr,
+    traffic: Arc<Traffic>,
+}
+
+/// One connection.
+#[derive(Debug)]
+pub struct Entry {
+    /// Daemon-wide id (also the key of the spliced pair in the `conns` map).
+    pub id: u32,
+    listener: String,
+    client: Mutex<SocketAddr>,
+    client_id: OnceLock<String>,
+    server: OnceLock<Reached>,
+    plane: AtomicU8,
+    started: Instant,
+    started_unix: u64,
+}
+
+impl Entry {
+    /// The client as the PROXY header named it, and its client id, once the CONNECT
+    /// is read.
+    pub fn identified(&self, client: SocketAddr, client_id: &str) {
+        *self.client.lock().expect("client lock") = client;
+        let _ = self.client_id.set(client_id.to_owned());
+        self.set_plane(Plane::Connecting);
+    }
+
+    /// The server reached: returns the connection's own byte counters, which also add
+    /// to the server's `traffic`.
+    pub fn reached(&self, name: &str, address: SocketAddr, server: Arc<Traffic>) -> Arc<Traffic> {
+        let traffic = Arc::new(Traffic::under(server));
+        let _ = self.server.set(Reached {
+            name: name.to_owned(),
+            address,
+            traffic: traffic.clone(),
+        });
+        traffic
+    }
+
+    /// What carries the connection from now on.
+    pub fn set_plane(&self, plane: Plane) {
+        self.plane.store(plane as u8, Ordering::Relaxed);
+    }
+
+    /// What carries the connection now.
+    pub fn plane(&self) -> Plane {
+        Plane::from_u8(self.plane.load(Ordering::Relaxed))
+    }
+
+    fn row(&self) -> ConnRow {
+        let server = self.server.get();
+        let bytes = |dir| server.map_or(0, |s| s.traffic.get(dir));
+        ConnRow {
+            id: self.id,
+            listener: self.listener.clone(),
+            client: crate::addr::show(*self.client.lock().expect("client lock")),
+            client_id: self.client_id.get().cloned(),
+            server: server.map(|s| s.name.clone()),
+            server_address: server.map(|s| crate::addr::show(s.address)),
+            plane: self.plane().name().to_owned(),
+            bytes_c2s: bytes(0),
+            bytes_s2c: bytes(1),
+            age_s: self.started.elapsed().as_secs(),
+            started_unix: self.started_unix,
+        }
+    }
+}
+
+/// One connection as `ctl conns` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ConnRow {
+    /// Daemon-wide id.
+    pub id: u32,
+    /// Listener that accepted it.
+    pub listener: String,
+    /// Client address (the one a PROXY header named, when there was one).
+    pub client: String,
+    /// MQTT client id, once the CONNECT is read.
+    pub client_id: Option<String>,
+    /// Server name, once connected.
+    pub server: Option<String>,
+    /// Server address, once connected.
+    pub server_address: Option<String>,
+    /// [`Plane::name`].
+    pub plane: String,
+    /// Bytes client to server since the server was reached (the CONNECT included).
+    pub bytes_c2s: u64,
+    /// Bytes server to client.
+    pub bytes_s2c: u64,
+    /// Seconds since accepted.
+    pub age_s: u64,
+    /// Wall-clock seconds since the epoch at accept.
+    pub started_unix: u64,
+}
+
+/// The table of connections.
+#[derive(Debug, Default)]
+pub struct Registry {
+    conns: Mutex<HashMap<u32, Arc<Entry>>>,
+    next_id: std::sync::atomic::AtomicU32,
+}
+
+impl Registry {
+    /// Enters a connection accepted on `listener` from `client`; it leaves when the
+    /// returned guard is dropped.
+    pub fn open(self: &Arc<Self>, listener: &str, client: SocketAddr) -> Registered {
+        // Ids start at 1 and wrap past u32::MAX (0 skipped): unique among live ones in
+        // practice (four billion connections apart).
+        let mut id = self.next_id.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        if id == 0 {
+            id = self.next_id.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        }
+        let entry = Arc::new(Entry {
+            id,
+            listener: listener.to_owned(),
+            client: Mutex::new(client),
+            client_id: OnceLock::new(),
+            server: OnceLock::new(),
+            plane: AtomicU8::new(Plane::Inspecting as u8),
+            started: Instant::now(),
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        });
+        self.conns
+            .lock()
+            .expect("registry lock")
+            .insert(id, entry.clone());
+        Registered {
+            registry: self.clone(),
+            entry,
+        }
+    }
+
+    /// Every connection, by id.
+    pub fn rows(&self) -> Vec<ConnRow> {
+        let entries: Vec<Arc<Entry>> = self
+            .conns
+            .lock()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut rows: Vec<ConnRow> = entries.iter().map(|e| e.row()).collect();
+        rows.sort_by_key(|r| r.id);
+        rows
+    }
+
+    /// Connections held now.
+    pub fn len(&self) -> usize {
+        self.conns.lock().expect("registry lock").len()
+    }
+
+    /// Whether no connection is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A connection's place in the [`Registry`], given up on drop.
+#[derive(Debug)]
+pub struct Registered {
+    registry: Arc<Registry>,
+    /// The connection's entry.
+    pub entry: Arc<Entry>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry
+            .conns
+            .lock()
+            .expect("registry lock")
+            .remove(&self.entry.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_leave_with_their_guard_and_count_bytes_for_their_server_too() {
+        let r = Arc::new(Registry::default());
+        let a = r.open("mqtt", "127.0.0.1:1000".parse().expect("addr"));
+        let b = r.open("tls", "127.0.0.1:1001".parse().expect("addr"));
+        assert_eq!(r.len(), 2);
+        a.entry
+            .identified("10.0.0.1:5000".parse().expect("addr"), "dev-1");
+        let server = Arc::new(Traffic::default());
+        let t = a.entry.reached(
+            "s1",
+            "127.0.0.1:1883".parse().expect("addr"),
+            server.clone(),
+        );
+        t.add(0, 10);
+        t.add(1, 7);
+        a.entry.set_plane(Plane::Sockmap);
+        let rows = r.rows();
+        assert_eq!(rows[0].client, "10.0.0.1:5000");
+        assert_eq!(rows[0].client_id.as_deref(), Some("dev-1"));
+        assert_eq!(rows[0].server.as_deref(), Some("s1"));
+        assert_eq!((rows[0].bytes_c2s, rows[0].bytes_s2c), (10, 7));
+        assert_eq!(rows[0].plane, "sockmap");
+        assert_eq!(rows[1].plane, "inspecting");
+        assert_eq!((server.get(0), server.get(1)), (10, 7));
+        drop(a);
+        assert_eq!(r.rows().len(), 1);
+        drop(b);
+        assert!(r.is_empty());
+    }
+}

@@ -1,0 +1,133 @@
+//! `mqttlb ctl` tells the truth: `conns` lists every connection the daemon holds,
+//! whatever carries it (inspecting, copy, spliced), with the same count as `active`;
+//! against a killed instance it says so before showing what it left, and `cleanup`
+//! removes that; `ctl ... | head` exits quietly.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+fn ctl_output(instance: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .arg("ctl")
+        .args(args)
+        .args(["--instance", instance])
+        .output()
+        .expect("run mqttlb ctl")
+}
+
+fn rows(conns: &serde_json::Value) -> Vec<serde_json::Value> {
+    conns["conns"].as_array().expect("conns array").clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_conns_lists_every_plane_and_names_a_killed_instance() {
+    if !privileged("ctl against BPF pins") {
+        return;
+    }
+    let echo = Echo::start().await;
+    let mut lb = Daemon::start_edited("auto", &[echo.addr], |t| {
+        t.replace(
+            "connect_timeout = \"1s\"\n",
+            "connect_timeout = \"1s\"\npromote_after = \"500ms\"\n",
+        )
+    });
+    // A: a device on the copy plane, promoted to the splice after 500 ms.
+    let connect = connect_packet("dev-a");
+    let mut a = TcpStream::connect(lb.addr).await.expect("connect a");
+    a.write_all(&connect).await.expect("CONNECT");
+    let mut echoed = vec![0u8; connect.len()];
+    a.read_exact(&mut echoed).await.expect("echo");
+    // B: connected, nothing sent yet.
+    let _b = TcpStream::connect(lb.addr).await.expect("connect b");
+    let mut listed = Vec::new();
+    wait_for("two rows", Duration::from_secs(3), || {
+        listed = rows(&lb.ctl("conns"));
+        listed.len() == 2 && listed[1]["plane"] == "inspecting"
+    })
+    .await;
+    let row_a = &listed[0];
+    assert_eq!(row_a["client_id"], "dev-a", "{row_a}");
+    assert_eq!(row_a["listener"], "mqtt");
+    assert_eq!(row_a["server"], "s0");
+    assert_eq!(row_a["server_address"], echo.addr.to_string());
+    assert_eq!(row_a["plane"], "copy", "{row_a}");
+    assert_eq!(row_a["bytes_c2s"], connect.len() as u64);
+    assert_eq!(row_a["bytes_s2c"], connect.len() as u64);
+    assert_eq!(listed[1]["client_id"], serde_json::Value::Null);
+    wait_for("active published", Duration::from_secs(3), || {
+        lb.stat("active") == 2
+    })
+    .await;
+    let id_a = row_a["id"].as_u64().expect("id");
+    wait_for("the promotion", Duration::from_secs(3), || {
+        rows(&lb.ctl("conns"))[0]["plane"] == "sockmap"
+    })
+    .await;
+
+    // Text output to a reader that is gone (`ctl ... | head`): no error.
+    let piped = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; {} ctl stats --instance {} | true",
+            bin().display(),
+            lb.instance
+        ))
+        .output()
+        .expect("bash");
+    assert!(piped.status.success(), "{piped:?}");
+    assert!(
+        piped.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+
+    // Cleanup refuses a running instance.
+    let refused = ctl_output(&lb.instance, &["cleanup"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is running"));
+
+    // kill -9: the pins stay; ctl says the instance is not running before showing them.
+    lb.child.kill().expect("kill -9");
+    lb.child.wait().expect("reaped");
+    let out = ctl_output(&lb.instance, &["conns", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not running"), "{stderr}");
+    let left: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(left["running"], false);
+    let left = rows(&left);
+    assert!(
+        left.iter()
+            .any(|r| r["id"] == id_a && r["plane"] == "sockmap"),
+        "{left:?}"
+    );
+    let out = ctl_output(&lb.instance, &["stats"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not running"));
+
+    // Cleanup removes all but the sticky table, then with --sticky everything.
+    let pins = std::path::Path::new("/sys/fs/bpf/mqttlb").join(&lb.instance);
+    let out = ctl_output(&lb.instance, &["cleanup"]);
+    assert!(out.status.success(), "{out:?}");
+    let names = |p: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(p)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&pins), ["sticky"], "{}", pins.display());
+    let out = ctl_output(&lb.instance, &["cleanup", "--sticky"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!pins.exists(), "{} left", pins.display());
+    let out = ctl_output(&lb.instance, &["conns"]);
+    assert!(!out.status.success(), "nothing left to show");
+}
