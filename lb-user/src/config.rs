@@ -214,17 +214,17 @@ impl Default for RawGlobal {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStats {
-    bind: SocketAddr,
+    bind: Spanned<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListener {
     name: Spanned<String>,
-    bind: SocketAddr,
+    bind: Spanned<String>,
     #[serde(default = "default_listener_kind")]
     kind: Spanned<ListenerKind>,
-    cluster: Spanned<String>,
+    cluster: Option<Spanned<String>>,
     #[serde(default = "default_inspect_timeout")]
     inspect_timeout: Dur,
     #[serde(default = "default_false")]
@@ -340,7 +340,7 @@ impl Default for RawHealth {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     name: Spanned<String>,
-    address: Spanned<SocketAddr>,
+    address: Spanned<String>,
     #[serde(default = "default_weight")]
     weight: NonZeroU32,
     #[serde(default)]
@@ -352,7 +352,7 @@ struct RawServer {
     #[serde(default = "default_fail_timeout")]
     fail_timeout: Dur,
     max_connections: Option<NonZeroU32>,
-    ws_address: Option<SocketAddr>,
+    ws_address: Option<Spanned<String>>,
 }
 
 fn default_name() -> Spanned<String> {
@@ -657,6 +657,8 @@ impl Config {
             errors: Vec::new(),
         };
         let config = c.check(raw);
+        // In file order, whatever order the checks ran in.
+        c.errors.sort_by_key(|e| e.line);
         if c.errors.is_empty() {
             Ok(config)
         } else {
@@ -664,6 +666,10 @@ impl Config {
         }
     }
 }
+
+/// Stands in for an address that failed its check (the configuration is refused).
+const UNSPECIFIED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// Turns a TOML/serde error into one line: `line N: key: message`.
 fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
@@ -746,6 +752,11 @@ impl Checker<'_> {
             session_cache_size: raw.session_cache_size,
             session_tickets: raw.session_tickets,
         };
+        self.positive(
+            span.clone(),
+            format!("{key}.tls.handshake_timeout"),
+            raw.handshake_timeout.0,
+        );
         if raw.verify.is_some() && settings.client_ca.is_none() {
             self.err(
                 span.clone(),
@@ -786,6 +797,83 @@ impl Checker<'_> {
                 None
             }
             v => v,
+        }
+    }
+
+    /// A listener address: an IP and a port (host names are not taken: a listener
+    /// binds an address of this host).
+    fn bind_addr(&mut self, raw: &Spanned<String>, key: String) -> Option<SocketAddr> {
+        match raw.get_ref().parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => {
+                self.err(
+                    raw.span(),
+                    key,
+                    "port 0 would pick a random port: give the port clients connect to",
+                );
+                None
+            }
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    raw.span(),
+                    key,
+                    format!(
+                        "expected IP:port, e.g. 0.0.0.0:1883 or [::]:1883 (got {:?})",
+                        raw.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A server address: IP:port, or host:port resolved now (at start and at each
+    /// reload; the address is then fixed until the next reload), first address given.
+    fn server_addr(&mut self, raw: &Spanned<String>, key: String) -> Option<SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let text = raw.get_ref();
+        if let Ok(a) = text.parse::<SocketAddr>() {
+            return Some(a);
+        }
+        let parsed = text
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+            .filter(|(host, _)| !host.is_empty() && !host.contains(':'));
+        let Some((host, port)) = parsed else {
+            self.err(
+                raw.span(),
+                key,
+                format!("expected IP:port or host:port, e.g. 127.0.0.1:1883 or broker-1:1883 (got {text:?})"),
+            );
+            return None;
+        };
+        match (host, port).to_socket_addrs() {
+            Ok(mut addrs) => match addrs.next() {
+                Some(a) => Some(a),
+                None => {
+                    self.err(
+                        raw.span(),
+                        key,
+                        format!("host name {host:?} resolves to no address"),
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                self.err(
+                    raw.span(),
+                    key,
+                    format!("cannot resolve host name {host:?} ({e}); give IP:port, or a name this host resolves"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration that must not be zero.
+    fn positive(&mut self, span: Range<usize>, key: String, d: Duration) {
+        if d.is_zero() {
+            self.err(span, key, "must be more than 0s");
         }
     }
 
@@ -860,6 +948,14 @@ impl Checker<'_> {
                     "a cluster needs at least one [[clusters.servers]] entry",
                 );
             }
+            for (name, d) in [
+                ("connect_timeout", rc.connect_timeout.0),
+                ("idle_timeout", rc.idle_timeout.0),
+                ("health.interval", rc.health.interval.0),
+                ("health.timeout", rc.health.timeout.0),
+            ] {
+                self.positive(rc.name.span(), format!("{key}.{name}"), d);
+            }
             if rc.health.timeout.0 > rc.health.interval.0 {
                 self.err(
                     rc.name.span(),
@@ -882,23 +978,28 @@ impl Checker<'_> {
                         ),
                     );
                 }
-                if !addresses.insert(*rs.address.get_ref()) {
+                let address = self.server_addr(&rs.address, format!("{skey}.address"));
+                if address.is_some_and(|a| !addresses.insert(a)) {
                     self.err(
                         rs.address.span(),
                         format!("{skey}.address"),
                         "duplicate server address in this cluster",
                     );
                 }
+                let ws_address = rs
+                    .ws_address
+                    .as_ref()
+                    .and_then(|w| self.server_addr(w, format!("{skey}.ws_address")));
                 servers.push(Server {
                     name: rs.name.into_inner(),
-                    address: rs.address.into_inner(),
+                    address: address.unwrap_or(UNSPECIFIED),
                     weight: rs.weight,
                     backup: rs.backup,
                     state: rs.state,
                     max_fails: rs.max_fails,
                     fail_timeout: rs.fail_timeout.0,
                     max_connections: rs.max_connections,
-                    ws_address: rs.ws_address,
+                    ws_address,
                 });
             }
             if !rc.source_addresses.is_empty() {
@@ -963,13 +1064,19 @@ impl Checker<'_> {
                     format!("duplicate listener name {:?}", rl.name.get_ref()),
                 );
             }
-            if !binds.insert(rl.bind) {
+            let bind = self.bind_addr(&rl.bind, format!("{key}.bind"));
+            if bind.is_some_and(|b| !binds.insert(b)) {
                 self.err(
-                    rl.name.span(),
+                    rl.bind.span(),
                     format!("{key}.bind"),
-                    format!("{} is already used by another listener", rl.bind),
+                    format!("{} is already used by another listener", rl.bind.get_ref()),
                 );
             }
+            self.positive(
+                rl.name.span(),
+                format!("{key}.inspect_timeout"),
+                rl.inspect_timeout.0,
+            );
             let kind = *rl.kind.get_ref();
             let websocket = matches!(kind, ListenerKind::Ws | ListenerKind::Wss);
             let path = match self.websocket_only(rl.path, websocket, &key, "path") {
@@ -1019,19 +1126,30 @@ impl Checker<'_> {
                     "must be between 16 and 16777216 bytes",
                 );
             }
-            let cluster = clusters
-                .iter()
-                .position(|c| &c.name == rl.cluster.get_ref());
-            if cluster.is_none() {
-                self.err(
-                    rl.cluster.span(),
-                    format!("{key}.cluster"),
-                    format!("no [[clusters]] entry is named {:?}", rl.cluster.get_ref()),
-                );
-            }
+            let cluster = match &rl.cluster {
+                None => {
+                    self.err(
+                        rl.name.span(),
+                        format!("{key}.cluster"),
+                        "missing: name the [[clusters]] entry this listener feeds",
+                    );
+                    None
+                }
+                Some(name) => {
+                    let found = clusters.iter().position(|c| &c.name == name.get_ref());
+                    if found.is_none() {
+                        self.err(
+                            name.span(),
+                            format!("{key}.cluster"),
+                            format!("no [[clusters]] entry is named {:?}", name.get_ref()),
+                        );
+                    }
+                    found
+                }
+            };
             listeners.push(Listener {
                 name: rl.name.into_inner(),
-                bind: rl.bind,
+                bind: bind.unwrap_or(UNSPECIFIED),
                 kind: rl.kind.into_inner(),
                 cluster: cluster.unwrap_or(0),
                 inspect_timeout: rl.inspect_timeout.0,
@@ -1051,7 +1169,11 @@ impl Checker<'_> {
                 max_connections: raw.global.max_connections,
                 max_preconnect_bytes: *raw.global.max_preconnect_bytes.get_ref() as usize,
             },
-            stats: raw.stats.map(|s| StatsConfig { bind: s.bind }),
+            stats: raw.stats.map(|s| StatsConfig {
+                bind: self
+                    .bind_addr(&s.bind, "stats.bind".into())
+                    .unwrap_or(UNSPECIFIED),
+            }),
             listeners,
             clusters,
         }
@@ -1087,6 +1209,39 @@ name = "node2"
 address = "127.0.0.1:18832"
 state = "drain"
 "#;
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_key_and_what_to_write() {
+        let text = GOOD
+            .replace("bind = \"127.0.0.1:1883\"", "bind = \"localhost:1883\"")
+            .replace("cluster = \"brokers\"\n", "")
+            .replace("connect_timeout = \"2s\"", "connect_timeout = \"0s\"")
+            .replace("address = \"127.0.0.1:18832\"", "address = \"10.0.0.1\"");
+        let e = errors(&text);
+        for want in [
+            "line 8: listeners[0].bind: expected IP:port, e.g. 0.0.0.0:1883",
+            "line 7: listeners[0].cluster: missing",
+            "line 12: clusters[0].connect_timeout: must be more than 0s",
+            "line 22: clusters[0].servers[1].address: expected IP:port or host:port",
+        ] {
+            assert!(e.iter().any(|l| l.contains(want)), "{want}: {e:?}");
+        }
+        assert_eq!(e.len(), 4, "{e:?}");
+        let e = errors(&GOOD.replace("127.0.0.1:1883", "127.0.0.1:0"));
+        assert!(e[0].contains("port 0"), "{e:?}");
+    }
+
+    #[test]
+    fn servers_may_be_given_by_host_name_resolved_at_load() {
+        let c = Config::parse(&GOOD.replace("127.0.0.1:18831", "localhost:18831")).expect("valid");
+        assert!(c.clusters[0].servers[0].address.ip().is_loopback());
+        assert_eq!(c.clusters[0].servers[0].address.port(), 18831);
+        let e = errors(&GOOD.replace("127.0.0.1:18831", "no-such-host.invalid:18831"));
+        assert!(
+            e[0].contains("cannot resolve host name \"no-such-host.invalid\""),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn parses_a_good_file_into_typed_values() {
@@ -1143,7 +1298,10 @@ state = "drain"
             "{e:?}"
         );
         let e = errors(&GOOD.replace("127.0.0.1:18832", "127.0.0.1:99999"));
-        assert!(e[0].starts_with("line 23: address:"), "{e:?}");
+        assert!(
+            e[0].starts_with("line 23: clusters[0].servers[1].address: expected IP:port"),
+            "{e:?}"
+        );
         let e = errors(&GOOD.replace("\"drain\"", "\"sleepy\""));
         assert!(
             e[0].contains("state") && e[0].contains("unknown variant"),

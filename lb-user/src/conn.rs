@@ -23,13 +23,13 @@ use tokio::{
     net::{TcpSocket, TcpStream},
     time::timeout,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     balance::{self, Lease, Pool},
     config::{Cluster, Listener, ListenerKind, Rewrite},
     dataplane::{DataPlane, Outcome, Pair},
-    limits::{Charge, LOCAL_RESOURCE_LOG, PreConnectBudget, is_local_resource},
+    limits::{Charge, LOCAL_RESOURCE_LOG, LogOnce, PreConnectBudget, is_local_resource},
     mqtt::{self, Decode},
     proxy_protocol,
     registry::{Entry, Plane, Registry},
@@ -320,6 +320,8 @@ pub async fn handle(
     peer: SocketAddr,
 ) {
     let stats = &shared.stats;
+    // A dual-stack listener's IPv4 clients are IPv4 everywhere (logs, PROXY headers).
+    let peer = crate::addr::unmapped(peer);
     let _active = ActiveGuard::new(stats);
     let registered = shared.conns.open(&listener.config.name, peer);
     let entry = &registered.entry;
@@ -417,6 +419,10 @@ async fn wait_for_bytes(client: &TcpStream) -> io::Result<()> {
 
 /// The TLS handshake (after a PROXY header when the listener expects one), within
 /// `handshake_timeout` and under the listener's `max_handshakes`.
+/// One TLS refusal logged per second, process-wide.
+static TLS_FAILURE_LOG: std::sync::LazyLock<LogOnce> =
+    std::sync::LazyLock::new(|| LogOnce::new(Duration::from_secs(1)));
+
 async fn tls_accept(
     shared: &Shared,
     config: &Listener,
@@ -460,7 +466,13 @@ async fn tls_accept(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             stats.inc(DaemonStat::TlsHandshakeFailures);
-            debug!(%peer, listener = %config.name, error = %e, "TLS handshake failed");
+            // Why a device is refused (an expired or untrusted certificate, a refused
+            // version) is what an operator needs to see; a flood stays readable.
+            if TLS_FAILURE_LOG.allow() {
+                info!(%peer, listener = %config.name, reason = %e, "TLS handshake refused (at most one such line a second)");
+            } else {
+                debug!(%peer, listener = %config.name, reason = %e, "TLS handshake refused");
+            }
             return None;
         }
         Err(_) => {

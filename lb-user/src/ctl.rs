@@ -85,6 +85,21 @@ fn backend_view(slot: u32, b: &BackendInfo) -> BackendView {
     }
 }
 
+impl BackendView {
+    /// The text view's one word: `up` only when new connections may go to the server;
+    /// otherwise its configured state, or for an `up` server what keeps it from use.
+    fn status(&self) -> &'static str {
+        if self.usable || self.state != "up" {
+            return self.state;
+        }
+        self.flags
+            .iter()
+            .copied()
+            .find(|f| *f != "backup")
+            .unwrap_or("unusable")
+    }
+}
+
 /// One sticky entry as `ctl sticky` shows it.
 #[derive(Debug, Serialize)]
 struct StickyView {
@@ -154,11 +169,11 @@ pub fn run(
             } else {
                 writeln!(
                     out,
-                    "{:<12} {:<12} {:<22} {:<5} {:>6} {:>7} {:>10} {:>14} {:>14}  flags",
+                    "{:<12} {:<12} {:<22} {:<11} {:>6} {:>7} {:>10} {:>14} {:>14}  flags",
                     "cluster",
                     "server",
                     "address",
-                    "state",
+                    "status",
                     "weight",
                     "active",
                     "conns",
@@ -168,11 +183,11 @@ pub fn run(
                 for r in &rows {
                     writeln!(
                         out,
-                        "{:<12} {:<12} {:<22} {:<5} {:>6} {:>7} {:>10} {:>14} {:>14}  {}",
+                        "{:<12} {:<12} {:<22} {:<11} {:>6} {:>7} {:>10} {:>14} {:>14}  {}",
                         r.cluster,
                         r.name,
                         r.address,
-                        r.state,
+                        r.status(),
                         r.weight,
                         r.active,
                         r.connections,

@@ -44,7 +44,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub enum DaemonError {
     /// A listener address could not be bound.
     #[error(
-        "cannot listen on {addr} (listener {name:?}): {source}; is another process using the port?"
+        "cannot listen on {addr} (listener {name:?}): {source}{}",
+        bind_hint(source)
     )]
     Bind {
         /// Listener name.
@@ -71,6 +72,18 @@ pub enum DaemonError {
         /// Cause.
         source: std::io::Error,
     },
+}
+
+/// What to do about a listener that cannot bind.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "; is another process using the port?",
+        std::io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+        }
+        std::io::ErrorKind::AddrNotAvailable => "; no interface of this host has that address",
+        _ => "",
+    }
 }
 
 /// The data plane for connections; the loaded BPF maps, whichever plane carries the
@@ -261,6 +274,7 @@ pub async fn run(
         b.unpin();
     }
     drop(lock);
+    info!(closed_at_stop = left, "stopped");
     Ok(())
 }
 

@@ -12,6 +12,9 @@ const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// Encodes the header for a connection from `client` to `local` (the address the client
 /// connected to). Returns an empty vector for [`ProxyProtocol::None`].
 pub fn encode(kind: ProxyProtocol, client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    // An IPv4 client of a dual-stack listener arrives IPv4-mapped: it is an IPv4
+    // client (TCP4 / AF_INET), or brokers' IPv4 ACLs would not match it.
+    let (client, local) = (crate::addr::unmapped(client), crate::addr::unmapped(local));
     // Mixed families cannot be expressed; present both as IPv6 then.
     let (src, dst) = match (client.ip(), local.ip()) {
         (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
@@ -356,6 +359,19 @@ mod tests {
             0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0x07, 0x5b,
         ]);
         assert_eq!(h, want);
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_are_tcp4() {
+        let client: SocketAddr = "[::ffff:192.0.2.7]:50000".parse().expect("addr");
+        let local: SocketAddr = "[::ffff:10.0.0.1]:1883".parse().expect("addr");
+        assert_eq!(
+            encode(ProxyProtocol::V1, client, local),
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 50000 1883\r\n"
+        );
+        let v2 = encode(ProxyProtocol::V2, client, local);
+        assert_eq!(&v2[12..16], &[0x21, 0x11, 0x00, 0x0c]);
+        assert_eq!(&v2[16..24], &[192, 0, 2, 7, 10, 0, 0, 1]);
     }
 
     #[test]

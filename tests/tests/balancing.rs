@@ -399,6 +399,20 @@ async fn a_killed_node_is_marked_down_skipped_and_rejoins_after_rise_checks() {
     })
     .await;
     let detected = killed.elapsed();
+    // The text view does not call it `up`.
+    let text = std::process::Command::new(bin())
+        .args(["ctl", "backends", "--instance", &lb.instance])
+        .output()
+        .expect("ctl backends");
+    let line = String::from_utf8_lossy(&text.stdout)
+        .lines()
+        .find(|l| l.contains("node3"))
+        .map(str::to_owned)
+        .expect("node3 listed");
+    assert!(
+        line.split_whitespace().nth(3) == Some("health-down"),
+        "{line}"
+    );
     eprintln!("node3 marked down {detected:?} after kill -9 (fall 2 x interval {interval:?})");
     // Counters are published every 250 ms: let the failures from before the flip in.
     let failures_at_down = settled_stat(&lb, "server_connect_failures").await;

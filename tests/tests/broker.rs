@@ -369,6 +369,56 @@ async fn proxy_headers_from_a_load_balancer_in_front() {
     .await;
 }
 
+/// A dual-stack listener (`[::]:port`) sees IPv4 clients as IPv4-mapped IPv6; the
+/// PROXY header to the server must still say TCP4 / AF_INET with the IPv4 address, or
+/// brokers' IPv4 ACLs would not match them (v1 and v2).
+#[tokio::test]
+async fn a_dual_stack_listener_sends_ipv4_clients_as_tcp4() {
+    for kind in ["v1", "v2"] {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let server_addr = server.local_addr().expect("addr");
+        let lb = Daemon::start_edited("copy", &[server_addr], |t| {
+            t.replace("bind = \"127.0.0.1:", "bind = \"[::]:").replace(
+                "connect_timeout = \"1s\"\n",
+                &format!("connect_timeout = \"1s\"\nproxy_protocol = \"{kind}\"\n"),
+            )
+        });
+        let connect = connect_packet("dual-stack");
+        let mut c = TcpStream::connect(lb.addr).await.expect("connect");
+        let client_port = c.local_addr().expect("local").port();
+        c.write_all(&connect).await.expect("write");
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(5), server.accept())
+            .await
+            .expect("the server was contacted")
+            .expect("accept");
+        let header = if kind == "v1" {
+            format!(
+                "PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {}\r\n",
+                lb.addr.port()
+            )
+            .into_bytes()
+        } else {
+            let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+            h.extend_from_slice(&[127, 0, 0, 1, 127, 0, 0, 1]);
+            h.extend_from_slice(&client_port.to_be_bytes());
+            h.extend_from_slice(&lb.addr.port().to_be_bytes());
+            h
+        };
+        let mut got = vec![0u8; header.len() + connect.len()];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut got)
+            .await
+            .expect("read");
+        assert_eq!(
+            String::from_utf8_lossy(&got[..header.len()]),
+            String::from_utf8_lossy(&header),
+            "{kind}"
+        );
+        assert_eq!(&got[header.len()..], &connect[..]);
+    }
+}
+
 /// Each kind of invalid first packet is refused without a server, and counted under
 /// its own reason (and in the total).
 #[tokio::test]

@@ -118,19 +118,23 @@ fn install(packages: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-fn build() -> Result<PathBuf> {
-    sh(Command::new(env!("CARGO")).current_dir(root()).args([
-        "build",
-        "--release",
-        "--workspace",
-        "--all-targets",
-    ]))?;
+/// Builds in release mode: everything (tests and benches too) when `all`, else only
+/// the `mqttlb` binary (the demo needs nothing more).
+fn build(all: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(root()).args(["build", "--release"]);
+    if all {
+        cmd.args(["--workspace", "--all-targets"]);
+    } else {
+        cmd.args(["-p", "lb-user", "--bin", "mqttlb"]);
+    }
+    sh(&mut cmd)?;
     Ok(root().join("target/release/mqttlb"))
 }
 
 fn test() -> Result<()> {
     prepare()?;
-    let bin = build()?;
+    let bin = build(true)?;
     // Privileged tests share kernel state (pinned maps, ports): one at a time.
     sh(Command::new(env!("CARGO"))
         .current_dir(root())
@@ -141,7 +145,11 @@ fn test() -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     prepare()?;
-    let bin = build()?;
+    // A binary named by MQTTLB_BIN (the demo test's) is used as it is.
+    let bin = match std::env::var_os("MQTTLB_BIN") {
+        Some(b) => PathBuf::from(b),
+        None => build(false)?,
+    };
     let args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
     if !args.is_empty() {
         return sh(Command::new(&bin).args(args));
@@ -151,7 +159,7 @@ fn run(args: &[String]) -> Result<()> {
 
 /// Starts mosquitto with the config file at `conf`, its output discarded.
 fn spawn_mosquitto(conf: &Path) -> Result<Child> {
-    Command::new("mosquitto")
+    demo_command(Path::new("mosquitto"))
         .arg("-c")
         .arg(conf)
         .stdout(Stdio::null())
@@ -253,6 +261,8 @@ pub(crate) fn make_pki(dir: &Path) -> Result<()> {
 /// Three mosquitto nodes bridged into one cluster and mqttlb in front (1883 MQTT, 8883
 /// TLS, 8083 WebSocket, 8084 WebSocket over TLS).
 fn demo(bin: &Path) -> Result<()> {
+    // First: a stop signal from now on stops the brokers too.
+    let signals = demo_signals()?;
     let dir = root().join("target/demo");
     std::fs::create_dir_all(&dir)?;
     let mut children: Vec<Child> = Vec::new();
@@ -353,26 +363,97 @@ address = "127.0.0.1:18833"
     );
     println!("  MQTT over WebSocket on 8083 (ws) and 8084 (wss), path /mqtt:");
     println!(
+        "    /usr/bin/python3 -c \"import paho.mqtt.client as m; c = m.Client(transport='websockets'); c.connect('127.0.0.1', 8083); c.loop_start(); c.publish('demo/hello', 'over WS').wait_for_publish()\""
+    );
+    println!(
         "    /usr/bin/python3 -c \"import paho.mqtt.client as m; c = m.Client(transport='websockets'); c.tls_set(ca_certs='{}'); c.connect('localhost', 8084); c.loop_start(); c.publish('demo/hello', 'over WSS').wait_for_publish()\"",
         p("ca.pem")
     );
     println!(
-        "  config:    {}   (edit, then: kill -HUP <pid>)",
+        "  config:    {}   (edit, then reload: kill -HUP, pid below)",
         config.display()
     );
     println!(
-        "  inspect:   {} ctl backends|sticky|stats --instance demo",
+        "  inspect:   {} ctl conns|backends|sticky|stats --instance demo",
         bin.display()
     );
-    println!("Ctrl-C stops everything.");
-    let status = Command::new(bin).args(["run", "-c"]).arg(&config).status();
+    // SIGINT/SIGTERM/SIGHUP to this process (Ctrl-C, or `kill PID` by pid) are taken
+    // by a thread and passed on, so the brokers and mqttlb stop with it and a second
+    // run finds the ports free.
+    let mut lb = demo_command(bin)
+        .args(["run", "-c"])
+        .arg(&config)
+        .spawn()
+        .context("cannot start mqttlb")?;
+    println!(
+        "  mqttlb pid {}: reload with kill -HUP {}; this demo (pid {}) stops on Ctrl-C or kill {}",
+        lb.id(),
+        lb.id(),
+        std::process::id(),
+        std::process::id()
+    );
+    let lb_pid = lb.id() as libc::pid_t;
+    std::thread::spawn(move || {
+        loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `signals` is a valid set; sigwait writes one int.
+            if unsafe { libc::sigwait(&signals, &mut sig) } != 0 {
+                return;
+            }
+            // SIGHUP reloads mqttlb; the others stop it (it stops gracefully).
+            let pass = if sig == libc::SIGHUP {
+                libc::SIGHUP
+            } else {
+                libc::SIGTERM
+            };
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(lb_pid, pass) };
+        }
+    });
+    let status = lb.wait();
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let status = status.context("cannot start mqttlb")?;
+    let status = status.context("mqttlb")?;
     if !status.success() {
         bail!("mqttlb exited with {status}");
     }
+    println!("mqttlb demo: stopped (brokers stopped, pins removed by mqttlb)");
     Ok(())
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this process (and the threads it starts
+/// after), so that one thread can `sigwait` for them; returns the set.
+fn demo_signals() -> Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            bail!("cannot block signals for the demo");
+        }
+        Ok(set)
+    }
+}
+
+/// A command for a demo child: the signal mask blocked here is not inherited, and
+/// the child is its own process group, so a Ctrl-C reaches it only through us (once).
+fn demo_command(program: &Path) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(program);
+    c.process_group(0);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    c
 }
