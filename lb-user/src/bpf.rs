@@ -52,6 +52,16 @@ pub enum BpfError {
         /// Cause.
         source: io::Error,
     },
+    /// `ctl` may not read the pins.
+    #[error(
+        "reading {path} needs root (or CAP_BPF and CAP_SYS_ADMIN for pinned BPF objects): {source}"
+    )]
+    Privilege {
+        /// What could not be read.
+        path: String,
+        /// The refusal (EACCES, EPERM).
+        source: io::Error,
+    },
     /// The kernel refused the object, a map or the program.
     #[error(
         "loading the eBPF splice program failed (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with sockmap): {0}"
@@ -479,7 +489,17 @@ impl Pinned {
     /// Opens the pin directory of `instance`.
     pub fn open(instance: &str) -> Result<Self, BpfError> {
         let dir = pin_dir(instance);
-        if !dir.join(maps::STATS).exists() {
+        let stats = dir.join(maps::STATS);
+        match std::fs::symlink_metadata(&stats) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(BpfError::Privilege {
+                    path: stats.display().to_string(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+        if !stats.exists() {
             return Err(BpfError::Map {
                 name: maps::STATS,
                 reason: format!(
@@ -492,7 +512,18 @@ impl Pinned {
     }
 
     fn open_map(&self, name: &'static str) -> Result<Map, BpfError> {
-        let data = MapData::from_pin(self.dir.join(name)).map_err(|e| map_err(name, e))?;
+        let path = self.dir.join(name);
+        let data = MapData::from_pin(&path).map_err(|e| match e {
+            aya::maps::MapError::SyscallError(s)
+                if matches!(s.io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+            {
+                BpfError::Privilege {
+                    path: path.display().to_string(),
+                    source: s.io_error,
+                }
+            }
+            e => map_err(name, e),
+        })?;
         Map::from_map_data(data).map_err(|e| map_err(name, e))
     }
 

@@ -541,7 +541,7 @@ pub struct Rewrite {
 }
 
 /// One `[[clusters]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Cluster {
     /// Unique name.
     pub name: String,
@@ -574,7 +574,7 @@ pub struct Cluster {
 }
 
 /// `[clusters.health]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
     /// Kind of check.
     pub kind: HealthKind,

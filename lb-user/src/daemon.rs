@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     bpf::{Bpf, BpfError, InstanceLock},
-    config::{Config, DataPlaneKind, ServerState, Sticky},
+    config::{Cluster, Config, DataPlaneKind, ServerState, Sticky},
     conn::{self, ClusterRt, ListenerRt, Shared},
     control,
     dataplane::{
@@ -123,7 +123,7 @@ fn data_plane(
         // ever enters the socket maps.
         (DataPlaneKind::Copy, Ok(bpf)) => copy(Some(bpf)),
         (DataPlaneKind::Copy, Err(e)) => {
-            info!(reason = %e, "BPF maps unavailable: `mqttlb ctl` has nothing to read and the sticky table lives in memory");
+            warn!(reason = %e, missing = %missing_privilege(), "BPF maps unavailable: `mqttlb ctl conns` still works, but counters, servers and the sticky table are not pinned (the sticky table lives in memory, lost at restart)");
             copy(None)
         }
         // `auto`: copy first, the in-kernel splice for connections that cross their
@@ -138,10 +138,35 @@ fn data_plane(
             }
         }
         (DataPlaneKind::Auto, Err(e)) => {
-            info!(reason = %e, "auto: copy data plane (BPF unavailable); `mqttlb ctl` has nothing to read");
+            warn!(reason = %e, missing = %missing_privilege(), "auto: no in-kernel splice, every connection stays on the copy plane; `mqttlb ctl conns` still works, the other views need the BPF maps");
             copy(None)
         }
     })
+}
+
+/// The capabilities BPF needs that this process lacks (from its effective set), for
+/// the warning when BPF does not load.
+fn missing_privilege() -> String {
+    // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_BPF 39.
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    let missing: Vec<&str> = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN")]
+        .into_iter()
+        .filter(|&(bit, _)| !has(bit) && !(bit == 39 && has(21)))
+        .map(|(_, name)| name)
+        .collect();
+    if missing.is_empty() {
+        "none (the kernel refused for another reason, see reason)".to_owned()
+    } else {
+        missing.join(" and ")
+    }
 }
 
 /// Capacity of the sticky table: every sticky cluster's `sticky_table_size`.
@@ -423,6 +448,10 @@ fn reload(
             "changed in the file, but takes effect only at a restart; the running value stays"
         );
     }
+    let changes = cluster_changes(current, &new);
+    for change in &changes {
+        info!(%change, "reload");
+    }
     new.global = current.global.clone();
     shared.replace_clusters(new.clusters.clone());
     // Certificates and TLS settings: new handshakes use the new ones.
@@ -432,13 +461,88 @@ fn reload(
             .iter()
             .find(|n| n.name == l.config.name && n.bind == l.config.bind)
         {
+            if n.tls.is_some() {
+                info!(listener = %n.name, "reload: certificates and TLS settings read again (new handshakes use them)");
+            }
             l.replace_tls(n);
         }
     }
     stats.inc(DaemonStat::Reloads);
-    info!(clusters = new.clusters.len(), "configuration reloaded");
+    info!(
+        clusters = new.clusters.len(),
+        changes = changes.len(),
+        "configuration reloaded"
+    );
     *current = new;
     true
+}
+
+/// What a reload changes in clusters and servers, one line each, against the running
+/// configuration (an edit reverted before the reload is no change).
+fn cluster_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in &old.clusters {
+        if !new.clusters.iter().any(|n| n.name == c.name) {
+            out.push(format!("cluster {:?} removed", c.name));
+        }
+    }
+    for n in &new.clusters {
+        let Some(c) = old.clusters.iter().find(|c| c.name == n.name) else {
+            out.push(format!(
+                "cluster {:?} added ({} servers)",
+                n.name,
+                n.servers.len()
+            ));
+            continue;
+        };
+        for s in &c.servers {
+            if !n.servers.iter().any(|t| t.name == s.name) {
+                out.push(format!("cluster {:?}: server {:?} removed", n.name, s.name));
+            }
+        }
+        for t in &n.servers {
+            let Some(s) = c.servers.iter().find(|s| s.name == t.name) else {
+                out.push(format!(
+                    "cluster {:?}: server {:?} added ({})",
+                    n.name, t.name, t.address
+                ));
+                continue;
+            };
+            if s.state != t.state {
+                let state = |s: ServerState| format!("{s:?}").to_lowercase();
+                out.push(format!(
+                    "cluster {:?}: server {:?} {} -> {}",
+                    n.name,
+                    t.name,
+                    state(s.state),
+                    state(t.state)
+                ));
+            }
+            if s.address != t.address {
+                out.push(format!(
+                    "cluster {:?}: server {:?} address {} -> {}",
+                    n.name, t.name, s.address, t.address
+                ));
+            }
+            if s != t && s.state == t.state && s.address == t.address {
+                out.push(format!(
+                    "cluster {:?}: server {:?} settings changed (weight, backup, limits)",
+                    n.name, t.name
+                ));
+            }
+        }
+        let settings = |c: &Cluster| Cluster {
+            servers: Vec::new(),
+            ..c.clone()
+        };
+        if settings(c) != settings(n) {
+            out.push(format!(
+                "cluster {:?}: settings changed (balance, sticky, timeouts, health...)",
+                n.name
+            ));
+        }
+    }
+    out
 }
 
 /// The keys a reload cannot apply that differ between `old` and `new`.

@@ -481,6 +481,13 @@ async fn draining_by_reload_keeps_existing_sessions_and_takes_no_new_ones() {
         keys,
         &servers(&nodes, ["", "state = \"drain\"", ""]),
     ));
+    // The log says what the reload changed, and nothing else.
+    let log = lb.log();
+    assert!(
+        log.contains(r#"cluster "c": server "node2" up -> drain"#),
+        "{log}"
+    );
+    assert!(log.contains("changes=1"), "{log}");
     let placed = placements(lb.addr, &ids("drain-new", 30)).await;
     assert!(placed.iter().all(|n| n != "node2"), "{placed:?}");
     for (s, node) in &mut held {

@@ -88,6 +88,23 @@ async fn ctl_conns_lists_every_plane_and_names_a_killed_instance() {
         String::from_utf8_lossy(&piped.stderr)
     );
 
+    // Without root, ctl names the privilege it needs and the refusal.
+    for what in ["stats", "conns"] {
+        use std::os::unix::process::CommandExt;
+        let out = Command::new(bin())
+            .args(["ctl", what, "--instance", &lb.instance])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("ctl as nobody");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("needs root") && stderr.contains("os error"),
+            "{what}: {stderr}"
+        );
+    }
+
     // Cleanup refuses a running instance.
     let refused = ctl_output(&lb.instance, &["cleanup"]);
     assert!(!refused.status.success());
