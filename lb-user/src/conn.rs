@@ -628,7 +628,6 @@ async fn serve(
     drop(charge);
     // Behind a load balancer that sends PROXY headers, the client is who it names.
     let peer = first.proxied_source.unwrap_or(peer);
-    entry.identified(peer, &first.client_id);
     if listener.rewrite != Rewrite::default() {
         let identity = tls.as_ref().and_then(|t| t.identity.as_ref());
         let rewritten = if websocket {
@@ -645,6 +644,9 @@ async fn serve(
             return;
         }
     }
+
+    // The client id the server gets (after a rewrite).
+    entry.identified(peer, &first.client_id);
 
     // 2. A server.
     let Some(cluster) = shared.cluster(cluster) else {

@@ -432,6 +432,17 @@ async fn rewriting_keeps_mqtt5_properties_and_proxy_v2_carries_tls_tlvs() {
     let mut connack = [0u8; 5];
     client.read_exact(&mut connack).await.expect("CONNACK");
     assert_eq!(connack, [0x20, 3, 0, 0, 0]);
+    // `ctl conns` lists the TLS connection with the client id the server got.
+    let conns = lb.ctl("conns");
+    let row = conns["conns"]
+        .as_array()
+        .expect("conns")
+        .iter()
+        .find(|r| r["plane"] == "tls")
+        .unwrap_or_else(|| panic!("no TLS row: {conns}"))
+        .clone();
+    assert_eq!(row["client_id"], "0A1B2C3D", "{row}");
+    assert_eq!(row["bytes_s2c"], 5, "{row}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
