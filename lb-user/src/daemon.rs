@@ -159,7 +159,8 @@ fn missing_privilege() -> String {
     let has = |bit: u32| effective & (1 << bit) != 0;
     let missing: Vec<&str> = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN")]
         .into_iter()
-        .filter(|&(bit, _)| !has(bit) && !(bit == 39 && has(21)))
+        // CAP_SYS_ADMIN also grants what CAP_BPF does.
+        .filter(|&(bit, _)| !(has(bit) || bit == 39 && has(21)))
         .map(|(_, name)| name)
         .collect();
     if missing.is_empty() {
