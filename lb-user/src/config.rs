@@ -633,8 +633,8 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 line: None,
-                key: path.display().to_string(),
-                message: format!("cannot read the configuration file: {e}"),
+                key: "file".to_owned(),
+                message: format!("cannot read it: {e}"),
             }])
         })?;
         Self::parse_in(&text, path.parent().unwrap_or(Path::new(".")))

@@ -294,6 +294,65 @@ fn check_reports_problems_by_key_and_line() {
         err.contains("line 13: connect_timeout: invalid duration \"soon\""),
         "{err}"
     );
+
+    // Three independent problems: all three, in file order, each saying what to write.
+    let bad = good
+        .replace("bind = \"127.0.0.1:1883\"", "bind = \"localhost:1883\"")
+        .replace("connect_timeout = \"1s\"", "connect_timeout = \"0s\"")
+        .replace("address = \"127.0.0.1:18831\"", "address = \"127.0.0.1\"");
+    std::fs::write(&path, bad).expect("write");
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert!(
+        lines[0].contains("listeners[0].bind: expected IP:port, e.g. 0.0.0.0:1883"),
+        "{err}"
+    );
+    assert!(
+        lines[1].contains("clusters[0].connect_timeout: must be more than 0s"),
+        "{err}"
+    );
+    assert!(
+        lines[2].contains("clusters[0].servers[0].address: expected IP:port or host:port"),
+        "{err}"
+    );
+
+    // A missing file is named once.
+    let out = Command::new(bin())
+        .args(["check", "-c", "/nonexistent/mqttlb.toml"])
+        .output()
+        .expect("run check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("/nonexistent/mqttlb.toml").count(), 1, "{err}");
+}
+
+/// A server given by host name (as compose files and Kubernetes services name them)
+/// is resolved at start and reached.
+#[tokio::test]
+async fn a_server_given_by_host_name_is_reached() {
+    let echo = Echo::start().await;
+    let lb = Daemon::start_edited("copy", &[echo.addr], |t| {
+        t.replace(
+            &format!("address = \"{}\"", echo.addr),
+            &format!("address = \"localhost:{}\"", echo.addr.port()),
+        )
+    });
+    assert!(
+        std::fs::read_to_string(&lb.config)
+            .expect("config")
+            .contains("address = \"localhost:")
+    );
+    let connect = connect_packet("by-name");
+    assert_eq!(
+        roundtrip(lb.addr, connect.clone()).await.expect("echo"),
+        connect
+    );
 }
 
 /// Behind a load balancer that sends PROXY headers (`accept_proxy_protocol`), the
