@@ -3,7 +3,10 @@
 //! data plane and whether or not BPF loads. One request line, one JSON answer, then the
 //! daemon closes:
 //!
-//! - `conns`: `{"conns": [ConnRow...]}`, every connection held (see [`Registry`]).
+//! - `conns`: `{"conns": [ConnRow...]}`, every connection held (see [`Registry`]);
+//! - `stats`: `{"stats": [[name, value]...]}`, the daemon's counters;
+//! - `backends`, `sticky`: the views `ctl` otherwise reads from the pinned maps, for
+//!   an instance running without BPF.
 //!
 //! The daemon holds the instance lock before it binds, so a socket file left by a
 //! killed daemon is removed and replaced safely.
@@ -23,7 +26,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::registry::Registry;
+use crate::{conn::Shared, stats::Stats};
 
 /// Where instance locks and control sockets live.
 pub const RUN_DIR: &str = "/run/mqttlb";
@@ -47,9 +50,18 @@ impl Drop for ControlSocket {
     }
 }
 
+/// What the control socket answers from.
+#[derive(Clone)]
+pub struct Views {
+    /// Connections, servers and the sticky table.
+    pub shared: Arc<Shared>,
+    /// Daemon counters.
+    pub stats: Arc<Stats>,
+}
+
 /// Binds the control socket of `instance` (the caller holds the instance lock) and
-/// answers requests from `registry` until the runtime stops.
-pub fn serve(instance: &str, registry: Arc<Registry>) -> io::Result<ControlSocket> {
+/// answers requests from `views` until the runtime stops.
+pub fn serve(instance: &str, views: Views) -> io::Result<ControlSocket> {
     let path = socket_path(instance);
     match std::fs::remove_file(&path) {
         Ok(()) => {
@@ -64,9 +76,9 @@ pub fn serve(instance: &str, registry: Arc<Registry>) -> io::Result<ControlSocke
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let registry = registry.clone();
+                    let views = views.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &registry).await {
+                        if let Err(e) = answer(stream, &views).await {
                             debug!(error = %e, "control request failed");
                         }
                     });
@@ -81,14 +93,36 @@ pub fn serve(instance: &str, registry: Arc<Registry>) -> io::Result<ControlSocke
     Ok(ControlSocket { path })
 }
 
-async fn answer(stream: UnixStream, registry: &Registry) -> io::Result<()> {
+async fn answer(stream: UnixStream, views: &Views) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     timeout(WAIT, BufReader::new(r.take(256)).read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    let backends = || -> Vec<(u32, lb_common::BackendInfo)> {
+        (0..)
+            .zip(crate::daemon::backend_rows(&views.shared.clusters()))
+            .collect()
+    };
     let body = match line.trim() {
-        "conns" => serde_json::json!({ "conns": registry.rows() }),
+        "conns" => serde_json::json!({ "conns": views.shared.conns.rows() }),
+        "stats" => {
+            let stats: Vec<(&str, u64)> = lb_common::DaemonStat::ALL
+                .iter()
+                .map(|&s| (s.name(), views.stats.get(s)))
+                .collect();
+            serde_json::json!({ "stats": stats })
+        }
+        "backends" => {
+            let rows: Vec<crate::ctl::BackendView> = backends()
+                .iter()
+                .map(|(slot, b)| crate::ctl::backend_view(*slot, b))
+                .collect();
+            serde_json::json!({ "backends": rows })
+        }
+        "sticky" => serde_json::json!({
+            "sticky": crate::ctl::sticky_views(&views.shared.sticky.entries(), &backends())
+        }),
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
     };
     let mut bytes = serde_json::to_vec(&body).map_err(io::Error::other)?;

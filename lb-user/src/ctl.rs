@@ -11,7 +11,7 @@ use lb_common::{
     BACKEND_BACKUP, BACKEND_DOWN, BACKEND_DRAIN, BACKEND_FAILED, BACKEND_FULL, BACKEND_HEALTH_DOWN,
     BackendInfo,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     bpf::{BpfError, Pinned, addr_string},
@@ -21,18 +21,18 @@ use crate::{
 };
 
 /// One server as `ctl backends` shows it.
-#[derive(Debug, Serialize)]
-struct BackendView {
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackendView {
     slot: u32,
     cluster: String,
     name: String,
     address: String,
     /// Configured state: up, drain or down.
-    state: &'static str,
+    state: String,
     /// Whether new connections may go to it now.
     usable: bool,
     /// Why not, or what else holds: backup, health-down, failed, full.
-    flags: Vec<&'static str>,
+    flags: Vec<String>,
     weight: u32,
     active: u32,
     max_connections: Option<u32>,
@@ -48,7 +48,8 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-fn backend_view(slot: u32, b: &BackendInfo) -> BackendView {
+/// A `backends` map row as `ctl backends` shows it.
+pub fn backend_view(slot: u32, b: &BackendInfo) -> BackendView {
     let mut flags = Vec::new();
     for (bit, name) in [
         (BACKEND_BACKUP, "backup"),
@@ -57,7 +58,7 @@ fn backend_view(slot: u32, b: &BackendInfo) -> BackendView {
         (BACKEND_FULL, "full"),
     ] {
         if b.flags & bit != 0 {
-            flags.push(name);
+            flags.push(name.to_owned());
         }
     }
     let state = match b.state {
@@ -70,7 +71,7 @@ fn backend_view(slot: u32, b: &BackendInfo) -> BackendView {
         cluster: text(&b.cluster),
         name: text(&b.name),
         address: addr_string(b.addr, b.port),
-        state,
+        state: state.to_owned(),
         usable: state == "up"
             && b.flags & (BACKEND_HEALTH_DOWN | BACKEND_FAILED | BACKEND_FULL) == 0,
         flags,
@@ -88,23 +89,23 @@ fn backend_view(slot: u32, b: &BackendInfo) -> BackendView {
 impl BackendView {
     /// The text view's one word: `up` only when new connections may go to the server;
     /// otherwise its configured state, or for an `up` server what keeps it from use.
-    fn status(&self) -> &'static str {
+    fn status(&self) -> &str {
         if self.usable || self.state != "up" {
-            return self.state;
+            return &self.state;
         }
         self.flags
             .iter()
-            .copied()
+            .map(String::as_str)
             .find(|f| *f != "backup")
             .unwrap_or("unusable")
     }
 }
 
 /// One sticky entry as `ctl sticky` shows it.
-#[derive(Debug, Serialize)]
-struct StickyView {
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StickyView {
     cluster: String,
-    kind: &'static str,
+    kind: String,
     key: String,
     /// Whether `key` is a prefix followed by the SHA-256 of the whole key.
     hashed: bool,
@@ -148,18 +149,21 @@ pub fn run(
         CtlCommand::Cleanup { sticky } => return cleanup(instance, running, sticky, out),
         _ => {}
     }
-    let pinned = Pinned::open(instance)?;
-    if !running {
-        not_running(instance);
-    }
+    let source = match Pinned::open(instance) {
+        Ok(pinned) => {
+            if !running {
+                not_running(instance);
+            }
+            Source::Pinned(pinned)
+        }
+        // No pins (BPF did not load for this instance): the daemon answers itself.
+        Err(BpfError::Map { .. }) if running => Source::Daemon(instance),
+        Err(e) => return Err(e.into()),
+    };
     match cmd {
         CtlCommand::Conns | CtlCommand::Cleanup { .. } => unreachable!("answered above"),
         CtlCommand::Backends => {
-            let rows: Vec<BackendView> = pinned
-                .backends()?
-                .iter()
-                .map(|(slot, b)| backend_view(*slot, b))
-                .collect();
+            let rows = source.backends()?;
             if json {
                 serde_json::to_writer_pretty(
                     &mut *out,
@@ -199,33 +203,7 @@ pub fn run(
             }
         }
         CtlCommand::Sticky => {
-            let backends = pinned.backends()?;
-            let now = sticky::now_ms();
-            let mut rows: Vec<StickyView> = pinned
-                .sticky()?
-                .iter()
-                .map(|(k, v)| {
-                    let address = sticky::server_of(v);
-                    let owner = backends.iter().find(|(_, b)| {
-                        sticky::cluster_tag(&text(&b.cluster)) == k.cluster
-                            && addr_string(b.addr, b.port) == address.to_string()
-                    });
-                    StickyView {
-                        cluster: owner.map_or_else(
-                            || format!("#{:08x}", k.cluster),
-                            |(_, b)| text(&b.cluster),
-                        ),
-                        kind: sticky::kind_name(k.kind),
-                        key: sticky::key_text(k),
-                        hashed: k.hashed == 1,
-                        server: owner
-                            .map_or_else(|| "(removed)".to_owned(), |(_, b)| text(&b.name)),
-                        server_address: address.to_string(),
-                        age_ms: now.saturating_sub(v.last_used_ms),
-                        expires_in_ms: v.expires_ms.saturating_sub(now),
-                    }
-                })
-                .collect();
+            let mut rows = source.sticky()?;
             rows.sort_by(|a, b| (&a.cluster, &a.key).cmp(&(&b.cluster, &b.key)));
             if json {
                 serde_json::to_writer_pretty(
@@ -261,11 +239,11 @@ pub fn run(
             }
         }
         CtlCommand::Stats => {
-            let stats = pinned.stats()?;
+            let stats = source.stats()?;
             if json {
                 let map: serde_json::Map<String, serde_json::Value> = stats
                     .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+                    .map(|(k, v)| (k.clone(), (*v).into()))
                     .collect();
                 serde_json::to_writer_pretty(
                     &mut *out,
@@ -280,6 +258,82 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// Where the views come from: the pinned maps (the daemon may be busy or gone), or
+/// the daemon's control socket when it runs without BPF.
+enum Source<'a> {
+    Pinned(Pinned),
+    Daemon(&'a str),
+}
+
+impl Source<'_> {
+    fn ask<T: serde::de::DeserializeOwned>(instance: &str, what: &str) -> Result<T, CtlError> {
+        let answer = control::query(instance, what).map_err(|source| CtlError::Control {
+            path: control::socket_path(instance).display().to_string(),
+            source,
+        })?;
+        Ok(serde_json::from_value(answer[what].clone())?)
+    }
+
+    fn stats(&self) -> Result<Vec<(String, u64)>, CtlError> {
+        match self {
+            Self::Pinned(p) => Ok(p
+                .stats()?
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect()),
+            Self::Daemon(i) => Self::ask(i, "stats"),
+        }
+    }
+
+    fn backends(&self) -> Result<Vec<BackendView>, CtlError> {
+        match self {
+            Self::Pinned(p) => Ok(p
+                .backends()?
+                .iter()
+                .map(|(slot, b)| backend_view(*slot, b))
+                .collect()),
+            Self::Daemon(i) => Self::ask(i, "backends"),
+        }
+    }
+
+    fn sticky(&self) -> Result<Vec<StickyView>, CtlError> {
+        match self {
+            Self::Pinned(p) => Ok(sticky_views(&p.sticky()?, &p.backends()?)),
+            Self::Daemon(i) => Self::ask(i, "sticky"),
+        }
+    }
+}
+
+/// Sticky entries as `ctl sticky` shows them, each named by its server in `backends`
+/// (slot, row) when the server is still there.
+pub fn sticky_views(
+    entries: &[(lb_common::StickyKey, lb_common::StickyValue)],
+    backends: &[(u32, BackendInfo)],
+) -> Vec<StickyView> {
+    let now = sticky::now_ms();
+    entries
+        .iter()
+        .map(|(k, v)| {
+            let address = sticky::server_of(v);
+            let owner = backends.iter().find(|(_, b)| {
+                sticky::cluster_tag(&text(&b.cluster)) == k.cluster
+                    && addr_string(b.addr, b.port) == address.to_string()
+            });
+            StickyView {
+                cluster: owner
+                    .map_or_else(|| format!("#{:08x}", k.cluster), |(_, b)| text(&b.cluster)),
+                kind: sticky::kind_name(k.kind).to_owned(),
+                key: sticky::key_text(k),
+                hashed: k.hashed == 1,
+                server: owner.map_or_else(|| "(removed)".to_owned(), |(_, b)| text(&b.name)),
+                server_address: address.to_string(),
+                age_ms: now.saturating_sub(v.last_used_ms),
+                expires_in_ms: v.expires_ms.saturating_sub(now),
+            }
+        })
+        .collect()
 }
 
 /// Says on stderr (so JSON on stdout stays whole) that what follows is what a

@@ -116,14 +116,19 @@ fn data_plane(
             sockmap: Some(p),
         }
     };
-    Ok(match (kind, load()) {
+    let loaded = load();
+    if loaded.is_err() {
+        // A pin directory made before the load failed, if empty, goes.
+        let _ = std::fs::remove_dir(crate::bpf::pin_dir(&config.global.name));
+    }
+    Ok(match (kind, loaded) {
         (_, Err(e @ BpfError::Unsafe { .. })) => return Err(DaemonError::Instance(e)),
         (DataPlaneKind::Sockmap, loaded) => sockmap(loaded?),
         // The maps serve `ctl` and keep the sticky table across restarts; no socket
         // ever enters the socket maps.
         (DataPlaneKind::Copy, Ok(bpf)) => copy(Some(bpf)),
         (DataPlaneKind::Copy, Err(e)) => {
-            warn!(reason = %e, missing = %missing_privilege(), "BPF maps unavailable: `mqttlb ctl conns` still works, but counters, servers and the sticky table are not pinned (the sticky table lives in memory, lost at restart)");
+            warn!(reason = %e, missing = %missing_privilege(), "BPF maps unavailable: `mqttlb ctl` asks the daemon itself; the sticky table lives in memory (lost at restart)");
             copy(None)
         }
         // `auto`: copy first, the in-kernel splice for connections that cross their
@@ -138,7 +143,7 @@ fn data_plane(
             }
         }
         (DataPlaneKind::Auto, Err(e)) => {
-            warn!(reason = %e, missing = %missing_privilege(), "auto: no in-kernel splice, every connection stays on the copy plane; `mqttlb ctl conns` still works, the other views need the BPF maps");
+            warn!(reason = %e, missing = %missing_privilege(), "auto: no in-kernel splice, every connection stays on the copy plane; `mqttlb ctl` asks the daemon itself; the sticky table lives in memory (lost at restart)");
             copy(None)
         }
     })
@@ -230,14 +235,17 @@ pub async fn run(
         sticky,
         config.global.max_preconnect_bytes,
     ));
-    let _control = control::serve(&config.global.name, shared.conns.clone()).map_err(|source| {
-        DaemonError::Control {
+    let views = control::Views {
+        shared: shared.clone(),
+        stats: stats.clone(),
+    };
+    let _control =
+        control::serve(&config.global.name, views).map_err(|source| DaemonError::Control {
             path: control::socket_path(&config.global.name)
                 .display()
                 .to_string(),
             source,
-        }
-    })?;
+        })?;
     let mut checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
     let permits = Arc::new(Semaphore::new(limit));
     let (stop_tx, stop_rx) = watch::channel(false);

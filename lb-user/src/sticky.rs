@@ -197,6 +197,26 @@ impl StickyTable {
         }
     }
 
+    /// Every entry (for `ctl sticky` through the control socket).
+    pub fn entries(&self) -> Vec<(StickyKey, StickyValue)> {
+        match self {
+            Self::Bpf(b) => b
+                .sticky
+                .lock()
+                .expect("sticky lock")
+                .iter()
+                .filter_map(Result::ok)
+                .collect(),
+            Self::Memory(m) => m
+                .lock()
+                .expect("sticky lock")
+                .entries
+                .iter()
+                .map(|(k, v)| (bytemuck::pod_read_unaligned::<StickyKey>(k), *v))
+                .collect(),
+        }
+    }
+
     /// Removes an entry (absent is fine).
     pub fn remove(&self, k: &StickyKey) {
         match self {

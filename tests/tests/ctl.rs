@@ -148,3 +148,84 @@ async fn ctl_conns_lists_every_plane_and_names_a_killed_instance() {
     let out = ctl_output(&lb.instance, &["conns"]);
     assert!(!out.status.success(), "nothing left to show");
 }
+
+/// Where BPF cannot load at all (here: root without CAP_BPF, CAP_SYS_ADMIN,
+/// CAP_NET_ADMIN and CAP_PERFMON), the daemon runs on the copy plane and every `ctl`
+/// view comes from the daemon itself over its control socket: never "nothing to read"
+/// for a running instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_bpf_ctl_asks_the_daemon() {
+    if !privileged("dropping capabilities") {
+        return;
+    }
+    let echo = Echo::start().await;
+    let dir = TempDir::new("nobpf");
+    let instance = format!("nobpf{}", std::process::id());
+    let port = free_port();
+    let text = config_text(&instance, "auto", port, &[echo.addr]).replace(
+        "connect_timeout = \"1s\"\n",
+        "connect_timeout = \"1s\"\nsticky = \"client-id\"\n",
+    );
+    let config = dir.0.join("mqttlb.toml");
+    std::fs::write(&config, text).expect("config");
+    let log = std::fs::File::create(dir.0.join("mqttlb.log")).expect("log");
+    let caps = "-bpf,-sys_admin,-net_admin,-perfmon";
+    /// Stops the daemon however the test ends.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+    let _daemon = Stop(
+        Command::new("setpriv")
+            .args([
+                &format!("--bounding-set={caps}"),
+                &format!("--inh-caps={caps}"),
+            ])
+            .arg(bin())
+            .args(["run", "-c"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("setpriv (util-linux)"),
+    );
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for("the listener", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    })
+    .await;
+    let connect = connect_packet("no-bpf-1");
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(&connect).await.expect("CONNECT");
+    let mut echoed = vec![0u8; connect.len()];
+    c.read_exact(&mut echoed).await.expect("echo");
+    let json = |what: &str| -> serde_json::Value {
+        let out = ctl_output(&instance, &[what, "--json"]);
+        assert!(out.status.success(), "ctl {what}: {out:?}");
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let log_text = std::fs::read_to_string(dir.0.join("mqttlb.log")).expect("log");
+    assert!(log_text.contains("data_plane=\"copy\""), "{log_text}");
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/mqttlb")
+            .join(&instance)
+            .exists(),
+        "BPF loaded after all, or its pin directory was left"
+    );
+    let conns = json("conns");
+    assert_eq!(conns["conns"][0]["client_id"], "no-bpf-1", "{conns}");
+    assert_eq!(conns["conns"][0]["plane"], "copy", "{conns}");
+    let stats = json("stats");
+    assert_eq!(stats["stats"]["active"], 1, "{stats}");
+    assert_eq!(stats["stats"]["copied"], 1, "{stats}");
+    let backends = json("backends");
+    assert_eq!(backends["backends"][0]["name"], "s0", "{backends}");
+    assert_eq!(backends["backends"][0]["active"], 1, "{backends}");
+    let sticky = json("sticky");
+    assert_eq!(sticky["sticky"][0]["key"], "no-bpf-1", "{sticky}");
+    assert_eq!(sticky["sticky"][0]["server"], "s0", "{sticky}");
+}
