@@ -143,7 +143,8 @@ pub struct ConnInfo {
 }
 const _: () = assert!(core::mem::size_of::<ConnInfo>() == 72);
 
-/// `ConnInfo::flags`: client-to-server direction is throttled (client out of `sources`).
+/// `ConnInfo::flags`: client-to-server direction is throttled (the program passes the
+/// client's skbs to its own queue; the socket stays in `sources`).
 pub const CONN_THROTTLED_C2S: u32 = 1;
 /// `ConnInfo::flags`: server-to-client direction is throttled.
 pub const CONN_THROTTLED_S2C: u32 = 2;

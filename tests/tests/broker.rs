@@ -267,47 +267,43 @@ fn check_reports_problems_by_key_and_line() {
         &["127.0.0.1:18831".parse().expect("addr")],
     );
     let path = dir.0.join("good.toml");
-    std::fs::write(&path, &good).expect("write");
-    let out = Command::new(bin())
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .expect("run check");
-    assert_eq!(out.status.code(), Some(0));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "configuration OK"
-    );
+    // `mqttlb check` on `text`: exit code, stdout, stderr.
+    let check = |text: &str| {
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(bin())
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .expect("run check");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, _) = check(&good);
+    assert_eq!(code, Some(0));
+    assert_eq!(stdout.trim(), "configuration OK");
 
-    let bad = good
-        .replace("cluster = \"c\"", "cluster = \"nope\"")
-        .replace("connect_timeout = \"1s\"", "connect_timeout = \"soon\"");
-    std::fs::write(&path, bad).expect("write");
-    let out = Command::new(bin())
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .expect("run check");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, _, err) = check(
+        &good
+            .replace("cluster = \"c\"", "cluster = \"nope\"")
+            .replace("connect_timeout = \"1s\"", "connect_timeout = \"soon\""),
+    );
+    assert_eq!(code, Some(1));
     assert!(
         err.contains("line 13: connect_timeout: invalid duration \"soon\""),
         "{err}"
     );
 
     // Three independent problems: all three, in file order, each saying what to write.
-    let bad = good
-        .replace("bind = \"127.0.0.1:1883\"", "bind = \"localhost:1883\"")
-        .replace("connect_timeout = \"1s\"", "connect_timeout = \"0s\"")
-        .replace("address = \"127.0.0.1:18831\"", "address = \"127.0.0.1\"");
-    std::fs::write(&path, bad).expect("write");
-    let out = Command::new(bin())
-        .args(["check", "-c"])
-        .arg(&path)
-        .output()
-        .expect("run check");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, _, err) = check(
+        &good
+            .replace("bind = \"127.0.0.1:1883\"", "bind = \"localhost:1883\"")
+            .replace("connect_timeout = \"1s\"", "connect_timeout = \"0s\"")
+            .replace("address = \"127.0.0.1:18831\"", "address = \"127.0.0.1\""),
+    );
+    assert_eq!(code, Some(1));
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 3, "{err}");
     assert!(
