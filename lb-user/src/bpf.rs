@@ -107,30 +107,60 @@ fn unsafe_zeroed_statfs() -> libc::statfs {
     unsafe { std::mem::zeroed() }
 }
 
-/// The loaded splice program and the maps the daemon writes.
+/// The two sockets of a spliced pair, by socket cookie, with their descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct PairSockets {
+    /// Client socket cookie and descriptor.
+    pub client: (u64, std::os::fd::RawFd),
+    /// Server socket cookie and descriptor.
+    pub server: (u64, std::os::fd::RawFd),
+}
+
+/// A map operation the kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("BPF map {map:?}: {source}")]
+pub struct MapOpError {
+    /// The map.
+    pub map: &'static str,
+    /// The refusal.
+    pub source: aya::maps::MapError,
+}
+
+/// The kernel refused a pair at insertion.
+#[derive(Debug)]
+pub struct InsertRefused {
+    /// Why.
+    pub error: MapOpError,
+    /// Which sockets (client, server) made it into `sources` (their verdict runs).
+    pub in_sources: [bool; 2],
+}
+
+/// The loaded splice program and the maps the daemon writes. The maps are private:
+/// the methods below keep the order the kernel needs (a pair's bookkeeping before its
+/// redirect targets, `sources` last in and first out).
 pub struct Bpf {
     /// Keeps the program (and its attachment) alive.
     _ebpf: Ebpf,
     /// Where the maps are pinned.
     pin_dir: PathBuf,
     /// Sockets whose bytes are redirected.
-    pub sources: Mutex<SockHash<MapData, u64>>,
+    sources: Mutex<SockHash<MapData, u64>>,
     /// Redirect destinations.
-    pub targets: Mutex<SockHash<MapData, u64>>,
+    targets: Mutex<SockHash<MapData, u64>>,
     /// Per-socket info and counters.
-    pub socks: Mutex<HashMap<MapData, u64, SockInfo>>,
+    socks: Mutex<HashMap<MapData, u64, SockInfo>>,
     /// Per-socket throttle words (`lb_common::CTRL_THROTTLE`).
-    pub ctrl: Mutex<HashMap<MapData, u64, u64>>,
+    ctrl: Mutex<HashMap<MapData, u64, u64>>,
     /// Per-connection info.
-    pub conns: Mutex<HashMap<MapData, u32, ConnInfo>>,
+    conns: Mutex<HashMap<MapData, u32, ConnInfo>>,
     /// Servers as the daemon sees them.
-    pub backends: Mutex<HashMap<MapData, u32, BackendInfo>>,
+    backends: Mutex<HashMap<MapData, u32, BackendInfo>>,
     /// The sticky table (kept across restarts).
-    pub sticky: Mutex<HashMap<MapData, StickyKey, StickyValue>>,
+    sticky: Mutex<HashMap<MapData, StickyKey, StickyValue>>,
     /// Published daemon counters.
     daemon_stats: Mutex<Array<MapData, u64>>,
     /// Events from the program; taken once by the event loop.
-    pub events: Mutex<Option<RingBuf<MapData>>>,
+    events: Mutex<Option<RingBuf<MapData>>>,
 }
 
 fn map_err(name: &'static str, e: impl std::fmt::Display) -> BpfError {
@@ -227,6 +257,132 @@ impl Bpf {
             daemon_stats: Mutex::new(daemon_stats),
             events: Mutex::new(Some(events)),
         })
+    }
+
+    /// Enters a pair: its sockets' counters and throttle words, its `conns` row and its
+    /// redirect targets, then `sources` (from then on the program verdicts its skbs).
+    /// On refusal, `in_sources` says which sockets the program already sees.
+    pub fn insert_pair(
+        &self,
+        id: u32,
+        info: ConnInfo,
+        s: PairSockets,
+    ) -> Result<(), InsertRefused> {
+        let refused = |map, in_sources| {
+            move |source| InsertRefused {
+                error: MapOpError { map, source },
+                in_sources,
+            }
+        };
+        let (client, server) = (s.client.0, s.server.0);
+        let sock = |peer_cookie, dir| SockInfo {
+            peer_cookie,
+            conn_id: id,
+            dir,
+            ..SockInfo::default()
+        };
+        {
+            let mut socks = self.socks.lock().expect("socks lock");
+            socks
+                .insert(client, sock(server, lb_common::DIR_CLIENT_TO_SERVER), 0)
+                .map_err(refused(maps::SOCKS, [false; 2]))?;
+            socks
+                .insert(server, sock(client, lb_common::DIR_SERVER_TO_CLIENT), 0)
+                .map_err(refused(maps::SOCKS, [false; 2]))?;
+        }
+        {
+            let mut ctrl = self.ctrl.lock().expect("ctrl lock");
+            for cookie in [client, server] {
+                ctrl.insert(cookie, 0, 0)
+                    .map_err(refused(maps::CTRL, [false; 2]))?;
+            }
+        }
+        self.conns
+            .lock()
+            .expect("conns lock")
+            .insert(id, info, 0)
+            .map_err(refused(maps::CONNS, [false; 2]))?;
+        {
+            let mut targets = self.targets.lock().expect("targets lock");
+            for (cookie, fd) in [s.client, s.server] {
+                targets
+                    .insert(cookie, fd, 0)
+                    .map_err(refused(maps::TARGETS, [false; 2]))?;
+            }
+        }
+        let mut sources = self.sources.lock().expect("sources lock");
+        let mut in_sources = [false; 2];
+        for (i, (cookie, fd)) in [s.client, s.server].into_iter().enumerate() {
+            sources
+                .insert(cookie, fd, 0)
+                .map_err(refused(maps::SOURCES, in_sources))?;
+            in_sources[i] = true;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry of a pair, `sources` first (nothing is verdicted after);
+    /// absent entries are fine.
+    pub fn remove_pair(&self, id: u32, cookies: [u64; 2]) {
+        for cookie in cookies {
+            let _ = self.sources.lock().expect("sources lock").remove(&cookie);
+        }
+        for cookie in cookies {
+            let _ = self.targets.lock().expect("targets lock").remove(&cookie);
+            let _ = self.socks.lock().expect("socks lock").remove(&cookie);
+            let _ = self.ctrl.lock().expect("ctrl lock").remove(&cookie);
+        }
+        let _ = self.conns.lock().expect("conns lock").remove(&id);
+    }
+
+    /// Sets or clears `flag` (`CONN_THROTTLED_*`) in a pair's `conns` row, for `ctl`.
+    pub fn set_conn_flag(&self, id: u32, flag: u32, on: bool) {
+        let mut conns = self.conns.lock().expect("conns lock");
+        if let Ok(mut info) = conns.get(&id, 0) {
+            if on {
+                info.flags |= flag;
+            } else {
+                info.flags &= !flag;
+            }
+            let _ = conns.insert(id, info, 0);
+        }
+    }
+
+    /// The events ring buffer, once (for the event loop).
+    pub fn take_events(&self) -> Option<RingBuf<MapData>> {
+        self.events.lock().expect("events lock").take()
+    }
+
+    /// The sticky entry of `k`, whatever its expiry.
+    pub fn sticky_get(&self, k: &StickyKey) -> Option<StickyValue> {
+        self.sticky.lock().expect("sticky lock").get(k, 0).ok()
+    }
+
+    /// Writes a sticky entry.
+    pub fn sticky_put(&self, k: &StickyKey, v: StickyValue) -> Result<(), MapOpError> {
+        self.sticky
+            .lock()
+            .expect("sticky lock")
+            .insert(k, v, 0)
+            .map_err(|source| MapOpError {
+                map: maps::STICKY,
+                source,
+            })
+    }
+
+    /// Removes a sticky entry (absent is fine).
+    pub fn sticky_remove(&self, k: &StickyKey) {
+        let _ = self.sticky.lock().expect("sticky lock").remove(k);
+    }
+
+    /// Every sticky entry (one evicted while we iterate is skipped).
+    pub fn sticky_entries(&self) -> Vec<(StickyKey, StickyValue)> {
+        self.sticky
+            .lock()
+            .expect("sticky lock")
+            .iter()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Removes the instance's pinned maps (at a clean stop: nothing is left under

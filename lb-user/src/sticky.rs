@@ -167,7 +167,7 @@ impl StickyTable {
     /// The live entry of `k` (an expired one is removed and not returned).
     pub fn get(&self, k: &StickyKey) -> Option<StickyValue> {
         let v = match self {
-            Self::Bpf(b) => b.sticky.lock().expect("sticky lock").get(k, 0).ok()?,
+            Self::Bpf(b) => b.sticky_get(k)?,
             Self::Memory(m) => *m.lock().expect("sticky lock").entries.get(&key_bytes(k))?,
         };
         if v.expires_ms <= now_ms() {
@@ -180,12 +180,7 @@ impl StickyTable {
     /// Writes an entry.
     pub fn put(&self, k: &StickyKey, v: StickyValue) -> Result<(), String> {
         match self {
-            Self::Bpf(b) => b
-                .sticky
-                .lock()
-                .expect("sticky lock")
-                .insert(k, v, 0)
-                .map_err(|e| e.to_string()),
+            Self::Bpf(b) => b.sticky_put(k, v).map_err(|e| e.to_string()),
             Self::Memory(m) => {
                 let mut t = m.lock().expect("sticky lock");
                 if t.entries.len() >= t.capacity && !t.entries.contains_key(&key_bytes(k)) {
@@ -200,13 +195,7 @@ impl StickyTable {
     /// Every entry (for `ctl sticky` through the control socket).
     pub fn entries(&self) -> Vec<(StickyKey, StickyValue)> {
         match self {
-            Self::Bpf(b) => b
-                .sticky
-                .lock()
-                .expect("sticky lock")
-                .iter()
-                .filter_map(Result::ok)
-                .collect(),
+            Self::Bpf(b) => b.sticky_entries(),
             Self::Memory(m) => m
                 .lock()
                 .expect("sticky lock")
@@ -220,9 +209,7 @@ impl StickyTable {
     /// Removes an entry (absent is fine).
     pub fn remove(&self, k: &StickyKey) {
         match self {
-            Self::Bpf(b) => {
-                let _ = b.sticky.lock().expect("sticky lock").remove(k);
-            }
+            Self::Bpf(b) => b.sticky_remove(k),
             Self::Memory(m) => {
                 m.lock().expect("sticky lock").entries.remove(&key_bytes(k));
             }

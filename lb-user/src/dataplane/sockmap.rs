@@ -43,7 +43,7 @@ use std::{
 use lb_common::{
     CONN_THROTTLED_C2S, CONN_THROTTLED_S2C, CTRL_THROTTLE, ConnInfo, DIR_CLIENT_TO_SERVER,
     DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_FIN, EVENT_LAG_CHECK, EVENT_PASSED, EVENT_PEER_GONE,
-    EVENT_STREAM_BROKEN, Event, SockInfo,
+    EVENT_STREAM_BROKEN, Event,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -57,7 +57,7 @@ use super::{
     reset_both,
 };
 use crate::{
-    bpf::{Bpf, addr_bytes},
+    bpf::{Bpf, InsertRefused, PairSockets, addr_bytes},
     stats::Stats,
     sys,
 };
@@ -113,13 +113,6 @@ impl DataPlane for SockmapPlane {
 struct Cookies {
     client: u64,
     server: u64,
-}
-
-/// The kernel refused a socket at insertion.
-struct Refused {
-    error: aya::maps::MapError,
-    /// Which sockets (client, server) made it into `sources` (their verdict runs).
-    in_sources: [bool; 2],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,10 +183,7 @@ impl SockmapPlane {
     pub async fn run_events(self: Arc<Self>) -> io::Result<()> {
         let ring = self
             .bpf
-            .events
-            .lock()
-            .expect("events lock")
-            .take()
+            .take_events()
             .ok_or_else(|| io::Error::other("events taken"))?;
         // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
         // the AsyncFd (and the RingBuf inside it) is dropped.
@@ -371,46 +361,8 @@ impl SockmapPlane {
         self.copy.run_handed_over(pair, handover).await
     }
 
-    fn insert(&self, pair: &Pair, c: Cookies) -> Result<(), Refused> {
-        self.insert_maps(pair, c).map_err(|error| Refused {
-            error,
-            in_sources: [false; 2],
-        })?;
-        let mut sources = self.bpf.sources.lock().expect("sources lock");
-        let mut in_sources = [false; 2];
-        for (i, (cookie, fd)) in [
-            (c.client, pair.client.as_raw_fd()),
-            (c.server, pair.server.as_raw_fd()),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            sources
-                .insert(cookie, fd, 0)
-                .map_err(|error| Refused { error, in_sources })?;
-            in_sources[i] = true;
-        }
-        Ok(())
-    }
-
-    /// Every entry but `sources`: nothing is redirected yet.
-    fn insert_maps(&self, pair: &Pair, c: Cookies) -> Result<(), aya::maps::MapError> {
-        let sock = |peer_cookie, dir| SockInfo {
-            peer_cookie,
-            conn_id: pair.id,
-            dir,
-            ..SockInfo::default()
-        };
-        {
-            let mut socks = self.bpf.socks.lock().expect("socks lock");
-            socks.insert(c.client, sock(c.server, DIR_CLIENT_TO_SERVER), 0)?;
-            socks.insert(c.server, sock(c.client, DIR_SERVER_TO_CLIENT), 0)?;
-        }
-        {
-            let mut ctrl = self.bpf.ctrl.lock().expect("ctrl lock");
-            ctrl.insert(c.client, 0, 0)?;
-            ctrl.insert(c.server, 0, 0)?;
-        }
+    /// Enters the pair in the maps (`sources` last: from then on the program runs).
+    fn insert(&self, pair: &Pair, c: Cookies) -> Result<(), InsertRefused> {
         let info = ConnInfo {
             client_addr: addr_bytes(pair.client_addr),
             server_addr: addr_bytes(pair.server_addr),
@@ -424,41 +376,16 @@ impl SockmapPlane {
             server_index: pair.server_index,
             ..ConnInfo::default()
         };
-        self.bpf
-            .conns
-            .lock()
-            .expect("conns lock")
-            .insert(pair.id, info, 0)?;
-        {
-            let mut targets = self.bpf.targets.lock().expect("targets lock");
-            targets.insert(c.client, pair.client.as_raw_fd(), 0)?;
-            targets.insert(c.server, pair.server.as_raw_fd(), 0)?;
-        }
-        Ok(())
+        let sockets = PairSockets {
+            client: (c.client, pair.client.as_raw_fd()),
+            server: (c.server, pair.server.as_raw_fd()),
+        };
+        self.bpf.insert_pair(pair.id, info, sockets)
     }
 
-    /// Removes every map entry of the pair (sources first, so nothing is verdicted
-    /// after); absent entries are fine.
+    /// Removes every map entry of the pair and its event registration.
     fn remove(&self, pair: &Pair, c: Cookies) {
-        for cookie in [c.client, c.server] {
-            let _ = self
-                .bpf
-                .sources
-                .lock()
-                .expect("sources lock")
-                .remove(&cookie);
-        }
-        for cookie in [c.client, c.server] {
-            let _ = self
-                .bpf
-                .targets
-                .lock()
-                .expect("targets lock")
-                .remove(&cookie);
-            let _ = self.bpf.socks.lock().expect("socks lock").remove(&cookie);
-            let _ = self.bpf.ctrl.lock().expect("ctrl lock").remove(&cookie);
-        }
-        let _ = self.bpf.conns.lock().expect("conns lock").remove(&pair.id);
+        self.bpf.remove_pair(pair.id, [c.client, c.server]);
         self.registry
             .lock()
             .expect("registry lock")
@@ -482,18 +409,6 @@ impl SockmapPlane {
         let redirected = self.bpf.redirected(d.src_cookie).unwrap_or(0);
         let enqueued = sys::send_progress(d.dst.as_raw_fd())?.enqueued();
         Ok((d.offset + d.written + redirected).saturating_sub(enqueued))
-    }
-
-    fn set_flag(&self, id: u32, flag: u32, on: bool) {
-        let mut conns = self.bpf.conns.lock().expect("conns lock");
-        if let Ok(mut info) = conns.get(&id, 0) {
-            if on {
-                info.flags |= flag;
-            } else {
-                info.flags &= !flag;
-            }
-            let _ = conns.insert(id, info, 0);
-        }
     }
 
     /// Adds the bytes direction `d` redirected since the last call to the server's
@@ -602,7 +517,7 @@ impl SockmapPlane {
         match d.state {
             DirState::Spliced if lag_event && self.lag(d)? > HIGH_WATER => {
                 self.set_passing(d, true)?;
-                self.set_flag(id, d.flag, true);
+                self.bpf.set_conn_flag(id, d.flag, true);
                 self.stats.inc(DaemonStat::Throttled);
                 d.state = DirState::Throttled;
                 Ok(true)
@@ -617,7 +532,7 @@ impl SockmapPlane {
                     return Ok(false);
                 }
                 // The pump forwards what was passed, then lets the program redirect.
-                self.set_flag(id, d.flag, false);
+                self.bpf.set_conn_flag(id, d.flag, false);
                 d.state = DirState::Spliced;
                 d.readable = true;
                 self.pump(d)?;
