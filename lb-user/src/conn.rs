@@ -417,12 +417,12 @@ async fn wait_for_bytes(client: &TcpStream) -> io::Result<()> {
     }
 }
 
-/// The TLS handshake (after a PROXY header when the listener expects one), within
-/// `handshake_timeout` and under the listener's `max_handshakes`.
 /// One TLS refusal logged per second, process-wide.
 static TLS_FAILURE_LOG: std::sync::LazyLock<LogOnce> =
     std::sync::LazyLock::new(|| LogOnce::new(Duration::from_secs(1)));
 
+/// The TLS handshake (after a PROXY header when the listener expects one), within
+/// `handshake_timeout` and under the listener's `max_handshakes`.
 async fn tls_accept(
     shared: &Shared,
     config: &Listener,

@@ -117,8 +117,9 @@ fn data_plane(
         }
     };
     let loaded = load();
-    if loaded.is_err() {
-        // A pin directory made before the load failed, if empty, goes.
+    if matches!(&loaded, Err(e) if !matches!(e, BpfError::Unsafe { .. })) {
+        // A pin directory made before the load failed, if empty, goes (one that is
+        // not safely ours is left for the operator to look at).
         let _ = std::fs::remove_dir(crate::bpf::pin_dir(&config.global.name));
     }
     Ok(match (kind, loaded) {
