@@ -510,7 +510,7 @@ impl InstanceLock {
         {
             return Err(io("cannot create", dir, e));
         }
-        let path = dir.join(format!("{instance}.lock"));
+        let path = dir.join(crate::control::lock_name(instance));
         loop {
             let file = std::fs::OpenOptions::new()
                 .create(true)

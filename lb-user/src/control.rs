@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{conn::Shared, stats::Stats};
+use crate::conn::Shared;
 
 /// Where instance locks and control sockets live.
 pub const RUN_DIR: &str = "/run/mqttlb";
@@ -37,6 +37,16 @@ const WAIT: Duration = Duration::from_secs(2);
 /// The control socket of `instance`.
 pub fn socket_path(instance: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{instance}.sock"))
+}
+
+/// The instance lock's file name (in [`RUN_DIR`]; tests put it elsewhere).
+pub fn lock_name(instance: &str) -> String {
+    format!("{instance}.lock")
+}
+
+/// The instance lock of `instance`.
+pub fn lock_path(instance: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(lock_name(instance))
 }
 
 /// The socket file, removed when dropped (at a clean stop).
@@ -50,18 +60,10 @@ impl Drop for ControlSocket {
     }
 }
 
-/// What the control socket answers from.
-#[derive(Clone)]
-pub struct Views {
-    /// Connections, servers and the sticky table.
-    pub shared: Arc<Shared>,
-    /// Daemon counters.
-    pub stats: Arc<Stats>,
-}
-
 /// Binds the control socket of `instance` (the caller holds the instance lock) and
-/// answers requests from `views` until the runtime stops.
-pub fn serve(instance: &str, views: Views) -> io::Result<ControlSocket> {
+/// answers from `shared` (connections, counters, servers, sticky table) until the
+/// runtime stops.
+pub fn serve(instance: &str, shared: Arc<Shared>) -> io::Result<ControlSocket> {
     let path = socket_path(instance);
     match std::fs::remove_file(&path) {
         Ok(()) => {
@@ -76,9 +78,9 @@ pub fn serve(instance: &str, views: Views) -> io::Result<ControlSocket> {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    let views = views.clone();
+                    let shared = shared.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &views).await {
+                        if let Err(e) = answer(stream, &shared).await {
                             debug!(error = %e, "control request failed");
                         }
                     });
@@ -93,7 +95,7 @@ pub fn serve(instance: &str, views: Views) -> io::Result<ControlSocket> {
     Ok(ControlSocket { path })
 }
 
-async fn answer(stream: UnixStream, views: &Views) -> io::Result<()> {
+async fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     timeout(WAIT, BufReader::new(r.take(256)).read_line(&mut line))
@@ -101,15 +103,15 @@ async fn answer(stream: UnixStream, views: &Views) -> io::Result<()> {
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
     let backends = || -> Vec<(u32, lb_common::BackendInfo)> {
         (0..)
-            .zip(crate::daemon::backend_rows(&views.shared.clusters()))
+            .zip(crate::daemon::backend_rows(&shared.clusters()))
             .collect()
     };
     let body = match line.trim() {
-        "conns" => serde_json::json!({ "conns": views.shared.conns.rows() }),
+        "conns" => serde_json::json!({ "conns": shared.conns.rows() }),
         "stats" => {
             let stats: Vec<(&str, u64)> = lb_common::DaemonStat::ALL
                 .iter()
-                .map(|&s| (s.name(), views.stats.get(s)))
+                .map(|&s| (s.name(), shared.stats.get(s)))
                 .collect();
             serde_json::json!({ "stats": stats })
         }
@@ -121,7 +123,7 @@ async fn answer(stream: UnixStream, views: &Views) -> io::Result<()> {
             serde_json::json!({ "backends": rows })
         }
         "sticky" => serde_json::json!({
-            "sticky": crate::ctl::sticky_views(&views.shared.sticky.entries(), &backends())
+            "sticky": crate::ctl::sticky_views(&shared.sticky.entries(), &backends())
         }),
         other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
     };
@@ -154,8 +156,7 @@ pub fn query(instance: &str, request: &str) -> io::Result<serde_json::Value> {
 /// pins and files behind but releases the lock).
 pub fn running(instance: &str) -> bool {
     use std::os::fd::AsRawFd;
-    let path = Path::new(RUN_DIR).join(format!("{instance}.lock"));
-    let file = match std::fs::File::open(&path) {
+    let file = match std::fs::File::open(lock_path(instance)) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
         // Not ours to read (ctl without root): assume it runs; asking it says more.

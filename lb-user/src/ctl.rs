@@ -340,8 +340,8 @@ pub fn sticky_views(
 /// stopped or killed instance left, not live state.
 fn not_running(instance: &str) {
     eprintln!(
-        "mqttlb ctl: instance {instance:?} is not running (no daemon holds {}/{instance}.lock); showing what it left in its pinned maps",
-        control::RUN_DIR
+        "mqttlb ctl: instance {instance:?} is not running (no daemon holds {}); showing what it left in its pinned maps",
+        control::lock_path(instance).display()
     );
 }
 
@@ -437,9 +437,8 @@ fn cleanup(
     }
     let dir = crate::bpf::pin_dir(instance);
     let removed = crate::bpf::unpin_dir(&dir, !sticky);
-    let run = std::path::Path::new(control::RUN_DIR);
-    for file in [format!("{instance}.sock"), format!("{instance}.lock")] {
-        let _ = std::fs::remove_file(run.join(file));
+    for file in [control::socket_path(instance), control::lock_path(instance)] {
+        let _ = std::fs::remove_file(file);
     }
     let kept = if !sticky && dir.join(lb_common::maps::STICKY).exists() {
         " (kept the sticky table; --sticky removes it)"

@@ -236,17 +236,14 @@ pub async fn run(
         sticky,
         config.global.max_preconnect_bytes,
     ));
-    let views = control::Views {
-        shared: shared.clone(),
-        stats: stats.clone(),
-    };
-    let _control =
-        control::serve(&config.global.name, views).map_err(|source| DaemonError::Control {
+    let _control = control::serve(&config.global.name, shared.clone()).map_err(|source| {
+        DaemonError::Control {
             path: control::socket_path(&config.global.name)
                 .display()
                 .to_string(),
             source,
-        })?;
+        }
+    })?;
     let mut checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
     let permits = Arc::new(Semaphore::new(limit));
     let (stop_tx, stop_rx) = watch::channel(false);
