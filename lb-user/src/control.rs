@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::conn::Shared;
+use crate::runtime::Shared;
 
 /// Where instance locks and control sockets live.
 pub const RUN_DIR: &str = "/run/mqttlb";

@@ -22,8 +22,7 @@ use tracing::{error, info, warn};
 use crate::{
     bpf::{Bpf, BpfError, InstanceLock},
     config::{Cluster, Config, DataPlaneKind, ServerState, Sticky},
-    conn::{self, ClusterRt, ListenerRt, Shared},
-    control,
+    conn, control,
     dataplane::{
         DataPlane,
         auto::AutoPlane,
@@ -32,6 +31,7 @@ use crate::{
     },
     health,
     limits::{self, LogOnce},
+    runtime::{ClusterRt, ListenerRt, Shared},
     stats::Stats,
     sticky::StickyTable,
 };
@@ -215,11 +215,7 @@ pub async fn run(
             source,
         })?;
         info!(listener = %l.name, bind = %l.bind, kind = ?l.kind, "listening");
-        bound.push((
-            Arc::new(ListenerRt::new(l.clone())),
-            config.clusters[l.cluster].name.clone(),
-            listener,
-        ));
+        bound.push((l, listener));
     }
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
@@ -236,6 +232,15 @@ pub async fn run(
         sticky,
         config.global.max_preconnect_bytes,
     ));
+    // Each listener's cluster is resolved here and at each reload, not per connection.
+    let clusters = shared.clusters();
+    let bound: Vec<_> = bound
+        .into_iter()
+        .map(|(l, socket)| {
+            let rt = ListenerRt::new(l.clone(), clusters[l.cluster].clone());
+            (Arc::new(rt), socket)
+        })
+        .collect();
     let _control = control::serve(&config.global.name, shared.clone()).map_err(|source| {
         DaemonError::Control {
             path: control::socket_path(&config.global.name)
@@ -259,11 +264,10 @@ pub async fn run(
     let publisher = tokio::spawn(publish_stats(stats.clone(), bpf.clone(), shared.clone()));
     let mut accept_tasks = Vec::new();
     let listeners: Vec<Arc<ListenerRt>> = bound.iter().map(|b| b.0.clone()).collect();
-    for (listener, cluster, socket) in bound {
+    for (listener, socket) in bound {
         accept_tasks.push(tokio::spawn(accept_loop(
             shared.clone(),
             listener,
-            cluster,
             socket,
             permits.clone(),
             stop_rx.clone(),
@@ -367,7 +371,6 @@ fn max_connections(config: &Config) -> u32 {
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: Arc<ListenerRt>,
-    cluster: String,
     socket: TcpListener,
     permits: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
@@ -395,10 +398,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((client, peer)) => {
-                let (shared, listener, cluster) =
-                    (shared.clone(), listener.clone(), cluster.clone());
+                let (shared, listener) = (shared.clone(), listener.clone());
                 tokio::spawn(async move {
-                    conn::handle(shared, listener, cluster, client, peer).await;
+                    conn::handle(shared, listener, client, peer).await;
                     drop(permit);
                 });
             }
@@ -461,13 +463,25 @@ fn reload(
     }
     new.global = current.global.clone();
     shared.replace_clusters(new.clusters.clone());
-    // Certificates and TLS settings: new handshakes use the new ones.
+    let clusters = shared.clusters();
     for l in listeners {
-        if let Some(n) = new
+        let found = new
             .listeners
             .iter()
-            .find(|n| n.name == l.config.name && n.bind == l.config.bind)
-        {
+            .find(|n| n.name == l.config.name && n.bind == l.config.bind);
+        // New connections go to the cluster the file names for the listener now.
+        let cluster = match found {
+            Some(n) => Some(clusters[n.cluster].clone()),
+            None => shared.cluster(&l.cluster().config.name),
+        };
+        match cluster {
+            Some(c) => l.set_cluster(c),
+            None => {
+                warn!(listener = %l.config.name, "its cluster is gone from the file and the listener too: it keeps its cluster as it was until a restart")
+            }
+        }
+        // Certificates and TLS settings: new handshakes use the new ones.
+        if let Some(n) = found {
             if n.tls.is_some() {
                 info!(listener = %n.name, "reload: certificates and TLS settings read again (new handshakes use them)");
             }

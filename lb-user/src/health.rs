@@ -21,8 +21,8 @@ use tracing::{info, warn};
 use crate::{
     balance::{Flip, ServerLive},
     config::{Health, HealthKind},
-    conn::ClusterRt,
     mqtt::{self, Version},
+    runtime::ClusterRt,
     stats::Stats,
 };
 

@@ -12,7 +12,9 @@
 //! - [`health`]: active health checks.
 //! - [`tls`]: TLS termination (rustls configuration, client certificate identity).
 //! - [`ws`]: MQTT over WebSocket (the upgrade and the frames before the CONNECT).
-//! - [`conn`]: one client connection's life, from accept to hand-off.
+//! - [`runtime`]: the state connections share and a reload replaces (clusters with
+//!   their live pools, listeners with their resolved cluster and TLS state).
+//! - [`conn`]: one client connection's life, from accept to hand-off, a module a step.
 //! - [`limits`]: what protects the process itself: the pre-CONNECT memory budget, the
 //!   descriptor limit behind `max_connections`, local resource errors.
 //! - [`dataplane`]: what carries bytes after the hand-off: [`dataplane::sockmap`]
@@ -39,6 +41,7 @@ pub mod limits;
 pub mod mqtt;
 pub mod proxy_protocol;
 pub mod registry;
+pub mod runtime;
 pub mod stats;
 pub mod sticky;
 pub mod sys;

@@ -378,3 +378,13 @@ pub struct TlsInfo {
     /// Whether a verified client certificate was presented.
     pub client_cert: bool,
 }
+
+/// The name a PROXY v2 header gives a negotiated version (PP2_SUBTYPE_SSL_VERSION, as
+/// OpenSSL names it).
+pub fn version_name(version: Option<rustls::ProtocolVersion>) -> &'static str {
+    match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    }
+}

@@ -227,11 +227,59 @@ impl FrameError {
     }
 }
 
+/// A frame's opcode (RFC 6455 5.2); the reserved ones are refused at the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Opcode {
+    Continuation = 0x0,
+    Text = 0x1,
+    Binary = 0x2,
+    Close = 0x8,
+    Ping = 0x9,
+    Pong = 0xa,
+}
+
+impl Opcode {
+    /// The opcode of the low four bits of a frame's first byte.
+    fn from_bits(bits: u8) -> Option<Self> {
+        Some(match bits {
+            0x0 => Self::Continuation,
+            0x1 => Self::Text,
+            0x2 => Self::Binary,
+            0x8 => Self::Close,
+            0x9 => Self::Ping,
+            0xa => Self::Pong,
+            _ => return None,
+        })
+    }
+
+    /// Whether it carries data (MQTT bytes): binary frames and their continuations.
+    fn is_data(self) -> bool {
+        matches!(self, Self::Continuation | Self::Binary)
+    }
+}
+
+/// A close frame's status code (RFC 6455 7.4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum CloseCode {
+    /// 1000: the server closed.
+    Normal = 1000,
+    /// 1002: the client broke the protocol (an invalid CONNECT or frame).
+    ProtocolError = 1002,
+    /// 1008: the connection cannot be accepted as it is (a CONNECT rewrite failed).
+    PolicyViolation = 1008,
+    /// 1011: the server failed (refused the forwarded upgrade).
+    InternalError = 1011,
+    /// 1013: try again later (no server available).
+    TryAgainLater = 1013,
+}
+
 /// One complete client frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
-    /// Opcode (0 continuation, 1 text, 2 binary, 8 close, 9 ping, 10 pong).
-    pub opcode: u8,
+    /// Opcode.
+    pub opcode: Opcode,
     /// Unmasked payload.
     pub payload: Vec<u8>,
     /// Bytes the frame took in the buffer.
@@ -293,13 +341,13 @@ impl PreConnectFrames {
                 return Err(FrameError::TooMany);
             }
             match f.opcode {
-                0x0 | 0x2 => {
+                o if o.is_data() => {
                     self.payload.extend_from_slice(&f.payload);
                     if self.payload.len() > cap {
                         return Err(FrameError::TooLarge);
                     }
                 }
-                0x9 | 0xa => {}
+                Opcode::Ping | Opcode::Pong => {}
                 _ => return Err(FrameError::NotBinary),
             }
             self.parsed += f.len;
@@ -326,7 +374,7 @@ pub fn client_payload(buf: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Control {
     /// Opcode.
-    pub opcode: u8,
+    pub opcode: Opcode,
     /// Unmasked payload (at most 125 bytes).
     pub payload: Vec<u8>,
 }
@@ -379,7 +427,7 @@ impl FrameStream {
                 return Ok((at, None));
             };
             match opcode {
-                0x0 | 0x2 => {
+                o if o.is_data() => {
                     if len > self.max {
                         return Err(FrameError::TooLarge);
                     }
@@ -388,7 +436,7 @@ impl FrameStream {
                     at += header;
                     self.data = Some((len, mask, 0));
                 }
-                0x8..=0xa => {
+                Opcode::Close | Opcode::Ping | Opcode::Pong => {
                     // Control frames: FIN set, at most 125 bytes.
                     if buf[at] & 0x80 == 0 || len > 125 {
                         return Err(FrameError::NotBinary);
@@ -411,7 +459,7 @@ impl FrameStream {
 
 /// The opcode, payload length and header length (with the mask) of the client frame
 /// at the start of `buf`, once its header is complete. Checks reserved bits and mask.
-fn frame_header(buf: &[u8]) -> Result<Option<(u8, u64, usize)>, FrameError> {
+fn frame_header(buf: &[u8]) -> Result<Option<(Opcode, u64, usize)>, FrameError> {
     if buf.len() < 2 {
         return Ok(None);
     }
@@ -436,12 +484,13 @@ fn frame_header(buf: &[u8]) -> Result<Option<(u8, u64, usize)>, FrameError> {
     if buf.len() < header {
         return Ok(None);
     }
-    Ok(Some((b0 & 0x0f, len, header)))
+    let opcode = Opcode::from_bits(b0 & 0x0f).ok_or(FrameError::NotBinary)?;
+    Ok(Some((opcode, len, header)))
 }
 
 /// A server-to-client control frame (close 8, pong 10) with `payload`.
-pub fn control_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x80 | opcode, payload.len().min(125) as u8];
+pub fn control_frame(opcode: Opcode, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode as u8, payload.len().min(125) as u8];
     f.extend_from_slice(&payload[..payload.len().min(125)]);
     f
 }
@@ -476,9 +525,9 @@ pub fn masked_binary_frame(payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     out
 }
 
-/// A close frame with a status code (1002: protocol error, 1011: server error).
-pub fn close_frame(code: u16) -> Vec<u8> {
-    control_frame(0x8, &code.to_be_bytes())
+/// A close frame with a status code.
+pub fn close_frame(code: CloseCode) -> Vec<u8> {
+    control_frame(Opcode::Close, &(code as u16).to_be_bytes())
 }
 
 #[cfg(test)]
@@ -666,11 +715,11 @@ mod tests {
                 controls,
                 [
                     Control {
-                        opcode: 9,
+                        opcode: Opcode::Ping,
                         payload: b"ping!".to_vec()
                     },
                     Control {
-                        opcode: 8,
+                        opcode: Opcode::Close,
                         payload: vec![3, 0xe8]
                     }
                 ]
@@ -726,7 +775,10 @@ mod tests {
             let frame = next_client_frame(&f, 1 << 20)
                 .expect("valid")
                 .expect("complete");
-            assert_eq!((frame.opcode, frame.payload, frame.len), (2, data, f.len()));
+            assert_eq!(
+                (frame.opcode, frame.payload, frame.len),
+                (Opcode::Binary, data, f.len())
+            );
         }
         assert_eq!(&binary_frame(&[0; 200])[..4], &[0x82, 126, 0, 200]);
     }

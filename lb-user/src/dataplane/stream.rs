@@ -27,7 +27,11 @@ use tokio::{
 };
 
 use super::{Outcome, Traffic};
-use crate::{stats::Stats, sys};
+use crate::{
+    stats::Stats,
+    sys,
+    ws::{CloseCode, Opcode},
+};
 
 /// Buffer per direction.
 const BUF: usize = 16 * 1024;
@@ -225,12 +229,12 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
                 }
                 let Some(control) = control else { break };
                 match control.opcode {
-                    0x9 => {
-                        let pong = crate::ws::control_frame(0xa, &control.payload);
+                    Opcode::Ping => {
+                        let pong = crate::ws::control_frame(Opcode::Pong, &control.payload);
                         let _ = ctl_tx.send(pong).await;
                     }
-                    0x8 => {
-                        let reply = crate::ws::control_frame(0x8, &control.payload);
+                    Opcode::Close => {
+                        let reply = crate::ws::control_frame(Opcode::Close, &control.payload);
                         let _ = ctl_tx.send(reply).await;
                         return sw.shutdown().await;
                     }
@@ -259,7 +263,7 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
             tokio::select! {
                 ctl = ctl_rx.recv(), if ctl_open => match ctl {
                     Some(frame) => {
-                        closed |= frame.first() == Some(&0x88);
+                        closed |= frame.first() == Some(&(0x80 | Opcode::Close as u8));
                         cw.write_all(&frame).await.map_err(|e| context(e, "client write"))?;
                     }
                     None => ctl_open = false,
@@ -270,7 +274,7 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
                         // The server is done: close the WebSocket. The client may be
                         // gone already (it closed first), which is no error.
                         if !closed {
-                            let _ = cw.write_all(&crate::ws::close_frame(1000)).await;
+                            let _ = cw.write_all(&crate::ws::close_frame(CloseCode::Normal)).await;
                         }
                         let _ = cw.shutdown().await;
                         server_done.store(true, Ordering::Relaxed);

@@ -1,0 +1,261 @@
+//! A client connection's life, top to bottom, one named step each:
+//!
+//! 0. [`tls`]: the TLS handshake on `mqtts`/`wss` listeners (after a PROXY header
+//!    when the listener expects one).
+//! 1. [`first`]: the first packet within `inspect_timeout`: a valid CONNECT (inside
+//!    WebSocket frames after the upgrade on `ws`/`wss`, [`websocket`]); optionally
+//!    rewritten from the client certificate.
+//! 2. [`route`]: a server (sticky entry first, then the balancer) connected within
+//!    `connect_timeout` (next server on failure). When none can take the client, it
+//!    gets a CONNACK "server unavailable" in its own protocol version.
+//! 3. The PROXY header and every byte read so far, written to the server.
+//! 4. The hand-off: the data plane (plain TCP), the userspace relay (TLS), or the
+//!    WebSocket terminator (a server without `ws_address`).
+
+use std::{net::SocketAddr, os::fd::AsRawFd, sync::Arc};
+
+use lb_common::DaemonStat;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tracing::debug;
+
+use crate::{
+    balance::Lease,
+    dataplane::{Outcome, Pair, Traffic, stream},
+    proxy_protocol,
+    registry::{Entry, Plane},
+    runtime::{ClusterRt, ListenerRt, Shared},
+    stats::{ActiveGuard, Stats},
+};
+
+mod client;
+mod first;
+mod route;
+mod tls;
+mod websocket;
+
+use client::Client;
+use first::First;
+
+/// Serves one accepted client connection on `listener`.
+pub async fn handle(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRt>,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let stats = &shared.stats;
+    // A dual-stack listener's IPv4 clients are IPv4 everywhere (logs, PROXY headers).
+    let peer = crate::addr::unmapped(peer);
+    let _active = ActiveGuard::new(stats);
+    let registered = shared.conns.open(&listener.config.name, peer);
+    stats.inc(DaemonStat::Accepted);
+    let _ = client.set_nodelay(true);
+    let (client, peer, tls, proxy_header) = match &listener.tls {
+        None => {
+            let proxy_header = listener.config.accept_proxy_protocol;
+            (Client::Plain(client), peer, None, proxy_header)
+        }
+        Some(rt) => {
+            let Some((stream, peer, session)) =
+                tls::accept(stats, &listener.config, rt, client, peer).await
+            else {
+                return;
+            };
+            // The PROXY header, if any, came before the handshake.
+            (Client::Tls(Box::new(stream)), peer, Some(session), false)
+        }
+    };
+    let conn = Conn {
+        shared: &shared,
+        listener: &listener,
+        entry: &registered.entry,
+        peer,
+        tls,
+    };
+    conn.serve(client, proxy_header).await;
+}
+
+/// One connection through its steps.
+struct Conn<'a> {
+    shared: &'a Shared,
+    listener: &'a ListenerRt,
+    /// Its row in the registry.
+    entry: &'a Arc<Entry>,
+    /// The client (as a PROXY header in front named it, once read).
+    peer: SocketAddr,
+    /// What the TLS handshake established, on TLS listeners.
+    tls: Option<tls::TlsSession>,
+}
+
+/// What was written before the hand-off.
+struct Sent {
+    /// Bytes written to the client (the `101` and early server frames, WebSocket).
+    to_client: u64,
+    /// Bytes written to the server.
+    to_server: u64,
+    /// WebSocket terminated here: the client bytes after the frames already unwrapped.
+    terminated: Option<Vec<u8>>,
+    /// The connection's byte counters.
+    traffic: Arc<Traffic>,
+}
+
+impl Conn<'_> {
+    /// Everything after the handshake: the CONNECT, a server, the hand-off.
+    async fn serve(mut self, mut client: Client, proxy_header: bool) {
+        let Some((mut first, handshake)) = self.read_first(&mut client, proxy_header).await else {
+            return;
+        };
+        // Behind a load balancer that sends PROXY headers, the client is who it names.
+        self.peer = first.proxied_source.unwrap_or(self.peer);
+        if !self.rewrite(&mut client, &mut first).await {
+            return;
+        }
+        // The client id the server gets (after a rewrite).
+        self.entry.identified(self.peer, &first.client_id);
+
+        let cluster = self.listener.cluster();
+        let websocket = self.listener.websocket;
+        let connected =
+            route::connect_server(self.shared, &cluster, &first, self.peer, websocket).await;
+        let (mut server, lease) = match connected {
+            Ok(connected) => connected,
+            Err(why) => {
+                self.shared.stats.inc(why.stat());
+                debug!(peer = %self.peer, client_id = %first.client_id, cluster = %cluster.config.name, ?why, "no server available");
+                route::refuse(client, first.version, websocket).await;
+                return;
+            }
+        };
+        let _ = server.set_nodelay(true);
+        let target = (&*cluster, &lease);
+        let sent = self
+            .send_head(&mut client, &mut server, target, first, handshake)
+            .await;
+        if let Some(sent) = sent {
+            self.hand_off(client, server, target, sent).await;
+        }
+    }
+
+    /// Step 3: the PROXY header, then everything read from the client (for WebSocket:
+    /// unwrapped for a plain MQTT server, or after the forwarded upgrade for a server
+    /// that speaks WebSocket). None when the connection ended here.
+    async fn send_head(
+        &self,
+        client: &mut Client,
+        server: &mut TcpStream,
+        (cluster, lease): (&ClusterRt, &Lease),
+        mut first: First,
+        handshake: Option<websocket::Handshake>,
+    ) -> Option<Sent> {
+        let stats = &self.shared.stats;
+        let local = client
+            .tcp()
+            .local_addr()
+            .unwrap_or(self.listener.config.bind);
+        let tls = self.tls.as_ref().map(|t| &t.info);
+        let proxy = cluster.config.proxy_protocol;
+        let mut head = proxy_protocol::encode_with_tls(proxy, self.peer, local, tls);
+        let mut to_client = 0;
+        // Bytes already written to the server (the upgrade request).
+        let mut upgrade = 0;
+        let mut terminated = None;
+        match handshake {
+            None if head.is_empty() => head = first.bytes,
+            None => head.extend_from_slice(&first.bytes),
+            Some(h)
+                if cluster.pool.servers[lease.index]
+                    .config
+                    .ws_address
+                    .is_none() =>
+            {
+                let max = self.listener.config.max_connect_size as usize;
+                head.extend_from_slice(&websocket::unwrap(&mut first, max, stats)?);
+                terminated = Some(first.bytes);
+                to_client = h.answered as u64;
+            }
+            Some(h) => {
+                let target = (cluster, lease);
+                (upgrade, to_client) = self
+                    .forward_upgrade(client, server, target, head, &h)
+                    .await?;
+                // Only the frames are left to write.
+                head = first.bytes;
+            }
+        }
+        let traffic = self
+            .entry
+            .reached(lease.name(), lease.address, lease.traffic());
+        let to_server = (upgrade + head.len()) as u64;
+        traffic.add(0, to_server);
+        if let Err(e) = server.write_all(&head).await {
+            debug!(peer = %self.peer, server = lease.name(), error = %e, "server write failed");
+            stats.inc(DaemonStat::Aborted);
+            return None;
+        }
+        Some(Sent {
+            to_client,
+            to_server,
+            terminated,
+            traffic,
+        })
+    }
+
+    /// Step 4: whatever carries the connection from here to its end.
+    async fn hand_off(
+        &self,
+        client: Client,
+        server: TcpStream,
+        (cluster, lease): (&ClusterRt, &Lease),
+        sent: Sent,
+    ) {
+        let stats = &self.shared.stats;
+        let idle = cluster.config.idle_timeout;
+        let outcome = match (client, sent.terminated) {
+            (client, Some(pending)) => {
+                let fd = client.tcp().as_raw_fd();
+                self.entry.set_plane(Plane::WebSocket);
+                let limits = stream::WsLimits {
+                    idle,
+                    max_frame: u64::from(self.listener.config.max_frame_size),
+                };
+                let traffic = sent.traffic;
+                stream::ws_terminate(client, fd, pending, server, limits, traffic, stats).await
+            }
+            (Client::Plain(client), None) => {
+                let pair = Pair {
+                    client,
+                    server,
+                    id: self.entry.id,
+                    client_addr: self.peer,
+                    server_addr: lease.address,
+                    server_index: lease.index as u32,
+                    written_to_client: sent.to_client,
+                    written_to_server: sent.to_server,
+                    idle_timeout: idle,
+                    promote: cluster.config.promote,
+                    traffic: sent.traffic,
+                    entry: self.entry.clone(),
+                };
+                self.shared.plane.carry(pair).await
+            }
+            (Client::Tls(tls), None) => {
+                self.entry.set_plane(Plane::Tls);
+                let fd = tls.get_ref().0.as_raw_fd();
+                stream::relay(tls, fd, server, idle, sent.traffic, stats).await
+            }
+        };
+        count_outcome(stats, outcome, self.peer, lease.name());
+    }
+}
+
+/// Counts how a carried connection ended.
+fn count_outcome(stats: &Stats, outcome: Outcome, peer: SocketAddr, server: &str) {
+    match outcome {
+        Outcome::Closed => stats.inc(DaemonStat::Closed),
+        Outcome::IdleTimeout => stats.inc(DaemonStat::IdleTimeout),
+        Outcome::Aborted(e) => {
+            stats.inc(DaemonStat::Aborted);
+            debug!(%peer, server, error = %e, "connection aborted");
+        }
+    }
+}
