@@ -214,7 +214,7 @@ pub async fn run(
             addr: l.bind,
             source,
         })?;
-        info!(listener = %l.name, bind = %l.bind, kind = ?l.kind, "listening");
+        info!(listener = %l.name, bind = %l.bind, kind = ?l.kind(), "listening");
         bound.push((l, listener));
     }
     let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
@@ -482,7 +482,7 @@ fn reload(
         }
         // Certificates and TLS settings: new handshakes use the new ones.
         if let Some(n) = found {
-            if n.tls.is_some() {
+            if n.tls().is_some() {
                 info!(listener = %n.name, "reload: certificates and TLS settings read again (new handshakes use them)");
             }
             l.replace_tls(n);

@@ -15,7 +15,7 @@ use std::{
 
 use crate::{
     balance::Pool,
-    config::{Cluster, Listener, ListenerKind},
+    config::{Cluster, Listener, WebSocket},
     dataplane::DataPlane,
     limits::PreConnectBudget,
     registry::Registry,
@@ -138,15 +138,13 @@ impl Shared {
 
 /// A listener as the accept loop and the connections see it: its configuration, its
 /// cluster (resolved at start and at each reload, never looked up per connection),
-/// whether it speaks WebSocket, and for TLS the configuration a reload can replace and
+/// and for TLS the configuration a reload can replace and
 /// the handshake limit.
 pub struct ListenerRt {
     /// Its configuration.
     pub config: Listener,
     /// TLS state, for TLS listeners (`mqtts`, `wss`).
     pub tls: Option<TlsRt>,
-    /// MQTT inside WebSocket frames (`ws`, `wss`).
-    pub websocket: bool,
     /// The cluster its connections go to.
     cluster: RwLock<Arc<ClusterRt>>,
 }
@@ -171,18 +169,21 @@ impl TlsRt {
 impl ListenerRt {
     /// The runtime of `config`, whose connections go to `cluster`.
     pub fn new(config: Listener, cluster: Arc<ClusterRt>) -> Self {
-        let tls = config.tls.as_ref().map(|t| TlsRt {
+        let tls = config.tls().map(|t| TlsRt {
             server_config: RwLock::new(t.config.clone()),
             handshakes: tokio::sync::Semaphore::new(t.max_handshakes.get() as usize),
             handshake_timeout: t.handshake_timeout,
         });
-        let websocket = matches!(config.kind, ListenerKind::Ws | ListenerKind::Wss);
         Self {
             config,
             tls,
-            websocket,
             cluster: RwLock::new(cluster),
         }
+    }
+
+    /// Its WebSocket settings, for `ws`/`wss` listeners.
+    pub fn websocket(&self) -> Option<&WebSocket> {
+        self.config.websocket()
     }
 
     /// The cluster a new connection goes to.
@@ -198,7 +199,7 @@ impl ListenerRt {
     /// Takes the certificates and TLS settings of `new` (reload); new handshakes use
     /// them, established connections keep theirs.
     pub fn replace_tls(&self, new: &Listener) {
-        if let (Some(rt), Some(t)) = (&self.tls, &new.tls) {
+        if let (Some(rt), Some(t)) = (&self.tls, new.tls()) {
             *rt.server_config.write().expect("tls lock") = t.config.clone();
         }
     }

@@ -97,22 +97,17 @@ impl Conn<'_> {
         let stats = &self.shared.stats;
         let max = listener.max_connect_size as usize;
         let mut charge = self.shared.preconnect.charge();
+        let websocket = self.listener.websocket();
         let read = async {
-            if self.listener.websocket {
-                websocket::read_connect(
-                    client,
-                    &listener.path,
-                    max,
-                    proxy_header,
-                    stats,
-                    &mut charge,
-                )
-                .await
-                .map(|(f, h)| (f, Some(h)))
-            } else {
-                read_connect(client, max, proxy_header, &mut charge)
+            match websocket {
+                Some(ws) => {
+                    websocket::read_connect(client, &ws.path, max, proxy_header, stats, &mut charge)
+                        .await
+                        .map(|(f, h)| (f, Some(h)))
+                }
+                None => read_connect(client, max, proxy_header, &mut charge)
                     .await
-                    .map(|f| (f, None))
+                    .map(|f| (f, None)),
             }
         };
         let reject = match timeout(listener.inspect_timeout, read).await {
@@ -128,7 +123,7 @@ impl Conn<'_> {
             stats.inc(invalid_stat(*why));
         }
         stats.inc(reject.stat());
-        if self.listener.websocket && matches!(reject, Reject::Invalid(_) | Reject::Frame(_)) {
+        if websocket.is_some() && matches!(reject, Reject::Invalid(_) | Reject::Frame(_)) {
             // After the 101: say why in WebSocket terms.
             let close = ws::close_frame(ws::CloseCode::ProtocolError);
             let _ = client.write_all(&close).await;
@@ -148,7 +143,8 @@ impl Conn<'_> {
         }
         let identity = self.tls.as_ref().and_then(|t| t.identity.as_ref());
         let max = listener.max_connect_size as usize;
-        let rewritten = if self.listener.websocket {
+        let websocket = self.listener.websocket().is_some();
+        let rewritten = if websocket {
             websocket::rewrite_in_frames(first, listener.rewrite, identity, max)
         } else {
             apply_rewrite(first, listener.rewrite, identity, max)
@@ -158,7 +154,7 @@ impl Conn<'_> {
         };
         self.shared.stats.inc(DaemonStat::RewriteFailed);
         debug!(peer = %self.peer, listener = %listener.name, %why, "CONNECT rewrite failed; closing");
-        if self.listener.websocket {
+        if websocket {
             let close = ws::close_frame(ws::CloseCode::PolicyViolation);
             let _ = client.write_all(&close).await;
         }

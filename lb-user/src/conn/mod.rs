@@ -114,7 +114,7 @@ impl Conn<'_> {
         self.entry.identified(self.peer, &first.client_id);
 
         let cluster = self.listener.cluster();
-        let websocket = self.listener.websocket;
+        let websocket = self.listener.websocket().is_some();
         let connected =
             route::connect_server(self.shared, &cluster, &first, self.peer, websocket).await;
         let (mut server, lease) = match connected {
@@ -210,18 +210,19 @@ impl Conn<'_> {
     ) {
         let stats = &self.shared.stats;
         let idle = cluster.config.idle_timeout;
-        let outcome = match (client, sent.terminated) {
-            (client, Some(pending)) => {
+        let websocket = self.listener.websocket();
+        let outcome = match (client, sent.terminated, websocket) {
+            (client, Some(pending), Some(ws)) => {
                 let fd = client.tcp().as_raw_fd();
                 self.entry.set_plane(Plane::WebSocket);
                 let limits = stream::WsLimits {
                     idle,
-                    max_frame: u64::from(self.listener.config.max_frame_size),
+                    max_frame: u64::from(ws.max_frame_size),
                 };
                 let traffic = sent.traffic;
                 stream::ws_terminate(client, fd, pending, server, limits, traffic, stats).await
             }
-            (Client::Plain(client), None) => {
+            (Client::Plain(client), _, _) => {
                 let pair = Pair {
                     client,
                     server,
@@ -238,7 +239,7 @@ impl Conn<'_> {
                 };
                 self.shared.plane.carry(pair).await
             }
-            (Client::Tls(tls), None) => {
+            (Client::Tls(tls), _, _) => {
                 self.entry.set_plane(Plane::Tls);
                 let fd = tls.get_ref().0.as_raw_fd();
                 stream::relay(tls, fd, server, idle, sent.traffic, stats).await

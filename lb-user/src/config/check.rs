@@ -1,0 +1,618 @@
+//! Checking the raw file and building the typed configuration: one method per
+//! section, every problem recorded (key, line, what to write) rather than the first.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use toml::Spanned;
+
+use super::{raw::*, *};
+
+/// Stands in for an address that failed its check (the configuration is refused).
+const UNSPECIFIED: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// Turns a TOML/serde error into one line: `line N: key: message`.
+pub(super) fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| line_of(text, s.start));
+    // The key is what stands before `=` on the offending line, when there is one.
+    let key = line
+        .and_then(|l| text.lines().nth(l - 1))
+        .and_then(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
+        .filter(|k| !k.is_empty() && !k.starts_with('['))
+        .unwrap_or_else(|| "file".to_owned());
+    ConfigError {
+        line,
+        key,
+        message: e.message().trim().replace('\n', " "),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The state of one check: the text (for line numbers), the directory relative
+/// paths start from, and every problem so far.
+pub(super) struct Checker<'a> {
+    pub text: &'a str,
+    pub dir: &'a Path,
+    pub errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    /// Checks a listener's `[listeners.tls]` against its kind and builds it (reading
+    /// the files it names).
+    fn listener_tls(
+        &mut self,
+        key: &str,
+        kind: ListenerKind,
+        name: &Spanned<String>,
+        raw: Option<Spanned<RawTls>>,
+    ) -> Option<TlsListener> {
+        let wants_tls = matches!(kind, ListenerKind::Mqtts | ListenerKind::Wss);
+        let Some(raw) = raw else {
+            if wants_tls {
+                self.err(
+                    name.span(),
+                    format!("{key}.tls"),
+                    "a TLS listener needs [listeners.tls] with cert and key",
+                );
+            }
+            return None;
+        };
+        let span = raw.span();
+        if !wants_tls {
+            self.err(
+                span,
+                format!("{key}.tls"),
+                "only \"mqtts\" and \"wss\" listeners use TLS",
+            );
+            return None;
+        }
+        let raw = raw.into_inner();
+        let at = |p: PathBuf| self.dir.join(p);
+        let settings = crate::tls::TlsSettings {
+            cert: at(raw.cert),
+            key: at(raw.key),
+            certs: raw
+                .certs
+                .into_iter()
+                .map(|c| crate::tls::SniCert {
+                    server_names: c.server_names,
+                    cert: at(c.cert),
+                    key: at(c.key),
+                })
+                .collect(),
+            verify: raw.verify.unwrap_or(crate::tls::Verify::Required),
+            client_ca: raw.client_ca.map(at),
+            crl: raw.crl.map(at),
+            min_version: raw.min_version,
+            session_cache_size: raw.session_cache_size,
+            session_tickets: raw.session_tickets,
+        };
+        self.positive(
+            span.clone(),
+            format!("{key}.tls.handshake_timeout"),
+            raw.handshake_timeout.0,
+        );
+        if raw.verify.is_some() && settings.client_ca.is_none() {
+            self.err(
+                span.clone(),
+                format!("{key}.tls.verify"),
+                "needs tls.client_ca",
+            );
+        }
+        match crate::tls::server_config(&settings) {
+            Ok(config) => Some(TlsListener {
+                settings,
+                config,
+                handshake_timeout: raw.handshake_timeout.0,
+                max_handshakes: raw.max_handshakes,
+            }),
+            Err(e) => {
+                self.err(span, format!("{key}.tls.{}", e.key), e.message);
+                None
+            }
+        }
+    }
+
+    /// `value` of a listener key only `ws` and `wss` listeners have; on another kind
+    /// it is an error and treated as absent.
+    fn websocket_only<T>(
+        &mut self,
+        value: Option<Spanned<T>>,
+        websocket: bool,
+        listener: &str,
+        name: &str,
+    ) -> Option<Spanned<T>> {
+        match value {
+            Some(v) if !websocket => {
+                self.err(
+                    v.span(),
+                    format!("{listener}.{name}"),
+                    "only \"ws\" and \"wss\" listeners have this key",
+                );
+                None
+            }
+            v => v,
+        }
+    }
+
+    /// A listener address: an IP and a port (host names are not taken: a listener
+    /// binds an address of this host).
+    fn bind_addr(&mut self, raw: &Spanned<String>, key: String) -> Option<SocketAddr> {
+        match raw.get_ref().parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => {
+                self.err(
+                    raw.span(),
+                    key,
+                    "port 0 would pick a random port: give the port clients connect to",
+                );
+                None
+            }
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    raw.span(),
+                    key,
+                    format!(
+                        "expected IP:port, e.g. 0.0.0.0:1883 or [::]:1883 (got {:?})",
+                        raw.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A server address: IP:port, or host:port resolved now (at start and at each
+    /// reload; the address is then fixed until the next reload), first address given.
+    fn server_addr(&mut self, raw: &Spanned<String>, key: String) -> Option<SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let text = raw.get_ref();
+        if let Ok(a) = text.parse::<SocketAddr>() {
+            return Some(a);
+        }
+        let parsed = text
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+            .filter(|(host, _)| !host.is_empty() && !host.contains(':'));
+        let Some((host, port)) = parsed else {
+            self.err(
+                raw.span(),
+                key,
+                format!("expected IP:port or host:port, e.g. 127.0.0.1:1883 or broker-1:1883 (got {text:?})"),
+            );
+            return None;
+        };
+        match (host, port).to_socket_addrs() {
+            Ok(mut addrs) => match addrs.next() {
+                Some(a) => Some(a),
+                None => {
+                    self.err(
+                        raw.span(),
+                        key,
+                        format!("host name {host:?} resolves to no address"),
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                self.err(
+                    raw.span(),
+                    key,
+                    format!("cannot resolve host name {host:?} ({e}); give IP:port, or a name this host resolves"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration that must not be zero.
+    fn positive(&mut self, span: Range<usize>, key: String, d: Duration) {
+        if d.is_zero() {
+            self.err(span, key, "must be more than 0s");
+        }
+    }
+
+    fn err(&mut self, span: Range<usize>, key: String, message: impl Into<String>) {
+        let line = (span.end > 0).then(|| line_of(self.text, span.start));
+        self.errors.push(ConfigError {
+            line,
+            key,
+            message: message.into(),
+        });
+    }
+
+    /// Checks every section and builds the configuration (meaningful only when no
+    /// problem was recorded).
+    pub(super) fn check(&mut self, raw: RawConfig) -> Config {
+        let global = self.global(raw.global);
+        let mut clusters = Vec::new();
+        let mut names = HashSet::new();
+        for (ci, rc) in raw.clusters.into_iter().enumerate() {
+            if !names.insert(rc.name.get_ref().clone()) {
+                self.err(
+                    rc.name.span(),
+                    format!("clusters[{ci}].name"),
+                    format!("duplicate cluster name {:?}", rc.name.get_ref()),
+                );
+            }
+            clusters.push(self.cluster(&format!("clusters[{ci}]"), rc));
+        }
+        if raw.listeners.is_empty() {
+            self.err(
+                0..0,
+                "listeners".into(),
+                "at least one [[listeners]] entry is required",
+            );
+        }
+        let mut listeners = Vec::new();
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for (li, rl) in raw.listeners.into_iter().enumerate() {
+            let key = format!("listeners[{li}]");
+            if !names.insert(rl.name.get_ref().clone()) {
+                self.err(
+                    rl.name.span(),
+                    format!("{key}.name"),
+                    format!("duplicate listener name {:?}", rl.name.get_ref()),
+                );
+            }
+            let listener = self.listener(&key, rl, &clusters);
+            let bind = listener.listener.bind;
+            if bind != UNSPECIFIED && !binds.insert(bind) {
+                self.err(
+                    listener.bind_span,
+                    format!("{key}.bind"),
+                    format!("{bind} is already used by another listener"),
+                );
+            }
+            listeners.push(listener.listener);
+        }
+        let stats = raw.stats.map(|s| StatsConfig {
+            bind: self
+                .bind_addr(&s.bind, "stats.bind".into())
+                .unwrap_or(UNSPECIFIED),
+        });
+        Config {
+            global,
+            stats,
+            listeners,
+            clusters,
+        }
+    }
+
+    /// `[global]`.
+    fn global(&mut self, raw: RawGlobal) -> Global {
+        let name = raw.name.get_ref().clone();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            self.err(
+                raw.name.span(),
+                "global.name".into(),
+                "must be 1 to 64 characters of letters, digits, '-' or '_' (it names a bpffs directory)",
+            );
+        }
+        if *raw.max_preconnect_bytes.get_ref() < 64 << 10 {
+            self.err(
+                raw.max_preconnect_bytes.span(),
+                "global.max_preconnect_bytes".into(),
+                "must be at least 65536 bytes",
+            );
+        }
+        Global {
+            name,
+            data_plane: raw.data_plane,
+            max_connections: raw.max_connections,
+            max_preconnect_bytes: *raw.max_preconnect_bytes.get_ref() as usize,
+        }
+    }
+
+    /// One `[[clusters]]` entry, its servers included.
+    fn cluster(&mut self, key: &str, rc: RawCluster) -> Cluster {
+        let span = rc.name.span();
+        if rc.servers.len() > 1024 {
+            self.err(
+                span.clone(),
+                format!("{key}.servers"),
+                "at most 1024 servers per cluster",
+            );
+        }
+        if *rc.empty_client_id.get_ref() == Balance::ClientId {
+            self.err(
+                rc.empty_client_id.span(),
+                format!("{key}.empty_client_id"),
+                "an empty client id cannot be hashed: least-conn, round-robin, random or source",
+            );
+        }
+        if rc.sticky_table_size.get() > 10_000_000 {
+            self.err(
+                span.clone(),
+                format!("{key}.sticky_table_size"),
+                "at most 10000000 entries",
+            );
+        }
+        if rc.servers.is_empty() {
+            self.err(
+                span.clone(),
+                format!("{key}.servers"),
+                "a cluster needs at least one [[clusters.servers]] entry",
+            );
+        }
+        for (name, d) in [
+            ("connect_timeout", rc.connect_timeout.0),
+            ("idle_timeout", rc.idle_timeout.0),
+        ] {
+            self.positive(span.clone(), format!("{key}.{name}"), d);
+        }
+        let health = self.health(key, span.clone(), rc.health);
+        let servers = self.servers(key, rc.servers);
+        self.source_families(key, span, &rc.source_addresses, &servers);
+        Cluster {
+            name: rc.name.into_inner(),
+            balance: rc.balance.into_inner(),
+            empty_client_id: rc.empty_client_id.into_inner(),
+            sticky: rc.sticky.into_inner(),
+            sticky_expire: rc.sticky_expire.0,
+            sticky_table_size: rc.sticky_table_size,
+            proxy_protocol: rc.proxy_protocol,
+            connect_timeout: rc.connect_timeout.0,
+            idle_timeout: rc.idle_timeout.0,
+            promote: Promote {
+                after_bytes: rc.promote_after_bytes.filter(|&b| b > 0),
+                after: rc.promote_after.map(|d| d.0).filter(|d| !d.is_zero()),
+                max_rate: Some(rc.promote_max_rate).filter(|&r| r > 0),
+            },
+            health,
+            source_addresses: rc.source_addresses,
+            servers,
+        }
+    }
+
+    /// A cluster's `[clusters.health]`.
+    fn health(&mut self, key: &str, span: Range<usize>, raw: RawHealth) -> Health {
+        for (name, d) in [
+            ("health.interval", raw.interval.0),
+            ("health.timeout", raw.timeout.0),
+        ] {
+            self.positive(span.clone(), format!("{key}.{name}"), d);
+        }
+        if raw.timeout.0 > raw.interval.0 {
+            self.err(
+                span,
+                format!("{key}.health.timeout"),
+                "must not exceed health.interval",
+            );
+        }
+        Health {
+            kind: raw.kind,
+            interval: raw.interval.0,
+            timeout: raw.timeout.0,
+            rise: raw.rise,
+            fall: raw.fall,
+            client_id: raw.client_id,
+        }
+    }
+
+    /// A cluster's `[[clusters.servers]]`: unique names and addresses.
+    fn servers(&mut self, key: &str, raw: Vec<RawServer>) -> Vec<Server> {
+        let mut servers = Vec::new();
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (si, rs) in raw.into_iter().enumerate() {
+            let skey = format!("{key}.servers[{si}]");
+            if !names.insert(rs.name.get_ref().clone()) {
+                self.err(
+                    rs.name.span(),
+                    format!("{skey}.name"),
+                    format!(
+                        "duplicate server name {:?} in this cluster",
+                        rs.name.get_ref()
+                    ),
+                );
+            }
+            let address = self.server_addr(&rs.address, format!("{skey}.address"));
+            if address.is_some_and(|a| !addresses.insert(a)) {
+                self.err(
+                    rs.address.span(),
+                    format!("{skey}.address"),
+                    "duplicate server address in this cluster",
+                );
+            }
+            let ws_address = rs
+                .ws_address
+                .as_ref()
+                .and_then(|w| self.server_addr(w, format!("{skey}.ws_address")));
+            servers.push(Server {
+                name: rs.name.into_inner(),
+                address: address.unwrap_or(UNSPECIFIED),
+                weight: rs.weight,
+                backup: rs.backup,
+                state: rs.state,
+                max_fails: rs.max_fails,
+                fail_timeout: rs.fail_timeout.0,
+                max_connections: rs.max_connections,
+                ws_address,
+            });
+        }
+        servers
+    }
+
+    /// `source_addresses`, when given, must hold an address of every server's family.
+    fn source_families(
+        &mut self,
+        key: &str,
+        span: Range<usize>,
+        sources: &[std::net::IpAddr],
+        servers: &[Server],
+    ) {
+        if sources.is_empty() {
+            return;
+        }
+        for server in servers {
+            let family = server.address.is_ipv4();
+            if !sources.iter().any(|a| a.is_ipv4() == family) {
+                self.err(
+                    span.clone(),
+                    format!("{key}.source_addresses"),
+                    format!(
+                        "no address of the family of server {:?} ({})",
+                        server.name, server.address
+                    ),
+                );
+            }
+        }
+    }
+
+    /// One `[[listeners]]` entry (its bind address is checked against the others by
+    /// the caller).
+    fn listener(&mut self, key: &str, rl: RawListener, clusters: &[Cluster]) -> Checked {
+        let bind = self.bind_addr(&rl.bind, format!("{key}.bind"));
+        self.positive(
+            rl.name.span(),
+            format!("{key}.inspect_timeout"),
+            rl.inspect_timeout.0,
+        );
+        if !(16..=16 * 1024 * 1024).contains(rl.max_connect_size.get_ref()) {
+            self.err(
+                rl.max_connect_size.span(),
+                format!("{key}.max_connect_size"),
+                "must be between 16 and 16777216 bytes",
+            );
+        }
+        let kind = *rl.kind.get_ref();
+        let websocket = self.websocket(key, kind, rl.path, rl.max_frame_size);
+        let tls = self.listener_tls(key, kind, &rl.name, rl.tls);
+        let rewrite = self.rewrite(key, rl.rewrite, tls.as_ref());
+        let cluster = self.listener_cluster(key, &rl.name, rl.cluster.as_ref(), clusters);
+        let protocol = match (tls, websocket) {
+            (None, None) => Protocol::Mqtt,
+            (Some(tls), None) => Protocol::Mqtts(tls),
+            (None, Some(ws)) => Protocol::Ws(ws),
+            (Some(tls), Some(ws)) => Protocol::Wss(tls, ws),
+        };
+        Checked {
+            bind_span: rl.bind.span(),
+            listener: Listener {
+                name: rl.name.into_inner(),
+                bind: bind.unwrap_or(UNSPECIFIED),
+                cluster: cluster.unwrap_or(0),
+                inspect_timeout: rl.inspect_timeout.0,
+                accept_proxy_protocol: rl.accept_proxy_protocol.into_inner(),
+                max_connect_size: rl.max_connect_size.into_inner(),
+                rewrite,
+                protocol,
+            },
+        }
+    }
+
+    /// The WebSocket settings of `ws`/`wss` listeners (`path`, `max_frame_size`);
+    /// on other kinds those keys are errors.
+    fn websocket(
+        &mut self,
+        key: &str,
+        kind: ListenerKind,
+        path: Option<Spanned<String>>,
+        max_frame_size: Option<Spanned<u32>>,
+    ) -> Option<WebSocket> {
+        let websocket = matches!(kind, ListenerKind::Ws | ListenerKind::Wss);
+        let path = match self.websocket_only(path, websocket, key, "path") {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                self.err(p.span(), format!("{key}.path"), "must start with '/'");
+                String::new()
+            }
+            Some(p) => p.into_inner(),
+            None => "/mqtt".to_owned(),
+        };
+        let max_frame_size =
+            match self.websocket_only(max_frame_size, websocket, key, "max_frame_size") {
+                Some(m) if !(128..=256 << 20).contains(m.get_ref()) => {
+                    self.err(
+                        m.span(),
+                        format!("{key}.max_frame_size"),
+                        "must be between 128 and 268435456 bytes",
+                    );
+                    0
+                }
+                Some(m) => m.into_inner(),
+                None => default_max_frame_size().into_inner(),
+            };
+        websocket.then_some(WebSocket {
+            path,
+            max_frame_size,
+        })
+    }
+
+    /// `[listeners.rewrite]`: only with verified client certificates.
+    fn rewrite(
+        &mut self,
+        key: &str,
+        raw: Option<Spanned<RawRewrite>>,
+        tls: Option<&TlsListener>,
+    ) -> Rewrite {
+        let Some(r) = raw else {
+            return Rewrite::default();
+        };
+        let span = r.span();
+        let r = r.into_inner();
+        if tls.is_none_or(|t| t.settings.client_ca.is_none()) {
+            self.err(
+                span,
+                format!("{key}.rewrite"),
+                "needs client certificates: a TLS listener with tls.client_ca",
+            );
+        }
+        Rewrite {
+            client_id: r.client_id,
+            username: r.username,
+        }
+    }
+
+    /// The index of the cluster a listener names.
+    fn listener_cluster(
+        &mut self,
+        key: &str,
+        name: &Spanned<String>,
+        cluster: Option<&Spanned<String>>,
+        clusters: &[Cluster],
+    ) -> Option<usize> {
+        let Some(cluster) = cluster else {
+            self.err(
+                name.span(),
+                format!("{key}.cluster"),
+                "missing: name the [[clusters]] entry this listener feeds",
+            );
+            return None;
+        };
+        let found = clusters.iter().position(|c| &c.name == cluster.get_ref());
+        if found.is_none() {
+            self.err(
+                cluster.span(),
+                format!("{key}.cluster"),
+                format!("no [[clusters]] entry is named {:?}", cluster.get_ref()),
+            );
+        }
+        found
+    }
+}
+
+/// A checked listener and where its bind address stands in the file.
+struct Checked {
+    bind_span: Range<usize>,
+    listener: Listener,
+}

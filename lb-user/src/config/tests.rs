@@ -1,0 +1,268 @@
+//! The configuration checks, problem by problem.
+
+use std::{num::NonZeroU32, time::Duration};
+
+use super::*;
+
+const GOOD: &str = r#"
+[global]
+name = "t1"
+data_plane = "copy"
+
+[[listeners]]
+name = "mqtt"
+bind = "127.0.0.1:1883"
+cluster = "brokers"
+inspect_timeout = "250ms"
+
+[[clusters]]
+name = "brokers"
+connect_timeout = "2s"
+
+[[clusters.servers]]
+name = "node1"
+address = "127.0.0.1:18831"
+weight = 3
+
+[[clusters.servers]]
+name = "node2"
+address = "127.0.0.1:18832"
+state = "drain"
+"#;
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_key_and_what_to_write() {
+    let text = GOOD
+        .replace("bind = \"127.0.0.1:1883\"", "bind = \"localhost:1883\"")
+        .replace("cluster = \"brokers\"\n", "")
+        .replace("connect_timeout = \"2s\"", "connect_timeout = \"0s\"")
+        .replace("address = \"127.0.0.1:18832\"", "address = \"10.0.0.1\"");
+    let e = errors(&text);
+    for want in [
+        "line 8: listeners[0].bind: expected IP:port, e.g. 0.0.0.0:1883",
+        "line 7: listeners[0].cluster: missing",
+        "line 12: clusters[0].connect_timeout: must be more than 0s",
+        "line 22: clusters[0].servers[1].address: expected IP:port or host:port",
+    ] {
+        assert!(e.iter().any(|l| l.contains(want)), "{want}: {e:?}");
+    }
+    assert_eq!(e.len(), 4, "{e:?}");
+    let e = errors(&GOOD.replace("127.0.0.1:1883", "127.0.0.1:0"));
+    assert!(e[0].contains("port 0"), "{e:?}");
+}
+
+#[test]
+fn servers_may_be_given_by_host_name_resolved_at_load() {
+    let c = Config::parse(&GOOD.replace("127.0.0.1:18831", "localhost:18831")).expect("valid");
+    assert!(c.clusters[0].servers[0].address.ip().is_loopback());
+    assert_eq!(c.clusters[0].servers[0].address.port(), 18831);
+    let e = errors(&GOOD.replace("127.0.0.1:18831", "no-such-host.invalid:18831"));
+    assert!(
+        e[0].contains("cannot resolve host name \"no-such-host.invalid\""),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn parses_a_good_file_into_typed_values() {
+    let c = Config::parse(GOOD).expect("valid");
+    assert_eq!(c.global.name, "t1");
+    assert_eq!(c.global.data_plane, DataPlaneKind::Copy);
+    assert_eq!(c.global.max_connections, None);
+    assert_eq!(c.global.max_preconnect_bytes, 64 << 20);
+    let l = &c.listeners[0];
+    assert_eq!(l.bind, "127.0.0.1:1883".parse().expect("addr"));
+    assert_eq!(l.inspect_timeout, Duration::from_millis(250));
+    assert_eq!(l.max_connect_size, 65536);
+    let cl = &c.clusters[l.cluster];
+    assert_eq!(cl.connect_timeout, Duration::from_secs(2));
+    assert_eq!(cl.idle_timeout, Duration::from_secs(1800));
+    assert_eq!(
+        cl.promote,
+        Promote {
+            after_bytes: None,
+            after: Some(Duration::from_secs(10)),
+            max_rate: Some(DEFAULT_PROMOTE_MAX_RATE),
+        }
+    );
+    assert_eq!(cl.servers.len(), 2);
+    assert_eq!(cl.servers[0].weight.get(), 3);
+    assert_eq!(cl.servers[1].state, ServerState::Drain);
+}
+
+fn errors(text: &str) -> Vec<String> {
+    Config::parse(text)
+        .expect_err("invalid")
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+#[test]
+fn unknown_key_names_the_key_and_line() {
+    let text = GOOD.replace("weight = 3", "wieght = 3");
+    let e = errors(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("line 19: wieght: unknown field `wieght`"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    let e = errors(&GOOD.replace("\"250ms\"", "\"fast\""));
+    assert!(
+        e[0].starts_with("line 10: inspect_timeout: invalid duration \"fast\""),
+        "{e:?}"
+    );
+    let e = errors(&GOOD.replace("127.0.0.1:18832", "127.0.0.1:99999"));
+    assert!(
+        e[0].starts_with("line 23: clusters[0].servers[1].address: expected IP:port"),
+        "{e:?}"
+    );
+    let e = errors(&GOOD.replace("\"drain\"", "\"sleepy\""));
+    assert!(
+        e[0].contains("state") && e[0].contains("unknown variant"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn second_wave_keys_are_checked_by_name() {
+    // An empty client id cannot fall back to hashing it.
+    let e = errors(&GOOD.replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\nempty_client_id = \"client-id\"",
+    ));
+    assert!(
+        e[0].contains("clusters[0].empty_client_id: an empty"),
+        "{e:?}"
+    );
+    let c = Config::parse(&GOOD.replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\nempty_client_id = \"round-robin\"",
+    ))
+    .expect("valid");
+    assert_eq!(c.clusters[0].empty_client_id, Balance::RoundRobin);
+    // WebSocket-only keys on a plain listener.
+    let plain = GOOD.replace(
+        "inspect_timeout = \"250ms\"",
+        "inspect_timeout = \"250ms\"\nmax_frame_size = 4096\npath = \"/mqtt\"",
+    );
+    let e = errors(&plain);
+    assert_eq!(e.len(), 2, "{e:?}");
+    for key in [
+        "listeners[0].max_frame_size: only",
+        "listeners[0].path: only",
+    ] {
+        assert!(e.iter().any(|l| l.contains(key)), "{key}: {e:?}");
+    }
+    let ws = GOOD.replace(
+        "inspect_timeout = \"250ms\"",
+        "inspect_timeout = \"250ms\"\nkind = \"ws\"\nmax_frame_size = 16",
+    );
+    let e = errors(&ws);
+    assert!(e[0].contains("max_frame_size: must be between"), "{e:?}");
+    let small = GOOD.replace("[global]\n", "[global]\nmax_preconnect_bytes = 1000\n");
+    let e = errors(&small);
+    assert!(e[0].contains("global.max_preconnect_bytes"), "{e:?}");
+    // Thresholds: "0s" turns promotion by age off; bytes are taken as given.
+    let c = Config::parse(&GOOD.replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\npromote_after = \"0s\"\npromote_after_bytes = 65536\npromote_max_rate = 0",
+    ))
+    .expect("valid");
+    assert_eq!(
+        c.clusters[0].promote,
+        Promote {
+            after_bytes: Some(65536),
+            after: None,
+            max_rate: None,
+        }
+    );
+    let c = Config::parse(&GOOD.replace("data_plane = \"copy\"", "max_connections = 500"))
+        .expect("valid");
+    assert_eq!(c.global.max_connections.map(NonZeroU32::get), Some(500));
+}
+
+#[test]
+fn semantic_problems_are_all_reported_with_lines() {
+    let text = GOOD
+        .replace("cluster = \"brokers\"", "cluster = \"nope\"")
+        .replace("node2", "node1");
+    let e = errors(&text);
+    assert!(
+        e.contains(
+            &"line 9: listeners[0].cluster: no [[clusters]] entry is named \"nope\"".to_owned()
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("line 22: clusters[0].servers[1].name: duplicate server name")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn tls_problems_name_the_key() {
+    let mqtts = GOOD.replace(
+        "cluster = \"brokers\"\ninspect",
+        "kind = \"mqtts\"\ncluster = \"brokers\"\ninspect",
+    );
+    let e = errors(&mqtts);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("listeners[0].tls: a TLS listener needs")),
+        "{e:?}"
+    );
+    let missing = mqtts.replace(
+        "inspect_timeout = \"250ms\"",
+        "inspect_timeout = \"250ms\"\n[listeners.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"",
+    );
+    let e = errors(&missing);
+    assert!(
+        e.iter().any(|m| m.contains(
+            "listeners[0].tls.cert: cannot read certificates from /nonexistent/cert.pem"
+        )),
+        "{e:?}"
+    );
+    let plain_with_tls = missing.replace("kind = \"mqtts\"\n", "");
+    let e = errors(&plain_with_tls);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("listeners[0].tls: only \"mqtts\" and \"wss\"")),
+        "{e:?}"
+    );
+    let rewrite = GOOD.replace(
+        "inspect_timeout = \"250ms\"",
+        "inspect_timeout = \"250ms\"\n[listeners.rewrite]\nclient_id = \"cert.serial\"",
+    );
+    let e = errors(&rewrite);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("listeners[0].rewrite: needs client certificates")),
+        "{e:?}"
+    );
+    let bad_field = rewrite.replace("cert.serial", "cert.colour");
+    let e = errors(&bad_field);
+    assert!(e.iter().any(|m| m.contains("client_id")), "{e:?}");
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+    assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+    assert!(parse_duration("10").is_err());
+    assert!(parse_duration("-1s").is_err());
+    assert!(parse_duration("s").is_err());
+}
+
+#[test]
+fn instance_name_must_be_a_safe_path_component() {
+    let e = errors(&GOOD.replace("\"t1\"", "\"../x\""));
+    assert!(e[0].starts_with("line 3: global.name:"), "{e:?}");
+}
