@@ -1,20 +1,14 @@
 //! Checking the raw file and building the typed configuration: one method per
 //! section, every problem recorded (key, line, what to write) rather than the first.
 
-use std::{
-    collections::HashSet,
-    net::SocketAddr,
-    ops::Range,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::HashSet, net::SocketAddr, ops::Range, path::Path, time::Duration};
 
 use toml::Spanned;
 
 use super::{raw::*, *};
 
 /// Stands in for an address that failed its check (the configuration is refused).
-const UNSPECIFIED: SocketAddr =
+pub(super) const UNSPECIFIED: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// Turns a TOML/serde error into one line: `line N: key: message`.
@@ -50,134 +44,9 @@ pub(super) struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    /// Checks a listener's `[listeners.tls]` against its kind and builds it (reading
-    /// the files it names).
-    fn listener_tls(
-        &mut self,
-        key: &str,
-        kind: ListenerKind,
-        name: &Spanned<String>,
-        raw: Option<Spanned<RawTls>>,
-    ) -> Option<TlsListener> {
-        let wants_tls = matches!(kind, ListenerKind::Mqtts | ListenerKind::Wss);
-        let Some(raw) = raw else {
-            if wants_tls {
-                self.err(
-                    name.span(),
-                    format!("{key}.tls"),
-                    "a TLS listener needs [listeners.tls] with cert and key",
-                );
-            }
-            return None;
-        };
-        let span = raw.span();
-        if !wants_tls {
-            self.err(
-                span,
-                format!("{key}.tls"),
-                "only \"mqtts\" and \"wss\" listeners use TLS",
-            );
-            return None;
-        }
-        let raw = raw.into_inner();
-        let at = |p: PathBuf| self.dir.join(p);
-        let settings = crate::tls::TlsSettings {
-            cert: at(raw.cert),
-            key: at(raw.key),
-            certs: raw
-                .certs
-                .into_iter()
-                .map(|c| crate::tls::SniCert {
-                    server_names: c.server_names,
-                    cert: at(c.cert),
-                    key: at(c.key),
-                })
-                .collect(),
-            verify: raw.verify.unwrap_or(crate::tls::Verify::Required),
-            client_ca: raw.client_ca.map(at),
-            crl: raw.crl.map(at),
-            min_version: raw.min_version,
-            session_cache_size: raw.session_cache_size,
-            session_tickets: raw.session_tickets,
-        };
-        self.positive(
-            span.clone(),
-            format!("{key}.tls.handshake_timeout"),
-            raw.handshake_timeout.0,
-        );
-        if raw.verify.is_some() && settings.client_ca.is_none() {
-            self.err(
-                span.clone(),
-                format!("{key}.tls.verify"),
-                "needs tls.client_ca",
-            );
-        }
-        match crate::tls::server_config(&settings) {
-            Ok(config) => Some(TlsListener {
-                settings,
-                config,
-                handshake_timeout: raw.handshake_timeout.0,
-                max_handshakes: raw.max_handshakes,
-            }),
-            Err(e) => {
-                self.err(span, format!("{key}.tls.{}", e.key), e.message);
-                None
-            }
-        }
-    }
-
-    /// `value` of a listener key only `ws` and `wss` listeners have; on another kind
-    /// it is an error and treated as absent.
-    fn websocket_only<T>(
-        &mut self,
-        value: Option<Spanned<T>>,
-        websocket: bool,
-        listener: &str,
-        name: &str,
-    ) -> Option<Spanned<T>> {
-        match value {
-            Some(v) if !websocket => {
-                self.err(
-                    v.span(),
-                    format!("{listener}.{name}"),
-                    "only \"ws\" and \"wss\" listeners have this key",
-                );
-                None
-            }
-            v => v,
-        }
-    }
-
-    /// A listener address: an IP and a port (host names are not taken: a listener
-    /// binds an address of this host).
-    fn bind_addr(&mut self, raw: &Spanned<String>, key: String) -> Option<SocketAddr> {
-        match raw.get_ref().parse::<SocketAddr>() {
-            Ok(a) if a.port() == 0 => {
-                self.err(
-                    raw.span(),
-                    key,
-                    "port 0 would pick a random port: give the port clients connect to",
-                );
-                None
-            }
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.err(
-                    raw.span(),
-                    key,
-                    format!(
-                        "expected IP:port, e.g. 0.0.0.0:1883 or [::]:1883 (got {:?})",
-                        raw.get_ref()
-                    ),
-                );
-                None
-            }
-        }
-    }
-
     /// A server address: IP:port, or host:port resolved now (at start and at each
     /// reload; the address is then fixed until the next reload), first address given.
-    fn server_addr(&mut self, raw: &Spanned<String>, key: String) -> Option<SocketAddr> {
+    pub(super) fn server_addr(&mut self, raw: &Spanned<String>, key: String) -> Option<SocketAddr> {
         use std::net::ToSocketAddrs;
         let text = raw.get_ref();
         if let Ok(a) = text.parse::<SocketAddr>() {
@@ -219,13 +88,13 @@ impl Checker<'_> {
     }
 
     /// A duration that must not be zero.
-    fn positive(&mut self, span: Range<usize>, key: String, d: Duration) {
+    pub(super) fn positive(&mut self, span: Range<usize>, key: String, d: Duration) {
         if d.is_zero() {
             self.err(span, key, "must be more than 0s");
         }
     }
 
-    fn err(&mut self, span: Range<usize>, key: String, message: impl Into<String>) {
+    pub(super) fn err(&mut self, span: Range<usize>, key: String, message: impl Into<String>) {
         let line = (span.end > 0).then(|| line_of(self.text, span.start));
         self.errors.push(ConfigError {
             line,
@@ -478,141 +347,4 @@ impl Checker<'_> {
             }
         }
     }
-
-    /// One `[[listeners]]` entry (its bind address is checked against the others by
-    /// the caller).
-    fn listener(&mut self, key: &str, rl: RawListener, clusters: &[Cluster]) -> Checked {
-        let bind = self.bind_addr(&rl.bind, format!("{key}.bind"));
-        self.positive(
-            rl.name.span(),
-            format!("{key}.inspect_timeout"),
-            rl.inspect_timeout.0,
-        );
-        if !(16..=16 * 1024 * 1024).contains(rl.max_connect_size.get_ref()) {
-            self.err(
-                rl.max_connect_size.span(),
-                format!("{key}.max_connect_size"),
-                "must be between 16 and 16777216 bytes",
-            );
-        }
-        let kind = *rl.kind.get_ref();
-        let websocket = self.websocket(key, kind, rl.path, rl.max_frame_size);
-        let tls = self.listener_tls(key, kind, &rl.name, rl.tls);
-        let rewrite = self.rewrite(key, rl.rewrite, tls.as_ref());
-        let cluster = self.listener_cluster(key, &rl.name, rl.cluster.as_ref(), clusters);
-        let protocol = match (tls, websocket) {
-            (None, None) => Protocol::Mqtt,
-            (Some(tls), None) => Protocol::Mqtts(tls),
-            (None, Some(ws)) => Protocol::Ws(ws),
-            (Some(tls), Some(ws)) => Protocol::Wss(tls, ws),
-        };
-        Checked {
-            bind_span: rl.bind.span(),
-            listener: Listener {
-                name: rl.name.into_inner(),
-                bind: bind.unwrap_or(UNSPECIFIED),
-                cluster: cluster.unwrap_or(0),
-                inspect_timeout: rl.inspect_timeout.0,
-                accept_proxy_protocol: rl.accept_proxy_protocol.into_inner(),
-                max_connect_size: rl.max_connect_size.into_inner(),
-                rewrite,
-                protocol,
-            },
-        }
-    }
-
-    /// The WebSocket settings of `ws`/`wss` listeners (`path`, `max_frame_size`);
-    /// on other kinds those keys are errors.
-    fn websocket(
-        &mut self,
-        key: &str,
-        kind: ListenerKind,
-        path: Option<Spanned<String>>,
-        max_frame_size: Option<Spanned<u32>>,
-    ) -> Option<WebSocket> {
-        let websocket = matches!(kind, ListenerKind::Ws | ListenerKind::Wss);
-        let path = match self.websocket_only(path, websocket, key, "path") {
-            Some(p) if !p.get_ref().starts_with('/') => {
-                self.err(p.span(), format!("{key}.path"), "must start with '/'");
-                String::new()
-            }
-            Some(p) => p.into_inner(),
-            None => "/mqtt".to_owned(),
-        };
-        let max_frame_size =
-            match self.websocket_only(max_frame_size, websocket, key, "max_frame_size") {
-                Some(m) if !(128..=256 << 20).contains(m.get_ref()) => {
-                    self.err(
-                        m.span(),
-                        format!("{key}.max_frame_size"),
-                        "must be between 128 and 268435456 bytes",
-                    );
-                    0
-                }
-                Some(m) => m.into_inner(),
-                None => default_max_frame_size().into_inner(),
-            };
-        websocket.then_some(WebSocket {
-            path,
-            max_frame_size,
-        })
-    }
-
-    /// `[listeners.rewrite]`: only with verified client certificates.
-    fn rewrite(
-        &mut self,
-        key: &str,
-        raw: Option<Spanned<RawRewrite>>,
-        tls: Option<&TlsListener>,
-    ) -> Rewrite {
-        let Some(r) = raw else {
-            return Rewrite::default();
-        };
-        let span = r.span();
-        let r = r.into_inner();
-        if tls.is_none_or(|t| t.settings.client_ca.is_none()) {
-            self.err(
-                span,
-                format!("{key}.rewrite"),
-                "needs client certificates: a TLS listener with tls.client_ca",
-            );
-        }
-        Rewrite {
-            client_id: r.client_id,
-            username: r.username,
-        }
-    }
-
-    /// The index of the cluster a listener names.
-    fn listener_cluster(
-        &mut self,
-        key: &str,
-        name: &Spanned<String>,
-        cluster: Option<&Spanned<String>>,
-        clusters: &[Cluster],
-    ) -> Option<usize> {
-        let Some(cluster) = cluster else {
-            self.err(
-                name.span(),
-                format!("{key}.cluster"),
-                "missing: name the [[clusters]] entry this listener feeds",
-            );
-            return None;
-        };
-        let found = clusters.iter().position(|c| &c.name == cluster.get_ref());
-        if found.is_none() {
-            self.err(
-                cluster.span(),
-                format!("{key}.cluster"),
-                format!("no [[clusters]] entry is named {:?}", cluster.get_ref()),
-            );
-        }
-        found
-    }
-}
-
-/// A checked listener and where its bind address stands in the file.
-struct Checked {
-    bind_span: Range<usize>,
-    listener: Listener,
 }

@@ -8,6 +8,7 @@
 use std::{fmt, path::Path};
 
 mod check;
+mod listener;
 mod model;
 mod raw;
 #[cfg(test)]
