@@ -15,7 +15,8 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/mqttlb";
 /// under the same name).
 pub mod maps {
     /// SOCKHASH, key = socket cookie: sockets whose received bytes the verdict program
-    /// redirects. A socket leaves this map while its direction is throttled.
+    /// redirects (or, while its direction is throttled, passes to its own queue for the
+    /// daemon to read: it never leaves the map until the pair ends).
     pub const SOURCES: &str = "sources";
     /// SOCKHASH, key = socket cookie: every spliced socket, as a redirect destination.
     pub const TARGETS: &str = "targets";

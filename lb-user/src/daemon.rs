@@ -23,6 +23,7 @@ use crate::{
     bpf::{Bpf, BpfError, InstanceLock},
     config::{Cluster, Config, DataPlaneKind, ServerState, Sticky},
     conn, control,
+    dataplane::Direction,
     dataplane::{
         DataPlane,
         auto::AutoPlane,
@@ -664,8 +665,8 @@ pub fn backend_rows(clusters: &[Arc<ClusterRt>]) -> Vec<BackendInfo> {
                 active,
                 max_connections: cfg.max_connections.map_or(0, |m| m.get()),
                 connections: live.connections.load(Relaxed),
-                bytes_c2s: live.traffic.get(0),
-                bytes_s2c: live.traffic.get(1),
+                bytes_c2s: live.traffic.get(Direction::ClientToServer),
+                bytes_s2c: live.traffic.get(Direction::ServerToClient),
                 connect_failures: live.connect_failures.load(Relaxed),
                 health_flips: live.health_flips.load(Relaxed),
             });

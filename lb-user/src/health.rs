@@ -141,12 +141,12 @@ async fn check(kind: HealthKind, address: SocketAddr, client_id: &str) -> Result
     s.read_exact(&mut connack)
         .await
         .map_err(|e| format!("CONNACK: {e}"))?;
-    match connack {
-        [0x20, 0x02, _, 0] => {}
-        [0x20, 0x02, _, code] => {
+    match mqtt::decode_connack_v311(connack) {
+        Some(mqtt::Connack::Accepted) => {}
+        Some(mqtt::Connack::Refused(code)) => {
             return Err(format!("CONNACK refused, return code {code}").into());
         }
-        other => return Err(format!("not a CONNACK: {other:02x?}").into()),
+        None => return Err(format!("not a CONNACK: {connack:02x?}").into()),
     }
     s.write_all(&mqtt::encode::disconnect())
         .await

@@ -310,12 +310,37 @@ fn properties(r: &mut Reader<'_>, allowed: &[(u8, PropType)]) -> Result<(), Inva
     Ok(())
 }
 
+/// CONNACK return code of MQTT 3.x: server unavailable.
+const V3_SERVER_UNAVAILABLE: u8 = 0x03;
+/// CONNACK reason code of MQTT 5.0: Server unavailable.
+const V5_SERVER_UNAVAILABLE: u8 = 0x88;
+
 /// CONNACK refusing the connection because no server can take it: return code 3
 /// (server unavailable) for MQTT 3.x, reason code 0x88 (Server unavailable) for 5.0.
 pub fn connack_server_unavailable(version: Version) -> &'static [u8] {
     match version {
-        Version::V31 | Version::V311 => &[0x20, 0x02, 0x00, 0x03],
-        Version::V5 => &[0x20, 0x03, 0x00, 0x88, 0x00],
+        Version::V31 | Version::V311 => &[0x20, 0x02, 0x00, V3_SERVER_UNAVAILABLE],
+        Version::V5 => &[0x20, 0x03, 0x00, V5_SERVER_UNAVAILABLE, 0x00],
+    }
+}
+
+/// A server's answer to an MQTT 3.1.1 CONNECT (what the health check reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connack {
+    /// Return code 0: the session is accepted.
+    Accepted,
+    /// Another return code (1 to 5: version, identifier, unavailable, credentials,
+    /// not authorised).
+    Refused(u8),
+}
+
+/// The MQTT 3.1.1 CONNACK that `packet` (its four bytes) is, or None when it is not
+/// one.
+pub fn decode_connack_v311(packet: [u8; 4]) -> Option<Connack> {
+    match packet {
+        [0x20, 0x02, _, 0] => Some(Connack::Accepted),
+        [0x20, 0x02, _, code] => Some(Connack::Refused(code)),
+        _ => None,
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::dataplane::Traffic;
+use crate::dataplane::{Direction, Traffic};
 
 /// What carries a connection's bytes at the moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,8 +127,8 @@ impl Entry {
             server: server.map(|s| s.name.clone()),
             server_address: server.map(|s| crate::addr::show(s.address)),
             plane: self.plane().name().to_owned(),
-            bytes_c2s: bytes(0),
-            bytes_s2c: bytes(1),
+            bytes_c2s: bytes(Direction::ClientToServer),
+            bytes_s2c: bytes(Direction::ServerToClient),
             age_s: self.started.elapsed().as_secs(),
             started_unix: self.started_unix,
         }
@@ -262,8 +262,8 @@ mod tests {
             "127.0.0.1:1883".parse().expect("addr"),
             server.clone(),
         );
-        t.add(0, 10);
-        t.add(1, 7);
+        t.add(Direction::ClientToServer, 10);
+        t.add(Direction::ServerToClient, 7);
         a.entry.set_plane(Plane::Sockmap);
         let rows = r.rows();
         assert_eq!(rows[0].client, "10.0.0.1:5000");
@@ -272,7 +272,13 @@ mod tests {
         assert_eq!((rows[0].bytes_c2s, rows[0].bytes_s2c), (10, 7));
         assert_eq!(rows[0].plane, "sockmap");
         assert_eq!(rows[1].plane, "inspecting");
-        assert_eq!((server.get(0), server.get(1)), (10, 7));
+        assert_eq!(
+            (
+                server.get(Direction::ClientToServer),
+                server.get(Direction::ServerToClient)
+            ),
+            (10, 7)
+        );
         drop(a);
         assert_eq!(r.rows().len(), 1);
         drop(b);

@@ -20,7 +20,7 @@ use tracing::debug;
 
 use crate::{
     balance::Lease,
-    dataplane::{Outcome, Pair, Traffic, stream},
+    dataplane::{Direction, Outcome, Pair, Traffic, stream},
     proxy_protocol,
     registry::{Entry, Plane},
     runtime::{ClusterRt, ListenerRt, Shared},
@@ -186,7 +186,7 @@ impl Conn<'_> {
             .entry
             .reached(lease.name(), lease.address, lease.traffic());
         let to_server = (upgrade + head.len()) as u64;
-        traffic.add(0, to_server);
+        traffic.add(Direction::ClientToServer, to_server);
         if let Err(e) = server.write_all(&head).await {
             debug!(peer = %self.peer, server = lease.name(), error = %e, "server write failed");
             stats.inc(DaemonStat::Aborted);

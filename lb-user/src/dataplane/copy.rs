@@ -163,7 +163,7 @@ pub struct Handover<'a> {
 pub type Gate<'a> = dyn Fn(usize, u64) -> io::Result<bool> + Send + Sync + 'a;
 
 /// One direction of a copied connection.
-struct Direction<'a> {
+struct OneWay<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
     /// Bytes read but not yet taken by `dst`.
@@ -186,7 +186,7 @@ struct Direction<'a> {
     traffic: &'a Traffic,
 }
 
-impl Direction<'_> {
+impl OneWay<'_> {
     /// Moves one read's worth of bytes, or finishes a pending write; false when
     /// nothing moved (the idle timer keeps running).
     /// Cancel-safe: state changes only after the awaits.
@@ -215,7 +215,8 @@ impl Direction<'_> {
             Moved::Idle => return Ok(false),
             Moved::Bytes { read, rest } => {
                 stats.add(self.stat, read as u64);
-                self.traffic.add(self.index, read as u64);
+                self.traffic
+                    .add(super::Direction::of(self.index), read as u64);
                 self.read += read as u64;
                 self.reads += 1;
                 self.pending = rest;
@@ -267,7 +268,7 @@ async fn copy_both(
         pending: [p0, p1],
         eof_final,
     } = handover;
-    let direction = |index: usize, src, dst, pending: Vec<u8>, stat| Direction {
+    let direction = |index: usize, src, dst, pending: Vec<u8>, stat| OneWay {
         src,
         dst,
         pending: (!pending.is_empty()).then_some(pending),
@@ -305,7 +306,7 @@ async fn copy_both(
     };
     let sleep = tokio::time::sleep_until(due(last, promote_at).into());
     tokio::pin!(sleep);
-    let promotable = |c2s: &Direction<'_>, s2c: &Direction<'_>| {
+    let promotable = |c2s: &OneWay<'_>, s2c: &OneWay<'_>| {
         !c2s.done && !s2c.done && c2s.pending.is_none() && s2c.pending.is_none()
     };
     // Promotion by age looks at the reads since the previous look: a connection above

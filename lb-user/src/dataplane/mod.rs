@@ -55,8 +55,27 @@ pub struct Pair {
     pub entry: Arc<crate::registry::Entry>,
 }
 
-/// Bytes carried each way (per server, or per connection adding to its server's);
-/// index 0 client to server, 1 server to client.
+/// Which way bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to server (index 0, as in the BPF maps and events).
+    ClientToServer = 0,
+    /// Server to client (index 1).
+    ServerToClient = 1,
+}
+
+impl Direction {
+    /// The direction of index `i` (0 or 1; anything else is server to client).
+    pub fn of(i: usize) -> Self {
+        if i == 0 {
+            Self::ClientToServer
+        } else {
+            Self::ServerToClient
+        }
+    }
+}
+
+/// Bytes carried each way (per server, or per connection adding to its server's).
 #[derive(Debug, Default)]
 pub struct Traffic {
     bytes: [AtomicU64; 2],
@@ -72,16 +91,16 @@ impl Traffic {
             parent: Some(parent),
         }
     }
-    /// Adds `n` bytes to direction `dir` (0 client to server, 1 server to client).
-    pub fn add(&self, dir: usize, n: u64) {
-        self.bytes[dir].fetch_add(n, Ordering::Relaxed);
+    /// Adds `n` bytes to direction `dir`.
+    pub fn add(&self, dir: Direction, n: u64) {
+        self.bytes[dir as usize].fetch_add(n, Ordering::Relaxed);
         if let Some(p) = &self.parent {
             p.add(dir, n);
         }
     }
     /// Bytes carried in direction `dir`.
-    pub fn get(&self, dir: usize) -> u64 {
-        self.bytes[dir].load(Ordering::Relaxed)
+    pub fn get(&self, dir: Direction) -> u64 {
+        self.bytes[dir as usize].load(Ordering::Relaxed)
     }
 }
 

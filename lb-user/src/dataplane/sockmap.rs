@@ -52,7 +52,7 @@ use tokio::{
 };
 
 use super::{
-    CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair,
+    CarryFuture, DataPlane, Direction, Outcome, POLL_MAX, POLL_MIN, Pair,
     copy::{CopyPlane, Handover, Moved, move_once_now, write_pending},
     reset_both,
 };
@@ -234,11 +234,11 @@ impl SockmapPlane {
             match drain(src, dst) {
                 Ok(Drained::Quiet(n)) if to_server => {
                     pair.written_to_server += n;
-                    pair.traffic.add(0, n);
+                    pair.traffic.add(Direction::ClientToServer, n);
                 }
                 Ok(Drained::Quiet(n)) => {
                     pair.written_to_client += n;
-                    pair.traffic.add(1, n);
+                    pair.traffic.add(Direction::ServerToClient, n);
                 }
                 Ok(Drained::Busy(rest)) => {
                     tracing::debug!(
@@ -417,7 +417,8 @@ impl SockmapPlane {
     fn count_redirected(&self, d: &mut Dir<'_>) -> u64 {
         let redirected = self.bpf.redirected(d.src_cookie).unwrap_or(d.counted);
         if redirected > d.counted {
-            d.traffic.add(d.dir as usize, redirected - d.counted);
+            d.traffic
+                .add(Direction::of(d.dir as usize), redirected - d.counted);
             d.counted = redirected;
         }
         d.counted
@@ -615,7 +616,7 @@ impl SockmapPlane {
                 Moved::Bytes { read, rest } => {
                     let read = read as u64;
                     self.stats.add(d.stat, read);
-                    d.traffic.add(d.dir as usize, read);
+                    d.traffic.add(Direction::of(d.dir as usize), read);
                     moved += read;
                     d.consumed += read;
                     d.written += read - rest.as_ref().map_or(0, |r| r.len() as u64);

@@ -26,7 +26,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{Outcome, Traffic};
+use super::{Direction, Outcome, Traffic};
 use crate::{
     stats::Stats,
     sys,
@@ -39,7 +39,7 @@ const BUF: usize = 16 * 1024;
 /// Counts what is read from a stream (per server and daemon-wide) and when.
 struct Metered<'a, S> {
     inner: S,
-    dir: usize,
+    dir: Direction,
     stat: DaemonStat,
     traffic: &'a Traffic,
     stats: &'a Stats,
@@ -99,7 +99,7 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
     let server_fd = server.as_raw_fd();
     let mut c = Metered {
         inner: client,
-        dir: 0,
+        dir: Direction::ClientToServer,
         stat: DaemonStat::CopiedBytesC2s,
         traffic: &traffic,
         stats,
@@ -108,7 +108,7 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut s = Metered {
         inner: server,
-        dir: 1,
+        dir: Direction::ServerToClient,
         stat: DaemonStat::CopiedBytesS2c,
         traffic: &traffic,
         stats,
@@ -223,7 +223,7 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
                     sw.write_all(&out)
                         .await
                         .map_err(|e| context(e, "server write"))?;
-                    traffic.add(0, out.len() as u64);
+                    traffic.add(Direction::ClientToServer, out.len() as u64);
                     stats.add(DaemonStat::CopiedBytesC2s, out.len() as u64);
                     out.clear();
                 }
@@ -281,7 +281,7 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
                         return Ok(());
                     }
                     touch();
-                    traffic.add(1, n as u64);
+                    traffic.add(Direction::ServerToClient, n as u64);
                     stats.add(DaemonStat::CopiedBytesS2c, n as u64);
                     cw.write_all(&crate::ws::binary_frame(&chunk[..n]))
                         .await
