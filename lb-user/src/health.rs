@@ -134,7 +134,7 @@ async fn check(kind: HealthKind, address: SocketAddr, client_id: &str) -> Result
     if kind != HealthKind::Mqtt {
         return Ok(());
     }
-    s.write_all(&mqtt::encode::connect(Version::V311, client_id, 30))
+    s.write_all(&mqtt::encode::connect(Version::V311, client_id, 30, true))
         .await
         .map_err(|e| format!("CONNECT: {e}"))?;
     let mut connack = [0u8; 4];

@@ -445,12 +445,13 @@ pub fn add_username(packet: &[u8], max_size: usize, username: &str) -> Result<Ve
     with_fixed_header(packet[0], &body, max_size)
 }
 
-/// Packet builders for MQTT 3.1.1 and 5.0 clients (the load generator and tests).
+/// What mqttlb sends as a client (the health check), and the field and packet
+/// builders the test support library (`tests/src/packets.rs`) builds on.
 pub mod encode {
     use super::Version;
 
     /// Appends a variable byte integer.
-    pub(crate) fn varint(out: &mut Vec<u8>, mut v: usize) {
+    pub fn varint(out: &mut Vec<u8>, mut v: usize) {
         loop {
             let mut b = (v % 128) as u8;
             v /= 128;
@@ -465,14 +466,14 @@ pub mod encode {
     }
 
     /// Appends a length-prefixed string or binary field.
-    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+    pub fn field(out: &mut Vec<u8>, bytes: &[u8]) {
         let len = u16::try_from(bytes.len()).expect("MQTT fields are at most 65,535 bytes");
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(bytes);
     }
 
     /// A packet: first byte, remaining length, body.
-    fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
         let mut p = Vec::with_capacity(body.len() + 5);
         p.push(first);
         varint(&mut p, body.len());
@@ -480,9 +481,9 @@ pub mod encode {
         p
     }
 
-    /// CONNECT with a client id, clean start and keep-alive (3.1.1 or 5.0, no
-    /// properties, no will, no credentials).
-    pub fn connect(version: Version, client_id: &str, keep_alive: u16) -> Vec<u8> {
+    /// CONNECT with a client id, keep-alive and clean start (clean session in 3.x)
+    /// when `clean` (3.1, 3.1.1 or 5.0; no properties, no will, no credentials).
+    pub fn connect(version: Version, client_id: &str, keep_alive: u16, clean: bool) -> Vec<u8> {
         let level = match version {
             Version::V31 => 3,
             Version::V311 => 4,
@@ -498,7 +499,7 @@ pub mod encode {
             },
         );
         body.push(level);
-        body.push(0x02);
+        body.push(if clean { 0x02 } else { 0x00 });
         body.extend_from_slice(&keep_alive.to_be_bytes());
         if version == Version::V5 {
             body.push(0);
@@ -507,53 +508,9 @@ pub mod encode {
         packet(0x10, &body)
     }
 
-    /// PUBLISH at QoS 0 (`packet_id` ignored) or QoS 1/2.
-    pub fn publish(
-        version: Version,
-        topic: &str,
-        payload: &[u8],
-        qos: u8,
-        packet_id: u16,
-    ) -> Vec<u8> {
-        let mut body = Vec::with_capacity(topic.len() + payload.len() + 5);
-        field(&mut body, topic.as_bytes());
-        if qos > 0 {
-            body.extend_from_slice(&packet_id.to_be_bytes());
-        }
-        if version == Version::V5 {
-            body.push(0);
-        }
-        body.extend_from_slice(payload);
-        packet(0x30 | (qos << 1), &body)
-    }
-
-    /// SUBSCRIBE to one topic filter.
-    pub fn subscribe(version: Version, packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
-        let mut body = packet_id.to_be_bytes().to_vec();
-        if version == Version::V5 {
-            body.push(0);
-        }
-        field(&mut body, filter.as_bytes());
-        body.push(qos);
-        packet(0x82, &body)
-    }
-
-    /// PUBACK for a QoS 1 PUBLISH.
-    pub fn puback(packet_id: u16) -> Vec<u8> {
-        packet(0x40, &packet_id.to_be_bytes())
-    }
-
     /// DISCONNECT (normal).
     pub fn disconnect() -> Vec<u8> {
         vec![0xe0, 0x00]
-    }
-
-    /// CONNACK accepting a session (what a test server answers).
-    pub fn connack_accepted(version: Version) -> &'static [u8] {
-        match version {
-            Version::V31 | Version::V311 => &[0x20, 0x02, 0x00, 0x00],
-            Version::V5 => &[0x20, 0x03, 0x00, 0x00, 0x00],
-        }
     }
 }
 
@@ -564,7 +521,7 @@ mod tests {
     #[test]
     fn encoded_connects_decode_back() {
         for version in [Version::V31, Version::V311, Version::V5] {
-            let p = encode::connect(version, "device-42", 30);
+            let p = encode::connect(version, "device-42", 30, true);
             let Decode::Connect(c) = decode_connect(&p, 4096) else {
                 panic!("{version:?}: {p:02x?} does not decode");
             };
@@ -674,7 +631,7 @@ mod tests {
             rewritten += 1;
         }
         assert!(rewritten >= 9, "only {rewritten} valid vectors");
-        let p = encode::connect(Version::V311, "x", 10);
+        let p = encode::connect(Version::V311, "x", 10, true);
         assert_eq!(
             rewrite_connect(&p, 1 << 16, "a\0b", None),
             Err(Invalid::Utf8)
@@ -691,7 +648,7 @@ mod tests {
 
     #[test]
     fn packet_lengths_follow_the_fixed_header() {
-        let big = encode::publish(Version::V311, "t", &[7u8; 300], 1, 9);
+        let big = encode::packet(0x32, &[7u8; 305]);
         assert_eq!(packet_len(&big), Ok(Some(big.len())));
         assert_eq!(big[..3], [0x32, 0xb1, 0x02]); // 2 + 1 + 2 + 300 = 305 = 0xb1 0x02
         assert_eq!(packet_len(&big[..2]), Ok(None));

@@ -8,8 +8,6 @@
 //! retained `mqttlb/whoami` message with its name, and [`mqttc::which_node`] subscribes
 //! to it through mqttlb.
 
-mod common;
-
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -20,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use tests::*;
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::Semaphore};
 
 /// Three nodes named node1..node3, each answering `mqttlb/whoami` with its name.

@@ -4,8 +4,6 @@
 //! is involved: CONNACK refusals when no server is up, invalid or late first packets
 //! (no server contacted), a dead server skipped for a live one, and `mqttlb check`.
 
-mod common;
-
 use std::{
     io::{BufRead, BufReader, Write},
     process::{Command, Stdio},
@@ -13,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use tests::*;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 /// `mosquitto_pub`/`mosquitto_sub` arguments common to both: broker, topic, QoS 1, id,

@@ -3,11 +3,9 @@
 //! against a killed instance it says so before showing what it left, and `cleanup`
 //! removes that; `ctl ... | head` exits quietly.
 
-mod common;
-
 use std::{process::Command, time::Duration};
 
-use common::*;
+use tests::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

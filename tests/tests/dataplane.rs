@@ -1,17 +1,15 @@
 //! Acceptance tests of the data planes (issue: foundation). Each runs against both the
 //! `sockmap` (real BPF, root) and the `copy` data plane, through the real binary.
 
-mod common;
-
 use std::{
     os::fd::AsRawFd,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
-use common::*;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use tests::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},

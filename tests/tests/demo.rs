@@ -2,8 +2,6 @@
 //! when it gets SIGTERM by pid, not only Ctrl-C to its process group: no broker, no
 //! mqttlb and no pin but the sticky table is left, and a second run starts.
 
-mod common;
-
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
@@ -11,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use tests::*;
 
 fn xtask() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/xtask")

@@ -3,8 +3,6 @@
 //! sides at once, the process's own descriptor limit is never blamed on a server,
 //! spliced idle connections close on time, and the pin directory cannot be hijacked.
 
-mod common;
-
 use std::{
     net::SocketAddr,
     sync::{
@@ -14,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{wsc::*, *};
+use tests::{wsc::*, *};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},

@@ -4,15 +4,13 @@
 //! in the broker's log, MQTT 5 properties byte-exact at an in-test receiver), PROXY v2
 //! TLS TLVs, client-id stickiness and CONNECT validation over TLS, and bad input.
 
-mod common;
-
 use std::{
     net::SocketAddr,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::*;
+use tests::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},

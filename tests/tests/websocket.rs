@@ -6,11 +6,9 @@
 //! Debian's mosquitto is built without WebSocket support, so each broker gets a small
 //! in-test WebSocket terminator in front of its TCP listener ([`WsBridge`]).
 
-mod common;
-
 use std::{net::SocketAddr, process::Command, time::Duration};
 
-use common::{wsc::*, *};
+use tests::{wsc::*, *};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

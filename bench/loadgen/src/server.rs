@@ -11,7 +11,8 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use mqttlb::mqtt::{Version, encode, packet_len};
+use mqttlb::mqtt::{Version, packet_len};
+use tests::packets;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -97,14 +98,15 @@ async fn serve(mut s: TcpStream, mode: Mode, c: &Counters) -> Result<()> {
             break len;
         }
     };
-    s.write_all(encode::connack_accepted(Version::V311)).await?;
+    s.write_all(packets::connack_accepted(Version::V311))
+        .await?;
     let mut rest = have - connect_len;
     buf.copy_within(connect_len..have, 0);
     loop {
         if rest > 0 {
             c.bytes.fetch_add(rest as u64, Ordering::Relaxed);
             // A DISCONNECT on its own: close from this side.
-            if buf[..rest] == encode::disconnect()[..] {
+            if buf[..rest] == packets::disconnect()[..] {
                 return Ok(());
             }
             if mode == Mode::Echo {

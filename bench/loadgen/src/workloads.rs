@@ -10,8 +10,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use mqttlb::mqtt::{Version, encode, packet_len};
+use mqttlb::mqtt::{Version, packet_len};
 use serde_json::{Value, json};
+use tests::packets;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -117,7 +118,8 @@ async fn mqtt_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     client_id: &str,
 ) -> Result<()> {
-    s.write_all(&encode::connect(V, client_id, 600)).await?;
+    s.write_all(&packets::connect(V, client_id, 600, true))
+        .await?;
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).await.context("reading CONNACK")?;
     ensure!(
@@ -272,7 +274,7 @@ async fn small_messages(
     sink_bytes: &AtomicU64,
     meter: &CpuMeter,
 ) -> Result<(Value, u64)> {
-    let msg = encode::publish(V, "bench/w2", &[0x42; 256], 0, 0);
+    let msg = packets::publish(V, "bench/w2", &[0x42; 256], 0, 0);
     let mut streams = Vec::with_capacity(conns);
     let mut set = JoinSet::new();
     for i in 0..conns {
@@ -363,7 +365,7 @@ async fn churn_with(
                     let id = format!("churn-{}", n % 1000);
                     let (mut s, was_resumed) = session(target, n, &id, tls.as_deref()).await?;
                     let took = t0.elapsed();
-                    s.write_all(&encode::disconnect()).await?;
+                    s.write_all(&packets::disconnect()).await?;
                     // The server closes first; wait for it.
                     let mut b = [0u8; 16];
                     loop {
@@ -453,7 +455,7 @@ async fn ping_pong(target: SocketAddr, n: usize) -> Result<(Value, u64)> {
     let s = mqtt_connect(target, 0, "w5-ping").await?;
     let (r, mut w) = s.into_split();
     let mut packets = Packets::new(r);
-    let msg = encode::publish(V, "bench/w5", &[0x17; 64], 0, 0);
+    let msg = packets::publish(V, "bench/w5", &[0x17; 64], 0, 0);
     let mut lat = Vec::with_capacity(n);
     for i in 0..n + n / 10 {
         let t0 = Instant::now();
@@ -493,7 +495,7 @@ async fn pubsub(target: SocketAddr, n: u64, qos: u8) -> Result<(f64, u64)> {
     let sub = mqtt_connect(target, 1, &format!("w6-sub-{qos}")).await?;
     let (sr, mut sw) = sub.into_split();
     let mut sub_packets = Packets::new(sr);
-    sw.write_all(&encode::subscribe(V, 1, &topic, qos)).await?;
+    sw.write_all(&packets::subscribe(V, 1, &topic, qos)).await?;
     let ack = sub_packets.next().await?;
     ensure!(ack[0] == 0x90, "expected SUBACK, got {:02x}", ack[0]);
     let receiver = tokio::spawn(async move {
@@ -511,7 +513,7 @@ async fn pubsub(target: SocketAddr, n: u64, qos: u8) -> Result<(f64, u64)> {
                     let hdr = 1 + p[1..].iter().take_while(|b| **b & 0x80 != 0).count() + 1;
                     let tl = usize::from(u16::from_be_bytes([p[hdr], p[hdr + 1]]));
                     let id = u16::from_be_bytes([p[hdr + 2 + tl], p[hdr + 3 + tl]]);
-                    sw.write_all(&encode::puback(id)).await?;
+                    sw.write_all(&packets::puback(id)).await?;
                 }
             }
         }
@@ -523,7 +525,7 @@ async fn pubsub(target: SocketAddr, n: u64, qos: u8) -> Result<(f64, u64)> {
     if qos == 0 {
         let mut batch = Vec::with_capacity(64 * 1024);
         for i in 0..n {
-            batch.extend_from_slice(&encode::publish(V, &topic, &i.to_be_bytes(), 0, 0));
+            batch.extend_from_slice(&packets::publish(V, &topic, &i.to_be_bytes(), 0, 0));
             if batch.len() >= 60 * 1024 {
                 pw.write_all(&batch).await?;
                 batch.clear();
@@ -541,7 +543,7 @@ async fn pubsub(target: SocketAddr, n: u64, qos: u8) -> Result<(f64, u64)> {
                 inflight -= 1;
             }
             let id = (i % 60_000 + 1) as u16;
-            pw.write_all(&encode::publish(V, &topic, &i.to_be_bytes(), 1, id))
+            pw.write_all(&packets::publish(V, &topic, &i.to_be_bytes(), 1, id))
                 .await?;
             inflight += 1;
         }

@@ -1,0 +1,372 @@
+//! The `mqttlb` binary under test: started with a generated configuration, its log,
+//! counters and `ctl` views read back, stopped, reloaded; process probes (`/proc`);
+//! and what every test needs (free ports, temporary directories, waiting).
+
+use std::{
+    net::{SocketAddr, TcpListener as StdListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+/// The data planes every acceptance test runs against.
+pub const PLANES: [&str; 2] = ["sockmap", "copy"];
+
+/// Whether privileged tests can run; under `CI=true` a missing privilege fails.
+pub fn privileged(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{what} needs root (BPF); CI runs as root, so this is a failure");
+        }
+        eprintln!("skipping {what}: needs root (run `cargo xtask test` as root)");
+    }
+    root
+}
+
+/// Path of the built `mqttlb` binary.
+pub fn bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MQTTLB_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test-binary> -> target/<profile>/mqttlb
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("mqttlb")
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+static INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+/// A running `mqttlb run` process.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub instance: String,
+    pub plane: String,
+    pub config: PathBuf,
+    /// Open-files limit (soft and hard) the daemon runs under, when the test sets one.
+    pub nofile: Option<u64>,
+    _dir: TempDir,
+}
+
+/// Runs `mqttlb run -c config`, its log appended to `dir/mqttlb.log`, under an
+/// open-files limit of `nofile` (soft and hard) when given.
+fn spawn_daemon(config: &std::path::Path, dir: &std::path::Path, nofile: Option<u64>) -> Child {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("mqttlb.log"))
+        .expect("log");
+    let mut cmd = Command::new(bin());
+    if let Some(n) = nofile {
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.args(["run", "-c"])
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("MQTTLB_TEST_LOG").unwrap_or_else(|_| "mqttlb=info".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn mqttlb (built by cargo xtask test)")
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "mqttlb-test-{tag}-{}-{}",
+            std::process::id(),
+            INSTANCE.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Config text for one listener in front of `servers`.
+pub fn config_text(instance: &str, plane: &str, port: u16, servers: &[SocketAddr]) -> String {
+    let mut t = format!(
+        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\ninspect_timeout = \"10s\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n"
+    );
+    // No active health checks: these tests count the connections their servers get.
+    t += "\n[clusters.health]\nkind = \"none\"\n";
+    for (i, s) in servers.iter().enumerate() {
+        t += &format!("\n[[clusters.servers]]\nname = \"s{i}\"\naddress = \"{s}\"\n");
+    }
+    t
+}
+
+impl Daemon {
+    pub fn start(plane: &str, servers: &[SocketAddr]) -> Self {
+        Self::start_edited(plane, servers, |t| t)
+    }
+
+    /// Starts with the generated config text passed through `edit` first.
+    pub fn start_edited(
+        plane: &str,
+        servers: &[SocketAddr],
+        edit: impl FnOnce(String) -> String,
+    ) -> Self {
+        let instance = format!(
+            "t{}x{}",
+            std::process::id(),
+            INSTANCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let port = free_port();
+        Self::start_text(
+            plane,
+            port,
+            &instance,
+            &edit(config_text(&instance, plane, port, servers)),
+        )
+    }
+
+    /// Starts with this config text (listening on 127.0.0.1:`port`, instance `instance`).
+    pub fn start_text(plane: &str, port: u16, instance: &str, text: &str) -> Self {
+        Self::start_limited(plane, port, instance, text, None)
+    }
+
+    /// [`Daemon::start_text`] under an open-files limit of `nofile`.
+    pub fn start_limited(
+        plane: &str,
+        port: u16,
+        instance: &str,
+        text: &str,
+        nofile: Option<u64>,
+    ) -> Self {
+        let dir = TempDir::new("lb");
+        let config = dir.0.join("mqttlb.toml");
+        std::fs::write(&config, text).expect("write config");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut d = Daemon {
+            child: spawn_daemon(&config, &dir.0, nofile),
+            addr,
+            instance: instance.to_owned(),
+            plane: plane.into(),
+            config,
+            nofile,
+            _dir: dir,
+        };
+        d.wait_ready();
+        d
+    }
+
+    /// SIGTERM and wait for the exit (pins stay for a restart; drop removes them).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "mqttlb did not stop within 10 s after SIGTERM: {}",
+            self.log()
+        );
+    }
+
+    /// Stops and starts the daemon again with the same config and instance.
+    pub fn restart(&mut self) {
+        let status = self.stop();
+        assert!(status.success(), "exit status {status}: {}", self.log());
+        self.child = spawn_daemon(&self.config, &self._dir.0, self.nofile);
+        self.wait_ready();
+    }
+
+    /// Writes a new config and sends SIGHUP; returns once the daemon counted the
+    /// reload (panics if it refused the file).
+    pub fn reload(&self, text: &str) {
+        let before = (self.stat("reloads"), self.stat("reload_failures"));
+        std::fs::write(&self.config, text).expect("write config");
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = (self.stat("reloads"), self.stat("reload_failures"));
+            assert_eq!(now.1, before.1, "reload refused: {}", self.log());
+            if now.0 > before.0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reload not applied: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The config file's current text.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read config")
+    }
+
+    fn wait_ready(&mut self) {
+        self.wait_ready_inner();
+    }
+
+    fn wait_ready_inner(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                panic!("mqttlb exited early ({status}): {}", self.log());
+            }
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                // The probe connection is closed without a CONNECT: rejected, counted.
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("mqttlb did not listen within 20 s: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.0.join("mqttlb.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `mqttlb ctl <what> --json` for this instance.
+    pub fn ctl(&self, what: &str) -> serde_json::Value {
+        let out = Command::new(bin())
+            .args(["ctl", what, "--json", "--instance", &self.instance])
+            .output()
+            .expect("run mqttlb ctl");
+        assert!(
+            out.status.success(),
+            "ctl {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ctl json")
+    }
+
+    /// A daemon counter (sockmap plane: read through `ctl stats`).
+    pub fn stat(&self, name: &str) -> u64 {
+        self.ctl("stats")["stats"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no stat {name}"))
+    }
+
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("proc fd")
+            .count()
+    }
+
+    /// Resident memory (VmRSS), bytes.
+    pub fn rss(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
+    pub fn thread_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .expect("proc task")
+            .count()
+    }
+
+    /// `rchar + wchar` from `/proc/PID/io`.
+    pub fn io_chars(&self) -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid())).expect("proc io");
+        io.lines()
+            .filter(|l| l.starts_with("rchar:") || l.starts_with("wchar:"))
+            .map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // A killed daemon leaves its pinned maps (and their kernel memory) behind, and
+        // a stopped one its sticky table: test instances are not reused.
+        let _ = std::fs::remove_dir_all(
+            std::path::Path::new("/sys/fs/bpf/mqttlb").join(&self.instance),
+        );
+    }
+}
+
+/// Waits until `f` is true, polling; panics with `what` after `limit`.
+pub async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// MemAvailable from /proc/meminfo, bytes.
+pub fn mem_available() -> u64 {
+    let m = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    m.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("MemAvailable")
+        * 1024
+}
