@@ -162,100 +162,122 @@ pub fn run(
     };
     match cmd {
         CtlCommand::Conns | CtlCommand::Cleanup { .. } => unreachable!("answered above"),
-        CtlCommand::Backends => {
-            let rows = source.backends()?;
-            if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
-                    &serde_json::json!({ "instance": instance, "backends": rows }),
-                )?;
-                writeln!(out)?;
-            } else {
-                writeln!(
-                    out,
-                    "{:<12} {:<12} {:<22} {:<11} {:>6} {:>7} {:>10} {:>14} {:>14}  flags",
-                    "cluster",
-                    "server",
-                    "address",
-                    "status",
-                    "weight",
-                    "active",
-                    "conns",
-                    "bytes_c2s",
-                    "bytes_s2c"
-                )?;
-                for r in &rows {
-                    writeln!(
-                        out,
-                        "{:<12} {:<12} {:<22} {:<11} {:>6} {:>7} {:>10} {:>14} {:>14}  {}",
-                        r.cluster,
-                        r.name,
-                        r.address,
-                        r.status(),
-                        r.weight,
-                        r.active,
-                        r.connections,
-                        r.bytes_c2s,
-                        r.bytes_s2c,
-                        r.flags.join(",")
-                    )?;
-                }
-            }
-        }
+        CtlCommand::Backends => print_backends(instance, &source.backends()?, json, out),
         CtlCommand::Sticky => {
             let mut rows = source.sticky()?;
             rows.sort_by(|a, b| (&a.cluster, &a.key).cmp(&(&b.cluster, &b.key)));
-            if json {
-                serde_json::to_writer_pretty(
-                    &mut *out,
-                    &serde_json::json!({ "instance": instance, "sticky": rows }),
-                )?;
-                writeln!(out)?;
-            } else {
-                writeln!(
-                    out,
-                    "{:<12} {:<9} {:<32} {:<12} {:<22} {:>9} {:>11}",
-                    "cluster", "kind", "key", "server", "address", "age_s", "expires_s"
-                )?;
-                for r in &rows {
-                    writeln!(
-                        out,
-                        "{:<12} {:<9} {:<32} {:<12} {:<22} {:>9} {:>11}",
-                        r.cluster,
-                        r.kind,
-                        r.key,
-                        r.server,
-                        r.server_address,
-                        r.age_ms / 1000,
-                        r.expires_in_ms / 1000
-                    )?;
-                }
-                writeln!(
-                    out,
-                    "{} sticky entr{}",
-                    rows.len(),
-                    if rows.len() == 1 { "y" } else { "ies" }
-                )?;
-            }
+            print_sticky(instance, &rows, json, out)
         }
-        CtlCommand::Stats => {
-            let stats = source.stats()?;
-            if json {
-                let map: serde_json::Map<String, serde_json::Value> = stats
-                    .iter()
-                    .map(|(k, v)| (k.clone(), (*v).into()))
-                    .collect();
-                serde_json::to_writer_pretty(
-                    &mut *out,
-                    &serde_json::json!({ "instance": instance, "stats": map }),
-                )?;
-                writeln!(out)?;
-            } else {
-                for (k, v) in stats {
-                    writeln!(out, "{k:<28} {v}")?;
-                }
-            }
-        }
+        CtlCommand::Stats => print_stats(instance, &source.stats()?, json, out),
+    }
+}
+
+/// `{ "instance": ..., key: value }`, pretty, on its own line.
+fn print_json(
+    instance: &str,
+    key: &str,
+    value: serde_json::Value,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    let mut doc = serde_json::Map::new();
+    doc.insert("instance".into(), instance.into());
+    doc.insert(key.into(), value);
+    serde_json::to_writer_pretty(&mut *out, &doc)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// `ctl backends`: a row per server.
+fn print_backends(
+    instance: &str,
+    rows: &[BackendView],
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    if json {
+        return print_json(instance, "backends", serde_json::to_value(rows)?, out);
+    }
+    writeln!(
+        out,
+        "{:<12} {:<12} {:<22} {:<11} {:>6} {:>7} {:>10} {:>14} {:>14}  flags",
+        "cluster",
+        "server",
+        "address",
+        "status",
+        "weight",
+        "active",
+        "conns",
+        "bytes_c2s",
+        "bytes_s2c"
+    )?;
+    for r in rows {
+        writeln!(
+            out,
+            "{:<12} {:<12} {:<22} {:<11} {:>6} {:>7} {:>10} {:>14} {:>14}  {}",
+            r.cluster,
+            r.name,
+            r.address,
+            r.status(),
+            r.weight,
+            r.active,
+            r.connections,
+            r.bytes_c2s,
+            r.bytes_s2c,
+            r.flags.join(",")
+        )?;
+    }
+    Ok(())
+}
+
+/// `ctl sticky`: a row per entry, then the count.
+fn print_sticky(
+    instance: &str,
+    rows: &[StickyView],
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    if json {
+        return print_json(instance, "sticky", serde_json::to_value(rows)?, out);
+    }
+    writeln!(
+        out,
+        "{:<12} {:<9} {:<32} {:<12} {:<22} {:>9} {:>11}",
+        "cluster", "kind", "key", "server", "address", "age_s", "expires_s"
+    )?;
+    for r in rows {
+        writeln!(
+            out,
+            "{:<12} {:<9} {:<32} {:<12} {:<22} {:>9} {:>11}",
+            r.cluster,
+            r.kind,
+            r.key,
+            r.server,
+            r.server_address,
+            r.age_ms / 1000,
+            r.expires_in_ms / 1000
+        )?;
+    }
+    let n = rows.len();
+    writeln!(out, "{n} sticky entr{}", if n == 1 { "y" } else { "ies" })?;
+    Ok(())
+}
+
+/// `ctl stats`: every counter by name.
+fn print_stats(
+    instance: &str,
+    stats: &[(String, u64)],
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = stats
+            .iter()
+            .map(|(k, v)| (k.clone(), (*v).into()))
+            .collect();
+        return print_json(instance, "stats", map.into(), out);
+    }
+    for (k, v) in stats {
+        writeln!(out, "{k:<28} {v}")?;
     }
     Ok(())
 }

@@ -36,8 +36,19 @@ fn three_nodes() -> Vec<Mosquitto> {
 type Servers<'a> = [(&'a str, SocketAddr, &'a str)];
 
 fn lb_text(instance: &str, port: u16, cluster_keys: &str, servers: &Servers<'_>) -> String {
+    lb_text_on("auto", instance, port, cluster_keys, servers)
+}
+
+/// [`lb_text`] with `data_plane = plane`.
+fn lb_text_on(
+    plane: &str,
+    instance: &str,
+    port: u16,
+    cluster_keys: &str,
+    servers: &Servers<'_>,
+) -> String {
     let mut t = format!(
-        "[global]\nname = \"{instance}\"\ndata_plane = \"auto\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n{cluster_keys}\n"
+        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n{cluster_keys}\n"
     );
     for (name, addr, extra) in servers {
         t += &format!("\n[[clusters.servers]]\nname = \"{name}\"\naddress = \"{addr}\"\n{extra}\n");
@@ -46,13 +57,18 @@ fn lb_text(instance: &str, port: u16, cluster_keys: &str, servers: &Servers<'_>)
 }
 
 fn start(cluster_keys: &str, servers: &Servers<'_>) -> Daemon {
+    start_on("auto", cluster_keys, servers)
+}
+
+/// [`start`] with `data_plane = plane`.
+fn start_on(plane: &str, cluster_keys: &str, servers: &Servers<'_>) -> Daemon {
     let instance = format!("bal{}x{}", std::process::id(), free_port());
     let port = free_port();
     Daemon::start_text(
-        "auto",
+        plane,
         port,
         &instance,
-        &lb_text(&instance, port, cluster_keys, servers),
+        &lb_text_on(plane, &instance, port, cluster_keys, servers),
     )
 }
 
@@ -181,13 +197,22 @@ async fn weights_3_2_1_are_honoured_by_client_id_and_round_robin() {
     }
 }
 
+/// On the copy plane as with `auto`: the sticky table, the servers and the counters
+/// are BPF maps whatever carries the bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sticky_entries_survive_a_restart_and_are_listed() {
     if !privileged("balancing") {
         return;
     }
+    for plane in ["copy", "auto"] {
+        sticky_entries_survive_a_restart_on(plane).await;
+    }
+}
+
+async fn sticky_entries_survive_a_restart_on(plane: &str) {
     let nodes = three_nodes();
-    let mut lb = start(
+    let mut lb = start_on(
+        plane,
         "balance = \"round-robin\"\nsticky = \"client-id\"",
         &servers(&nodes, ["", "", ""]),
     );
@@ -214,6 +239,19 @@ async fn sticky_entries_survive_a_restart_and_are_listed() {
         assert_eq!(e["server"], node.as_str(), "{e}");
         assert!(e["expires_in_ms"].as_u64().expect("expiry") > 29 * 60 * 1000);
     }
+    // Live counters: every node took its share, bytes both ways.
+    tokio::time::sleep(Duration::from_millis(400)).await; // next publication
+    let backends = lb.ctl("backends");
+    for node in ["node1", "node2", "node3"] {
+        let b = backend(&backends, node);
+        assert_eq!(b["connections"].as_u64(), Some(10), "{plane}: {b}");
+        assert!(
+            b["bytes_c2s"].as_u64() > Some(0) && b["bytes_s2c"].as_u64() > Some(0),
+            "{plane}: {b}"
+        );
+    }
+    assert_eq!(lb.stat("accepted"), ids.len() as u64, "{plane}");
+    assert_eq!(lb.stat("sticky_new"), ids.len() as u64, "{plane}");
 
     lb.restart();
     // Reverse order: round robin alone would now place most ids elsewhere.
@@ -226,7 +264,8 @@ async fn sticky_entries_survive_a_restart_and_are_listed() {
 
     // An entry whose server cannot take the connection is replaced.
     let keys = "balance = \"round-robin\"\nsticky = \"client-id\"";
-    lb.reload(&lb_text(
+    lb.reload(&lb_text_on(
+        plane,
         &lb.instance,
         lb.addr.port(),
         keys,

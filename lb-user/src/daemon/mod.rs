@@ -1,0 +1,388 @@
+//! The daemon: chooses the data plane, binds the listeners, accepts under the
+//! `max_connections` cap, reloads on SIGHUP and stops on SIGTERM/SIGINT.
+//!
+//! `run` in four steps: [`start`] (lock, plane, listeners, shared state, control socket,
+//! health checks, publisher, accept loops), the signal loop (SIGHUP: [`reload`]),
+//! and [`Running::stop`] (no new connections, a grace period, unpin). [`plane`] picks
+//! the data plane, [`publish`] feeds the pinned maps.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lb_common::DaemonStat;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{Signal, SignalKind, signal},
+    sync::{Semaphore, watch},
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    bpf::{Bpf, BpfError, InstanceLock},
+    config::{Config, DataPlaneKind},
+    conn, control, health,
+    limits::{self, LogOnce},
+    runtime::{ListenerRt, Shared},
+    stats::Stats,
+    sticky::StickyTable,
+};
+
+mod plane;
+mod publish;
+mod reload;
+
+pub use publish::backend_rows;
+
+/// How long SIGTERM waits for open connections to finish before exiting.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A listener address could not be bound.
+    #[error(
+        "cannot listen on {addr} (listener {name:?}): {source}{}",
+        bind_hint(source)
+    )]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// `data_plane = "sockmap"` was required and BPF is not usable.
+    #[error("data_plane = \"sockmap\" needs BPF: {0}")]
+    Bpf(#[from] BpfError),
+    /// Another daemon runs this instance, or its lock cannot be taken.
+    #[error("{0}")]
+    Instance(BpfError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// The control socket (`mqttlb ctl`) could not be bound.
+    #[error("cannot bind the control socket {path}: {source}")]
+    Control {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// What to do about a listener that cannot bind.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => "; is another process using the port?",
+        std::io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+        }
+        std::io::ErrorKind::AddrNotAvailable => "; no interface of this host has that address",
+        _ => "",
+    }
+}
+
+/// A started daemon: what the signal loop and the stop need.
+struct Running {
+    _lock: InstanceLock,
+    _control: control::ControlSocket,
+    shared: Arc<Shared>,
+    listeners: Vec<Arc<ListenerRt>>,
+    bpf: Option<Arc<Bpf>>,
+    checks: Vec<JoinHandle<()>>,
+    publisher: JoinHandle<()>,
+    accept_tasks: Vec<JoinHandle<()>>,
+    permits: Arc<Semaphore>,
+    limit: usize,
+    stop: watch::Sender<bool>,
+}
+
+/// SIGHUP, SIGTERM and SIGINT.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, DaemonError> {
+        let on = |kind| signal(kind).map_err(DaemonError::Signals);
+        Ok(Self {
+            hup: on(SignalKind::hangup())?,
+            term: on(SignalKind::terminate())?,
+            int: on(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
+pub async fn run(
+    config_path: PathBuf,
+    config: Config,
+    plane_override: Option<DataPlaneKind>,
+) -> Result<(), DaemonError> {
+    let (mut running, mut signals) = start(&config, plane_override)?;
+    let stats = running.shared.stats.clone();
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = signals.hup.recv() => {
+                let r = &mut running;
+                if reload::reload(&config_path, &mut current, &r.shared, &r.listeners, &stats) {
+                    reload::restart_checks(&mut r.checks, &r.shared, &current.global.name, &stats);
+                }
+            }
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+        }
+    }
+    running.stop().await;
+    Ok(())
+}
+
+/// Everything up to serving: the instance lock, the data plane, the listeners bound
+/// (a bind error stops the start), the shared state, the control socket, the health
+/// checks, the publisher and one accept loop per listener.
+fn start(
+    config: &Config,
+    plane_override: Option<DataPlaneKind>,
+) -> Result<(Running, Signals), DaemonError> {
+    let lock = InstanceLock::acquire(&config.global.name).map_err(DaemonError::Instance)?;
+    let stats = Arc::new(Stats::default());
+    let limit = max_connections(config) as usize;
+    let kind = plane_override.unwrap_or(config.global.data_plane);
+    let plane::Planes {
+        plane,
+        bpf,
+        sockmap,
+    } = plane::data_plane(config, kind, &stats)?;
+    info!(instance = %config.global.name, data_plane = plane.name(), "data plane selected");
+    if let Some(s) = &config.stats {
+        warn!(bind = %s.bind, "[stats] is accepted but not served in this version");
+    }
+    let sockets = bind_all(config)?;
+    let signals = Signals::install()?;
+
+    let sticky = match &bpf {
+        Some(b) => StickyTable::Bpf(b.clone()),
+        None => StickyTable::memory(plane::sticky_size(config) as usize),
+    };
+    let shared = Arc::new(Shared::new(
+        stats.clone(),
+        plane,
+        config.clusters.clone(),
+        sticky,
+        config.global.max_preconnect_bytes,
+    ));
+    let control = control::serve(&config.global.name, shared.clone()).map_err(|source| {
+        DaemonError::Control {
+            path: control::socket_path(&config.global.name)
+                .display()
+                .to_string(),
+            source,
+        }
+    })?;
+    let checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
+    if let Some(p) = sockmap {
+        tokio::spawn(async move {
+            if let Err(e) = p.run_events().await {
+                error!(error = %e, "BPF event loop stopped; throttling now relies on polling only");
+            }
+        });
+    }
+    let publisher = tokio::spawn(publish::publish_stats(
+        stats.clone(),
+        bpf.clone(),
+        shared.clone(),
+    ));
+    // Each listener's cluster is resolved here and at each reload, not per connection.
+    let clusters = shared.clusters();
+    let permits = Arc::new(Semaphore::new(limit));
+    let (stop, stop_rx) = watch::channel(false);
+    let mut listeners = Vec::new();
+    let mut accept_tasks = Vec::new();
+    for (l, socket) in config.listeners.iter().zip(sockets) {
+        let listener = Arc::new(ListenerRt::new(l.clone(), clusters[l.cluster].clone()));
+        listeners.push(listener.clone());
+        accept_tasks.push(tokio::spawn(accept_loop(
+            shared.clone(),
+            listener,
+            socket,
+            permits.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let running = Running {
+        _lock: lock,
+        _control: control,
+        shared,
+        listeners,
+        bpf,
+        checks,
+        publisher,
+        accept_tasks,
+        permits,
+        limit,
+        stop,
+    };
+    Ok((running, signals))
+}
+
+/// Binds every listener, in file order.
+fn bind_all(config: &Config) -> Result<Vec<TcpListener>, DaemonError> {
+    let mut sockets = Vec::new();
+    for l in &config.listeners {
+        let socket = listen(l.bind).map_err(|source| DaemonError::Bind {
+            name: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?;
+        info!(listener = %l.name, bind = %l.bind, kind = ?l.kind(), "listening");
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+impl Running {
+    /// Stops accepting, waits up to [`SHUTDOWN_GRACE`] for open connections, then
+    /// stops the tasks and removes the pins (the sticky table stays).
+    async fn stop(self) {
+        info!("stopping: no new connections");
+        let _ = self.stop.send(true);
+        for t in self.accept_tasks {
+            let _ = t.await;
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        let permits = &self.permits;
+        while permits.available_permits() < self.limit && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.limit - permits.available_permits();
+        if left > 0 {
+            info!(
+                open = left,
+                "closing connections still open after the grace period"
+            );
+        }
+        self.publisher.abort();
+        for t in self.checks {
+            t.abort();
+        }
+        if let Some(b) = &self.bpf {
+            b.unpin();
+        }
+        drop(self._control);
+        drop(self._lock);
+        info!(closed_at_stop = left, "stopped");
+    }
+}
+
+/// Connections the kernel completes and queues for a listener while the daemon is not
+/// accepting (at `max_connections`, out of descriptors, a burst of reconnects); capped
+/// by `net.core.somaxconn`. The 128 of std's `bind` sent SYNs of a reconnect storm
+/// into one-second retransmissions.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`].
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// `max_connections`, or what the descriptor limit allows (two per connection plus a
+/// reserve), after raising the soft open-files limit to the hard one. Says at start
+/// which it is, and warns when a configured value cannot be reached.
+fn max_connections(config: &Config) -> u32 {
+    let nofile = limits::raise_nofile();
+    let fits = nofile.map(limits::connections_for);
+    match (config.global.max_connections, fits) {
+        (Some(set), Some(fits)) if set.get() > fits => {
+            warn!(
+                max_connections = set.get(),
+                open_files_limit = nofile,
+                fits,
+                "max_connections is above what the open-files limit allows (two descriptors per connection); past {fits} connections new ones are refused as local resource errors: raise the limit (LimitNOFILE=, ulimit -n) or lower max_connections"
+            );
+            set.get()
+        }
+        (Some(set), _) => {
+            info!(max_connections = set.get(), "max_connections (configured)");
+            set.get()
+        }
+        (None, Some(fits)) => {
+            info!(
+                max_connections = fits,
+                open_files_limit = nofile,
+                reserve = limits::FD_RESERVE,
+                "max_connections from the open-files limit (two descriptors per connection plus a reserve)"
+            );
+            fits
+        }
+        (None, None) => {
+            warn!("cannot read the open-files limit; max_connections = 10000");
+            10_000
+        }
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: Arc<ListenerRt>,
+    socket: TcpListener,
+    permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let stats = shared.stats.clone();
+    let full_log = LogOnce::new(Duration::from_secs(10));
+    loop {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                stats.inc(DaemonStat::MaxConnectionsReached);
+                if full_log.allow() {
+                    warn!(listener = %listener.config.name, "max_connections reached: new connections wait in the kernel's accept queue");
+                }
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    _ = stop.changed() => return,
+                }
+            }
+        };
+        let accepted = tokio::select! {
+            r = socket.accept() => r,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                let (shared, listener) = (shared.clone(), listener.clone());
+                tokio::spawn(async move {
+                    conn::handle(shared, listener, client, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning, and warn once a
+                // second at most (the count is in local_resource_errors).
+                if limits::is_local_resource(&e) {
+                    stats.inc(DaemonStat::LocalResourceErrors);
+                }
+                if limits::LOCAL_RESOURCE_LOG.allow() {
+                    warn!(listener = %listener.config.name, error = %e, "accept failed; backing off");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

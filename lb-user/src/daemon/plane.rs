@@ -1,0 +1,120 @@
+//! Which data plane carries connections, and the BPF maps `mqttlb ctl` reads whatever
+//! the plane.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::DaemonError;
+use crate::{
+    bpf::{Bpf, BpfError},
+    config::{Config, DataPlaneKind, Sticky},
+    dataplane::{
+        DataPlane,
+        auto::AutoPlane,
+        copy::CopyPlane,
+        sockmap::{LAG_STEP, SockmapPlane},
+    },
+    stats::Stats,
+};
+
+/// The data plane for connections; the loaded BPF maps, whichever plane carries the
+/// bytes (the counters, servers and sticky table `mqttlb ctl` reads); the sockmap
+/// plane when it is the one in use.
+pub(super) struct Planes {
+    pub plane: Arc<dyn DataPlane>,
+    pub bpf: Option<Arc<Bpf>>,
+    pub sockmap: Option<Arc<SockmapPlane>>,
+}
+
+/// Chooses and builds the data plane. A pin directory that is not safely ours stops
+/// the start whatever the plane asked for: falling back would hide an attack.
+pub(super) fn data_plane(
+    config: &Config,
+    kind: DataPlaneKind,
+    stats: &Arc<Stats>,
+) -> Result<Planes, DaemonError> {
+    let load = || Bpf::load(&config.global.name, LAG_STEP, sticky_size(config)).map(Arc::new);
+    let copy = |bpf: Option<Arc<Bpf>>| Planes {
+        plane: Arc::new(CopyPlane::new(stats.clone())),
+        bpf,
+        sockmap: None,
+    };
+    let sockmap = |bpf: Arc<Bpf>| {
+        let p = SockmapPlane::new(bpf.clone(), stats.clone());
+        Planes {
+            plane: p.clone(),
+            bpf: Some(bpf),
+            sockmap: Some(p),
+        }
+    };
+    let loaded = load();
+    if matches!(&loaded, Err(e) if !matches!(e, BpfError::Unsafe { .. })) {
+        // A pin directory made before the load failed, if empty, goes (one that is
+        // not safely ours is left for the operator to look at).
+        let _ = std::fs::remove_dir(crate::bpf::pin_dir(&config.global.name));
+    }
+    Ok(match (kind, loaded) {
+        (_, Err(e @ BpfError::Unsafe { .. })) => return Err(DaemonError::Instance(e)),
+        (DataPlaneKind::Sockmap, loaded) => sockmap(loaded?),
+        // The maps serve `ctl` and keep the sticky table across restarts; no socket
+        // ever enters the socket maps.
+        (DataPlaneKind::Copy, Ok(bpf)) => copy(Some(bpf)),
+        (DataPlaneKind::Copy, Err(e)) => {
+            warn!(reason = %e, missing = %missing_privilege(), "BPF maps unavailable: `mqttlb ctl` asks the daemon itself; the sticky table lives in memory (lost at restart)");
+            copy(None)
+        }
+        // `auto`: copy first, the in-kernel splice for connections that cross their
+        // cluster's promotion threshold, where BPF loads; copy otherwise.
+        (DataPlaneKind::Auto, Ok(bpf)) => {
+            info!("auto: copy plane, long-lived connections promoted to the sockmap splice");
+            let splice = SockmapPlane::new(bpf.clone(), stats.clone());
+            Planes {
+                plane: Arc::new(AutoPlane::new(splice.clone(), stats.clone())),
+                bpf: Some(bpf),
+                sockmap: Some(splice),
+            }
+        }
+        (DataPlaneKind::Auto, Err(e)) => {
+            warn!(reason = %e, missing = %missing_privilege(), "auto: no in-kernel splice, every connection stays on the copy plane; `mqttlb ctl` asks the daemon itself; the sticky table lives in memory (lost at restart)");
+            copy(None)
+        }
+    })
+}
+
+/// The capabilities BPF needs that this process lacks (from its effective set), for
+/// the warning when BPF does not load.
+fn missing_privilege() -> String {
+    // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_BPF 39.
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    let missing: Vec<&str> = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN")]
+        .into_iter()
+        // CAP_SYS_ADMIN also grants what CAP_BPF does.
+        .filter(|&(bit, _)| !(has(bit) || bit == 39 && has(21)))
+        .map(|(_, name)| name)
+        .collect();
+    if missing.is_empty() {
+        "none (the kernel refused for another reason, see reason)".to_owned()
+    } else {
+        missing.join(" and ")
+    }
+}
+
+/// Capacity of the sticky table: every sticky cluster's `sticky_table_size`.
+pub(super) fn sticky_size(config: &Config) -> u32 {
+    let total: u64 = config
+        .clusters
+        .iter()
+        .filter(|c| c.sticky != Sticky::None)
+        .map(|c| u64::from(c.sticky_table_size.get()))
+        .sum();
+    total.clamp(1024, u64::from(u32::MAX)) as u32
+}

@@ -1,0 +1,195 @@
+//! SIGHUP: the configuration read again and what it changes applied, clusters and
+//! servers at once, listeners' clusters and certificates for new connections.
+
+use std::sync::Arc;
+
+use lb_common::DaemonStat;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use super::plane::sticky_size;
+use crate::{
+    config::{Cluster, Config, ServerState},
+    health,
+    runtime::{ListenerRt, Shared},
+    stats::Stats,
+};
+
+/// Applies a changed configuration: clusters and servers change at once (connections
+/// keep their server; servers keeping their name and address keep their live state);
+/// listener changes need a restart. False when the new file is refused.
+pub(super) fn reload(
+    path: &std::path::Path,
+    current: &mut Config,
+    shared: &Shared,
+    listeners: &[Arc<ListenerRt>],
+    stats: &Stats,
+) -> bool {
+    let mut new = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            stats.inc(DaemonStat::ReloadFailures);
+            for e in errors.0 {
+                error!(problem = %e, "reload refused; the running configuration stays");
+            }
+            return false;
+        }
+    };
+    let listeners_same = new.listeners.len() == current.listeners.len()
+        && new
+            .listeners
+            .iter()
+            .zip(&current.listeners)
+            .all(|(a, b)| a.name == b.name && a.bind == b.bind);
+    if !listeners_same {
+        warn!("listener names or addresses changed: that part of the reload needs a restart");
+    }
+    if sticky_size(&new) != sticky_size(current) {
+        warn!("sticky_table_size changed: the table keeps its size until a restart");
+    }
+    for key in restart_only_changes(current, &new) {
+        warn!(
+            key,
+            "changed in the file, but takes effect only at a restart; the running value stays"
+        );
+    }
+    let changes = cluster_changes(current, &new);
+    for change in &changes {
+        info!(%change, "reload");
+    }
+    new.global = current.global.clone();
+    shared.replace_clusters(new.clusters.clone());
+    let clusters = shared.clusters();
+    for l in listeners {
+        let found = new
+            .listeners
+            .iter()
+            .find(|n| n.name == l.config.name && n.bind == l.config.bind);
+        // New connections go to the cluster the file names for the listener now.
+        let cluster = match found {
+            Some(n) => Some(clusters[n.cluster].clone()),
+            None => shared.cluster(&l.cluster().config.name),
+        };
+        match cluster {
+            Some(c) => l.set_cluster(c),
+            None => {
+                warn!(listener = %l.config.name, "its cluster is gone from the file and the listener too: it keeps its cluster as it was until a restart")
+            }
+        }
+        // Certificates and TLS settings: new handshakes use the new ones.
+        if let Some(n) = found {
+            if n.tls().is_some() {
+                info!(listener = %n.name, "reload: certificates and TLS settings read again (new handshakes use them)");
+            }
+            l.replace_tls(n);
+        }
+    }
+    stats.inc(DaemonStat::Reloads);
+    info!(
+        clusters = new.clusters.len(),
+        changes = changes.len(),
+        "configuration reloaded"
+    );
+    *current = new;
+    true
+}
+
+/// What a reload changes in clusters and servers, one line each, against the running
+/// configuration (an edit reverted before the reload is no change).
+fn cluster_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in &old.clusters {
+        if !new.clusters.iter().any(|n| n.name == c.name) {
+            out.push(format!("cluster {:?} removed", c.name));
+        }
+    }
+    for n in &new.clusters {
+        let Some(c) = old.clusters.iter().find(|c| c.name == n.name) else {
+            out.push(format!(
+                "cluster {:?} added ({} servers)",
+                n.name,
+                n.servers.len()
+            ));
+            continue;
+        };
+        for s in &c.servers {
+            if !n.servers.iter().any(|t| t.name == s.name) {
+                out.push(format!("cluster {:?}: server {:?} removed", n.name, s.name));
+            }
+        }
+        for t in &n.servers {
+            let Some(s) = c.servers.iter().find(|s| s.name == t.name) else {
+                out.push(format!(
+                    "cluster {:?}: server {:?} added ({})",
+                    n.name, t.name, t.address
+                ));
+                continue;
+            };
+            if s.state != t.state {
+                let state = |s: ServerState| format!("{s:?}").to_lowercase();
+                out.push(format!(
+                    "cluster {:?}: server {:?} {} -> {}",
+                    n.name,
+                    t.name,
+                    state(s.state),
+                    state(t.state)
+                ));
+            }
+            if s.address != t.address {
+                out.push(format!(
+                    "cluster {:?}: server {:?} address {} -> {}",
+                    n.name, t.name, s.address, t.address
+                ));
+            }
+            if s != t && s.state == t.state && s.address == t.address {
+                out.push(format!(
+                    "cluster {:?}: server {:?} settings changed (weight, backup, limits)",
+                    n.name, t.name
+                ));
+            }
+        }
+        let settings = |c: &Cluster| Cluster {
+            servers: Vec::new(),
+            ..c.clone()
+        };
+        if settings(c) != settings(n) {
+            out.push(format!(
+                "cluster {:?}: settings changed (balance, sticky, timeouts, health...)",
+                n.name
+            ));
+        }
+    }
+    out
+}
+
+/// The keys a reload cannot apply that differ between `old` and `new`.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.global, &new.global);
+    let mut keys = Vec::new();
+    if a.name != b.name {
+        keys.push("global.name");
+    }
+    if a.data_plane != b.data_plane {
+        keys.push("global.data_plane");
+    }
+    if a.max_connections != b.max_connections {
+        keys.push("global.max_connections");
+    }
+    if a.max_preconnect_bytes != b.max_preconnect_bytes {
+        keys.push("global.max_preconnect_bytes");
+    }
+    keys
+}
+
+/// Replaces the health check tasks with those of the current clusters.
+pub(super) fn restart_checks(
+    checks: &mut Vec<JoinHandle<()>>,
+    shared: &Shared,
+    instance: &str,
+    stats: &Arc<Stats>,
+) {
+    for t in checks.drain(..) {
+        t.abort();
+    }
+    *checks = health::spawn(&shared.clusters(), instance, stats);
+}
