@@ -256,6 +256,60 @@ enum Ended {
     Promote([u64; 2]),
 }
 
+/// Promotion by age: when the next look is due, and the reads at the previous look. A
+/// connection that read more than `max_rate` a second since then is left on the copy
+/// plane, where pipelined and bulk streams are carried faster (docs/ARCHITECTURE.md,
+/// "Choosing a plane"), and looked at again one `promote_after` later.
+struct AgeCheck {
+    promote: Promote,
+    /// When to look next (None: promotion by age is off).
+    at: Option<Instant>,
+    /// Time and reads (both directions) at the previous look.
+    window: (Instant, u64),
+}
+
+impl AgeCheck {
+    fn new(promote: Promote, now: Instant) -> Self {
+        Self {
+            promote,
+            at: promote.after.map(|d| now + d),
+            window: (now, 0),
+        }
+    }
+
+    /// Whether to promote now, at `reads` so far; otherwise when to look again is
+    /// moved on (busy: one `promote_after`; something pending: shortly).
+    fn ripe(&mut self, now: Instant, reads: u64, promotable: bool, stats: &Stats) -> bool {
+        let Some(after) = self.promote.after else {
+            return false;
+        };
+        if self.at.is_none_or(|p| now < p) {
+            return false;
+        }
+        if self.busy(now, reads) {
+            stats.inc(DaemonStat::PromotionDeferred);
+            self.window = (now, reads);
+            self.at = Some(now + after);
+            false
+        } else if promotable {
+            true
+        } else {
+            self.at = Some(now + POLL_MAX);
+            false
+        }
+    }
+
+    /// Whether the connection read more than `max_rate` a second since the last look.
+    fn busy(&self, now: Instant, reads: u64) -> bool {
+        self.promote.max_rate.is_some_and(|max| {
+            let secs = now.duration_since(self.window.0).as_secs_f64();
+            (reads - self.window.1) as f64 > max as f64 * secs
+        })
+    }
+}
+
+/// Copies both directions of `pair` until it ends, or until it crosses a promotion
+/// threshold with nothing pending either way.
 async fn copy_both(
     pair: &Pair,
     handover: Handover<'_>,
@@ -282,42 +336,19 @@ async fn copy_both(
         stat,
         traffic: &pair.traffic,
     };
-    let mut c2s = direction(
-        0,
-        &pair.client,
-        &pair.server,
-        p0,
-        DaemonStat::CopiedBytesC2s,
-    );
-    let mut s2c = direction(
-        1,
-        &pair.server,
-        &pair.client,
-        p1,
-        DaemonStat::CopiedBytesS2c,
-    );
+    let (client, server) = (&pair.client, &pair.server);
+    let mut c2s = direction(0, client, server, p0, DaemonStat::CopiedBytesC2s);
+    let mut s2c = direction(1, server, client, p1, DaemonStat::CopiedBytesS2c);
     let idle = pair.idle_timeout;
     let mut last = Instant::now();
     // One timer for the idle timeout and promotion by age (checked when due, then
     // shortly again while a write is pending).
-    let mut promote_at = promote.after.map(|d| last + d);
-    let due = |last: Instant, promote_at: Option<Instant>| {
-        promote_at.map_or(last + idle, |p| p.min(last + idle))
-    };
-    let sleep = tokio::time::sleep_until(due(last, promote_at).into());
+    let mut age = AgeCheck::new(promote, last);
+    let due = |last: Instant, age: &AgeCheck| age.at.map_or(last + idle, |p| p.min(last + idle));
+    let sleep = tokio::time::sleep_until(due(last, &age).into());
     tokio::pin!(sleep);
     let promotable = |c2s: &OneWay<'_>, s2c: &OneWay<'_>| {
         !c2s.done && !s2c.done && c2s.pending.is_none() && s2c.pending.is_none()
-    };
-    // Promotion by age looks at the reads since the previous look: a connection above
-    // `max_rate` is left on the copy plane, where pipelined and bulk streams are
-    // carried faster (docs/ARCHITECTURE.md, "Choosing a plane").
-    let mut window = (last, 0u64);
-    let busy = |window: (Instant, u64), now: Instant, reads: u64| {
-        promote.max_rate.is_some_and(|max| {
-            let secs = now.duration_since(window.0).as_secs_f64();
-            (reads - window.1) as f64 > max as f64 * secs
-        })
     };
     while !(c2s.done && s2c.done) {
         tokio::select! {
@@ -328,21 +359,11 @@ async fn copy_both(
                 if now.duration_since(last) >= idle {
                     return Ok(Ended::Outcome(Outcome::IdleTimeout));
                 }
-                if let Some(after) = promote.after
-                    && promote_at.is_some_and(|p| now >= p)
-                {
-                    let reads = c2s.reads + s2c.reads;
-                    if busy(window, now, reads) {
-                        stats.inc(DaemonStat::PromotionDeferred);
-                        window = (now, reads);
-                        promote_at = Some(now + after);
-                    } else if promotable(&c2s, &s2c) {
-                        return Ok(Ended::Promote([c2s.read, s2c.read]));
-                    } else {
-                        promote_at = Some(now + POLL_MAX);
-                    }
+                let reads = c2s.reads + s2c.reads;
+                if age.ripe(now, reads, promotable(&c2s, &s2c), stats) {
+                    return Ok(Ended::Promote([c2s.read, s2c.read]));
                 }
-                sleep.as_mut().reset(due(last, promote_at).into());
+                sleep.as_mut().reset(due(last, &age).into());
             }
         }
         if promote

@@ -14,7 +14,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -194,111 +194,158 @@ pub async fn ws_terminate<C: AsyncRead + AsyncWrite + Unpin>(
     traffic: Arc<Traffic>,
     stats: &Stats,
 ) -> Outcome {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stats.inc(DaemonStat::Copied);
-    let epoch = Instant::now();
     let last = AtomicU64::new(0);
-    let touch = || last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let ws = WsShared {
+        stats,
+        traffic: &traffic,
+        last: &last,
+        epoch: Instant::now(),
+        server_done: AtomicBool::new(false),
+    };
     let server_fd = server.as_raw_fd();
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut sr, mut sw) = server.into_split();
+    let (cr, cw) = tokio::io::split(client);
+    let (sr, sw) = server.into_split();
     // Control frames the client-to-server side owes the client (pongs, the close reply).
-    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
-    // The server finished and the client got its close frame: the WebSocket is over,
-    // and a client that resets rather than closes ends it cleanly all the same.
-    let server_done = std::sync::atomic::AtomicBool::new(false);
-    let up = async {
-        let mut frames = crate::ws::FrameStream::new(limits.max_frame);
-        let mut buf = pending;
-        let mut out = Vec::with_capacity(BUF);
-        let mut chunk = vec![0u8; BUF];
-        loop {
-            loop {
-                let (used, control) = frames.decode(&buf, &mut out).map_err(|e| {
-                    stats.inc(DaemonStat::WsBadFrames);
-                    io::Error::new(io::ErrorKind::InvalidData, e)
-                })?;
-                buf.drain(..used);
-                if !out.is_empty() {
-                    sw.write_all(&out)
-                        .await
-                        .map_err(|e| context(e, "server write"))?;
-                    traffic.add(Direction::ClientToServer, out.len() as u64);
-                    stats.add(DaemonStat::CopiedBytesC2s, out.len() as u64);
-                    out.clear();
-                }
-                let Some(control) = control else { break };
-                match control.opcode {
-                    Opcode::Ping => {
-                        let pong = crate::ws::control_frame(Opcode::Pong, &control.payload);
-                        let _ = ctl_tx.send(pong).await;
-                    }
-                    Opcode::Close => {
-                        let reply = crate::ws::control_frame(Opcode::Close, &control.payload);
-                        let _ = ctl_tx.send(reply).await;
-                        return sw.shutdown().await;
-                    }
-                    _ => {}
-                }
-            }
-            let n = match cr.read(&mut chunk).await {
-                // A TLS client may close without close_notify: the end all the same.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-                Err(_) if server_done.load(Ordering::Relaxed) => 0,
-                r => r.map_err(|e| context(e, "client read"))?,
-            };
-            if n == 0 {
-                return sw.shutdown().await;
-            }
-            touch();
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    let down = async {
-        let mut chunk = vec![0u8; BUF];
-        let mut ctl_open = true;
-        // A close frame went to the client (the reply to its own): no second one.
-        let mut closed = false;
-        loop {
-            tokio::select! {
-                ctl = ctl_rx.recv(), if ctl_open => match ctl {
-                    Some(frame) => {
-                        closed |= frame.first() == Some(&(0x80 | Opcode::Close as u8));
-                        cw.write_all(&frame).await.map_err(|e| context(e, "client write"))?;
-                    }
-                    None => ctl_open = false,
-                },
-                r = sr.read(&mut chunk) => {
-                    let n = r.map_err(|e| context(e, "server read"))?;
-                    if n == 0 {
-                        // The server is done: close the WebSocket. The client may be
-                        // gone already (it closed first), which is no error.
-                        if !closed {
-                            let _ = cw.write_all(&crate::ws::close_frame(CloseCode::Normal)).await;
-                        }
-                        let _ = cw.shutdown().await;
-                        server_done.store(true, Ordering::Relaxed);
-                        return Ok(());
-                    }
-                    touch();
-                    traffic.add(Direction::ServerToClient, n as u64);
-                    stats.add(DaemonStat::CopiedBytesS2c, n as u64);
-                    cw.write_all(&crate::ws::binary_frame(&chunk[..n]))
-                        .await
-                        .map_err(|e| context(e, "client write"))?;
-                }
-            }
-        }
-    };
+    let (ctl_tx, ctl_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let up = ws_client_to_server(&ws, cr, sw, pending, limits.max_frame, ctl_tx);
+    let down = ws_server_to_client(&ws, sr, cw, ctl_rx);
     // The first error ends both directions: the other must not wait for its own end.
     let both = async { tokio::try_join!(up, down).map(drop) };
     until_idle(
         both,
         &last,
-        epoch,
+        ws.epoch,
         limits.idle,
         [client_fd, server_fd],
         stats,
     )
     .await
+}
+
+/// What both directions of a terminated WebSocket share.
+struct WsShared<'a> {
+    stats: &'a Stats,
+    traffic: &'a Traffic,
+    /// Milliseconds since `epoch` of the last byte read either way.
+    last: &'a AtomicU64,
+    epoch: Instant,
+    /// The server finished and the client got its close frame: the WebSocket is over,
+    /// and a client that resets rather than closes ends it cleanly all the same.
+    server_done: AtomicBool,
+}
+
+impl WsShared<'_> {
+    /// Records activity (for the idle timeout).
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Client frames unmasked to the server as they arrive; pings answered and the close
+/// frame answered (through `ctl`, written by the other direction), which ends this
+/// direction with a FIN to the server.
+async fn ws_client_to_server(
+    ws: &WsShared<'_>,
+    mut client: impl AsyncRead + Unpin,
+    mut server: impl AsyncWrite + Unpin,
+    pending: Vec<u8>,
+    max_frame: u64,
+    ctl: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut frames = crate::ws::FrameStream::new(max_frame);
+    let mut buf = pending;
+    let mut out = Vec::with_capacity(BUF);
+    let mut chunk = vec![0u8; BUF];
+    loop {
+        loop {
+            let (used, control) = frames.decode(&buf, &mut out).map_err(|e| {
+                ws.stats.inc(DaemonStat::WsBadFrames);
+                io::Error::new(io::ErrorKind::InvalidData, e)
+            })?;
+            buf.drain(..used);
+            if !out.is_empty() {
+                server
+                    .write_all(&out)
+                    .await
+                    .map_err(|e| context(e, "server write"))?;
+                ws.traffic.add(Direction::ClientToServer, out.len() as u64);
+                ws.stats.add(DaemonStat::CopiedBytesC2s, out.len() as u64);
+                out.clear();
+            }
+            let Some(control) = control else { break };
+            match control.opcode {
+                Opcode::Ping => {
+                    let pong = crate::ws::control_frame(Opcode::Pong, &control.payload);
+                    let _ = ctl.send(pong).await;
+                }
+                Opcode::Close => {
+                    let reply = crate::ws::control_frame(Opcode::Close, &control.payload);
+                    let _ = ctl.send(reply).await;
+                    return server.shutdown().await;
+                }
+                _ => {}
+            }
+        }
+        let n = match client.read(&mut chunk).await {
+            // A TLS client may close without close_notify: the end all the same.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(_) if ws.server_done.load(Ordering::Relaxed) => 0,
+            r => r.map_err(|e| context(e, "client read"))?,
+        };
+        if n == 0 {
+            return server.shutdown().await;
+        }
+        ws.touch();
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Server bytes to the client in binary frames, with the control frames the other
+/// direction owes; the server's FIN becomes a close frame (1000) unless one was sent.
+async fn ws_server_to_client(
+    ws: &WsShared<'_>,
+    mut server: impl AsyncRead + Unpin,
+    mut client: impl AsyncWrite + Unpin,
+    mut ctl: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut chunk = vec![0u8; BUF];
+    let mut ctl_open = true;
+    // A close frame went to the client (the reply to its own): no second one.
+    let mut closed = false;
+    loop {
+        tokio::select! {
+            frame = ctl.recv(), if ctl_open => match frame {
+                Some(frame) => {
+                    closed |= frame.first() == Some(&(0x80 | Opcode::Close as u8));
+                    client.write_all(&frame).await.map_err(|e| context(e, "client write"))?;
+                }
+                None => ctl_open = false,
+            },
+            r = server.read(&mut chunk) => {
+                let n = r.map_err(|e| context(e, "server read"))?;
+                if n == 0 {
+                    // The server is done: close the WebSocket. The client may be
+                    // gone already (it closed first), which is no error.
+                    if !closed {
+                        let close = crate::ws::close_frame(CloseCode::Normal);
+                        let _ = client.write_all(&close).await;
+                    }
+                    let _ = client.shutdown().await;
+                    ws.server_done.store(true, Ordering::Relaxed);
+                    return Ok(());
+                }
+                ws.touch();
+                ws.traffic.add(Direction::ServerToClient, n as u64);
+                ws.stats.add(DaemonStat::CopiedBytesS2c, n as u64);
+                client
+                    .write_all(&crate::ws::binary_frame(&chunk[..n]))
+                    .await
+                    .map_err(|e| context(e, "client write"))?;
+            }
+        }
+    }
 }

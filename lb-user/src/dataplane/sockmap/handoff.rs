@@ -1,0 +1,91 @@
+//! The hand-off drain: no partly read skb may stay in either receive queue when the
+//! sockets enter the maps, and a side that does not go quiet keeps the pair on the
+//! copy plane.
+
+use std::io;
+
+use lb_common::DaemonStat;
+use tokio::net::TcpStream;
+
+use super::{HANDOFF_LIMIT, SockmapPlane};
+use crate::dataplane::{
+    Direction, Outcome, Pair,
+    copy::{Handover, Moved, move_once_now},
+    reset_both,
+};
+
+impl SockmapPlane {
+    /// Reads each side until `EAGAIN`, writing it to the peer. `Err` carries the
+    /// outcome when the pair ended on the copy plane instead (a side did not go quiet)
+    /// or failed.
+    pub(super) async fn drain_both(&self, pair: &mut Pair) -> Result<(), Outcome> {
+        for to_server in [true, false] {
+            let (src, dst) = if to_server {
+                (&pair.client, &pair.server)
+            } else {
+                (&pair.server, &pair.client)
+            };
+            match drain(src, dst) {
+                Ok(Drained::Quiet(n)) if to_server => {
+                    pair.written_to_server += n;
+                    pair.traffic.add(Direction::ClientToServer, n);
+                }
+                Ok(Drained::Quiet(n)) => {
+                    pair.written_to_client += n;
+                    pair.traffic.add(Direction::ServerToClient, n);
+                }
+                Ok(Drained::Busy(rest)) => {
+                    tracing::debug!(
+                        id = pair.id,
+                        to_server,
+                        "hand-off drain did not go quiet; copy plane"
+                    );
+                    self.stats.inc(DaemonStat::SpliceFallback);
+                    let mut pending = [Vec::new(), Vec::new()];
+                    pending[usize::from(!to_server)] = rest;
+                    let handover = Handover {
+                        pending,
+                        ..Handover::default()
+                    };
+                    return Err(self.copy.run_handed_over(pair, handover).await);
+                }
+                Err(e) => {
+                    reset_both(pair);
+                    return Err(Outcome::Aborted(e));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What draining one side at hand-off found.
+enum Drained {
+    /// `src` went quiet after this many bytes, all written to `dst`.
+    Quiet(u64),
+    /// EOF, a full `dst`, or a sender past [`HANDOFF_LIMIT`]: the copy plane continues,
+    /// starting with these bytes read but not yet written.
+    Busy(Vec<u8>),
+}
+
+/// Reads `src` until `EAGAIN`, writing everything to `dst`, without ever waiting: a
+/// blocking write here, with the other direction unread, can deadlock against a peer
+/// that echoes.
+fn drain(src: &TcpStream, dst: &TcpStream) -> io::Result<Drained> {
+    let mut total = 0u64;
+    loop {
+        match move_once_now(src, dst)? {
+            Moved::Idle => return Ok(Drained::Quiet(total)),
+            Moved::Eof => return Ok(Drained::Busy(Vec::new())),
+            Moved::Bytes { read, rest: None } => {
+                total += read as u64;
+                if total > HANDOFF_LIMIT {
+                    return Ok(Drained::Busy(Vec::new()));
+                }
+            }
+            Moved::Bytes {
+                rest: Some(rest), ..
+            } => return Ok(Drained::Busy(rest)),
+        }
+    }
+}

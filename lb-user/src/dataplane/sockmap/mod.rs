@@ -1,0 +1,293 @@
+//! The in-kernel data plane: both sockets go into the sockhash maps and the verdict
+//! program (`lb-ebpf/src/splice.bpf.c`) redirects each direction to the peer socket.
+//! Userspace keeps one small task per pair that owns the kernel's traps:
+//!
+//! - **Queued bytes at hand-off.** Each side is read until `EAGAIN` and forwarded
+//!   before insertion (a partly read skb would be forwarded again); whole skbs that
+//!   arrive after that are flushed by a read once the sockets are in the maps (a read
+//!   runs the verdict over the receive queue first).
+//! - **Wake-ups.** A spliced socket turns readable for every redirected skb, so the
+//!   task does not wait for readability (that ran it once per message): the program
+//!   reports the FIN and bytes it passed after the daemon's last read as events, and
+//!   resets come as error readiness.
+//! - **FIN.** The program drops the zero-length FIN skb (passing it can set EPIPE on
+//!   the socket, see the program) and reports it; the task sees `recv() == 0`
+//!   and sends `shutdown(SHUT_WR)` to the peer only once the peer's send queue has taken
+//!   every redirected byte (BPF byte counter against `tcpi_bytes_acked + SIOCOUTQ`).
+//! - **No backpressure.** Every `lag_check_step` redirected bytes the program sends an
+//!   event; when a direction's lag (redirected bytes still on the peer's psock
+//!   backlog, not yet in its send queue) passes [`HIGH_WATER`] the task sets
+//!   the source's `ctrl` word to throttled and the program *passes* its skbs instead:
+//!   they wait in the source's own queue, charged to its receive buffer, so TCP flow
+//!   control holds the sender back. When the lag falls to [`LOW_WATER`] the task
+//!   forwards the passed bytes itself (after every redirected byte has reached the
+//!   peer's send queue; the bit stays set while it reads), then clears the bit and
+//!   reports how many it forwarded; the program
+//!   redirects again once that count matches what it passed, so nothing is overtaken.
+//!   The socket never leaves `sources` while the pair lives: an skb being verdicted
+//!   when its socket leaves is dropped by the kernel although TCP acknowledged it.
+//! - **Refusals.** A socket the kernel will not take (e.g. `CLOSE_WAIT`) sends the whole
+//!   pair to the copy plane, after every redirected byte has reached its peer.
+
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::AsRawFd,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::SystemTime,
+};
+
+use lb_common::{
+    CTRL_THROTTLE, ConnInfo, DaemonStat, EVENT_FIN, EVENT_LAG_CHECK, EVENT_PASSED, EVENT_PEER_GONE,
+    EVENT_STREAM_BROKEN, Event,
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::Notify,
+};
+
+use super::{
+    CarryFuture, DataPlane, Outcome, Pair,
+    copy::{CopyPlane, Handover},
+    reset_both,
+};
+use crate::{
+    bpf::{Bpf, InsertRefused, PairSockets, addr_bytes},
+    stats::Stats,
+    sys,
+};
+
+mod direction;
+mod handoff;
+mod supervise;
+
+use direction::Dir;
+
+/// `SO_SNDBUF`/`SO_RCVBUF` of spliced sockets: the kernel stops autotuning buffers for
+/// redirected bytes, and the default ones halved bulk throughput.
+const SPLICE_BUFFER: u32 = 4 << 20;
+/// Lag (see `SockmapPlane::lag`) in one direction above which its source is throttled.
+pub const HIGH_WATER: u64 = 4 << 20;
+/// Lag at or below which a throttled direction resumes.
+pub const LOW_WATER: u64 = 1 << 20;
+/// Redirected bytes between two lag checks (the program's `lag_check_step`).
+pub const LAG_STEP: u64 = 1 << 20;
+/// Bytes the hand-off may copy while waiting for a side to go quiet; past this the
+/// connection stays on the copy plane rather than spin behind a sender that never
+/// pauses.
+const HANDOFF_LIMIT: u64 = 8 << 20;
+/// Passed bytes one pump forwards before letting other tasks run.
+const PUMP_BUDGET: u64 = 1 << 20;
+
+/// Wakes a pair's task on events from the program.
+#[derive(Default)]
+struct Signal {
+    notify: Notify,
+    /// Bit per direction that asked for a lag check.
+    lag: AtomicU32,
+    /// Bit per direction whose source must be read: its FIN arrived, or the program
+    /// passed bytes after the daemon's last read.
+    read: AtomicU32,
+    /// A redirect failed: the peer socket is gone.
+    peer_gone: AtomicBool,
+}
+
+/// The sockmap data plane.
+pub struct SockmapPlane {
+    bpf: Arc<Bpf>,
+    stats: Arc<Stats>,
+    copy: CopyPlane,
+    registry: Mutex<HashMap<u32, Arc<Signal>>>,
+}
+
+impl DataPlane for SockmapPlane {
+    fn name(&self) -> &'static str {
+        "sockmap"
+    }
+    fn carry(&self, pair: Pair) -> CarryFuture<'_> {
+        Box::pin(self.run(pair))
+    }
+}
+
+/// The two cookies of a pair.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Cookies {
+    client: u64,
+    server: u64,
+}
+
+impl SockmapPlane {
+    /// A sockmap plane over loaded BPF, with a copy plane for fallbacks.
+    pub fn new(bpf: Arc<Bpf>, stats: Arc<Stats>) -> Arc<Self> {
+        let copy = CopyPlane::new(stats.clone());
+        Arc::new(Self {
+            bpf,
+            stats,
+            copy,
+            registry: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The loaded program and maps.
+    pub fn bpf(&self) -> &Arc<Bpf> {
+        &self.bpf
+    }
+
+    /// Reads the program's ring buffer and wakes the pairs it names; runs for the life
+    /// of the daemon.
+    pub async fn run_events(self: Arc<Self>) -> io::Result<()> {
+        let ring = self
+            .bpf
+            .take_events()
+            .ok_or_else(|| io::Error::other("events taken"))?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
+        // the AsyncFd (and the RingBuf inside it) is dropped.
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        loop {
+            let mut guard = ring.readable_mut().await?;
+            while let Some(item) = guard.get_inner_mut().next() {
+                let Some(bytes) = item.get(..size_of::<Event>()) else {
+                    continue;
+                };
+                let ev: Event = bytemuck::pod_read_unaligned(bytes);
+                let signal = self
+                    .registry
+                    .lock()
+                    .expect("registry lock")
+                    .get(&ev.conn_id)
+                    .cloned();
+                let Some(signal) = signal else { continue };
+                match ev.kind {
+                    EVENT_LAG_CHECK => {
+                        signal.lag.fetch_or(1 << ev.dir, Ordering::Relaxed);
+                    }
+                    EVENT_FIN | EVENT_PASSED => {
+                        signal.read.fetch_or(1 << ev.dir, Ordering::Relaxed);
+                    }
+                    // Either way the pair cannot go on: it is reset.
+                    EVENT_PEER_GONE | EVENT_STREAM_BROKEN => {
+                        signal.peer_gone.store(true, Ordering::Relaxed);
+                    }
+                    _ => continue,
+                }
+                signal.notify.notify_one();
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// Splices `pair` until it ends: 1. the hand-off drain, 2. insertion, 3. the
+    /// supervision of both directions, 4. the server's byte count and removal.
+    pub(crate) async fn run(&self, mut pair: Pair) -> Outcome {
+        if let Err(copied) = self.drain_both(&mut pair).await {
+            return copied;
+        }
+        for fd in [pair.client.as_raw_fd(), pair.server.as_raw_fd()] {
+            let _ = sys::set_buffers(fd, SPLICE_BUFFER);
+        }
+        let (cookies, mut dirs) = match Dir::both(&pair) {
+            Ok(both) => both,
+            Err(e) => {
+                reset_both(&pair);
+                return Outcome::Aborted(e);
+            }
+        };
+        let signal = Arc::new(Signal::default());
+        self.registry
+            .lock()
+            .expect("registry lock")
+            .insert(pair.id, signal.clone());
+        let outcome = match self.insert(&pair, cookies) {
+            Ok(()) => self.spliced(&pair, &mut dirs, &signal).await,
+            Err(refused) => {
+                tracing::debug!(id = pair.id, error = %refused.error, in_sources = ?refused.in_sources, "sockmap refused the pair; copy plane");
+                self.unsplice(&pair, &dirs, refused.in_sources).await
+            }
+        };
+        // The server's bytes (redirected, and forwarded while throttled), then the
+        // maps (a finished pair has no redirected byte left in flight).
+        for d in &mut dirs {
+            self.count_redirected(d);
+        }
+        self.remove(&pair, cookies);
+        outcome
+    }
+
+    /// A pair in the maps, supervised until it ends.
+    async fn spliced(&self, pair: &Pair, dirs: &mut [Dir<'_>; 2], signal: &Signal) -> Outcome {
+        pair.entry.set_plane(crate::registry::Plane::Sockmap);
+        self.stats.inc(DaemonStat::Spliced);
+        self.stats.inc(DaemonStat::SplicedActive);
+        // Whole skbs that arrived since the drain: the first pump's read runs the
+        // verdict over them.
+        for d in dirs.iter_mut() {
+            d.readable = true;
+        }
+        let outcome = self.supervise(pair, dirs, signal).await;
+        self.stats.dec(DaemonStat::SplicedActive);
+        if matches!(outcome, Outcome::Aborted(_)) {
+            reset_both(pair);
+        }
+        outcome
+    }
+
+    /// Continues a pair the kernel refused on the copy plane. Bytes already redirected
+    /// reach their peer first; a socket that made it into `sources` passes its bytes
+    /// to its own queue from then on. The sockets stay in the maps (their psocks hold
+    /// the kernel's transmit backlog) until the copy plane is done.
+    async fn unsplice(&self, pair: &Pair, dirs: &[Dir<'_>; 2], in_sources: [bool; 2]) -> Outcome {
+        for (d, _) in dirs.iter().zip(in_sources).filter(|(_, v)| *v) {
+            if let Err(e) = self.bpf.set_ctrl(d.src_cookie, CTRL_THROTTLE) {
+                reset_both(pair);
+                return Outcome::Aborted(e);
+            }
+        }
+        self.stats.inc(DaemonStat::SpliceFallback);
+        let ready = |i: usize, _read: u64| self.arrived(&dirs[i]);
+        // Every byte read from a socket in `sources` was passed by the program.
+        let eof_final = move |i: usize, read: u64| {
+            Ok(!in_sources[i] || self.bpf.sock(dirs[i].src_cookie)?.passed == read)
+        };
+        let handover = Handover {
+            ready: Some(&ready),
+            eof_final: Some(&eof_final),
+            ..Handover::default()
+        };
+        self.copy.run_handed_over(pair, handover).await
+    }
+
+    /// Enters the pair in the maps (`sources` last: from then on the program runs).
+    fn insert(&self, pair: &Pair, c: Cookies) -> Result<(), InsertRefused> {
+        let info = ConnInfo {
+            client_addr: addr_bytes(pair.client_addr),
+            server_addr: addr_bytes(pair.server_addr),
+            client_cookie: c.client,
+            server_cookie: c.server,
+            started_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            client_port: pair.client_addr.port(),
+            server_port: pair.server_addr.port(),
+            server_index: pair.server_index,
+            ..ConnInfo::default()
+        };
+        let sockets = PairSockets {
+            client: (c.client, pair.client.as_raw_fd()),
+            server: (c.server, pair.server.as_raw_fd()),
+        };
+        self.bpf.insert_pair(pair.id, info, sockets)
+    }
+
+    /// Removes every map entry of the pair and its event registration.
+    fn remove(&self, pair: &Pair, c: Cookies) {
+        self.bpf.remove_pair(pair.id, [c.client, c.server]);
+        self.registry
+            .lock()
+            .expect("registry lock")
+            .remove(&pair.id);
+    }
+}
