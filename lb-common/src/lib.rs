@@ -164,6 +164,9 @@ pub const BACKEND_HEALTH_DOWN: u8 = 2;
 pub const BACKEND_FAILED: u8 = 4;
 /// `BackendInfo::flags`: at its `max_connections`.
 pub const BACKEND_FULL: u8 = 8;
+/// `BackendInfo::flags`: state or weight changed at runtime (admin API or `ctl`),
+/// overriding the file.
+pub const BACKEND_OVERRIDDEN: u8 = 16;
 
 /// One server as the daemon sees it (`backends` map; written by the daemon only).
 /// Names are NUL-padded UTF-8, cut at 32 bytes.
@@ -448,6 +451,11 @@ counters! {
         /// than its cluster's `promote_max_rate` reads a second): it stays on the copy
         /// plane and is looked at again one `promote_after` later.
         PromotionDeferred = 50 => "promotion_deferred_busy",
+        /// Bytes the splice carried client to server in the kernel (the process never
+        /// read them), counted as the daemon looks at its pairs.
+        SplicedBytesC2s = 51 => "spliced_bytes_c2s",
+        /// Bytes the splice carried server to client in the kernel.
+        SplicedBytesS2c = 52 => "spliced_bytes_s2c",
     }
 }
 

@@ -13,6 +13,7 @@
 
 use std::{
     io,
+    num::NonZeroU32,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -26,7 +27,11 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::runtime::Shared;
+use crate::{
+    config::ServerState,
+    runtime::{Override, Shared},
+    views,
+};
 
 /// Where instance locks and control sockets live.
 pub const RUN_DIR: &str = "/run/mqttlb";
@@ -101,38 +106,54 @@ async fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
     timeout(WAIT, BufReader::new(r.take(256)).read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-    let backends = || -> Vec<(u32, lb_common::BackendInfo)> {
-        (0..)
-            .zip(crate::daemon::backend_rows(&shared.clusters()))
-            .collect()
-    };
-    let body = match line.trim() {
-        "conns" => serde_json::json!({ "conns": shared.conns.rows() }),
-        "stats" => {
-            let stats: Vec<(&str, u64)> = lb_common::DaemonStat::ALL
-                .iter()
-                .map(|&s| (s.name(), shared.stats.get(s)))
-                .collect();
-            serde_json::json!({ "stats": stats })
-        }
-        "backends" => {
-            let rows: Vec<crate::ctl::BackendView> = backends()
-                .iter()
-                .map(|(slot, b)| crate::ctl::backend_view(*slot, b))
-                .collect();
-            serde_json::json!({ "backends": rows })
-        }
-        "sticky" => serde_json::json!({
-            "sticky": crate::ctl::sticky_views(&shared.sticky.entries(), &backends())
-        }),
-        other => serde_json::json!({ "error": format!("unknown request {other:?}") }),
-    };
+    let body = request(shared, line.trim());
     let mut bytes = serde_json::to_vec(&body).map_err(io::Error::other)?;
     bytes.push(b'\n');
     timeout(WAIT, w.write_all(&bytes))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "reader too slow"))??;
     w.shutdown().await
+}
+
+/// The answer to one request line: a view (`conns`, `stats`, `backends`, `sticky`) or
+/// a runtime change (`drain|enable CLUSTER SERVER`, `weight CLUSTER SERVER N`).
+fn request(shared: &Shared, line: &str) -> serde_json::Value {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let change = |cluster: &str, server: &str, o: Override| match shared
+        .override_server(cluster, server, o)
+    {
+        Ok(()) => {
+            tracing::info!(cluster, server, state = ?o.state, weight = ?o.weight.map(|w| w.get()), "server changed through mqttlb ctl (overrides the file until changed again)");
+            serde_json::json!({ "changed": { "cluster": cluster, "server": server } })
+        }
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    let state = |state| Override {
+        state: Some(state),
+        weight: None,
+    };
+    match words.as_slice() {
+        ["conns"] => serde_json::json!({ "conns": shared.conns.rows() }),
+        ["stats"] => serde_json::json!({ "stats": views::stats(shared) }),
+        ["backends"] => serde_json::json!({ "backends": views::servers(shared) }),
+        ["sticky"] => serde_json::json!({ "sticky": views::sticky(shared) }),
+        ["drain", c, s] => change(c, s, state(ServerState::Drain)),
+        ["enable", c, s] => change(c, s, state(ServerState::Up)),
+        ["weight", c, s, n] => match n.parse::<NonZeroU32>() {
+            Ok(w) => change(
+                c,
+                s,
+                Override {
+                    state: None,
+                    weight: Some(w),
+                },
+            ),
+            Err(_) => {
+                serde_json::json!({ "error": format!("weight {n:?}: a whole number from 1") })
+            }
+        },
+        _ => serde_json::json!({ "error": format!("unknown request {line:?}") }),
+    }
 }
 
 /// Sends `request` to the daemon of `instance` and returns its JSON answer.

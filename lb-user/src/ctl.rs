@@ -9,7 +9,7 @@ use clap::Subcommand;
 
 use lb_common::{
     BACKEND_BACKUP, BACKEND_DOWN, BACKEND_DRAIN, BACKEND_FAILED, BACKEND_FULL, BACKEND_HEALTH_DOWN,
-    BackendInfo,
+    BACKEND_OVERRIDDEN, BackendInfo,
 };
 use serde::{Deserialize, Serialize};
 
@@ -20,27 +20,43 @@ use crate::{
     sticky,
 };
 
-/// One server as `ctl backends` shows it.
+/// One server as `ctl backends`, the control socket and the admin API show it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct BackendView {
-    slot: u32,
-    cluster: String,
-    name: String,
-    address: String,
-    /// Configured state: up, drain or down.
-    state: String,
+    /// Position in the `backends` map.
+    pub slot: u32,
+    /// Its cluster.
+    pub cluster: String,
+    /// Its name.
+    pub name: String,
+    /// Its address.
+    pub address: String,
+    /// Configured state (runtime changes included): up, drain or down.
+    pub state: String,
     /// Whether new connections may go to it now.
-    usable: bool,
-    /// Why not, or what else holds: backup, health-down, failed, full.
-    flags: Vec<String>,
-    weight: u32,
-    active: u32,
-    max_connections: Option<u32>,
-    connections: u64,
-    bytes_c2s: u64,
-    bytes_s2c: u64,
-    connect_failures: u64,
-    health_flips: u64,
+    pub usable: bool,
+    /// Why not, or what else holds: backup, health-down, failed, full, runtime (state
+    /// or weight changed at runtime, overriding the file).
+    pub flags: Vec<String>,
+    /// State or weight changed at runtime.
+    #[serde(default)]
+    pub overridden: bool,
+    /// Weight (runtime changes included).
+    pub weight: u32,
+    /// Connections open now.
+    pub active: u32,
+    /// `max_connections`.
+    pub max_connections: Option<u32>,
+    /// Connections made.
+    pub connections: u64,
+    /// Bytes carried client to server (both planes).
+    pub bytes_c2s: u64,
+    /// Bytes carried server to client (both planes).
+    pub bytes_s2c: u64,
+    /// Failed connects.
+    pub connect_failures: u64,
+    /// Health state changes.
+    pub health_flips: u64,
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -56,6 +72,7 @@ pub fn backend_view(slot: u32, b: &BackendInfo) -> BackendView {
         (BACKEND_HEALTH_DOWN, "health-down"),
         (BACKEND_FAILED, "failed"),
         (BACKEND_FULL, "full"),
+        (BACKEND_OVERRIDDEN, "runtime"),
     ] {
         if b.flags & bit != 0 {
             flags.push(name.to_owned());
@@ -75,6 +92,7 @@ pub fn backend_view(slot: u32, b: &BackendInfo) -> BackendView {
         usable: state == "up"
             && b.flags & (BACKEND_HEALTH_DOWN | BACKEND_FAILED | BACKEND_FULL) == 0,
         flags,
+        overridden: b.flags & BACKEND_OVERRIDDEN != 0,
         weight: b.weight,
         active: b.active,
         max_connections: (b.max_connections != 0).then_some(b.max_connections),
@@ -96,7 +114,7 @@ impl BackendView {
         self.flags
             .iter()
             .map(String::as_str)
-            .find(|f| *f != "backup")
+            .find(|f| *f != "backup" && *f != "runtime")
             .unwrap_or("unusable")
     }
 }
@@ -116,7 +134,7 @@ pub struct StickyView {
 }
 
 /// What `ctl` shows.
-#[derive(Debug, Clone, Copy, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum CtlCommand {
     /// Remove what an instance that is no longer running left (pinned maps, lock and
     /// control socket files); the sticky table is kept unless `--sticky`.
@@ -134,6 +152,30 @@ pub enum CtlCommand {
     Backends,
     /// The sticky table: key, server, age, expiry.
     Sticky,
+    /// Take no new connections to a server (established ones stay); overrides the
+    /// file until `enable`, and survives reloads.
+    Drain {
+        /// Its cluster.
+        cluster: String,
+        /// The server.
+        server: String,
+    },
+    /// Take new connections to a server again (state `up`, overriding the file).
+    Enable {
+        /// Its cluster.
+        cluster: String,
+        /// The server.
+        server: String,
+    },
+    /// Set a server's weight at runtime (overrides the file, survives reloads).
+    Weight {
+        /// Its cluster.
+        cluster: String,
+        /// The server.
+        server: String,
+        /// The new weight, from 1.
+        weight: u32,
+    },
 }
 
 /// Prints the answer to `cmd` for `instance` on `out`.
@@ -144,10 +186,38 @@ pub fn run(
     out: &mut impl Write,
 ) -> Result<(), CtlError> {
     let running = control::running(instance);
-    match cmd {
+    let change = match &cmd {
         CtlCommand::Conns => return conns(instance, running, json, out),
-        CtlCommand::Cleanup { sticky } => return cleanup(instance, running, sticky, out),
-        _ => {}
+        CtlCommand::Cleanup { sticky } => return cleanup(instance, running, *sticky, out),
+        CtlCommand::Drain { cluster, server } => Some(format!("drain {cluster} {server}")),
+        CtlCommand::Enable { cluster, server } => Some(format!("enable {cluster} {server}")),
+        CtlCommand::Weight {
+            cluster,
+            server,
+            weight,
+        } => Some(format!("weight {cluster} {server} {weight}")),
+        _ => None,
+    };
+    if let Some(request) = change {
+        // A change is the daemon's to make: through its control socket.
+        if !running {
+            not_running(instance);
+            return Err(CtlError::NotRunning(instance.to_owned()));
+        }
+        let answer = control::query(instance, &request).map_err(|source| CtlError::Control {
+            path: control::socket_path(instance).display().to_string(),
+            source,
+        })?;
+        if json {
+            serde_json::to_writer_pretty(&mut *out, &answer)?;
+            writeln!(out)?;
+        } else {
+            writeln!(
+                out,
+                "{request}: done (overrides the file until changed again)"
+            )?;
+        }
+        return Ok(());
     }
     let source = match Pinned::open(instance) {
         Ok(pinned) => {
@@ -161,7 +231,11 @@ pub fn run(
         Err(e) => return Err(e.into()),
     };
     match cmd {
-        CtlCommand::Conns | CtlCommand::Cleanup { .. } => unreachable!("answered above"),
+        CtlCommand::Conns
+        | CtlCommand::Cleanup { .. }
+        | CtlCommand::Drain { .. }
+        | CtlCommand::Enable { .. }
+        | CtlCommand::Weight { .. } => unreachable!("answered above"),
         CtlCommand::Backends => print_backends(instance, &source.backends()?, json, out),
         CtlCommand::Sticky => {
             let mut rows = source.sticky()?;
@@ -487,6 +561,9 @@ pub enum CtlError {
     /// JSON encoding failed.
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A change asked of an instance no daemon runs.
+    #[error("instance {0:?} is not running: nothing to change")]
+    NotRunning(String),
     /// `cleanup` of an instance a daemon runs.
     #[error("instance {0:?} is running: stop it first (cleanup is for what a killed daemon left)")]
     Running(String),

@@ -24,10 +24,14 @@
 //! - [`bpf`]: loading the eBPF program, the pinned maps, and reading them back.
 //! - [`registry`]: every connection held, whatever carries it (`ctl conns`), served
 //!   on the control socket by [`control`]. [`addr`]: addresses as stored and shown.
+//! - [`admin`]: the admin HTTP listener (stats page, Prometheus metrics, health
+//!   endpoints, JSON API with runtime changes to servers); [`views`]: what it and the
+//!   control socket show.
 //! - [`stats`]: daemon counters. [`ctl`]: `mqttlb ctl`. [`daemon`]: `mqttlb run`.
 //! - [`sys`]: the socket syscalls std and tokio do not wrap.
 
 pub mod addr;
+pub mod admin;
 pub mod balance;
 pub mod bpf;
 pub mod config;
@@ -46,4 +50,5 @@ pub mod stats;
 pub mod sticky;
 pub mod sys;
 pub mod tls;
+pub mod views;
 pub mod ws;

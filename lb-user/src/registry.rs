@@ -215,6 +215,15 @@ impl Registry {
         rows
     }
 
+    /// Connections still before their CONNECT and server (`inspecting`).
+    pub fn inspecting(&self) -> u64 {
+        let conns = self.conns.lock().expect("registry lock");
+        conns
+            .values()
+            .filter(|e| e.plane() == Plane::Inspecting)
+            .count() as u64
+    }
+
     /// Connections held now.
     pub fn len(&self) -> usize {
         self.conns.lock().expect("registry lock").len()

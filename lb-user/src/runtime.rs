@@ -5,17 +5,19 @@
 //! connections from it.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
+    num::NonZeroU32,
     sync::{
-        Arc, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use crate::{
     balance::Pool,
-    config::{Cluster, Listener, WebSocket},
+    config::{Cluster, Listener, ServerState, WebSocket},
     dataplane::DataPlane,
     limits::PreConnectBudget,
     registry::Registry,
@@ -65,20 +67,54 @@ impl ClusterRt {
     }
 }
 
+/// A runtime change to one server (admin API, `ctl drain|enable|weight`): it
+/// overrides the file's `state` and `weight` and survives reloads until changed again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Override {
+    /// `state` instead of the file's.
+    pub state: Option<ServerState>,
+    /// `weight` instead of the file's.
+    pub weight: Option<NonZeroU32>,
+}
+
+/// A runtime change named a server the configuration does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("no server {server:?} in cluster {cluster:?}")]
+pub struct UnknownServer {
+    cluster: String,
+    server: String,
+}
+
+/// What the clusters are built from: the file, the runtime overrides, and the
+/// listeners to point at the result.
+#[derive(Default)]
+struct Layout {
+    /// The clusters as the file says.
+    file: Vec<Cluster>,
+    /// By (cluster, server).
+    overrides: BTreeMap<(String, String), Override>,
+    /// Each listener and the name of the cluster it feeds.
+    listeners: Vec<(Arc<ListenerRt>, String)>,
+}
+
 /// What every connection handler shares.
 pub struct Shared {
     /// Counters.
     pub stats: Arc<Stats>,
     /// The data plane in use.
     pub plane: Arc<dyn DataPlane>,
-    /// Clusters by name, swapped on reload.
+    /// Clusters by name, swapped on reload and on runtime changes.
     clusters: RwLock<Arc<Vec<Arc<ClusterRt>>>>,
+    /// What `clusters` is built from.
+    layout: Mutex<Layout>,
     /// The sticky table of every cluster.
     pub sticky: StickyTable,
     /// Memory of connections before their CONNECT, all together.
     pub preconnect: PreConnectBudget,
     /// Every connection held, whatever carries it (`ctl conns`).
     pub conns: Arc<Registry>,
+    /// A shutdown is under way (`/readyz` fails).
+    stopping: AtomicBool,
 }
 
 impl Shared {
@@ -90,19 +126,18 @@ impl Shared {
         sticky: StickyTable,
         max_preconnect_bytes: usize,
     ) -> Self {
-        Self {
+        let shared = Self {
             stats,
             plane,
-            clusters: RwLock::new(Arc::new(
-                clusters
-                    .into_iter()
-                    .map(|c| Arc::new(ClusterRt::new(c, None)))
-                    .collect(),
-            )),
+            clusters: RwLock::default(),
+            layout: Mutex::default(),
             sticky,
             preconnect: PreConnectBudget::new(max_preconnect_bytes),
             conns: Arc::default(),
-        }
+            stopping: AtomicBool::new(false),
+        };
+        shared.replace_clusters(clusters);
+        shared
     }
 
     /// Every cluster's current runtime.
@@ -120,19 +155,119 @@ impl Shared {
             .cloned()
     }
 
+    /// Points `listener` at the cluster named `cluster`, now and after every rebuild.
+    pub fn attach(&self, listener: Arc<ListenerRt>, cluster: &str) {
+        if let Some(c) = self.cluster(cluster) {
+            listener.set_cluster(c);
+        }
+        let mut layout = self.layout.lock().expect("layout lock");
+        layout.listeners.push((listener, cluster.to_owned()));
+    }
+
     /// Replaces the clusters (reload). Connections keep the runtime they started with.
     /// Servers keeping their name and address keep their live state (connections,
-    /// health, counters).
+    /// health, counters); runtime overrides stay.
     pub fn replace_clusters(&self, clusters: Vec<Cluster>) {
+        self.reload(clusters, |_| None);
+    }
+
+    /// [`Shared::replace_clusters`], with the cluster each listener feeds now (by
+    /// listener; None keeps its cluster).
+    pub fn reload(&self, clusters: Vec<Cluster>, cluster_of: impl Fn(&Listener) -> Option<String>) {
+        let mut layout = self.layout.lock().expect("layout lock");
+        layout.file = clusters;
+        for (l, name) in &mut layout.listeners {
+            if let Some(new) = cluster_of(&l.config) {
+                *name = new;
+            }
+        }
+        self.rebuild(&layout);
+    }
+
+    /// Changes a server at runtime (merged with its earlier overrides).
+    pub fn override_server(
+        &self,
+        cluster: &str,
+        server: &str,
+        change: Override,
+    ) -> Result<(), UnknownServer> {
+        let mut layout = self.layout.lock().expect("layout lock");
+        let known = layout
+            .file
+            .iter()
+            .filter(|c| c.name == cluster)
+            .any(|c| c.servers.iter().any(|s| s.name == server));
+        if !known {
+            return Err(UnknownServer {
+                cluster: cluster.to_owned(),
+                server: server.to_owned(),
+            });
+        }
+        let key = (cluster.to_owned(), server.to_owned());
+        let o = layout.overrides.entry(key).or_default();
+        o.state = change.state.or(o.state);
+        o.weight = change.weight.or(o.weight);
+        self.rebuild(&layout);
+        Ok(())
+    }
+
+    /// Whether a runtime change overrides the file for this server.
+    pub fn overridden(&self, cluster: &str, server: &str) -> bool {
+        let layout = self.layout.lock().expect("layout lock");
+        let key = (cluster.to_owned(), server.to_owned());
+        layout.overrides.contains_key(&key)
+    }
+
+    /// Rebuilds the clusters from `layout` and points the listeners at them.
+    fn rebuild(&self, layout: &Layout) {
         let mut current = self.clusters.write().expect("clusters lock");
-        let new = clusters
-            .into_iter()
+        let new: Vec<Arc<ClusterRt>> = layout
+            .file
+            .iter()
             .map(|c| {
+                let mut c = c.clone();
+                for s in &mut c.servers {
+                    if let Some(o) = layout.overrides.get(&(c.name.clone(), s.name.clone())) {
+                        s.state = o.state.unwrap_or(s.state);
+                        s.weight = o.weight.unwrap_or(s.weight);
+                    }
+                }
                 let previous = current.iter().find(|p| p.config.name == c.name);
                 Arc::new(ClusterRt::new(c, previous.map(|p| &**p)))
             })
             .collect();
+        for (l, name) in &layout.listeners {
+            match new.iter().find(|c| &c.config.name == name) {
+                Some(c) => l.set_cluster(c.clone()),
+                None => {
+                    tracing::warn!(listener = %l.config.name, cluster = %name, "the listener's cluster is gone: it keeps its cluster as it was until a restart")
+                }
+            }
+        }
         *current = Arc::new(new);
+    }
+
+    /// Ready for new clients: no shutdown under way and some cluster has a server that
+    /// can take a connection now.
+    pub fn ready(&self) -> Result<(), &'static str> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err("shutting down");
+        }
+        let now = std::time::Instant::now();
+        let usable = self
+            .clusters()
+            .iter()
+            .any(|c| c.pool.servers.iter().any(|s| s.available(now)));
+        if usable {
+            Ok(())
+        } else {
+            Err("no cluster has a usable server")
+        }
+    }
+
+    /// Marks a shutdown under way (`/readyz` fails from now on).
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 }
 

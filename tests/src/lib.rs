@@ -7,11 +7,13 @@
 //! - [`mosquitto`]: a real Debian mosquitto per test.
 //! - [`pki`]: certificates made with `openssl`.
 //! - [`ws_bridge`]: a WebSocket terminator in front of a broker.
+//! - [`http`]: a minimal HTTP/1.1 client for the admin API.
 //! - [`packets`]: client packets on the project's codec; [`mqttc`] a raw MQTT client,
 //!   [`wsc`] a raw WebSocket client.
 
 pub mod echo;
 pub mod harness;
+pub mod http;
 pub mod mosquitto;
 pub mod mqttc;
 pub mod packets;

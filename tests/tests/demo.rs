@@ -89,6 +89,28 @@ fn the_demo_stops_everything_on_sigterm_by_pid_and_starts_again() {
             3,
             "round {round}: brokers"
         );
+        // The demo turns the admin listener on: its stats page and health endpoint.
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], 8888));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(admin).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: no admin listener"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let (health, page) = rt.block_on(async {
+            (
+                http::get(admin, "/healthz").await,
+                http::get(admin, "/").await,
+            )
+        });
+        assert_eq!(health.status, 200, "round {round}");
+        assert!(
+            page.body.contains("<title>mqttlb stats</title>"),
+            "round {round}"
+        );
         stop_by_pid(demo);
         assert_eq!(
             running("target/demo/node"),

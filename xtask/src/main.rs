@@ -282,12 +282,25 @@ fn demo(bin: &Path) -> Result<()> {
     }
     let pki = dir.join("pki");
     make_pki(&pki)?;
+    // The admin API's token: made once, private to root.
+    let token_file = dir.join("admin.token");
+    if !token_file.exists() {
+        use std::os::unix::fs::PermissionsExt;
+        let token: String = (0..4).map(|_| format!("{:08x}", rand_u32())).collect();
+        std::fs::write(&token_file, token + "\n")?;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+    }
     let config = dir.join("mqttlb.toml");
     std::fs::write(
         &config,
         r#"[global]
 name = "demo"
 data_plane = "auto"
+
+# Stats page, Prometheus metrics, health endpoints and the JSON API.
+[admin]
+bind = "127.0.0.1:8888"
+token_file = "admin.token"
 
 [[listeners]]
 name = "mqtt"
@@ -377,6 +390,11 @@ address = "127.0.0.1:18833"
         "  inspect:   {} ctl conns|backends|sticky|stats --instance demo",
         bin.display()
     );
+    println!("  stats page: http://127.0.0.1:8888/   metrics: http://127.0.0.1:8888/metrics");
+    println!(
+        "  drain a node: curl -X POST -H \"Authorization: Bearer $(cat {})\" -d '{{\"state\":\"drain\"}}' http://127.0.0.1:8888/api/v1/servers/brokers/node1",
+        token_file.display()
+    );
     // SIGINT/SIGTERM/SIGHUP to this process (Ctrl-C, or `kill PID` by pid) are taken
     // by a thread and passed on, so the brokers and mqttlb stop with it and a second
     // run finds the ports free.
@@ -456,4 +474,14 @@ fn demo_command(program: &Path) -> Command {
         });
     }
     c
+}
+
+/// Four random bytes from the kernel (`/dev/urandom`), for the demo's admin token.
+fn rand_u32() -> u32 {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    u32::from_ne_bytes(b)
 }

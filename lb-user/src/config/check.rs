@@ -1,7 +1,13 @@
 //! Checking the raw file and building the typed configuration: one method per
 //! section, every problem recorded (key, line, what to write) rather than the first.
 
-use std::{collections::HashSet, net::SocketAddr, ops::Range, path::Path, time::Duration};
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use toml::Spanned;
 
@@ -149,16 +155,80 @@ impl Checker<'_> {
             }
             listeners.push(listener.listener);
         }
-        let stats = raw.stats.map(|s| StatsConfig {
-            bind: self
-                .bind_addr(&s.bind, "stats.bind".into())
-                .unwrap_or(UNSPECIFIED),
-        });
+        let admin = self.admin(raw.admin, raw.stats);
         Config {
             global,
-            stats,
+            admin,
             listeners,
             clusters,
+        }
+    }
+
+    /// `[admin]`, or the first wave's `[stats]` (its bind only) in its place.
+    fn admin(&mut self, raw: Option<Spanned<RawAdmin>>, stats: Option<RawStats>) -> Option<Admin> {
+        match (raw, stats) {
+            (None, None) => None,
+            (Some(a), Some(_)) => {
+                self.err(
+                    a.span(),
+                    "stats".into(),
+                    "[stats] is the older name of [admin]: keep [admin] only",
+                );
+                None
+            }
+            (None, Some(s)) => Some(Admin {
+                bind: self
+                    .bind_addr(&s.bind, "stats.bind".into())
+                    .unwrap_or(UNSPECIFIED),
+                token: None,
+                from_stats_section: true,
+            }),
+            (Some(a), None) => {
+                let a = a.into_inner();
+                let bind = self.bind_addr(&a.bind, "admin.bind".into());
+                let token = a.token_file.and_then(|f| self.token(f));
+                Some(Admin {
+                    bind: bind.unwrap_or(UNSPECIFIED),
+                    token,
+                    from_stats_section: false,
+                })
+            }
+        }
+    }
+
+    /// The token in `token_file` (surrounding white space removed): readable, not
+    /// empty, and not readable by other users.
+    fn token(&mut self, file: Spanned<PathBuf>) -> Option<Token> {
+        use std::os::unix::fs::PermissionsExt;
+        let span = file.span();
+        let path = self.dir.join(file.into_inner());
+        let key = "admin.token_file".to_owned();
+        let shown = path.display();
+        match std::fs::metadata(&path) {
+            Ok(m) if m.permissions().mode() & 0o004 != 0 => {
+                self.err(
+                    span,
+                    key,
+                    format!("{shown} is readable by every user: chmod 600 it"),
+                );
+                return None;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.err(span, key, format!("cannot read {shown}: {e}"));
+                return None;
+            }
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => Some(Token(t.trim().to_owned())),
+            Ok(_) => {
+                self.err(span, key, format!("{shown} is empty"));
+                None
+            }
+            Err(e) => {
+                self.err(span, key, format!("cannot read {shown}: {e}"));
+                None
+            }
         }
     }
 

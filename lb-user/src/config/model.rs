@@ -102,8 +102,8 @@ pub enum ServerState {
 pub struct Config {
     /// `[global]`.
     pub global: Global,
-    /// `[stats]`, when present.
-    pub stats: Option<StatsConfig>,
+    /// `[admin]` (or the older `[stats]`), when present.
+    pub admin: Option<Admin>,
     /// `[[listeners]]`.
     pub listeners: Vec<Listener>,
     /// `[[clusters]]`.
@@ -124,11 +124,25 @@ pub struct Global {
     pub max_preconnect_bytes: usize,
 }
 
-/// `[stats]`.
-#[derive(Debug, Clone)]
-pub struct StatsConfig {
-    /// Address of the stats page.
+/// `[admin]`: the admin HTTP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    /// Its address.
     pub bind: SocketAddr,
+    /// The bearer token writes need (and reads off loopback), read from `token_file`.
+    pub token: Option<Token>,
+    /// Written as `[stats]`, the first wave's name for the stats page.
+    pub from_stats_section: bool,
+}
+
+/// A secret read from a file: never printed, not even by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 /// One `[[listeners]]` entry.

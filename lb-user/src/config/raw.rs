@@ -50,6 +50,7 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) global: RawGlobal,
     pub(super) stats: Option<RawStats>,
+    pub(super) admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     pub(super) listeners: Vec<RawListener>,
     #[serde(default)]
@@ -77,6 +78,13 @@ impl Default for RawGlobal {
             max_preconnect_bytes: default_max_preconnect_bytes(),
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) bind: Spanned<String>,
+    pub(super) token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]

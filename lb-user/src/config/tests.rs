@@ -266,3 +266,40 @@ fn instance_name_must_be_a_safe_path_component() {
     let e = errors(&GOOD.replace("\"t1\"", "\"../x\""));
     assert!(e[0].starts_with("line 3: global.name:"), "{e:?}");
 }
+
+#[test]
+fn admin_token_must_be_private_and_stats_is_its_old_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("mqttlb-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token = dir.join("token");
+    std::fs::write(&token, "  s3cret\n").expect("token");
+    let with_admin =
+        |file: &str| format!("[admin]\nbind = \"127.0.0.1:8888\"\ntoken_file = \"{file}\"\n{GOOD}");
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let e = Config::parse_in(&with_admin("token"), &dir).expect_err("world-readable");
+    assert!(e.to_string().contains("admin.token_file"), "{e}");
+    assert!(e.to_string().contains("chmod 600"), "{e}");
+
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let c = Config::parse_in(&with_admin("token"), &dir).expect("valid");
+    let admin = c.admin.expect("admin");
+    assert_eq!(admin.token, Some(Token("s3cret".into())));
+    // The secret never reaches a log line through Debug.
+    assert!(!format!("{admin:?}").contains("s3cret"));
+
+    let e = Config::parse_in(&with_admin("missing"), &dir).expect_err("missing");
+    assert!(e.to_string().contains("cannot read"), "{e}");
+
+    let old = format!("[stats]\nbind = \"127.0.0.1:8404\"\n{GOOD}");
+    let c = Config::parse(&old).expect("valid");
+    let admin = c.admin.expect("admin");
+    assert_eq!(admin.bind, "127.0.0.1:8404".parse().expect("addr"));
+    assert!(admin.from_stats_section && admin.token.is_none());
+
+    let both =
+        format!("[stats]\nbind = \"127.0.0.1:8404\"\n[admin]\nbind = \"127.0.0.1:8888\"\n{GOOD}");
+    assert!(errors(&both)[0].contains("older name of [admin]"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -96,6 +96,8 @@ struct Running {
     bpf: Option<Arc<Bpf>>,
     checks: Vec<JoinHandle<()>>,
     publisher: JoinHandle<()>,
+    /// The admin HTTP listener, when configured.
+    admin: Option<JoinHandle<()>>,
     accept_tasks: Vec<JoinHandle<()>>,
     permits: Arc<Semaphore>,
     limit: usize,
@@ -162,10 +164,11 @@ fn start(
         sockmap,
     } = plane::data_plane(config, kind, &stats)?;
     info!(instance = %config.global.name, data_plane = plane.name(), "data plane selected");
-    if let Some(s) = &config.stats {
-        warn!(bind = %s.bind, "[stats] is accepted but not served in this version");
-    }
     let sockets = bind_all(config)?;
+    let admin_socket = match &config.admin {
+        Some(a) => Some(bind_admin(a)?),
+        None => None,
+    };
     let signals = Signals::install()?;
 
     let sticky = match &bpf {
@@ -188,6 +191,17 @@ fn start(
         }
     })?;
     let checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
+    let admin = admin_socket.map(|socket| {
+        let token = config.admin.as_ref().and_then(|a| a.token.clone());
+        let instance = &config.global.name;
+        crate::admin::serve(
+            socket,
+            shared.clone(),
+            bpf.is_some(),
+            instance,
+            token.map(|t| t.0),
+        )
+    });
     if let Some(p) = sockmap {
         tokio::spawn(async move {
             if let Err(e) = p.run_events().await {
@@ -208,6 +222,7 @@ fn start(
     let mut accept_tasks = Vec::new();
     for (l, socket) in config.listeners.iter().zip(sockets) {
         let listener = Arc::new(ListenerRt::new(l.clone(), clusters[l.cluster].clone()));
+        shared.attach(listener.clone(), &config.clusters[l.cluster].name);
         listeners.push(listener.clone());
         accept_tasks.push(tokio::spawn(accept_loop(
             shared.clone(),
@@ -225,12 +240,25 @@ fn start(
         bpf,
         checks,
         publisher,
+        admin,
         accept_tasks,
         permits,
         limit,
         stop,
     };
     Ok((running, signals))
+}
+
+/// Binds the admin listener (`[admin]`, or `[stats]` from the first wave).
+fn bind_admin(admin: &crate::config::Admin) -> Result<TcpListener, DaemonError> {
+    if admin.from_stats_section {
+        warn!("[stats] is now [admin] (stats page, metrics, API): rename the section");
+    }
+    listen(admin.bind).map_err(|source| DaemonError::Bind {
+        name: "admin".to_owned(),
+        addr: admin.bind,
+        source,
+    })
 }
 
 /// Binds every listener, in file order.
@@ -253,6 +281,7 @@ impl Running {
     /// stops the tasks and removes the pins (the sticky table stays).
     async fn stop(self) {
         info!("stopping: no new connections");
+        self.shared.stopping();
         let _ = self.stop.send(true);
         for t in self.accept_tasks {
             let _ = t.await;
@@ -270,6 +299,9 @@ impl Running {
             );
         }
         self.publisher.abort();
+        if let Some(a) = &self.admin {
+            a.abort();
+        }
         for t in self.checks {
             t.abort();
         }

@@ -8,16 +8,10 @@ use std::{
 
 use lb_common::{
     BACKEND_BACKUP, BACKEND_DOWN, BACKEND_DRAIN, BACKEND_FAILED, BACKEND_FULL, BACKEND_HEALTH_DOWN,
-    BACKEND_UP, BackendInfo, DaemonStat,
+    BACKEND_OVERRIDDEN, BACKEND_UP, BackendInfo, DaemonStat,
 };
 
-use crate::{
-    bpf::Bpf,
-    config::ServerState,
-    dataplane::Direction,
-    runtime::{ClusterRt, Shared},
-    stats::Stats,
-};
+use crate::{bpf::Bpf, config::ServerState, dataplane::Direction, runtime::Shared, stats::Stats};
 
 /// Refreshes the gauges and publishes the counters and the servers to the pinned
 /// maps, four times a second.
@@ -34,15 +28,15 @@ pub(super) async fn publish_stats(stats: Arc<Stats>, bpf: Option<Arc<Bpf>>, shar
         );
         if let Some(b) = &bpf {
             b.publish(&stats);
-            let rows = backend_rows(&shared.clusters());
+            let rows = backend_rows(&shared);
             b.publish_backends(&rows, published);
             published = rows.len();
         }
     }
 }
 
-/// Every server of `clusters` as the `backends` map stores it.
-pub fn backend_rows(clusters: &[Arc<ClusterRt>]) -> Vec<BackendInfo> {
+/// Every server as the `backends` map stores it.
+pub fn backend_rows(shared: &Shared) -> Vec<BackendInfo> {
     use std::sync::atomic::Ordering::Relaxed;
     let now = Instant::now();
     let name = |s: &str| {
@@ -52,7 +46,7 @@ pub fn backend_rows(clusters: &[Arc<ClusterRt>]) -> Vec<BackendInfo> {
         out
     };
     let mut rows = Vec::new();
-    for c in clusters {
+    for c in shared.clusters().iter() {
         for s in &c.pool.servers {
             let cfg = &s.config;
             let live = &s.live;
@@ -69,6 +63,9 @@ pub fn backend_rows(clusters: &[Arc<ClusterRt>]) -> Vec<BackendInfo> {
             }
             if cfg.max_connections.is_some_and(|m| active >= m.get()) {
                 flags |= BACKEND_FULL;
+            }
+            if shared.overridden(&c.config.name, &cfg.name) {
+                flags |= BACKEND_OVERRIDDEN;
             }
             rows.push(BackendInfo {
                 cluster: name(&c.config.name),

@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 
 use super::plane::sticky_size;
 use crate::{
-    config::{Cluster, Config, ServerState},
+    config::{Cluster, Config, Listener, ServerState},
     health,
     runtime::{ListenerRt, Shared},
     stats::Stats,
@@ -58,26 +58,18 @@ pub(super) fn reload(
         info!(%change, "reload");
     }
     new.global = current.global.clone();
-    shared.replace_clusters(new.clusters.clone());
-    let clusters = shared.clusters();
-    for l in listeners {
-        let found = new
-            .listeners
+    // New connections go to the cluster the file names for each listener now.
+    let found = |l: &Listener| {
+        new.listeners
             .iter()
-            .find(|n| n.name == l.config.name && n.bind == l.config.bind);
-        // New connections go to the cluster the file names for the listener now.
-        let cluster = match found {
-            Some(n) => Some(clusters[n.cluster].clone()),
-            None => shared.cluster(&l.cluster().config.name),
-        };
-        match cluster {
-            Some(c) => l.set_cluster(c),
-            None => {
-                warn!(listener = %l.config.name, "its cluster is gone from the file and the listener too: it keeps its cluster as it was until a restart")
-            }
-        }
-        // Certificates and TLS settings: new handshakes use the new ones.
-        if let Some(n) = found {
+            .find(|n| n.name == l.name && n.bind == l.bind)
+    };
+    shared.reload(new.clusters.clone(), |l| {
+        found(l).map(|n| new.clusters[n.cluster].name.clone())
+    });
+    // Certificates and TLS settings: new handshakes use the new ones.
+    for l in listeners {
+        if let Some(n) = found(&l.config) {
             if n.tls().is_some() {
                 info!(listener = %n.name, "reload: certificates and TLS settings read again (new handshakes use them)");
             }

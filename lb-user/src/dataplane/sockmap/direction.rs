@@ -91,8 +91,14 @@ impl SockmapPlane {
     pub(super) fn count_redirected(&self, d: &mut Dir<'_>) -> u64 {
         let redirected = self.bpf.redirected(d.src_cookie).unwrap_or(d.counted);
         if redirected > d.counted {
-            d.traffic
-                .add(Direction::of(d.dir as usize), redirected - d.counted);
+            let n = redirected - d.counted;
+            d.traffic.add(Direction::of(d.dir as usize), n);
+            let stat = if d.dir == DIR_CLIENT_TO_SERVER {
+                DaemonStat::SplicedBytesC2s
+            } else {
+                DaemonStat::SplicedBytesS2c
+            };
+            self.stats.add(stat, n);
             d.counted = redirected;
         }
         d.counted

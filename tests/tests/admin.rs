@@ -1,0 +1,227 @@
+//! The admin HTTP listener against two real mosquitto nodes: health endpoints, the
+//! Prometheus metrics and the JSON API counting the connections the test made, the
+//! stats page, runtime changes (drain, weight) refused without the token, applied with
+//! it, surviving a reload, and the same changes through `mqttlb ctl`.
+
+use std::net::SocketAddr;
+
+use tests::{http::metric, *};
+
+const TOKEN: &str = "test-token-4f1c";
+
+/// Two nodes named n1 and n2, each answering `mqttlb/whoami` with its name.
+fn two_nodes() -> Vec<Mosquitto> {
+    ["n1", "n2"]
+        .iter()
+        .map(|name| {
+            let m = Mosquitto::start();
+            m.set_whoami(name);
+            m
+        })
+        .collect()
+}
+
+/// Config text: round robin over the nodes, the admin listener on `admin` with the
+/// token in `token_file`.
+fn text(
+    instance: &str,
+    port: u16,
+    admin: SocketAddr,
+    token_file: &str,
+    nodes: &[Mosquitto],
+) -> String {
+    let mut t = format!(
+        "[global]\nname = \"{instance}\"\n\n[admin]\nbind = \"{admin}\"\ntoken_file = \"{token_file}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nbalance = \"round-robin\"\nhealth = {{ kind = \"none\" }}\n"
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        t += &format!(
+            "\n[[clusters.servers]]\nname = \"n{}\"\naddress = \"{}\"\n",
+            i + 1,
+            n.addr
+        );
+    }
+    t
+}
+
+/// The node each of `n` new clean sessions reaches.
+async fn placements(lb: SocketAddr, prefix: &str, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        out.push(mqttc::which_node(lb, &id).await.expect("session"));
+    }
+    out
+}
+
+fn count(placed: &[String], node: &str) -> usize {
+    placed.iter().filter(|p| *p == node).count()
+}
+
+/// The server named `name` in `GET /api/v1/servers`.
+async fn server(admin: SocketAddr, name: &str) -> serde_json::Value {
+    let servers = http::get(admin, "/api/v1/servers").await.json();
+    servers["servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name}: {servers}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_metrics_page_and_runtime_changes() {
+    if !privileged("admin") {
+        return;
+    }
+    let nodes = two_nodes();
+    let dir = TempDir::new("admin");
+    let token_file = dir.0.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(&token_file, mode).expect("chmod");
+    }
+    let token_file = token_file.display().to_string();
+    let instance = format!("adm{}x{}", std::process::id(), free_port());
+    let (port, admin) = (free_port(), SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let config = |nodes: &[Mosquitto]| text(&instance, port, admin, &token_file, nodes);
+    let lb = Daemon::start_text("auto", port, &instance, &config(&nodes));
+
+    // Health endpoints.
+    let health = http::get(admin, "/healthz").await;
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
+    assert_eq!(http::get(admin, "/readyz").await.status, 200);
+
+    // Four held sessions: two per node (round robin).
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let s = mqttc::session(lb.addr, &format!("held-{i}"), true)
+            .await
+            .expect("session");
+        held.push(s);
+    }
+    let metrics = http::get(admin, "/metrics").await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics
+            .header("content-type")
+            .is_some_and(|c| c.contains("text")),
+        "{:?}",
+        metrics.headers
+    );
+    let m = &metrics.body;
+    assert_eq!(
+        metric(m, "mqttlb_connections_active", &[]),
+        Some(4.0),
+        "{m}"
+    );
+    for node in ["n1", "n2"] {
+        let labels = [("cluster", "c"), ("server", node)];
+        assert_eq!(
+            metric(m, "mqttlb_server_connections_active", &labels),
+            Some(2.0),
+            "{m}"
+        );
+        assert_eq!(metric(m, "mqttlb_server_up", &labels), Some(1.0), "{m}");
+    }
+    let c2s = [("direction", "client_to_server"), ("plane", "userspace")];
+    assert!(metric(m, "mqttlb_bytes_total", &c2s) > Some(0.0), "{m}");
+    assert!(m.trim_end().ends_with("# EOF"), "{m}");
+
+    // The JSON API and the NGINX-style status.
+    assert_eq!(server(admin, "n1").await["active"], 2);
+    let conns = http::get(admin, "/api/v1/conns?client_id=held-2")
+        .await
+        .json();
+    let rows = conns["conns"].as_array().expect("conns");
+    assert_eq!(rows.len(), 1, "{conns}");
+    assert_eq!(rows[0]["client_id"], "held-2");
+    let status = http::get(admin, "/status").await;
+    assert!(
+        status.body.starts_with("Active connections: 4 \n"),
+        "{}",
+        status.body
+    );
+
+    // The stats page: one self-contained document.
+    for path in ["/", "/stats"] {
+        let page = http::get(admin, path).await;
+        assert_eq!(page.status, 200);
+        assert!(page.body.contains("<title>mqttlb stats</title>"), "{path}");
+        assert!(page.body.contains("api/v1/servers"), "{path}");
+        // Nothing fetched from elsewhere (offline hosts): no external script, style
+        // or image.
+        for external in ["src=\"http", "href=\"http", "url(http", "@import"] {
+            assert!(!page.body.contains(external), "{path}: {external}");
+        }
+    }
+
+    // A write without the token, or with a wrong one, changes nothing.
+    let drain = r#"{"state": "drain"}"#;
+    for token in [None, Some("wrong")] {
+        let r = http::request(admin, "POST", "/api/v1/servers/c/n1", token, drain).await;
+        assert_eq!(r.status, 401, "{}", r.body);
+    }
+    assert_eq!(server(admin, "n1").await["state"], "up");
+
+    // Drained with the token: no new connection goes to n1; held ones stay.
+    let r = http::request(admin, "POST", "/api/v1/servers/c/n1", Some(TOKEN), drain).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["server"]["state"], "drain");
+    let placed = placements(lb.addr, "after-drain", 6).await;
+    assert_eq!(count(&placed, "n2"), 6, "{placed:?}");
+    for s in &mut held {
+        mqttc::ping(s)
+            .await
+            .expect("held session survives the drain");
+    }
+    let unknown = http::request(admin, "POST", "/api/v1/servers/c/nope", Some(TOKEN), drain).await;
+    assert_eq!(unknown.status, 404);
+
+    // The change survives a reload of the unchanged file.
+    lb.reload(&config(&nodes));
+    let n1 = server(admin, "n1").await;
+    assert_eq!(
+        (n1["state"].as_str(), n1["overridden"].as_bool()),
+        (Some("drain"), Some(true))
+    );
+
+    // Up again with weight 3: smooth round robin gives n1 three of every four.
+    let up = r#"{"state": "up", "weight": 3}"#;
+    let r = http::request(admin, "POST", "/api/v1/servers/c/n1", Some(TOKEN), up).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let placed = placements(lb.addr, "weighted", 40).await;
+    assert_eq!(
+        (count(&placed, "n1"), count(&placed, "n2")),
+        (30, 10),
+        "{placed:?}"
+    );
+
+    // The same through `mqttlb ctl` (the control socket): both drained, not ready.
+    for node in ["n1", "n2"] {
+        let out = std::process::Command::new(bin())
+            .args(["ctl", "drain", "c", node, "--instance", &instance])
+            .output()
+            .expect("ctl drain");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ready = http::get(admin, "/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    let out = std::process::Command::new(bin())
+        .args(["ctl", "enable", "c", "n2", "--instance", &instance])
+        .output()
+        .expect("ctl enable");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(http::get(admin, "/readyz").await.status, 200);
+    assert_eq!(server(admin, "n2").await["state"], "up");
+}
