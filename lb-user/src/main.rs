@@ -32,6 +32,10 @@ enum Command {
         /// Overrides [global] data_plane.
         #[arg(long, value_enum)]
         data_plane: Option<DataPlaneKind>,
+        /// Log lines as text, or as one JSON object per line (stable field names:
+        /// timestamp, level, target, message and the event's own fields).
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Check a configuration file and exit.
     Check {
@@ -50,6 +54,31 @@ enum Command {
         #[arg(long, global = true, default_value = "default")]
         instance: String,
     },
+}
+
+/// How log lines are written (on stderr).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Logs on stderr at `RUST_LOG` (default `info`) in `format`.
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // Colour codes only for a terminal, not for log files or journald.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -95,16 +124,9 @@ fn main() -> ExitCode {
         Command::Run {
             config: path,
             data_plane,
+            log_format,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                // Colour codes only for a terminal, not for log files or journald.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            init_logs(log_format);
             let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(errors) => {

@@ -116,7 +116,13 @@ impl Entry {
         Plane::from_u8(self.plane.load(Ordering::Relaxed))
     }
 
-    fn row(&self) -> ConnRow {
+    /// How long ago it was accepted.
+    pub fn age(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Its row as `ctl conns` shows it.
+    pub fn row(&self) -> ConnRow {
         let server = self.server.get();
         let bytes = |dir| server.map_or(0, |s| s.traffic.get(dir));
         ConnRow {

@@ -59,12 +59,19 @@ pub struct Daemon {
     pub config: PathBuf,
     /// Open-files limit (soft and hard) the daemon runs under, when the test sets one.
     pub nofile: Option<u64>,
+    /// Arguments after `run -c CONFIG`.
+    pub args: Vec<String>,
     _dir: TempDir,
 }
 
 /// Runs `mqttlb run -c config`, its log appended to `dir/mqttlb.log`, under an
 /// open-files limit of `nofile` (soft and hard) when given.
-fn spawn_daemon(config: &std::path::Path, dir: &std::path::Path, nofile: Option<u64>) -> Child {
+fn spawn_daemon(
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    nofile: Option<u64>,
+    args: &[String],
+) -> Child {
     use std::os::unix::process::CommandExt;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -89,6 +96,7 @@ fn spawn_daemon(config: &std::path::Path, dir: &std::path::Path, nofile: Option<
     }
     cmd.args(["run", "-c"])
         .arg(config)
+        .args(args)
         .env(
             "RUST_LOG",
             std::env::var("MQTTLB_TEST_LOG").unwrap_or_else(|_| "mqttlb=info".into()),
@@ -172,17 +180,35 @@ impl Daemon {
         text: &str,
         nofile: Option<u64>,
     ) -> Self {
+        Self::spawn(plane, port, instance, text, nofile, Vec::new())
+    }
+
+    /// [`Daemon::start_text`] with more arguments after `run -c CONFIG`.
+    pub fn start_args(plane: &str, port: u16, instance: &str, text: &str, args: &[&str]) -> Self {
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        Self::spawn(plane, port, instance, text, None, args)
+    }
+
+    fn spawn(
+        plane: &str,
+        port: u16,
+        instance: &str,
+        text: &str,
+        nofile: Option<u64>,
+        args: Vec<String>,
+    ) -> Self {
         let dir = TempDir::new("lb");
         let config = dir.0.join("mqttlb.toml");
         std::fs::write(&config, text).expect("write config");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut d = Daemon {
-            child: spawn_daemon(&config, &dir.0, nofile),
+            child: spawn_daemon(&config, &dir.0, nofile, &args),
             addr,
             instance: instance.to_owned(),
             plane: plane.into(),
             config,
             nofile,
+            args,
             _dir: dir,
         };
         d.wait_ready();
@@ -210,7 +236,7 @@ impl Daemon {
     pub fn restart(&mut self) {
         let status = self.stop();
         assert!(status.success(), "exit status {status}: {}", self.log());
-        self.child = spawn_daemon(&self.config, &self._dir.0, self.nofile);
+        self.child = spawn_daemon(&self.config, &self._dir.0, self.nofile, &self.args);
         self.wait_ready();
     }
 

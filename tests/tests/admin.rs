@@ -225,3 +225,64 @@ async fn admin_api_metrics_page_and_runtime_changes() {
     assert_eq!(http::get(admin, "/readyz").await.status, 200);
     assert_eq!(server(admin, "n2").await["state"], "up");
 }
+
+/// `--log-format json` and `access_log`: every log line is one JSON object, and each
+/// connection that ends writes one access line with its client, client id, server,
+/// plane, bytes and how it ended (and nothing of its credentials).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_with_one_access_line_per_connection() {
+    if !privileged("admin") {
+        return;
+    }
+    let node = Mosquitto::start();
+    let instance = format!("acc{}x{}", std::process::id(), free_port());
+    let port = free_port();
+    let text = format!(
+        "[global]\nname = \"{instance}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\naccess_log = true\n\n[[clusters]]\nname = \"c\"\nhealth = {{ kind = \"none\" }}\n\n[[clusters.servers]]\nname = \"n1\"\naddress = \"{}\"\n",
+        node.addr
+    );
+    let lb = Daemon::start_args("auto", port, &instance, &text, &["--log-format", "json"]);
+    for i in 0..3 {
+        let mut s = mqttc::session(lb.addr, &format!("logged-{i}"), true)
+            .await
+            .expect("session");
+        mqttc::ping(&mut s).await.expect("ping");
+        tokio::io::AsyncWriteExt::write_all(&mut s, &[0xe0, 0])
+            .await
+            .expect("disconnect");
+        assert!(closed_within(&mut s, std::time::Duration::from_secs(5)).await);
+    }
+    let mut access = Vec::new();
+    wait_for(
+        "three access lines",
+        std::time::Duration::from_secs(5),
+        || {
+            access = lb
+                .log()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .unwrap_or_else(|e| panic!("{e}: {l}"))
+                })
+                .filter(|v| v["target"] == "mqttlb::access")
+                .collect();
+            access.len() >= 3
+        },
+    )
+    .await;
+    assert_eq!(access.len(), 3, "{access:?}");
+    for (i, line) in access.iter().enumerate() {
+        assert_eq!(line["client_id"], format!("logged-{i}"), "{line}");
+        assert_eq!(line["server"], "n1", "{line}");
+        assert_eq!(line["listener"], "mqtt", "{line}");
+        assert_eq!(line["plane"], "copy", "{line}");
+        assert_eq!(line["end"], "closed", "{line}");
+        assert!(line["bytes_c2s"].as_u64() > Some(0), "{line}");
+        assert!(line["bytes_s2c"].as_u64() > Some(0), "{line}");
+        assert!(
+            line["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("127.0.0.1:"))
+        );
+    }
+}

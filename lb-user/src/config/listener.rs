@@ -47,6 +47,7 @@ impl Checker<'_> {
                 cluster: cluster.unwrap_or(0),
                 inspect_timeout: rl.inspect_timeout.0,
                 accept_proxy_protocol: rl.accept_proxy_protocol.into_inner(),
+                access_log: rl.access_log,
                 max_connect_size: rl.max_connect_size.into_inner(),
                 rewrite,
                 protocol,

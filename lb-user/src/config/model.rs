@@ -158,6 +158,8 @@ pub struct Listener {
     pub inspect_timeout: Duration,
     /// Expect a PROXY header first.
     pub accept_proxy_protocol: bool,
+    /// One log line per connection at its end (target `mqttlb::access`).
+    pub access_log: bool,
     /// Largest first packet accepted, in bytes.
     pub max_connect_size: u32,
     /// CONNECT fields replaced by client certificate fields.

@@ -105,6 +105,8 @@ pub(super) struct RawListener {
     pub(super) inspect_timeout: Dur,
     #[serde(default = "default_false")]
     pub(super) accept_proxy_protocol: Spanned<bool>,
+    #[serde(default)]
+    pub(super) access_log: bool,
     #[serde(default = "default_max_connect_size")]
     pub(super) max_connect_size: Spanned<u32>,
     pub(super) max_frame_size: Option<Spanned<u32>>,

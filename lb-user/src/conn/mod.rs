@@ -245,7 +245,34 @@ impl Conn<'_> {
                 stream::relay(tls, fd, server, idle, sent.traffic, stats).await
             }
         };
+        if self.listener.config.access_log {
+            self.access_log(&outcome);
+        }
         count_outcome(stats, outcome, self.peer, lease.name());
+    }
+
+    /// The listener's access log line for a connection that ended (`access_log`):
+    /// never per packet, never a secret (no username or password).
+    fn access_log(&self, outcome: &Outcome) {
+        let row = self.entry.row();
+        let end = match outcome {
+            Outcome::Closed => "closed",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::Aborted(_) => "aborted",
+        };
+        tracing::info!(
+            target: "mqttlb::access",
+            client = %row.client,
+            client_id = row.client_id.as_deref().unwrap_or(""),
+            listener = %row.listener,
+            server = row.server.as_deref().unwrap_or(""),
+            plane = %row.plane,
+            bytes_c2s = row.bytes_c2s,
+            bytes_s2c = row.bytes_s2c,
+            duration_ms = self.entry.age().as_millis() as u64,
+            end,
+            "connection ended"
+        );
     }
 }
 
