@@ -107,6 +107,23 @@ fn spawn_daemon(
         .expect("spawn mqttlb (built by cargo xtask test)")
 }
 
+/// Runs `mqttlb ctl ARGS --instance INSTANCE`.
+pub fn ctl_output(instance: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .arg("ctl")
+        .args(args)
+        .args(["--instance", instance])
+        .output()
+        .expect("run mqttlb ctl")
+}
+
+/// [`ctl_output`], which must succeed.
+pub fn ctl_ok(instance: &str, args: &[&str]) {
+    let out = ctl_output(instance, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ctl {args:?}: {err}");
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -297,10 +314,7 @@ impl Daemon {
 
     /// `mqttlb ctl <what> --json` for this instance.
     pub fn ctl(&self, what: &str) -> serde_json::Value {
-        let out = Command::new(bin())
-            .args(["ctl", what, "--json", "--instance", &self.instance])
-            .output()
-            .expect("run mqttlb ctl");
+        let out = ctl_output(&self.instance, &[what, "--json"]);
         assert!(
             out.status.success(),
             "ctl {what}: {}",

@@ -201,27 +201,11 @@ async fn admin_api_metrics_page_and_runtime_changes() {
 
     // The same through `mqttlb ctl` (the control socket): both drained, not ready.
     for node in ["n1", "n2"] {
-        let out = std::process::Command::new(bin())
-            .args(["ctl", "drain", "c", node, "--instance", &instance])
-            .output()
-            .expect("ctl drain");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ctl_ok(&instance, &["drain", "c", node]);
     }
     let ready = http::get(admin, "/readyz").await;
     assert_eq!(ready.status, 503, "{}", ready.body);
-    let out = std::process::Command::new(bin())
-        .args(["ctl", "enable", "c", "n2", "--instance", &instance])
-        .output()
-        .expect("ctl enable");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ctl_ok(&instance, &["enable", "c", "n2"]);
     assert_eq!(http::get(admin, "/readyz").await.status, 200);
     assert_eq!(server(admin, "n2").await["state"], "up");
 }

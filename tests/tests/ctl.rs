@@ -11,15 +11,6 @@ use tokio::{
     net::TcpStream,
 };
 
-fn ctl_output(instance: &str, args: &[&str]) -> std::process::Output {
-    Command::new(bin())
-        .arg("ctl")
-        .args(args)
-        .args(["--instance", instance])
-        .output()
-        .expect("run mqttlb ctl")
-}
-
 fn rows(conns: &serde_json::Value) -> Vec<serde_json::Value> {
     conns["conns"].as_array().expect("conns array").clone()
 }

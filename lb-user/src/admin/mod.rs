@@ -3,8 +3,8 @@
 //! systemd (`/healthz`, `/readyz`), an NGINX-style `/status`, and the JSON API
 //! (`/api/v1/...`) with runtime changes to servers.
 //!
-//! Reads are open on a loopback address and need the bearer token elsewhere; every
-//! write needs it (`token_file`; without one, writes are refused: use `mqttlb ctl` on
+//! Reads are open on a loopback address and need the bearer token elsewhere (but
+//! `/healthz` and `/readyz`, which a load balancer's checks call); every write needs it (`token_file`; without one, writes are refused: use `mqttlb ctl` on
 //! the host, which goes through the control socket).
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};

@@ -333,10 +333,14 @@ impl Checker<'_> {
         }
         if raw.timeout.0 > raw.interval.0 {
             self.err(
-                span,
+                span.clone(),
                 format!("{key}.health.timeout"),
                 "must not exceed health.interval",
             );
+        }
+        // The check's CONNECT carries it (and the server's name): an MQTT string.
+        if raw.client_id.as_ref().is_some_and(|c| c.len() > 256) {
+            self.err(span, format!("{key}.health.client_id"), "at most 256 bytes");
         }
         Health {
             kind: raw.kind,

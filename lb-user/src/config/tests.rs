@@ -303,3 +303,20 @@ fn admin_token_must_be_private_and_stats_is_its_old_name() {
     assert!(errors(&both)[0].contains("older name of [admin]"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_health_client_id_must_fit_a_connect() {
+    let text = GOOD.replace(
+        "connect_timeout = \"2s\"",
+        &format!(
+            "connect_timeout = \"2s\"\nhealth = {{ kind = \"mqtt\", client_id = \"{}\" }}",
+            "x".repeat(300)
+        ),
+    );
+    let e = errors(&text);
+    assert!(
+        e.iter()
+            .any(|m| m.contains("clusters[0].health.client_id: at most 256 bytes")),
+        "{e:?}"
+    );
+}
