@@ -23,7 +23,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{bpf::Pinned, ctl::BackendView, runtime::Shared, views};
+use crate::{bpf::Pinned, runtime::Shared, views, views::BackendView};
 
 /// The exposition format served (what `encode` writes).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -120,6 +120,38 @@ pub fn render(shared: &Shared, pinned: Option<&str>, started: Instant) -> String
         "Client connections accepted on all listeners",
         s.get(D::Accepted),
     );
+    labelled(&mut m, s);
+    m.gauge(
+        "sticky_entries",
+        "Entries in the sticky table (expired ones included until reused)",
+        shared.sticky.entries().len() as u64,
+    );
+    let servers = views::servers(shared);
+    bytes(&mut m, shared, &servers);
+    per_server(&mut m, &servers);
+    for &d in D::ALL.iter().filter(|d| !LABELLED.contains(d)) {
+        let help = "Daemon counter (see `mqttlb ctl stats`)";
+        if GAUGES.contains(&d) {
+            m.gauge(d.name(), help, s.get(d));
+        } else {
+            m.counter(d.name(), help, s.get(d));
+        }
+    }
+    let program = pinned.and_then(|instance| Pinned::open(instance).ok()?.stats().ok());
+    for (name, value) in program.unwrap_or_default() {
+        if name.starts_with("bpf_") {
+            m.counter(name, "Counter of the in-kernel splice program", value);
+        }
+    }
+    let mut out = String::with_capacity(16 << 10);
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, &m.0);
+    out
+}
+
+/// The families that break daemon counters down by a label: how connections ended,
+/// why clients were turned away, TLS handshakes, sticky lookups.
+fn labelled(m: &mut Scrape, s: &crate::stats::Stats) {
     let by = |key: &'static str, rows: &[(&str, D)]| -> Vec<(Labels, u64)> {
         rows.iter()
             .map(|(v, d)| (label(key, v), s.get(*d)))
@@ -182,32 +214,6 @@ pub fn render(shared: &Shared, pinned: Option<&str>, started: Instant) -> String
             ],
         ),
     );
-    m.gauge(
-        "sticky_entries",
-        "Entries in the sticky table (expired ones included until reused)",
-        shared.sticky.entries().len() as u64,
-    );
-    let servers = views::servers(shared);
-    bytes(&mut m, shared, &servers);
-    per_server(&mut m, &servers);
-    for &d in D::ALL.iter().filter(|d| !LABELLED.contains(d)) {
-        let help = "Daemon counter (see `mqttlb ctl stats`)";
-        if GAUGES.contains(&d) {
-            m.gauge(d.name(), help, s.get(d));
-        } else {
-            m.counter(d.name(), help, s.get(d));
-        }
-    }
-    let program = pinned.and_then(|instance| Pinned::open(instance).ok()?.stats().ok());
-    for (name, value) in program.unwrap_or_default() {
-        if name.starts_with("bpf_") {
-            m.counter(name, "Counter of the in-kernel splice program", value);
-        }
-    }
-    let mut out = String::with_capacity(16 << 10);
-    // Writing to a String cannot fail.
-    let _ = encode(&mut out, &m.0);
-    out
 }
 
 /// `bytes_total{direction,plane}`: every byte carried, by the kernel (the splice) or

@@ -4,10 +4,11 @@
 //! (`/api/v1/...`) with runtime changes to servers.
 //!
 //! Reads are open on a loopback address and need the bearer token elsewhere (but
-//! `/healthz` and `/readyz`, which a load balancer's checks call); every write needs it (`token_file`; without one, writes are refused: use `mqttlb ctl` on
-//! the host, which goes through the control socket).
+//! `/healthz` and `/readyz`, which a load balancer's checks call); every write needs
+//! it (`token_file`; without one, writes are refused: use `mqttlb ctl` on the host,
+//! which goes through the control socket).
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
@@ -283,9 +284,4 @@ async fn change_server(
         }
         Err(e) => refuse(StatusCode::NOT_FOUND, &e.to_string()),
     }
-}
-
-/// Binds the admin address (a bind error stops the start, as for listeners).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

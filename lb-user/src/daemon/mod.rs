@@ -175,13 +175,10 @@ fn start(
         Some(b) => StickyTable::Bpf(b.clone()),
         None => StickyTable::memory(plane::sticky_size(config) as usize),
     };
-    let shared = Arc::new(Shared::new(
-        stats.clone(),
-        plane,
-        config.clusters.clone(),
-        sticky,
-        config.global.max_preconnect_bytes,
-    ));
+    let clusters = config.clusters.clone();
+    let preconnect = config.global.max_preconnect_bytes;
+    let shared = Shared::new(stats.clone(), plane, clusters, sticky, preconnect);
+    let shared = Arc::new(shared);
     let control = control::serve(&config.global.name, shared.clone()).map_err(|source| {
         DaemonError::Control {
             path: control::socket_path(&config.global.name)
@@ -191,17 +188,7 @@ fn start(
         }
     })?;
     let checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
-    let admin = admin_socket.map(|socket| {
-        let token = config.admin.as_ref().and_then(|a| a.token.clone());
-        let instance = &config.global.name;
-        crate::admin::serve(
-            socket,
-            shared.clone(),
-            bpf.is_some(),
-            instance,
-            token.map(|t| t.0),
-        )
-    });
+    let admin = admin_socket.map(|socket| serve_admin(config, socket, &shared, bpf.is_some()));
     if let Some(p) = sockmap {
         tokio::spawn(async move {
             if let Err(e) = p.run_events().await {
@@ -214,24 +201,9 @@ fn start(
         bpf.clone(),
         shared.clone(),
     ));
-    // Each listener's cluster is resolved here and at each reload, not per connection.
-    let clusters = shared.clusters();
     let permits = Arc::new(Semaphore::new(limit));
     let (stop, stop_rx) = watch::channel(false);
-    let mut listeners = Vec::new();
-    let mut accept_tasks = Vec::new();
-    for (l, socket) in config.listeners.iter().zip(sockets) {
-        let listener = Arc::new(ListenerRt::new(l.clone(), clusters[l.cluster].clone()));
-        shared.attach(listener.clone(), &config.clusters[l.cluster].name);
-        listeners.push(listener.clone());
-        accept_tasks.push(tokio::spawn(accept_loop(
-            shared.clone(),
-            listener,
-            socket,
-            permits.clone(),
-            stop_rx.clone(),
-        )));
-    }
+    let (listeners, accept_tasks) = accept_all(config, sockets, &shared, &permits, &stop_rx);
     let running = Running {
         _lock: lock,
         _control: control,
@@ -247,6 +219,48 @@ fn start(
         stop,
     };
     Ok((running, signals))
+}
+
+/// One accept loop per listener; each listener's cluster is resolved here and at each
+/// reload, not per connection.
+fn accept_all(
+    config: &Config,
+    sockets: Vec<TcpListener>,
+    shared: &Arc<Shared>,
+    permits: &Arc<Semaphore>,
+    stop: &watch::Receiver<bool>,
+) -> (Vec<Arc<ListenerRt>>, Vec<JoinHandle<()>>) {
+    let clusters = shared.clusters();
+    let mut listeners = Vec::new();
+    let mut tasks = Vec::new();
+    for (l, socket) in config.listeners.iter().zip(sockets) {
+        let listener = Arc::new(ListenerRt::new(l.clone(), clusters[l.cluster].clone()));
+        shared.attach(listener.clone(), &config.clusters[l.cluster].name);
+        listeners.push(listener.clone());
+        let (shared, permits, stop) = (shared.clone(), permits.clone(), stop.clone());
+        tasks.push(tokio::spawn(accept_loop(
+            shared, listener, socket, permits, stop,
+        )));
+    }
+    (listeners, tasks)
+}
+
+/// Serves `[admin]` on `socket`.
+fn serve_admin(
+    config: &Config,
+    socket: TcpListener,
+    shared: &Arc<Shared>,
+    bpf_loaded: bool,
+) -> JoinHandle<()> {
+    let token = config.admin.as_ref().and_then(|a| a.token.clone());
+    let instance = &config.global.name;
+    crate::admin::serve(
+        socket,
+        shared.clone(),
+        bpf_loaded,
+        instance,
+        token.map(|t| t.0),
+    )
 }
 
 /// Binds the admin listener (`[admin]`, or `[stats]` from the first wave).

@@ -58,6 +58,7 @@ pub(super) fn reload(
         info!(%change, "reload");
     }
     new.global = current.global.clone();
+    new.admin = current.admin.clone();
     // New connections go to the cluster the file names for each listener now.
     let found = |l: &Listener| {
         new.listeners
@@ -169,6 +170,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if a.max_preconnect_bytes != b.max_preconnect_bytes {
         keys.push("global.max_preconnect_bytes");
+    }
+    if old.admin != new.admin {
+        keys.push("admin");
     }
     keys
 }
