@@ -270,3 +270,49 @@ async fn json_logs_with_one_access_line_per_connection() {
         );
     }
 }
+
+/// SIGTERM with `shutdown_delay`: `/readyz` fails at once while new clients are still
+/// served (so the load balancer in front moves them first), then the daemon stops
+/// accepting and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_readyz_first_for_shutdown_delay() {
+    if !privileged("admin") {
+        return;
+    }
+    let node = Mosquitto::start();
+    let instance = format!("sd{}x{}", std::process::id(), free_port());
+    let (port, admin) = (free_port(), SocketAddr::from(([127, 0, 0, 1], free_port())));
+    let text = format!(
+        "[global]\nname = \"{instance}\"\nshutdown_delay = \"2s\"\nshutdown_grace = \"1s\"\n\n[admin]\nbind = \"{admin}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nhealth = {{ kind = \"none\" }}\n\n[[clusters.servers]]\nname = \"n1\"\naddress = \"{}\"\n",
+        node.addr
+    );
+    let mut lb = Daemon::start_text("auto", port, &instance, &text);
+    assert_eq!(http::get(admin, "/readyz").await.status, 200);
+    let sent = std::time::Instant::now();
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(lb.pid() as i32, libc::SIGTERM) };
+    let mut ready = http::get(admin, "/readyz").await;
+    while ready.status == 200 && sent.elapsed() < std::time::Duration::from_millis(500) {
+        ready = http::get(admin, "/readyz").await;
+    }
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.body.contains("shutting down"), "{}", ready.body);
+    // Still accepting during the delay.
+    let mut s = mqttc::session(lb.addr, "late", true)
+        .await
+        .expect("a client during shutdown_delay");
+    mqttc::ping(&mut s).await.expect("ping");
+    assert!(sent.elapsed() < std::time::Duration::from_secs(2));
+    drop(s);
+    let status = lb.stop();
+    assert!(status.success(), "{status}: {}", lb.log());
+    assert!(
+        sent.elapsed() >= std::time::Duration::from_secs(2),
+        "stopped before shutdown_delay"
+    );
+    assert!(
+        lb.log().contains("/readyz fails, still accepting"),
+        "{}",
+        lb.log()
+    );
+}

@@ -259,6 +259,8 @@ impl Checker<'_> {
             data_plane: raw.data_plane,
             max_connections: raw.max_connections,
             max_preconnect_bytes: *raw.max_preconnect_bytes.get_ref() as usize,
+            shutdown_delay: raw.shutdown_delay.0,
+            shutdown_grace: raw.shutdown_grace.0,
         }
     }
 

@@ -122,6 +122,11 @@ pub struct Global {
     pub max_connections: Option<NonZeroU32>,
     /// Bytes all connections together may buffer before their CONNECT.
     pub max_preconnect_bytes: usize,
+    /// SIGTERM: how long `/readyz` fails while connections are still accepted, so that
+    /// a load balancer in front stops sending new clients first.
+    pub shutdown_delay: Duration,
+    /// SIGTERM: how long open connections may go on once accepting stopped.
+    pub shutdown_grace: Duration,
 }
 
 /// `[admin]`: the admin HTTP listener.

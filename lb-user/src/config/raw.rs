@@ -67,6 +67,10 @@ pub(super) struct RawGlobal {
     pub(super) max_connections: Option<NonZeroU32>,
     #[serde(default = "default_max_preconnect_bytes")]
     pub(super) max_preconnect_bytes: Spanned<u64>,
+    #[serde(default = "default_shutdown_delay")]
+    pub(super) shutdown_delay: Dur,
+    #[serde(default = "default_shutdown_grace")]
+    pub(super) shutdown_grace: Dur,
 }
 
 impl Default for RawGlobal {
@@ -76,6 +80,8 @@ impl Default for RawGlobal {
             data_plane: default_data_plane(),
             max_connections: None,
             max_preconnect_bytes: default_max_preconnect_bytes(),
+            shutdown_delay: default_shutdown_delay(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 }
@@ -238,6 +244,12 @@ pub(super) fn default_name() -> Spanned<String> {
 }
 pub(super) fn default_data_plane() -> DataPlaneKind {
     DataPlaneKind::Auto
+}
+fn default_shutdown_delay() -> Dur {
+    Dur(Duration::ZERO)
+}
+fn default_shutdown_grace() -> Dur {
+    Dur(Duration::from_secs(5))
 }
 pub(super) fn default_max_preconnect_bytes() -> Spanned<u64> {
     Spanned::new(0..0, 64 << 20)

@@ -37,9 +37,6 @@ mod reload;
 
 pub use publish::backend_rows;
 
-/// How long SIGTERM waits for open connections to finish before exiting.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -143,7 +140,7 @@ pub async fn run(
             _ = signals.int.recv() => break,
         }
     }
-    running.stop().await;
+    running.stop(&current.global).await;
     Ok(())
 }
 
@@ -291,16 +288,21 @@ fn bind_all(config: &Config) -> Result<Vec<TcpListener>, DaemonError> {
 }
 
 impl Running {
-    /// Stops accepting, waits up to [`SHUTDOWN_GRACE`] for open connections, then
-    /// stops the tasks and removes the pins (the sticky table stays).
-    async fn stop(self) {
-        info!("stopping: no new connections");
+    /// `/readyz` fails for `shutdown_delay` while connections are still accepted,
+    /// then accepting stops and open connections have up to `shutdown_grace`; then
+    /// the tasks stop and the pins go (the sticky table stays).
+    async fn stop(self, global: &crate::config::Global) {
         self.shared.stopping();
+        if !global.shutdown_delay.is_zero() {
+            info!(shutdown_delay = ?global.shutdown_delay, "stopping: /readyz fails, still accepting");
+            tokio::time::sleep(global.shutdown_delay).await;
+        }
+        info!("stopping: no new connections");
         let _ = self.stop.send(true);
         for t in self.accept_tasks {
             let _ = t.await;
         }
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        let deadline = Instant::now() + global.shutdown_grace;
         let permits = &self.permits;
         while permits.available_permits() < self.limit && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -57,7 +57,11 @@ pub(super) fn reload(
     for change in &changes {
         info!(%change, "reload");
     }
+    // What only a restart applies stays as it runs; the shutdown timings apply at the
+    // next stop.
+    let shutdown = (new.global.shutdown_delay, new.global.shutdown_grace);
     new.global = current.global.clone();
+    (new.global.shutdown_delay, new.global.shutdown_grace) = shutdown;
     new.admin = current.admin.clone();
     // New connections go to the cluster the file names for each listener now.
     let found = |l: &Listener| {
