@@ -179,6 +179,16 @@ async fn admin_api_metrics_page_and_runtime_changes() {
     }
     let unknown = http::request(admin, "POST", "/api/v1/servers/c/nope", Some(TOKEN), drain).await;
     assert_eq!(unknown.status, 404);
+    for bad in [
+        "{}",
+        "not json",
+        r#"{"state": "sideways"}"#,
+        r#"{"weight": 0}"#,
+    ] {
+        let r = http::request(admin, "POST", "/api/v1/servers/c/n2", Some(TOKEN), bad).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    assert_eq!(server(admin, "n2").await["state"], "up");
 
     // The change survives a reload of the unchanged file.
     lb.reload(&config(&nodes));

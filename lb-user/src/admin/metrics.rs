@@ -105,7 +105,13 @@ const GAUGES: &[D] = &[D::TasksAlive, D::SplicedActive];
 
 /// The exposition text. `pinned`: the instance whose pinned maps hold the splice
 /// program's counters, when BPF loaded.
-pub fn render(shared: &Shared, pinned: Option<&str>, started: Instant) -> String {
+/// `sticky_entries`: the sticky table's size (counted by the caller, who keeps it).
+pub fn render(
+    shared: &Shared,
+    pinned: Option<&str>,
+    started: Instant,
+    sticky_entries: u64,
+) -> String {
     let s = &shared.stats;
     let mut m = Scrape(Registry::with_prefix("mqttlb"));
     let uptime = started.elapsed().as_secs();
@@ -124,7 +130,7 @@ pub fn render(shared: &Shared, pinned: Option<&str>, started: Instant) -> String
     m.gauge(
         "sticky_entries",
         "Entries in the sticky table (expired ones included until reused)",
-        shared.sticky.entries().len() as u64,
+        sticky_entries,
     );
     let servers = views::servers(shared);
     bytes(&mut m, shared, &servers);

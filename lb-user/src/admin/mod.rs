@@ -44,7 +44,14 @@ struct App {
     /// Reads need the token too (bound to a non-loopback address).
     guard_reads: bool,
     started: Instant,
+    /// The sticky table's size and when it was counted: counting walks the whole
+    /// table (a syscall per entry for the BPF map), so the page and the scrapes
+    /// share one count for [`STICKY_COUNT_AGE`].
+    sticky_count: Arc<std::sync::Mutex<Option<(Instant, usize)>>>,
 }
+
+/// How old the sticky table's count may be.
+const STICKY_COUNT_AGE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves the admin API on `listener` until the daemon stops.
 pub fn serve(
@@ -66,6 +73,7 @@ pub fn serve(
         token: token.map(Into::into),
         guard_reads,
         started: Instant::now(),
+        sticky_count: Arc::default(),
     };
     let router = Router::new()
         .route("/", get(stats_page))
@@ -105,6 +113,19 @@ impl App {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         constant_time_eq(given.as_bytes(), token.as_bytes())
+    }
+
+    /// Entries in the sticky table, counted at most every [`STICKY_COUNT_AGE`].
+    fn sticky_entries(&self) -> usize {
+        let mut cached = self.sticky_count.lock().expect("sticky count lock");
+        match *cached {
+            Some((at, n)) if at.elapsed() < STICKY_COUNT_AGE => n,
+            _ => {
+                let n = self.shared.sticky.entries().len();
+                *cached = Some((Instant::now(), n));
+                n
+            }
+        }
     }
 
     /// None when a read may go on; otherwise the 401.
@@ -164,7 +185,8 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
     if let Some(r) = app.check_read(&headers) {
         return r;
     }
-    let text = metrics::render(&app.shared, app.pinned.as_deref(), app.started);
+    let sticky = app.sticky_entries() as u64;
+    let text = metrics::render(&app.shared, app.pinned.as_deref(), app.started, sticky);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
@@ -175,7 +197,7 @@ async fn servers(State(app): State<App>, headers: HeaderMap) -> Response {
     Json(serde_json::json!({
         "instance": &*app.instance,
         "servers": views::servers(&app.shared),
-        "sticky_entries": app.shared.sticky.entries().len(),
+        "sticky_entries": app.sticky_entries(),
     }))
     .into_response()
 }
