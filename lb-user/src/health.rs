@@ -78,7 +78,13 @@ async fn check_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let started = std::time::Instant::now();
         let result = timeout(health.timeout, check(health.kind, address, &client_id)).await;
+        if !matches!(result, Ok(Err(Failed::Local(_)))) {
+            let labels = vec![("cluster", cluster.clone()), ("server", server.clone())];
+            let took = started.elapsed().as_secs_f64();
+            stats.health_checks.get_or_create(&labels).observe(took);
+        }
         let (ok, why) = match result {
             Ok(Ok(())) => (true, String::new()),
             // This host is out of descriptors or buffers: the check says nothing about

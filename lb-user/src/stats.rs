@@ -4,17 +4,38 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lb_common::DaemonStat;
+use prometheus_client::metrics::{family::Family, histogram::Histogram};
 
-/// One atomic per [`DaemonStat`].
+/// Labels of a per-server histogram: cluster and server.
+pub type ServerLabels = Vec<(&'static str, String)>;
+
+/// Buckets in seconds for durations on the loopback or a LAN (100 us to 10 s).
+const SECONDS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0, 10.0,
+];
+
+fn seconds() -> Histogram {
+    Histogram::new(SECONDS)
+}
+
+/// One atomic per [`DaemonStat`], and the durations `/metrics` shows as histograms.
 #[derive(Debug)]
 pub struct Stats {
     values: [AtomicU64; DaemonStat::COUNT as usize],
+    /// Accept to the server's TCP connection established (connections that reached
+    /// a server), in seconds: the CONNECT's reading and validation, the choice of
+    /// server and the connect(s).
+    pub server_reached: Histogram,
+    /// Active health checks that finished (passed or failed), by server, in seconds.
+    pub health_checks: Family<ServerLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Stats {
     fn default() -> Self {
         Self {
             values: std::array::from_fn(|_| AtomicU64::new(0)),
+            server_reached: seconds(),
+            health_checks: Family::new_with_constructor(seconds),
         }
     }
 }

@@ -117,6 +117,13 @@ async fn admin_api_metrics_page_and_runtime_changes() {
         Some(4.0),
         "{m}"
     );
+    // Each of the four reached its server once; the readiness probe reached none.
+    let reached = metric(m, "mqttlb_server_reached_seconds_count", &[]);
+    assert_eq!(reached, Some(4.0), "{m}");
+    assert!(
+        metric(m, "mqttlb_server_reached_seconds_sum", &[]) > Some(0.0),
+        "{m}"
+    );
     for node in ["n1", "n2"] {
         let labels = [("cluster", "c"), ("server", node)];
         assert_eq!(
@@ -293,11 +300,23 @@ async fn sigterm_fails_readyz_first_for_shutdown_delay() {
     let instance = format!("sd{}x{}", std::process::id(), free_port());
     let (port, admin) = (free_port(), SocketAddr::from(([127, 0, 0, 1], free_port())));
     let text = format!(
-        "[global]\nname = \"{instance}\"\nshutdown_delay = \"2s\"\nshutdown_grace = \"1s\"\n\n[admin]\nbind = \"{admin}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nhealth = {{ kind = \"none\" }}\n\n[[clusters.servers]]\nname = \"n1\"\naddress = \"{}\"\n",
+        "[global]\nname = \"{instance}\"\nshutdown_delay = \"2s\"\nshutdown_grace = \"1s\"\n\n[admin]\nbind = \"{admin}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nhealth = {{ kind = \"mqtt\", interval = \"200ms\", timeout = \"150ms\" }}\n\n[[clusters.servers]]\nname = \"n1\"\naddress = \"{}\"\n",
         node.addr
     );
     let mut lb = Daemon::start_text("auto", port, &instance, &text);
     assert_eq!(http::get(admin, "/readyz").await.status, 200);
+    // The MQTT health checks are timed, by server.
+    let labels = [("cluster", "c"), ("server", "n1")];
+    let name = "mqttlb_health_check_duration_seconds_count";
+    let mut checks = None;
+    for _ in 0..50 {
+        checks = metric(&http::get(admin, "/metrics").await.body, name, &labels);
+        if checks >= Some(2.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(checks >= Some(2.0), "{checks:?}");
     let sent = std::time::Instant::now();
     // SAFETY: kill on our own child's pid.
     unsafe { libc::kill(lb.pid() as i32, libc::SIGTERM) };

@@ -10,7 +10,9 @@
 //! `mqttlb_server_connections_active`, `mqttlb_server_connections_total`,
 //! `mqttlb_server_bytes_total{direction}`, `mqttlb_server_connect_failures_total`,
 //! `mqttlb_server_health_flips_total`; `mqttlb_sticky_lookups_total{result}`,
-//! `mqttlb_sticky_entries`, `mqttlb_tls_handshakes_total{result}`; every other
+//! `mqttlb_sticky_entries`, `mqttlb_tls_handshakes_total{result}`; the histograms
+//! `mqttlb_server_reached_seconds` and `mqttlb_health_check_duration_seconds{cluster,
+//! server}` (kept in `Stats`, observed where the durations end); every other
 //! daemon counter as `mqttlb_<name>_total` (gauges without `_total`), and the splice
 //! program's as `mqttlb_bpf_<name>_total`.
 
@@ -149,6 +151,16 @@ pub fn render(
             m.counter(name, "Counter of the in-kernel splice program", value);
         }
     }
+    m.0.register(
+        "server_reached_seconds",
+        "Accept to the server connection established: the CONNECT read and checked, a server chosen and connected",
+        s.server_reached.clone(),
+    );
+    m.0.register(
+        "health_check_duration_seconds",
+        "Active health checks by server, passed or failed",
+        s.health_checks.clone(),
+    );
     let mut out = String::with_capacity(16 << 10);
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &m.0);

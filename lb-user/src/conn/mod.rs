@@ -127,6 +127,8 @@ impl Conn<'_> {
             }
         };
         let _ = server.set_nodelay(true);
+        let reached = self.entry.age().as_secs_f64();
+        self.shared.stats.server_reached.observe(reached);
         let target = (&*cluster, &lease);
         let sent = self
             .send_head(&mut client, &mut server, target, first, handshake)
