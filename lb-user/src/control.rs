@@ -168,7 +168,9 @@ pub fn query(instance: &str, request: &str) -> io::Result<serde_json::Value> {
     s.read_to_end(&mut out)?;
     let v: serde_json::Value = serde_json::from_slice(&out).map_err(io::Error::other)?;
     if let Some(e) = v.get("error") {
-        return Err(io::Error::other(format!("the daemon answered: {e}")));
+        // InvalidInput: the daemon was reached and refused the request.
+        let why = e.as_str().map_or_else(|| e.to_string(), str::to_owned);
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
     }
     Ok(v)
 }

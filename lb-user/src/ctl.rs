@@ -83,13 +83,9 @@ pub fn run(
     if let Some(request) = change {
         // A change is the daemon's to make: through its control socket.
         if !running {
-            not_running(instance);
             return Err(CtlError::NotRunning(instance.to_owned()));
         }
-        let answer = control::query(instance, &request).map_err(|source| CtlError::Control {
-            path: control::socket_path(instance).display().to_string(),
-            source,
-        })?;
+        let answer = ask_daemon(instance, &request)?;
         if json {
             serde_json::to_writer_pretty(&mut *out, &answer)?;
             writeln!(out)?;
@@ -247,10 +243,7 @@ enum Source<'a> {
 
 impl Source<'_> {
     fn ask<T: serde::de::DeserializeOwned>(instance: &str, what: &str) -> Result<T, CtlError> {
-        let answer = control::query(instance, what).map_err(|source| CtlError::Control {
-            path: control::socket_path(instance).display().to_string(),
-            source,
-        })?;
+        let answer = ask_daemon(instance, what)?;
         Ok(serde_json::from_value(answer[what].clone())?)
     }
 
@@ -298,10 +291,7 @@ fn not_running(instance: &str) {
 /// maps still hold.
 fn conns(instance: &str, running: bool, json: bool, out: &mut impl Write) -> Result<(), CtlError> {
     let rows: Vec<ConnRow> = if running {
-        let answer = control::query(instance, "conns").map_err(|source| CtlError::Control {
-            path: control::socket_path(instance).display().to_string(),
-            source,
-        })?;
+        let answer = ask_daemon(instance, "conns")?;
         serde_json::from_value(answer["conns"].clone())?
     } else {
         let pinned = Pinned::open(instance)?;
@@ -401,6 +391,19 @@ fn cleanup(
     Ok(())
 }
 
+/// The daemon's answer to `request` on its control socket.
+fn ask_daemon(instance: &str, request: &str) -> Result<serde_json::Value, CtlError> {
+    control::query(instance, request).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::InvalidInput {
+            return CtlError::Refused(source.to_string());
+        }
+        CtlError::Control {
+            path: control::socket_path(instance).display().to_string(),
+            source,
+        }
+    })
+}
+
 /// Why `ctl` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -413,6 +416,9 @@ pub enum CtlError {
     /// JSON encoding failed.
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// The daemon refused the request (an unknown server, say).
+    #[error("the daemon refused: {0}")]
+    Refused(String),
     /// A change asked of an instance no daemon runs.
     #[error("instance {0:?} is not running: nothing to change")]
     NotRunning(String),

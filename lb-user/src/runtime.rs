@@ -211,11 +211,10 @@ impl Shared {
         Ok(())
     }
 
-    /// Whether a runtime change overrides the file for this server.
-    pub fn overridden(&self, cluster: &str, server: &str) -> bool {
+    /// The (cluster, server) pairs a runtime change overrides the file for.
+    pub fn overridden(&self) -> std::collections::BTreeSet<(String, String)> {
         let layout = self.layout.lock().expect("layout lock");
-        let key = (cluster.to_owned(), server.to_owned());
-        layout.overrides.contains_key(&key)
+        layout.overrides.keys().cloned().collect()
     }
 
     /// Rebuilds the clusters from `layout` and points the listeners at them.

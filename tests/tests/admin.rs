@@ -223,6 +223,13 @@ async fn admin_api_metrics_page_and_runtime_changes() {
     let ready = http::get(admin, "/readyz").await;
     assert_eq!(ready.status, 503, "{}", ready.body);
     ctl_ok(&instance, &["enable", "c", "n2"]);
+    // A change naming no server of the file fails and says why.
+    let out = ctl_output(&instance, &["drain", "c", "nope"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no server \"nope\""),
+        "{err}"
+    );
     assert_eq!(http::get(admin, "/readyz").await.status, 200);
     assert_eq!(server(admin, "n2").await["state"], "up");
 }
@@ -344,4 +351,45 @@ async fn sigterm_fails_readyz_first_for_shutdown_delay() {
         "{}",
         lb.log()
     );
+}
+
+/// Bound to a non-loopback address, every read but the health endpoints needs the
+/// token too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_loopback_reads_need_the_token() {
+    if !privileged("admin") {
+        return;
+    }
+    let node = Mosquitto::start();
+    let dir = TempDir::new("admin-open");
+    let token_file = dir.0.join("token");
+    std::fs::write(&token_file, TOKEN).expect("token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(&token_file, mode).expect("chmod");
+    }
+    let instance = format!("open{}x{}", std::process::id(), free_port());
+    let (port, admin_port) = (free_port(), free_port());
+    let text = format!(
+        "[global]\nname = \"{instance}\"\n\n[admin]\nbind = \"0.0.0.0:{admin_port}\"\ntoken_file = \"{}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nhealth = {{ kind = \"none\" }}\n\n[[clusters.servers]]\nname = \"n1\"\naddress = \"{}\"\n",
+        token_file.display(),
+        node.addr
+    );
+    let _lb = Daemon::start_text("auto", port, &instance, &text);
+    let admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    for path in [
+        "/",
+        "/metrics",
+        "/status",
+        "/api/v1/servers",
+        "/api/v1/conns",
+    ] {
+        assert_eq!(http::get(admin, path).await.status, 401, "{path}");
+        let r = http::request(admin, "GET", path, Some(TOKEN), "").await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(http::get(admin, path).await.status, 200, "{path}");
+    }
 }

@@ -45,6 +45,7 @@ pub fn backend_rows(shared: &Shared) -> Vec<BackendInfo> {
         out[..n].copy_from_slice(&s.as_bytes()[..n]);
         out
     };
+    let overridden = shared.overridden();
     let mut rows = Vec::new();
     for c in shared.clusters().iter() {
         for s in &c.pool.servers {
@@ -64,7 +65,8 @@ pub fn backend_rows(shared: &Shared) -> Vec<BackendInfo> {
             if cfg.max_connections.is_some_and(|m| active >= m.get()) {
                 flags |= BACKEND_FULL;
             }
-            if shared.overridden(&c.config.name, &cfg.name) {
+            let key = || (c.config.name.clone(), cfg.name.clone());
+            if !overridden.is_empty() && overridden.contains(&key()) {
                 flags |= BACKEND_OVERRIDDEN;
             }
             rows.push(BackendInfo {
