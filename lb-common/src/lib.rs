@@ -456,6 +456,11 @@ counters! {
         SplicedBytesC2s = 51 => "spliced_bytes_c2s",
         /// Bytes the splice carried server to client in the kernel.
         SplicedBytesS2c = 52 => "spliced_bytes_s2c",
+        /// Connections closed by an evacuation (API, `ctl evacuate`, SIGTERM).
+        Evicted = 53 => "evicted",
+        /// Of those, MQTT 5 clients sent DISCONNECT 0x9C (Use another server) at a
+        /// packet boundary first.
+        EvictedDisconnect = 54 => "evicted_disconnect_sent",
     }
 }
 

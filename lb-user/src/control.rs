@@ -100,7 +100,7 @@ pub fn serve(instance: &str, shared: Arc<Shared>) -> io::Result<ControlSocket> {
     Ok(ControlSocket { path })
 }
 
-async fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
+async fn answer(stream: UnixStream, shared: &Arc<Shared>) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     timeout(WAIT, BufReader::new(r.take(256)).read_line(&mut line))
@@ -116,8 +116,8 @@ async fn answer(stream: UnixStream, shared: &Shared) -> io::Result<()> {
 }
 
 /// The answer to one request line: a view (`conns`, `stats`, `backends`, `sticky`) or
-/// a runtime change (`drain|enable CLUSTER SERVER`, `weight CLUSTER SERVER N`).
-fn request(shared: &Shared, line: &str) -> serde_json::Value {
+/// a runtime change (`drain|enable|evacuate CLUSTER SERVER`, `weight CLUSTER SERVER N`).
+fn request(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
     let words: Vec<&str> = line.split_whitespace().collect();
     let change = |cluster: &str, server: &str, o: Override| match shared
         .override_server(cluster, server, o)
@@ -139,6 +139,12 @@ fn request(shared: &Shared, line: &str) -> serde_json::Value {
         ["sticky"] => serde_json::json!({ "sticky": views::sticky(shared) }),
         ["drain", c, s] => change(c, s, state(ServerState::Drain)),
         ["enable", c, s] => change(c, s, state(ServerState::Up)),
+        ["evacuate", c, s] => match crate::evacuate::server(shared, c, s) {
+            Ok(n) => serde_json::json!({
+                "evacuating": { "cluster": c, "server": s, "connections": n }
+            }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        },
         ["weight", c, s, n] => match n.parse::<NonZeroU32>() {
             Ok(w) => change(
                 c,

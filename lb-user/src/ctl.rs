@@ -49,6 +49,14 @@ pub enum CtlCommand {
         /// The server.
         server: String,
     },
+    /// Drain a server and close its connections at its cluster's `evict_rate`; MQTT 5
+    /// clients get DISCONNECT 0x9C (Use another server) first.
+    Evacuate {
+        /// Its cluster.
+        cluster: String,
+        /// The server.
+        server: String,
+    },
     /// Set a server's weight at runtime (overrides the file, survives reloads).
     Weight {
         /// Its cluster.
@@ -73,6 +81,7 @@ pub fn run(
         CtlCommand::Cleanup { sticky } => return cleanup(instance, running, *sticky, out),
         CtlCommand::Drain { cluster, server } => Some(format!("drain {cluster} {server}")),
         CtlCommand::Enable { cluster, server } => Some(format!("enable {cluster} {server}")),
+        CtlCommand::Evacuate { cluster, server } => Some(format!("evacuate {cluster} {server}")),
         CtlCommand::Weight {
             cluster,
             server,
@@ -89,6 +98,11 @@ pub fn run(
         if json {
             serde_json::to_writer_pretty(&mut *out, &answer)?;
             writeln!(out)?;
+        } else if let Some(n) = answer["evacuating"]["connections"].as_u64() {
+            writeln!(
+                out,
+                "{request}: drained; closing {n} connections at the cluster's evict_rate"
+            )?;
         } else {
             writeln!(
                 out,
@@ -113,6 +127,7 @@ pub fn run(
         | CtlCommand::Cleanup { .. }
         | CtlCommand::Drain { .. }
         | CtlCommand::Enable { .. }
+        | CtlCommand::Evacuate { .. }
         | CtlCommand::Weight { .. } => unreachable!("answered above"),
         CtlCommand::Backends => print_backends(instance, &source.backends()?, json, out),
         CtlCommand::Sticky => {

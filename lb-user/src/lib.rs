@@ -40,6 +40,7 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod dataplane;
+pub mod evacuate;
 pub mod health;
 pub mod limits;
 pub mod mqtt;

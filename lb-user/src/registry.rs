@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -66,6 +66,7 @@ impl Plane {
 /// The server a connection reached.
 #[derive(Debug)]
 struct Reached {
+    cluster: String,
     name: String,
     address: SocketAddr,
     traffic: Arc<Traffic>,
@@ -83,6 +84,9 @@ pub struct Entry {
     plane: AtomicU8,
     started: Instant,
     started_unix: u64,
+    /// Set by an evacuation; the plane carrying the connection ends it.
+    evicting: AtomicBool,
+    evict: tokio::sync::Notify,
 }
 
 impl Entry {
@@ -96,9 +100,16 @@ impl Entry {
 
     /// The server reached: returns the connection's own byte counters, which also add
     /// to the server's `traffic`.
-    pub fn reached(&self, name: &str, address: SocketAddr, server: Arc<Traffic>) -> Arc<Traffic> {
+    pub fn reached(
+        &self,
+        cluster: &str,
+        name: &str,
+        address: SocketAddr,
+        server: Arc<Traffic>,
+    ) -> Arc<Traffic> {
         let traffic = Arc::new(Traffic::under(server));
         let _ = self.server.set(Reached {
+            cluster: cluster.to_owned(),
             name: name.to_owned(),
             address,
             traffic: traffic.clone(),
@@ -114,6 +125,38 @@ impl Entry {
     /// What carries the connection now.
     pub fn plane(&self) -> Plane {
         Plane::from_u8(self.plane.load(Ordering::Relaxed))
+    }
+
+    /// The cluster of the server it reached.
+    pub fn cluster(&self) -> Option<&str> {
+        self.server.get().map(|r| r.cluster.as_str())
+    }
+
+    /// Whether it is connected to `server` of `cluster`.
+    pub fn is_on(&self, cluster: &str, server: &str) -> bool {
+        self.server
+            .get()
+            .is_some_and(|r| r.cluster == cluster && r.name == server)
+    }
+
+    /// Asks whatever carries the connection to end it as an evacuation does (an
+    /// MQTT 5 client first gets DISCONNECT 0x9C at the next packet boundary).
+    pub fn evict(&self) {
+        self.evicting.store(true, Ordering::Release);
+        // A stored permit: a plane that starts waiting later still wakes.
+        self.evict.notify_one();
+    }
+
+    /// Whether [`Entry::evict`] was called.
+    pub fn is_evicting(&self) -> bool {
+        self.evicting.load(Ordering::Acquire)
+    }
+
+    /// Resolves once [`Entry::evict`] is called (at once if it was).
+    pub async fn evicted(&self) {
+        while !self.is_evicting() {
+            self.evict.notified().await;
+        }
     }
 
     /// How long ago it was accepted.
@@ -196,6 +239,8 @@ impl Registry {
             started_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            evicting: AtomicBool::new(false),
+            evict: tokio::sync::Notify::new(),
         });
         self.conns
             .lock()
@@ -207,16 +252,19 @@ impl Registry {
         }
     }
 
-    /// Every connection, by id.
-    pub fn rows(&self) -> Vec<ConnRow> {
-        let entries: Vec<Arc<Entry>> = self
-            .conns
+    /// Every connection held now, in no particular order.
+    pub fn entries(&self) -> Vec<Arc<Entry>> {
+        self.conns
             .lock()
             .expect("registry lock")
             .values()
             .cloned()
-            .collect();
-        let mut rows: Vec<ConnRow> = entries.iter().map(|e| e.row()).collect();
+            .collect()
+    }
+
+    /// Every connection, by id.
+    pub fn rows(&self) -> Vec<ConnRow> {
+        let mut rows: Vec<ConnRow> = self.entries().iter().map(|e| e.row()).collect();
         rows.sort_by_key(|r| r.id);
         rows
     }
@@ -273,6 +321,7 @@ mod tests {
             .identified("10.0.0.1:5000".parse().expect("addr"), "dev-1");
         let server = Arc::new(Traffic::default());
         let t = a.entry.reached(
+            "c",
             "s1",
             "127.0.0.1:1883".parse().expect("addr"),
             server.clone(),
@@ -294,9 +343,33 @@ mod tests {
             ),
             (10, 7)
         );
+        assert!(a.entry.is_on("c", "s1") && !a.entry.is_on("c", "s2") && !b.entry.is_on("c", "s1"));
+        assert_eq!(a.entry.cluster(), Some("c"));
         drop(a);
         assert_eq!(r.rows().len(), 1);
         drop(b);
         assert!(r.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_eviction_wakes_a_waiter_whether_it_came_before_or_after() {
+        let r = Arc::new(Registry::default());
+        let a = r.open("mqtt", "127.0.0.1:1000".parse().expect("addr"));
+        // Before: resolves at once.
+        a.entry.evict();
+        tokio::time::timeout(std::time::Duration::from_secs(1), a.entry.evicted())
+            .await
+            .expect("evicted before waiting");
+        // After: a waiter already parked wakes.
+        let b = r.open("mqtt", "127.0.0.1:1001".parse().expect("addr"));
+        let entry = b.entry.clone();
+        let waiter = tokio::spawn(async move { entry.evicted().await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished() && !b.entry.is_evicting());
+        b.entry.evict();
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("evicted while waiting")
+            .expect("task");
     }
 }

@@ -80,6 +80,7 @@ const LABELLED: &[D] = &[
     D::Closed,
     D::Aborted,
     D::IdleTimeout,
+    D::Evicted,
     D::RejectedInvalid,
     D::RejectedTimeout,
     D::RejectedEof,
@@ -184,6 +185,7 @@ fn labelled(m: &mut Scrape, s: &crate::stats::Stats) {
                 ("closed", D::Closed),
                 ("aborted", D::Aborted),
                 ("idle_timeout", D::IdleTimeout),
+                ("evicted", D::Evicted),
             ],
         ),
     );

@@ -87,6 +87,10 @@ pub fn serve(
         .route("/api/v1/conns", get(conns))
         .route("/api/v1/sticky", get(sticky))
         .route("/api/v1/servers/{cluster}/{server}", post(change_server))
+        .route(
+            "/api/v1/servers/{cluster}/{server}/evacuate",
+            post(evacuate_server),
+        )
         .with_state(app);
     info!(bind = ?local, "admin API and stats page listening");
     tokio::spawn(async move {
@@ -113,6 +117,18 @@ impl App {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         constant_time_eq(given.as_bytes(), token.as_bytes())
+    }
+
+    /// The refusal of a write without the token (every write needs it), or None.
+    fn refuse_write(&self, headers: &HeaderMap) -> Option<Response> {
+        if self.token.is_none() {
+            return Some(refuse(
+                StatusCode::UNAUTHORIZED,
+                "changes need [admin] token_file (or `mqttlb ctl` on the host)",
+            ));
+        }
+        (!self.authorized(headers))
+            .then(|| refuse(StatusCode::UNAUTHORIZED, "bearer token required"))
     }
 
     /// Entries in the sticky table, counted at most every [`STICKY_COUNT_AGE`].
@@ -276,14 +292,8 @@ async fn change_server(
     Path((cluster, server)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
-    if app.token.is_none() {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "changes need [admin] token_file (or `mqttlb ctl` on the host)",
-        );
-    }
-    if !app.authorized(&headers) {
-        return refuse(StatusCode::UNAUTHORIZED, "bearer token required");
+    if let Some(r) = app.refuse_write(&headers) {
+        return r;
     }
     let change: Change = match serde_json::from_slice(&body) {
         Ok(c) => c,
@@ -304,6 +314,25 @@ async fn change_server(
                 .find(|v| v.cluster == cluster && v.name == server);
             Json(serde_json::json!({ "server": view })).into_response()
         }
+        Err(e) => refuse(StatusCode::NOT_FOUND, &e.to_string()),
+    }
+}
+
+/// `POST /api/v1/servers/{cluster}/{server}/evacuate`: drains the server and closes
+/// its connections at the cluster's `evict_rate` (see [`crate::evacuate`]).
+async fn evacuate_server(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((cluster, server)): Path<(String, String)>,
+) -> Response {
+    if let Some(r) = app.refuse_write(&headers) {
+        return r;
+    }
+    match crate::evacuate::server(&app.shared, &cluster, &server) {
+        Ok(n) => Json(serde_json::json!({
+            "evacuating": { "cluster": cluster, "server": server, "connections": n }
+        }))
+        .into_response(),
         Err(e) => refuse(StatusCode::NOT_FOUND, &e.to_string()),
     }
 }

@@ -301,6 +301,25 @@ impl Checker<'_> {
         ] {
             self.positive(span.clone(), format!("{key}.{name}"), d);
         }
+        let evict_rate = std::num::NonZeroU32::new(rc.evict_rate);
+        if evict_rate.is_none() {
+            self.err(
+                span.clone(),
+                format!("{key}.evict_rate"),
+                "connections a second, at least 1",
+            );
+        }
+        if rc
+            .server_reference
+            .as_ref()
+            .is_some_and(|r| r.is_empty() || r.len() > 1024 || r.contains('\0'))
+        {
+            self.err(
+                span.clone(),
+                format!("{key}.server_reference"),
+                "1 to 1024 bytes of UTF-8 without U+0000, e.g. \"mqtt2.example.com:1883\"",
+            );
+        }
         let health = self.health(key, span.clone(), rc.health);
         let servers = self.servers(key, rc.servers);
         self.source_families(key, span, &rc.source_addresses, &servers);
@@ -319,6 +338,8 @@ impl Checker<'_> {
                 after: rc.promote_after.map(|d| d.0).filter(|d| !d.is_zero()),
                 max_rate: Some(rc.promote_max_rate).filter(|&r| r > 0),
             },
+            evict_rate: evict_rate.unwrap_or(std::num::NonZeroU32::MIN),
+            server_reference: rc.server_reference,
             health,
             source_addresses: rc.source_addresses,
             servers,

@@ -271,6 +271,10 @@ pub struct Cluster {
     pub idle_timeout: Duration,
     /// `data_plane = "auto"`: when a connection moves from the copy plane to the splice.
     pub promote: Promote,
+    /// Connections a second an evacuation closes.
+    pub evict_rate: std::num::NonZeroU32,
+    /// Server Reference sent to MQTT 5 clients with DISCONNECT 0x9C at an evacuation.
+    pub server_reference: Option<String>,
     /// Active health check.
     pub health: Health,
     /// Local addresses server connections are made from, in turn (empty: the

@@ -183,6 +183,9 @@ pub(super) struct RawCluster {
     pub(super) promote_after: Option<Dur>,
     #[serde(default = "default_promote_max_rate")]
     pub(super) promote_max_rate: u64,
+    #[serde(default = "default_evict_rate")]
+    pub(super) evict_rate: u32,
+    pub(super) server_reference: Option<String>,
     #[serde(default)]
     pub(super) health: RawHealth,
     #[serde(default)]
@@ -312,6 +315,11 @@ pub const DEFAULT_PROMOTE_MAX_RATE: u64 = 1000;
 pub(super) fn default_promote_max_rate() -> u64 {
     DEFAULT_PROMOTE_MAX_RATE
 }
+/// Connections a second that evacuation closes (EMQX's `--conn-evict-rate` default).
+pub(super) fn default_evict_rate() -> u32 {
+    500
+}
+
 pub(super) fn default_promote_after() -> Option<Dur> {
     Some(Dur(Duration::from_secs(10)))
 }

@@ -21,6 +21,7 @@ use tracing::debug;
 use crate::{
     balance::Lease,
     dataplane::{Direction, Outcome, Pair, Traffic, stream},
+    mqtt::boundary::Boundary,
     proxy_protocol,
     registry::{Entry, Plane},
     runtime::{ClusterRt, ListenerRt, Shared},
@@ -97,6 +98,8 @@ struct Sent {
     terminated: Option<Vec<u8>>,
     /// The connection's byte counters.
     traffic: Arc<Traffic>,
+    /// The client's MQTT version (what an evacuation sends it depends on it).
+    version: crate::mqtt::Version,
 }
 
 impl Conn<'_> {
@@ -161,6 +164,7 @@ impl Conn<'_> {
         // Bytes already written to the server (the upgrade request).
         let mut upgrade = 0;
         let mut terminated = None;
+        let version = first.version;
         match handshake {
             None if head.is_empty() => head = first.bytes,
             None => head.extend_from_slice(&first.bytes),
@@ -184,9 +188,12 @@ impl Conn<'_> {
                 head = first.bytes;
             }
         }
-        let traffic = self
-            .entry
-            .reached(lease.name(), lease.address, lease.traffic());
+        let traffic = self.entry.reached(
+            &cluster.config.name,
+            lease.name(),
+            lease.address,
+            lease.traffic(),
+        );
         let to_server = (upgrade + head.len()) as u64;
         traffic.add(Direction::ClientToServer, to_server);
         if let Err(e) = server.write_all(&head).await {
@@ -199,6 +206,7 @@ impl Conn<'_> {
             to_server,
             terminated,
             traffic,
+            version,
         })
     }
 
@@ -213,6 +221,7 @@ impl Conn<'_> {
         let stats = &self.shared.stats;
         let idle = cluster.config.idle_timeout;
         let websocket = self.listener.websocket();
+        let disconnect = evict_disconnect(sent.version, &cluster.config);
         let outcome = match (client, sent.terminated, websocket) {
             (client, Some(pending), Some(ws)) => {
                 let fd = client.tcp().as_raw_fd();
@@ -222,7 +231,9 @@ impl Conn<'_> {
                     max_frame: u64::from(ws.max_frame_size),
                 };
                 let traffic = sent.traffic;
-                stream::ws_terminate(client, fd, pending, server, limits, traffic, stats).await
+                let relay =
+                    stream::ws_terminate(client, fd, pending, server, limits, traffic, stats);
+                evictable(relay, self.entry).await
             }
             (Client::Plain(client), _, _) => {
                 let pair = Pair {
@@ -238,13 +249,17 @@ impl Conn<'_> {
                     promote: cluster.config.promote,
                     traffic: sent.traffic,
                     entry: self.entry.clone(),
+                    // Nothing from the server has been read yet: a boundary.
+                    boundary: disconnect.is_some().then(Boundary::new),
+                    disconnect,
                 };
                 self.shared.plane.carry(pair).await
             }
             (Client::Tls(tls), _, _) => {
                 self.entry.set_plane(Plane::Tls);
                 let fd = tls.get_ref().0.as_raw_fd();
-                stream::relay(tls, fd, server, idle, sent.traffic, stats).await
+                let relay = stream::relay(tls, fd, server, idle, sent.traffic, stats);
+                evictable(relay, self.entry).await
             }
         };
         if self.listener.config.access_log {
@@ -260,6 +275,7 @@ impl Conn<'_> {
         let end = match outcome {
             Outcome::Closed => "closed",
             Outcome::IdleTimeout => "idle_timeout",
+            Outcome::Evicted => "evicted",
             Outcome::Aborted(_) => "aborted",
         };
         tracing::info!(
@@ -283,9 +299,35 @@ fn count_outcome(stats: &Stats, outcome: Outcome, peer: SocketAddr, server: &str
     match outcome {
         Outcome::Closed => stats.inc(DaemonStat::Closed),
         Outcome::IdleTimeout => stats.inc(DaemonStat::IdleTimeout),
+        Outcome::Evicted => stats.inc(DaemonStat::Evicted),
         Outcome::Aborted(e) => {
             stats.inc(DaemonStat::Aborted);
             debug!(%peer, server, error = %e, "connection aborted");
         }
+    }
+}
+
+/// What an evacuation writes to a client before closing: an MQTT 5 client gets
+/// DISCONNECT 0x9C (Use another server) with the cluster's `server_reference`; a 3.1.x
+/// client has no way to be told and gets a clean close.
+fn evict_disconnect(
+    version: crate::mqtt::Version,
+    cluster: &crate::config::Cluster,
+) -> Option<Arc<[u8]>> {
+    use crate::mqtt::encode;
+    (version == crate::mqtt::Version::V5).then(|| {
+        let reference = cluster.server_reference.as_deref();
+        encode::disconnect_v5(encode::USE_ANOTHER_SERVER, reference).into()
+    })
+}
+
+/// Runs a userspace relay (TLS, WebSocket) until it ends or the connection is
+/// evicted. These relays keep their own buffers, so they cannot stop at a packet
+/// boundary: an evicted one is dropped, which closes both TCP connections (the
+/// client reconnects as after any close).
+async fn evictable(relay: impl std::future::Future<Output = Outcome>, entry: &Entry) -> Outcome {
+    tokio::select! {
+        outcome = relay => outcome,
+        () = entry.evicted() => Outcome::Evicted,
     }
 }

@@ -289,8 +289,9 @@ fn bind_all(config: &Config) -> Result<Vec<TcpListener>, DaemonError> {
 
 impl Running {
     /// `/readyz` fails for `shutdown_delay` while connections are still accepted,
-    /// then accepting stops and open connections have up to `shutdown_grace`; then
-    /// the tasks stop and the pins go (the sticky table stays).
+    /// then accepting stops and open connections are evacuated (each cluster's at its
+    /// `evict_rate`, MQTT 5 clients told 0x9C) within `shutdown_grace`; what is left
+    /// then is closed, the tasks stop and the pins go (the sticky table stays).
     async fn stop(self, global: &crate::config::Global) {
         self.shared.stopping();
         if !global.shutdown_delay.is_zero() {
@@ -303,6 +304,8 @@ impl Running {
             let _ = t.await;
         }
         let deadline = Instant::now() + global.shutdown_grace;
+        let shared = self.shared.clone();
+        let evacuation = tokio::spawn(async move { crate::evacuate::everything(&shared).await });
         let permits = &self.permits;
         while permits.available_permits() < self.limit && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -314,6 +317,7 @@ impl Running {
                 "closing connections still open after the grace period"
             );
         }
+        evacuation.abort();
         self.publisher.abort();
         if let Some(a) = &self.admin {
             a.abort();

@@ -28,13 +28,14 @@ impl AutoPlane {
     }
 
     async fn run(&self, mut pair: Pair) -> Outcome {
-        let copied = match self.copy.run_promotable(&pair, pair.promote).await {
+        let promoted = match self.copy.run_promotable(&pair, pair.promote).await {
             Ok(outcome) => return outcome,
-            Err(copied) => copied,
+            Err(promoted) => promoted,
         };
         // Every byte read was written: the splice's byte accounting starts from there.
-        pair.written_to_server += copied[0];
-        pair.written_to_client += copied[1];
+        pair.written_to_server += promoted.copied[0];
+        pair.written_to_client += promoted.copied[1];
+        pair.boundary = promoted.boundary;
         self.stats.inc(DaemonStat::Promoted);
         self.sockmap.run(pair).await
     }

@@ -8,8 +8,10 @@ use std::{cell::RefCell, io, os::fd::AsRawFd, sync::Arc, time::Instant};
 use lb_common::DaemonStat;
 use tokio::net::TcpStream;
 
-use super::{CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair, Traffic, reset_both};
-use crate::{config::Promote, stats::Stats, sys};
+use super::{
+    CarryFuture, DataPlane, Outcome, POLL_MAX, POLL_MIN, Pair, Traffic, evict, reset_both,
+};
+use crate::{config::Promote, mqtt::boundary::Boundary, stats::Stats, sys};
 
 /// Size of the per-thread scratch buffer (64 KiB measured twice as fast as 8 KiB).
 const SCRATCH: usize = 64 * 1024;
@@ -32,20 +34,26 @@ pub(crate) enum Moved {
 /// never waiting. Only a tail `dst` did not take is copied to the heap. The read
 /// trusts the runtime's readiness (it is skipped while the runtime has seen none):
 /// right for a task that waits for readability.
-pub(crate) fn move_once(src: &TcpStream, dst: &TcpStream) -> io::Result<Moved> {
-    move_from(|buf| src.try_read(buf), dst)
+pub(crate) fn move_once(
+    src: &TcpStream,
+    dst: &TcpStream,
+    boundary: Option<&mut Boundary>,
+) -> io::Result<Moved> {
+    move_from(|buf| src.try_read(buf), dst, boundary)
 }
 
 /// [`move_once`] with a read that always asks the socket: for a task that does not
 /// wait for readability and so cannot count on the runtime having seen the latest
 /// readiness edge (the sockmap pump).
 pub(crate) fn move_once_now(src: &TcpStream, dst: &TcpStream) -> io::Result<Moved> {
-    move_from(|buf| sys::recv_now(src.as_raw_fd(), buf), dst)
+    move_from(|buf| sys::recv_now(src.as_raw_fd(), buf), dst, None)
 }
 
+/// Moves one read; `boundary`, when given, follows the packets read.
 fn move_from(
     read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
     dst: &TcpStream,
+    boundary: Option<&mut Boundary>,
 ) -> io::Result<Moved> {
     SCRATCH_BUF.with_borrow_mut(|buf| {
         let n = match read(buf) {
@@ -54,6 +62,9 @@ fn move_from(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Moved::Idle),
             Err(e) => return Err(io::Error::new(e.kind(), format!("read: {e}"))),
         };
+        if let Some(b) = boundary {
+            b.advance(&buf[..n]);
+        }
         let rest = match dst.try_write(&buf[..n]) {
             Ok(m) if m == n => None,
             Ok(m) => Some(buf[m..n].to_vec()),
@@ -98,10 +109,11 @@ impl CopyPlane {
     /// `promote` threshold with nothing read and unwritten either way and neither side
     /// finished: then returns the bytes copied each way (client to server, server to
     /// client), and the pair is the caller's to splice.
-    pub async fn run_promotable(&self, pair: &Pair, promote: Promote) -> Result<Outcome, [u64; 2]> {
+    pub async fn run_promotable(&self, pair: &Pair, promote: Promote) -> Result<Outcome, Promoted> {
         self.stats.inc(DaemonStat::Copied);
-        match copy_both(pair, Handover::default(), &self.stats, promote).await {
-            Ok(Ended::Promote(copied)) => Err(copied),
+        let boundary = pair.boundary;
+        match copy_both(pair, Handover::default(), boundary, &self.stats, promote).await {
+            Ok(Ended::Promote(promoted)) => Err(promoted),
             Ok(Ended::Outcome(o)) => {
                 if let Outcome::Aborted(_) = o {
                     reset_both(pair);
@@ -119,8 +131,10 @@ impl CopyPlane {
     /// sockets on error; the caller closes them.
     pub async fn run_handed_over(&self, pair: &Pair, handover: Handover<'_>) -> Outcome {
         self.stats.inc(DaemonStat::Copied);
-        // No promotion threshold: `copy_both` ends only with an outcome.
-        let result = copy_both(pair, handover, &self.stats, Promote::default())
+        // No promotion threshold: `copy_both` ends only with an outcome. A fresh pair
+        // starts where the pair says; one handed over mid-stream is not followed.
+        let boundary = handover.ready.is_none().then_some(pair.boundary).flatten();
+        let result = copy_both(pair, handover, boundary, &self.stats, Promote::default())
             .await
             .map(|ended| match ended {
                 Ended::Outcome(o) => o,
@@ -181,6 +195,8 @@ struct OneWay<'a> {
     read: u64,
     /// Reads that returned bytes (a busy connection makes many).
     reads: u64,
+    /// Where the packets read stand (followed server to client for an evacuation).
+    boundary: Option<Boundary>,
     index: usize,
     stat: DaemonStat,
     traffic: &'a Traffic,
@@ -211,7 +227,7 @@ impl OneWay<'_> {
         } else {
             self.src.readable().await?;
         }
-        match move_once(self.src, self.dst)? {
+        match move_once(self.src, self.dst, self.boundary.as_mut())? {
             Moved::Idle => return Ok(false),
             Moved::Bytes { read, rest } => {
                 stats.add(self.stat, read as u64);
@@ -252,8 +268,17 @@ impl OneWay<'_> {
 enum Ended {
     /// The pair ended.
     Outcome(Outcome),
-    /// A promotion threshold was crossed with nothing pending: bytes copied each way.
-    Promote([u64; 2]),
+    /// A promotion threshold was crossed with nothing pending.
+    Promote(Promoted),
+}
+
+/// A pair the copy plane gives up for the splice, with nothing read and unwritten.
+#[derive(Debug, Clone, Copy)]
+pub struct Promoted {
+    /// Bytes copied client to server and server to client.
+    pub copied: [u64; 2],
+    /// Where the server's stream stands (when followed).
+    pub boundary: Option<Boundary>,
 }
 
 /// Promotion by age: when the next look is due, and the reads at the previous look. A
@@ -313,6 +338,7 @@ impl AgeCheck {
 async fn copy_both(
     pair: &Pair,
     handover: Handover<'_>,
+    boundary: Option<Boundary>,
     stats: &Stats,
     promote: Promote,
 ) -> io::Result<Ended> {
@@ -332,6 +358,7 @@ async fn copy_both(
         eof_final,
         read: 0,
         reads: 0,
+        boundary: None,
         index,
         stat,
         traffic: &pair.traffic,
@@ -339,6 +366,7 @@ async fn copy_both(
     let (client, server) = (&pair.client, &pair.server);
     let mut c2s = direction(0, client, server, p0, DaemonStat::CopiedBytesC2s);
     let mut s2c = direction(1, server, client, p1, DaemonStat::CopiedBytesS2c);
+    s2c.boundary = boundary;
     let idle = pair.idle_timeout;
     let mut last = Instant::now();
     // One timer for the idle timeout and promotion by age (checked when due, then
@@ -361,9 +389,19 @@ async fn copy_both(
                 }
                 let reads = c2s.reads + s2c.reads;
                 if age.ripe(now, reads, promotable(&c2s, &s2c), stats) {
-                    return Ok(Ended::Promote([c2s.read, s2c.read]));
+                    return Ok(Ended::Promote(Promoted { copied: [c2s.read, s2c.read], boundary: s2c.boundary }));
                 }
                 sleep.as_mut().reset(due(last, &age).into());
+            }
+            () = pair.entry.evicted() => {
+                let tail = evict::Tail {
+                    pending: s2c.pending.take(),
+                    boundary: s2c.boundary,
+                    disconnect: pair.disconnect.as_deref(),
+                };
+                let (client, server) = (&pair.client, &pair.server);
+                let outcome = evict::finish(client, server, tail, &pair.traffic, stats).await;
+                return Ok(Ended::Outcome(outcome));
             }
         }
         if promote
@@ -371,7 +409,10 @@ async fn copy_both(
             .is_some_and(|b| c2s.read + s2c.read >= b)
             && promotable(&c2s, &s2c)
         {
-            return Ok(Ended::Promote([c2s.read, s2c.read]));
+            return Ok(Ended::Promote(Promoted {
+                copied: [c2s.read, s2c.read],
+                boundary: s2c.boundary,
+            }));
         }
     }
     Ok(Ended::Outcome(Outcome::Closed))

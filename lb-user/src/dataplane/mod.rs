@@ -9,6 +9,7 @@
 
 pub mod auto;
 pub mod copy;
+pub(crate) mod evict;
 pub mod sockmap;
 pub mod stream;
 
@@ -51,8 +52,15 @@ pub struct Pair {
     /// The connection's byte counters (adding to its server's), which the plane adds
     /// its bytes to.
     pub traffic: Arc<Traffic>,
-    /// The connection's row in the registry: the plane says what carries it.
+    /// The connection's row in the registry: the plane says what carries it, and
+    /// ends it when an evacuation asks ([`crate::registry::Entry::evicted`]).
     pub entry: Arc<crate::registry::Entry>,
+    /// What an evacuation writes to the client at a packet boundary of the server's
+    /// stream before closing (an MQTT 5 DISCONNECT 0x9C); `None`: just close.
+    pub disconnect: Option<Arc<[u8]>>,
+    /// Where the server's stream stands at the first byte the plane carries: followed
+    /// by the plane while `disconnect` is set (`None`: not followed).
+    pub boundary: Option<crate::mqtt::boundary::Boundary>,
 }
 
 /// Which way bytes go.
@@ -111,6 +119,8 @@ pub enum Outcome {
     Closed,
     /// Neither side sent anything for `idle_timeout`.
     IdleTimeout,
+    /// Closed by an evacuation (after a DISCONNECT to an MQTT 5 client).
+    Evicted,
     /// A reset or error on one side; both sides were reset.
     Aborted(std::io::Error),
 }

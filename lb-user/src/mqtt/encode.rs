@@ -65,3 +65,20 @@ pub fn connect(version: Version, client_id: &str, keep_alive: u16, clean: bool) 
 pub fn disconnect() -> Vec<u8> {
     vec![0xe0, 0x00]
 }
+
+/// MQTT 5 reason code "Use another server" (DISCONNECT, CONNACK).
+pub const USE_ANOTHER_SERVER: u8 = 0x9c;
+
+/// MQTT 5 DISCONNECT from the server side with `reason`, and a Server Reference
+/// property (0x1C) when `server_reference` is given.
+pub fn disconnect_v5(reason: u8, server_reference: Option<&str>) -> Vec<u8> {
+    let mut props = Vec::new();
+    if let Some(r) = server_reference {
+        props.push(0x1c);
+        field(&mut props, r.as_bytes());
+    }
+    let mut body = vec![reason];
+    varint(&mut body, props.len());
+    body.extend_from_slice(&props);
+    packet(0xe0, &body)
+}

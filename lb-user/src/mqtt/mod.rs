@@ -5,6 +5,7 @@
 //! is buffered (cheap, answers [`Decode::Incomplete`]), then *parses* the body, which
 //! must consume exactly the remaining length.
 
+pub mod boundary;
 pub mod encode;
 #[cfg(test)]
 mod tests;

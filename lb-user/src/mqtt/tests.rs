@@ -285,3 +285,60 @@ fn connack_refusals() {
         &[0x20, 3, 0, 0x88, 0]
     );
 }
+
+/// A stream of packets of every length encoding (0, 1, 2 and 3 length bytes).
+fn packet_stream() -> (Vec<u8>, Vec<usize>) {
+    let mut stream = Vec::new();
+    let mut ends = Vec::new();
+    for len in [0usize, 2, 127, 128, 300, 16_383, 16_384, 70_000, 0, 5] {
+        stream.extend_from_slice(&encode::packet(0x30, &vec![0xab; len]));
+        ends.push(stream.len());
+    }
+    (stream, ends)
+}
+
+#[test]
+fn boundaries_are_found_however_the_stream_is_cut() {
+    use boundary::Boundary;
+    let (stream, ends) = packet_stream();
+    let is_boundary = |at: usize| at == 0 || ends.contains(&at);
+    for chunk in [1usize, 2, 3, 7, 100, 4096, 65_536, stream.len()] {
+        let mut b = Boundary::new();
+        let mut start = 0;
+        for piece in stream.chunks(chunk) {
+            let end = start + piece.len();
+            let expected = if is_boundary(start) {
+                Some(0)
+            } else {
+                ends.iter()
+                    .find(|&&e| e > start && e <= end)
+                    .map(|e| e - start)
+            };
+            assert_eq!(b.advance(piece), expected, "chunks of {chunk} at {start}");
+            assert_eq!(b.at_boundary(), is_boundary(end));
+            start = end;
+        }
+        assert!(b.at_boundary() && !b.broken());
+        // The packed state survives a round trip (it crosses into the kernel).
+        assert_eq!(Boundary::from_raw(b.raw()), b);
+    }
+    // Five length bytes: not MQTT, and no boundary is claimed after them.
+    let mut b = Boundary::new();
+    assert_eq!(
+        b.advance(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01, 0, 0]),
+        Some(0)
+    );
+    assert!(b.broken() && !b.at_boundary());
+    assert_eq!(b.advance(&[0xe0, 0]), None);
+}
+
+#[test]
+fn disconnect_v5_with_and_without_server_reference() {
+    assert_eq!(encode::disconnect_v5(0x9c, None), [0xe0, 2, 0x9c, 0]);
+    assert_eq!(
+        encode::disconnect_v5(0x9c, Some("b:1883")),
+        [
+            0xe0, 11, 0x9c, 9, 0x1c, 0, 6, b'b', b':', b'1', b'8', b'8', b'3'
+        ]
+    );
+}

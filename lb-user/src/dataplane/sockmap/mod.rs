@@ -214,6 +214,11 @@ impl SockmapPlane {
             self.count_redirected(d);
         }
         self.remove(&pair, cookies);
+        if let Outcome::Evicted = outcome {
+            // Out of the maps: a plain close, lingering for the client's side.
+            let deadline = std::time::Instant::now() + super::evict::EVICT_WAIT;
+            super::evict::linger_close(&pair.client, deadline).await;
+        }
         outcome
     }
 

@@ -77,8 +77,11 @@ impl SockmapPlane {
             } else {
                 idle.sample_at
             };
-            if let Err(e) = wait_event(dirs, signal, deadline).await {
+            if let Err(e) = wait_event(dirs, signal, deadline, &pair.entry).await {
                 return Outcome::Aborted(e);
+            }
+            if pair.entry.is_evicting() {
+                return Outcome::Evicted;
             }
             if signal.peer_gone.swap(false, Ordering::Relaxed) {
                 return Outcome::Aborted(io::Error::new(
@@ -136,7 +139,12 @@ impl SockmapPlane {
 /// Waits for the next thing that concerns the pair, until `deadline`: readability of
 /// a throttled source, an error on a spliced one, room for pending bytes, an event
 /// from the program.
-async fn wait_event(dirs: &mut [Dir<'_>; 2], signal: &Signal, deadline: Instant) -> io::Result<()> {
+async fn wait_event(
+    dirs: &mut [Dir<'_>; 2],
+    signal: &Signal,
+    deadline: Instant,
+    entry: &crate::registry::Entry,
+) -> io::Result<()> {
     let [d0, d1] = &mut *dirs;
     let (r0, r1) = (d0.watch_readable(), d1.watch_readable());
     let (e0, e1) = (d0.watch_errors(), d1.watch_errors());
@@ -150,6 +158,7 @@ async fn wait_event(dirs: &mut [Dir<'_>; 2], signal: &Signal, deadline: Instant)
         r = d0.dst.writable(), if w0 => r.map(|()| None),
         r = d1.dst.writable(), if w1 => r.map(|()| None),
         () = signal.notify.notified() => Ok(None),
+        () = entry.evicted() => Ok(None),
         () = tokio::time::sleep_until(deadline.into()) => Ok(None),
     }?;
     if let Some(i) = readable {

@@ -1,0 +1,318 @@
+//! Evacuation against three real mosquitto nodes: `mqttlb ctl evacuate` drains one
+//! node and closes its connections at the cluster's `evict_rate`; every client ends
+//! on another node through mqttlb. MQTT 5 clients (raw, reconnecting) are told DISCONNECT
+//! 0x9C with the Server Reference on the userspace plane; real `mosquitto_sub`
+//! (3.1.1, reconnecting by itself) get a clean close. SIGTERM evacuates everything.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use mqttlb::mqtt::Version;
+use tests::{mqttc::read_packet, *};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+const REFERENCE: &str = "mqtt.example.net:1883";
+/// Connections a second the test's cluster evicts.
+const RATE: u32 = 20;
+
+/// Three nodes n1..n3, each answering `mqttlb/whoami` with its name.
+fn three_nodes() -> Vec<Mosquitto> {
+    ["n1", "n2", "n3"]
+        .iter()
+        .map(|name| {
+            let m = Mosquitto::start();
+            m.set_whoami(name);
+            m
+        })
+        .collect()
+}
+
+fn text(instance: &str, plane: &str, port: u16, nodes: &[Mosquitto]) -> String {
+    let mut t = format!(
+        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\nshutdown_grace = \"10s\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nbalance = \"round-robin\"\nsticky = \"none\"\nevict_rate = {RATE}\nserver_reference = \"{REFERENCE}\"\nhealth = {{ kind = \"none\" }}\n"
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        t += &format!(
+            "\n[[clusters.servers]]\nname = \"n{}\"\naddress = \"{}\"\n",
+            i + 1,
+            n.addr
+        );
+    }
+    t
+}
+
+/// What one MQTT 5 client saw.
+#[derive(Default, Debug)]
+struct Seen {
+    /// The node of each session, in order.
+    nodes: Vec<String>,
+    /// DISCONNECTs from the server: when, reason code, Server Reference.
+    disconnects: Vec<(Instant, u8, Option<String>)>,
+    /// Sessions that ended without a DISCONNECT.
+    closes: usize,
+}
+
+/// The payload of a PUBLISH (MQTT 5: topic, no packet id at QoS 0, properties).
+fn payload_v5(body: &[u8]) -> String {
+    let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let mut at = 2 + topic;
+    let (props, used) = varint(&body[at..]);
+    at += used + props;
+    String::from_utf8_lossy(&body[at..]).into_owned()
+}
+
+fn varint(b: &[u8]) -> (usize, usize) {
+    let (mut v, mut i) = (0usize, 0);
+    loop {
+        v |= usize::from(b[i] & 0x7f) << (7 * i);
+        i += 1;
+        if b[i - 1] & 0x80 == 0 {
+            return (v, i);
+        }
+    }
+}
+
+/// A DISCONNECT body: reason code and the Server Reference property, if any.
+fn disconnect_v5(body: &[u8]) -> (u8, Option<String>) {
+    let reason = body.first().copied().unwrap_or(0);
+    let mut reference = None;
+    if body.len() > 1 {
+        let (len, used) = varint(&body[1..]);
+        let mut p = &body[1 + used..1 + used + len];
+        while let [id, rest @ ..] = p {
+            assert_eq!(
+                *id, 0x1c,
+                "only a Server Reference is expected: {body:02x?}"
+            );
+            let n = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+            reference = Some(String::from_utf8_lossy(&rest[2..2 + n]).into_owned());
+            p = &rest[2 + n..];
+        }
+    }
+    (reason, reference)
+}
+
+/// An MQTT 5 client that learns its node from the retained whoami message and
+/// reconnects (same client id) whenever its session ends, until the test is over.
+async fn v5_client(lb: SocketAddr, id: String, seen: Arc<Mutex<Seen>>) {
+    loop {
+        let Ok(mut s) = TcpStream::connect(lb).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let session = async {
+            s.write_all(&packets::connect(Version::V5, &id, 60, true))
+                .await?;
+            let (first, body) = read_packet(&mut s).await?;
+            if first != 0x20 || body.get(1) != Some(&0) {
+                return Err(std::io::Error::other(format!("CONNACK {body:02x?}")));
+            }
+            s.write_all(&packets::subscribe(Version::V5, 1, "mqttlb/whoami", 0))
+                .await?;
+            loop {
+                let (first, body) = read_packet(&mut s).await?;
+                match first >> 4 {
+                    3 => seen.lock().expect("lock").nodes.push(payload_v5(&body)),
+                    14 => {
+                        let (reason, reference) = disconnect_v5(&body);
+                        let mut seen = seen.lock().expect("lock");
+                        seen.disconnects.push((Instant::now(), reason, reference));
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        };
+        if session.await.is_err() {
+            seen.lock().expect("lock").closes += 1;
+        }
+    }
+}
+
+/// `mosquitto_sub` (MQTT 3.1.1) printing the node of each session it reconnects to.
+struct Sub {
+    child: Child,
+    nodes: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sub {
+    fn start(lb: SocketAddr, id: &str) -> Self {
+        let mut child = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &lb.port().to_string()])
+            .args([
+                "-i",
+                id,
+                "-t",
+                "mqttlb/whoami",
+                "-V",
+                "mqttv311",
+                "-k",
+                "30",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub (apt-get install -y mosquitto-clients)");
+        let nodes = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().expect("stdout");
+        let n = nodes.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                n.lock().expect("lock").push(line);
+            }
+        });
+        Self { child, nodes }
+    }
+    fn nodes(&self) -> Vec<String> {
+        self.nodes.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn evacuate_one_node(plane: &str) {
+    if !privileged("evacuation (BPF maps)") {
+        return;
+    }
+    let nodes = three_nodes();
+    let port = free_port();
+    let instance = format!("ev{}{}", std::process::id(), &plane[..1]);
+    let lb = Daemon::start_text(
+        plane,
+        port,
+        &instance,
+        &text(&instance, plane, port, &nodes),
+    );
+    let seen: Vec<Arc<Mutex<Seen>>> = (0..30).map(|_| Arc::default()).collect();
+    let mut tasks = Vec::new();
+    for (i, s) in seen.iter().enumerate() {
+        tasks.push(tokio::spawn(v5_client(
+            lb.addr,
+            format!("v5-{i}"),
+            s.clone(),
+        )));
+    }
+    let subs: Vec<Sub> = (0..12)
+        .map(|i| Sub::start(lb.addr, &format!("v3-{i}")))
+        .collect();
+    wait_for("42 sessions placed", Duration::from_secs(15), || {
+        seen.iter()
+            .all(|s| !s.lock().expect("lock").nodes.is_empty())
+            && subs.iter().all(|s| !s.nodes().is_empty())
+    })
+    .await;
+    let on_n1_v5: Vec<usize> = (0..seen.len())
+        .filter(|&i| seen[i].lock().expect("lock").nodes == ["n1"])
+        .collect();
+    let on_n1_v3 = subs.iter().filter(|s| s.nodes() == ["n1"]).count();
+    let on_n1 = on_n1_v5.len() + on_n1_v3;
+    assert!(on_n1 >= 10, "round robin put {on_n1} of 42 on n1");
+
+    let started = Instant::now();
+    let out = ctl_output(&instance, &["evacuate", "c", "n1"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("closing {on_n1} connections")),
+        "{said}"
+    );
+    // Every client back, on another node, within on_n1 / rate + a margin.
+    let limit = Duration::from_secs_f64(on_n1 as f64 / f64::from(RATE)) + Duration::from_secs(5);
+    wait_for("every client on n2 or n3", limit, || {
+        seen.iter().all(|s| {
+            s.lock()
+                .expect("lock")
+                .nodes
+                .last()
+                .is_some_and(|n| n != "n1")
+        }) && subs
+            .iter()
+            .all(|s| s.nodes().last().is_some_and(|n| n != "n1"))
+    })
+    .await;
+    let took = started.elapsed();
+    for s in &seen {
+        let s = s.lock().expect("lock");
+        assert!(
+            !s.nodes[1..].contains(&"n1".to_owned()),
+            "back on n1: {s:?}"
+        );
+    }
+    // The MQTT 5 clients of n1 were told, with the reference, at the rate (not at once).
+    let mut told: Vec<Instant> = Vec::new();
+    for &i in &on_n1_v5 {
+        let s = seen[i].lock().expect("lock");
+        if plane == "copy" {
+            assert_eq!(s.disconnects.len(), 1, "{s:?}");
+            let (at, reason, reference) = &s.disconnects[0];
+            assert_eq!(*reason, 0x9c, "{s:?}");
+            assert_eq!(reference.as_deref(), Some(REFERENCE));
+            told.push(*at);
+        } else {
+            // Spliced: a clean close (docs/ARCHITECTURE.md, "Evacuation").
+            assert_eq!((s.disconnects.len(), s.closes), (0, 1), "{s:?}");
+        }
+    }
+    // Nobody else was disturbed.
+    for (i, s) in seen.iter().enumerate() {
+        let s = s.lock().expect("lock");
+        if !on_n1_v5.contains(&i) {
+            assert_eq!(
+                (s.nodes.len(), s.disconnects.len(), s.closes),
+                (1, 0, 0),
+                "{s:?}"
+            );
+        }
+    }
+    if let (Some(first), Some(last)) = (told.iter().min(), told.iter().max()) {
+        // One every 1/RATE s: the first and last of n1's clients at least (n-1)/RATE
+        // apart (80% of it, for timer slack), whoever came in between.
+        let spread = last.duration_since(*first).as_secs_f64();
+        let min = on_n1.saturating_sub(on_n1_v3 + 1) as f64 / f64::from(RATE) * 0.8;
+        assert!(
+            spread >= min.min(0.2),
+            "{} told within {spread:.3}s",
+            told.len()
+        );
+    }
+    assert_eq!(lb.stat("evicted"), on_n1 as u64);
+    let told_count = if plane == "copy" { on_n1_v5.len() } else { 0 };
+    assert_eq!(lb.stat("evicted_disconnect_sent"), told_count as u64);
+    eprintln!("{plane}: {on_n1} connections evacuated in {took:?}");
+    let backends = lb.ctl("backends");
+    let n1 = backends["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["name"] == "n1")
+        .cloned()
+        .expect("n1");
+    assert_eq!(
+        (n1["state"].as_str(), n1["active"].as_u64()),
+        (Some("drain"), Some(0)),
+        "{n1}"
+    );
+    for t in tasks {
+        t.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuation_moves_every_client_at_the_evict_rate_copy() {
+    evacuate_one_node("copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evacuation_moves_every_client_at_the_evict_rate_sockmap() {
+    evacuate_one_node("sockmap").await;
+}
