@@ -316,3 +316,143 @@ async fn evacuation_moves_every_client_at_the_evict_rate_copy() {
 async fn evacuation_moves_every_client_at_the_evict_rate_sockmap() {
     evacuate_one_node("sockmap").await;
 }
+
+/// An MQTT 5 subscriber receiving a continuous stream of 48 KiB messages is evicted
+/// several times mid-stream (copy plane): each time every packet it read is a whole
+/// PUBLISH and the last one is the DISCONNECT 0x9C, i.e. the DISCONNECT went between
+/// two of the broker's packets, never inside one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_busy_stream_is_cut_between_packets() {
+    if !privileged("evacuation (BPF maps)") {
+        return;
+    }
+    let node = Mosquitto::start();
+    let port = free_port();
+    let instance = format!("evb{}", std::process::id());
+    let nodes = std::slice::from_ref(&node);
+    let lb = Daemon::start_text(
+        "copy",
+        port,
+        &instance,
+        &text(&instance, "copy", port, nodes),
+    );
+    // The publisher talks to the broker directly and never stops during the test.
+    let publisher = tokio::spawn(async move {
+        let mut p = mqttc::session(node.addr, "load-pub", true)
+            .await
+            .expect("publisher");
+        let payload = vec![0x5a; 48 * 1024];
+        loop {
+            let msg = packets::publish(Version::V311, "load", &payload, 0, 0);
+            if p.write_all(&msg).await.is_err() {
+                break;
+            }
+        }
+        drop(node);
+    });
+    for round in 0..5 {
+        let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+        s.write_all(&packets::connect(Version::V5, "busy", 60, true))
+            .await
+            .expect("connect");
+        let (first, _) = read_packet(&mut s).await.expect("connack");
+        assert_eq!(first, 0x20);
+        s.write_all(&packets::subscribe(Version::V5, 1, "load", 0))
+            .await
+            .expect("sub");
+        // Let the stream run, then evict while it flows.
+        let mut whole = 0;
+        let evict_at = Instant::now() + Duration::from_millis(300);
+        let mut evicted = false;
+        let end = loop {
+            if !evicted && Instant::now() >= evict_at {
+                ctl_ok(&instance, &["evacuate", "c", "n1"]);
+                ctl_ok(&instance, &["enable", "c", "n1"]);
+                evicted = true;
+            }
+            let (first, body) = tokio::time::timeout(Duration::from_secs(5), read_packet(&mut s))
+                .await
+                .expect("a packet within 5 s")
+                .expect("a whole packet");
+            match first >> 4 {
+                3 => {
+                    assert_eq!(payload_v5(&body).len(), 48 * 1024, "round {round}");
+                    whole += 1;
+                }
+                9 => {}
+                _ => break (first, body),
+            }
+        };
+        assert_eq!(
+            end.0,
+            0xe0,
+            "round {round}: {:02x?}",
+            &end.1[..end.1.len().min(16)]
+        );
+        assert_eq!(disconnect_v5(&end.1), (0x9c, Some(REFERENCE.to_owned())));
+        assert!(whole > 0, "round {round}: no message before the eviction");
+        drop(s);
+    }
+    // Counted once the write returned, which may be after the client read it.
+    wait_for("5 DISCONNECTs counted", Duration::from_secs(5), || {
+        lb.stat("evicted_disconnect_sent") == 5
+    })
+    .await;
+    publisher.abort();
+}
+
+/// SIGTERM evacuates every connection at the evict rate: each MQTT 5 client is told
+/// 0x9C with the reference (spread over time, not all at once), a 3.1.1 client gets
+/// a clean close, and the daemon exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_evacuates_at_the_evict_rate() {
+    if !privileged("evacuation (BPF maps)") {
+        return;
+    }
+    let node = Mosquitto::start();
+    let port = free_port();
+    let instance = format!("evt{}", std::process::id());
+    let nodes = std::slice::from_ref(&node);
+    let mut lb = Daemon::start_text(
+        "copy",
+        port,
+        &instance,
+        &text(&instance, "copy", port, nodes),
+    );
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+        s.write_all(&packets::connect(Version::V5, &format!("t-{i}"), 60, true))
+            .await
+            .expect("connect");
+        assert_eq!(read_packet(&mut s).await.expect("connack").0, 0x20);
+        clients.push(s);
+    }
+    let mut old = mqttc::session(lb.addr, "t-311", true).await.expect("3.1.1");
+    let stopped = tokio::task::spawn_blocking(move || lb.stop());
+    let mut told = Vec::new();
+    for mut s in clients {
+        let (first, body) = tokio::time::timeout(Duration::from_secs(5), read_packet(&mut s))
+            .await
+            .expect("told within 5 s")
+            .expect("a packet");
+        assert_eq!(
+            (first, disconnect_v5(&body)),
+            (0xe0, (0x9c, Some(REFERENCE.to_owned())))
+        );
+        told.push(Instant::now());
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(5), read_packet(&mut old)).await;
+    assert!(matches!(closed, Ok(Err(_))), "3.1.1 client: {closed:?}");
+    let status = stopped.await.expect("stop");
+    assert!(status.success(), "exit {status}");
+    // 11 connections at 20 a second: the first and the last MQTT 5 client at least
+    // 8/20 s apart (timer slack allowed), not all at once.
+    let spread = told[told.len() - 1].duration_since(told[0]);
+    let first = told.iter().min().expect("told");
+    let last = told.iter().max().expect("told");
+    assert!(
+        last.duration_since(*first) >= Duration::from_millis(300),
+        "{spread:?}"
+    );
+}
