@@ -78,6 +78,13 @@ pub const DIR_SERVER_TO_CLIENT: u32 = 1;
 /// daemon has forwarded. The program redirects again only when the bit is clear and
 /// that count equals [`SockInfo::passed`] (see `lb-ebpf/src/splice.bpf.c`).
 pub const CTRL_THROTTLE: u64 = 1 << 63;
+/// Bit of a `ctrl` map value asking the program to end a socket's stream at the next
+/// MQTT packet boundary (evacuation of a spliced MQTT 5 connection), honoured with
+/// [`CTRL_THROTTLE`] (the daemon forwards the bytes itself) on sockets with
+/// [`SOCK_TRACK_MQTT`]: the skb that holds the boundary is passed and
+/// [`SockInfo::evict_end`] says where in the passed bytes the stream ends; every
+/// later skb is dropped; [`EVENT_EVICT_CUT`] is sent.
+pub const CTRL_EVICT: u64 = 1 << 62;
 
 /// Per spliced socket, keyed by its cookie: where its bytes go and how many went.
 ///
@@ -105,13 +112,24 @@ pub struct SockInfo {
     pub dir: u32,
     /// TCP sequence number of the next byte the program has not seen (program-owned).
     pub next_seq: u32,
-    /// Program-owned flags ([`SOCK_SEQ_KNOWN`]).
+    /// Flags: [`SOCK_SEQ_KNOWN`], [`SOCK_EVICT_CUT`] (program-owned),
+    /// [`SOCK_TRACK_MQTT`] (set by the daemon at insertion).
     pub flags: u32,
+    /// With [`SOCK_TRACK_MQTT`]: where the MQTT packets verdicted so far stand, packed
+    /// as `lb_user::mqtt::boundary::Boundary` (0: between two packets).
+    pub mqtt: u64,
+    /// With [`SOCK_EVICT_CUT`]: passed bytes before the cut (the daemon forwards
+    /// those and no more).
+    pub evict_end: u64,
 }
-const _: () = assert!(core::mem::size_of::<SockInfo>() == 64);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 80);
 
 /// `SockInfo::flags`: `next_seq` has been seeded.
 pub const SOCK_SEQ_KNOWN: u32 = 1;
+/// `SockInfo::flags`: follow MQTT packet boundaries in this socket's bytes.
+pub const SOCK_TRACK_MQTT: u32 = 2;
+/// `SockInfo::flags`: the stream was cut at a boundary for an eviction ([`CTRL_EVICT`]).
+pub const SOCK_EVICT_CUT: u32 = 4;
 
 /// Immediate of the raw kfunc call in the verdict program; the loader replaces it with
 /// the BTF id of `bpf_cast_to_kern_ctx` (aya 0.14 does not resolve kfuncs).
@@ -287,6 +305,9 @@ pub const EVENT_FIN: u32 = 4;
 /// Event: an skb was passed to the socket's own queue after the daemon's last read (the
 /// program catches up on passed bytes before it redirects again): read again.
 pub const EVENT_PASSED: u32 = 5;
+/// Event: the stream of a socket asked to [`CTRL_EVICT`] was cut at a packet boundary;
+/// `bytes` is [`SockInfo::evict_end`].
+pub const EVENT_EVICT_CUT: u32 = 6;
 
 macro_rules! counters {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $idx:literal => $label:literal,)* }) => {

@@ -25,6 +25,11 @@ enum lb_stat {
 
 /* lb_sock.flags */
 #define SOCK_SEQ_KNOWN 1
+/* Set by the daemon: follow MQTT packet boundaries in this socket's bytes (`mqtt`). */
+#define SOCK_TRACK_MQTT 2
+/* Set by the program: the stream was cut at a boundary for an eviction; every later
+ * skb is dropped. */
+#define SOCK_EVICT_CUT 4
 
 /*
  * Immediate of the kfunc call to bpf_cast_to_kern_ctx: aya 0.14 does not resolve
@@ -41,6 +46,13 @@ enum lb_stat {
  * (lb_common::CTRL_THROTTLE).
  */
 #define CTRL_THROTTLE (1ULL << 63)
+/*
+ * Bit 62, with CTRL_THROTTLE, asks the program to end the socket's stream at the next
+ * MQTT packet boundary (evacuation): lb_sock.evict_end says where in the passed bytes
+ * it ends, later skbs are dropped (lb_common::CTRL_EVICT).
+ */
+#define CTRL_EVICT (1ULL << 62)
+#define CTRL_FLAGS (CTRL_THROTTLE | CTRL_EVICT)
 
 /* Ring-buffer event kinds (lb_common::EVENT_*). */
 #define EVENT_LAG_CHECK 1
@@ -48,5 +60,6 @@ enum lb_stat {
 #define EVENT_STREAM_BROKEN 3
 #define EVENT_FIN 4
 #define EVENT_PASSED 5
+#define EVENT_EVICT_CUT 6
 
 #endif

@@ -19,9 +19,18 @@ struct lb_sock {
 	__u32 conn_id;
 	__u32 dir;
 	__u32 next_seq;     /* TCP sequence number of the next byte not yet verdicted */
-	__u32 flags;        /* SOCK_SEQ_KNOWN once next_seq is set */
+	__u32 flags;        /* SOCK_SEQ_KNOWN once next_seq is set; SOCK_TRACK_MQTT... */
+	/*
+	 * With SOCK_TRACK_MQTT: where the MQTT packets verdicted so far stand (bits 0-31
+	 * body bytes left, 32-35 fixed-header bytes seen, 36-63 length decoded so far;
+	 * 0 between two packets), as lb-user's mqtt::boundary::Boundary packs it.
+	 */
+	__u64 mqtt;
+	/* SOCK_EVICT_CUT: how many passed bytes come before the cut (the daemon
+	 * forwards those and no more). */
+	__u64 evict_end;
 };
-_Static_assert(sizeof(struct lb_sock) == 64, "lb_sock layout");
+_Static_assert(sizeof(struct lb_sock) == 80, "lb_sock layout");
 
 /* Per spliced connection (key: connection id); written by the daemon only. */
 struct lb_conn {

@@ -133,31 +133,132 @@ static __always_inline int only_new_bytes(struct __sk_buff *skb, struct lb_sock 
 	return 1;
 }
 
+/* The socket's `ctrl` word (0 when it has none). */
+static __always_inline __u64 ctrl_word(__u64 cookie)
+{
+	__u64 *word = bpf_map_lookup_elem(&ctrl, &cookie);
+
+	return word ? *(volatile __u64 *)word : 0;
+}
+
 /*
  * Whether this socket's bytes must go to the daemon rather than to the peer: 0 no,
  * 1 throttled (the daemon reads when the peer catches up), 2 catching up (the daemon
  * has not yet forwarded every passed byte and must be told to read again).
  */
-static __always_inline int throttled(__u64 cookie, const struct lb_sock *s)
+static __always_inline int throttled(__u64 w, const struct lb_sock *s)
 {
-	__u64 *word = bpf_map_lookup_elem(&ctrl, &cookie);
-	__u64 w;
-
-	if (!word)
-		return 0;
-	w = *(volatile __u64 *)word;
 	if (w & CTRL_THROTTLE)
 		return 1;
-	return (w & ~CTRL_THROTTLE) != s->passed ? 2 : 0;
+	return (w & ~CTRL_FLAGS) != s->passed ? 2 : 0;
+}
+
+/*
+ * MQTT packet boundaries (evacuation): a spliced MQTT 5 connection is ended with a
+ * DISCONNECT the daemon writes between two of the server's packets, so the program
+ * follows where the server's packets end, reading only fixed headers (a body is
+ * skipped by its length), in `lb_sock.mqtt` (layout in lb_structs.h).
+ */
+#define MQTT_MAX_HEADER 5
+#define MQTT_BROKEN ((__u64)(MQTT_MAX_HEADER + 1) << 32)
+#define NO_BOUNDARY 0xffffffffu
+/* Loop rounds per skb: one per fixed-header byte or body, so more than any skb needs. */
+#define TRACK_ROUNDS (1 << 20)
+
+struct track {
+	struct __sk_buff *skb;
+	__u64 state;
+	__u32 pos;
+	__u32 len;
+	__u32 stop;     /* stop at the first boundary (an eviction cuts there) */
+	__u32 boundary; /* offset of the first boundary reached, or NO_BOUNDARY */
+};
+
+/* One step: a body skipped, or one fixed-header byte read (bpf_loop callback). */
+static long track_step(__u64 index, void *data)
+{
+	struct track *t = data;
+	__u64 st = t->state, left = st & 0xffffffff, header = (st >> 32) & 0xf;
+	__u64 length = st >> 36;
+	__u8 b;
+
+	if (t->pos >= t->len || header > MQTT_MAX_HEADER)
+		return 1;
+	if (left > 0) {
+		__u64 take = t->len - t->pos;
+
+		if (take > left)
+			take = left;
+		t->pos += take;
+		st = left - take;
+	} else {
+		if (bpf_skb_load_bytes(t->skb, t->pos, &b, 1)) {
+			t->state = MQTT_BROKEN;
+			return 1;
+		}
+		t->pos++;
+		if (header == 0)
+			st = 1ULL << 32; /* the type byte */
+		else {
+			length |= (__u64)(b & 0x7f) << (7 * (header - 1));
+			if (!(b & 0x80))
+				st = length; /* the body follows */
+			else if (header + 1 == MQTT_MAX_HEADER)
+				st = MQTT_BROKEN; /* a fifth length byte: not MQTT */
+			else
+				st = ((header + 1) << 32) | (length << 36);
+		}
+	}
+	t->state = st;
+	if (st == 0 && t->boundary == NO_BOUNDARY) {
+		t->boundary = t->pos;
+		if (t->stop)
+			return 1;
+	}
+	return 0;
+}
+
+/*
+ * Follows the skb's bytes from the socket's position; returns the offset of the first
+ * boundary in it (0: it starts at one) or NO_BOUNDARY, and in `next` the position
+ * after the whole skb (not meaningful when `stop` found a boundary).
+ */
+static __always_inline __u32 follow_mqtt(struct __sk_buff *skb, const struct lb_sock *s,
+					  int stop, __u64 *next)
+{
+	struct track t = {
+		.skb = skb,
+		.state = s->mqtt,
+		.len = skb->len,
+		.stop = stop,
+		.boundary = s->mqtt == 0 ? 0 : NO_BOUNDARY,
+	};
+
+	if (stop && t.boundary == 0) {
+		*next = 0;
+		return 0;
+	}
+	bpf_loop(TRACK_ROUNDS, track_step, &t, 0);
+	if (t.pos < t.len && !(stop && t.boundary != NO_BOUNDARY))
+		t.state = MQTT_BROKEN;
+	*next = t.state;
+	return t.boundary;
+}
+
+/* The position after an skb, stored in one 8-byte write. */
+static __always_inline void next_position(struct lb_sock *s, __u64 next)
+{
+	*(volatile __u64 *)&s->mqtt = next;
 }
 
 SEC("sk_skb/stream_verdict")
 int mqttlb_verdict(struct __sk_buff *skb)
 {
-	__u64 cookie, peer, total;
+	__u64 cookie, peer, total, w, next = 0;
+	__u32 cut = NO_BOUNDARY;
 	struct lb_sock *s;
 	long verdict;
-	int mode;
+	int mode, track, evict, cutting;
 
 	cookie = bpf_get_socket_cookie(skb);
 	s = bpf_map_lookup_elem(&socks, &cookie);
@@ -183,10 +284,36 @@ int mqttlb_verdict(struct __sk_buff *skb)
 	/* Data carrying the FIN: it takes one sequence number past the data's end. */
 	if (skb_seq(skb, 4) != s->next_seq)
 		emit(EVENT_FIN, s, s->bytes);
+	/* Past an eviction's cut nothing more reaches the client. */
+	if (s->flags & SOCK_EVICT_CUT)
+		return SK_DROP;
 
-	mode = throttled(cookie, s);
+	w = ctrl_word(cookie);
+	track = s->flags & SOCK_TRACK_MQTT;
+	/* An eviction is honoured while the daemon forwards the bytes (passing). */
+	evict = track && (w & CTRL_EVICT) && (w & CTRL_THROTTLE);
+	if (track)
+		cut = follow_mqtt(skb, s, evict, &next);
+
+	mode = throttled(w, s);
 	if (mode) {
+		cutting = evict && cut != NO_BOUNDARY;
+		if (cutting) {
+			/*
+			 * Where the stream ends, then the flag, then `passed`: a daemon
+			 * that sees a `passed` count including this skb sees the flag, and
+			 * with the flag the end.
+			 */
+			s->evict_end = s->passed + cut;
+			__sync_fetch_and_or(&s->flags, SOCK_EVICT_CUT);
+			emit(EVENT_EVICT_CUT, s, s->evict_end);
+			if (cut == 0)
+				return SK_DROP;
+		}
 		__sync_fetch_and_add(&s->passed, skb->len);
+		/* The position after the count: seen, it comes with the bytes it counts. */
+		if (track && !cutting)
+			next_position(s, next);
 		stat_inc(STAT_PASSED);
 		if (mode == 2)
 			emit(EVENT_PASSED, s, s->passed);
@@ -203,6 +330,8 @@ int mqttlb_verdict(struct __sk_buff *skb)
 
 	total = __sync_add_and_fetch(&s->bytes, skb->len);
 	__sync_fetch_and_add(&s->packets, 1);
+	if (track)
+		next_position(s, next);
 	if (total - s->checked >= lag_check_step) {
 		s->checked = total;
 		stat_inc(STAT_LAG_EVENT);

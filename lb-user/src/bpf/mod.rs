@@ -247,12 +247,15 @@ impl Bpf {
 
     /// Enters a pair: its sockets' counters and throttle words, its `conns` row and its
     /// redirect targets, then `sources` (from then on the program verdicts its skbs).
-    /// On refusal, `in_sources` says which sockets the program already sees.
+    /// `track_server`: the program follows the MQTT packets the server sends from this
+    /// position (`mqtt::boundary::Boundary::raw`). On refusal, `in_sources` says which
+    /// sockets the program already sees.
     pub fn insert_pair(
         &self,
         id: u32,
         info: ConnInfo,
         s: PairSockets,
+        track_server: Option<u64>,
     ) -> Result<(), InsertRefused> {
         let refused = |map, in_sources| {
             move |source| InsertRefused {
@@ -272,8 +275,13 @@ impl Bpf {
             socks
                 .insert(client, sock(server, lb_common::DIR_CLIENT_TO_SERVER), 0)
                 .map_err(refused(maps::SOCKS, [false; 2]))?;
+            let mut from_server = sock(client, lb_common::DIR_SERVER_TO_CLIENT);
+            if let Some(position) = track_server {
+                from_server.flags = lb_common::SOCK_TRACK_MQTT;
+                from_server.mqtt = position;
+            }
             socks
-                .insert(server, sock(client, lb_common::DIR_SERVER_TO_CLIENT), 0)
+                .insert(server, from_server, 0)
                 .map_err(refused(maps::SOCKS, [false; 2]))?;
         }
         {

@@ -68,4 +68,15 @@ fn c_constants_match_lb_common() {
     assert_eq!(c_const("STAT_PASSED"), Stat::Passed as u64);
     assert_eq!(c_const("STAT_EVENT_DROPPED"), Stat::EventDropped as u64);
     assert_eq!(c_const("CTRL_THROTTLE"), CTRL_THROTTLE);
+    assert_eq!(c_const("CTRL_EVICT"), lb_common::CTRL_EVICT);
+    assert_eq!(
+        c_const("EVENT_EVICT_CUT"),
+        u64::from(lb_common::EVENT_EVICT_CUT)
+    );
+    for (name, v) in [
+        ("SOCK_TRACK_MQTT", lb_common::SOCK_TRACK_MQTT),
+        ("SOCK_EVICT_CUT", lb_common::SOCK_EVICT_CUT),
+    ] {
+        assert_eq!(c_const(name), u64::from(v), "{name}");
+    }
 }

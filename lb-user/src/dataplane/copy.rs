@@ -45,8 +45,12 @@ pub(crate) fn move_once(
 /// [`move_once`] with a read that always asks the socket: for a task that does not
 /// wait for readability and so cannot count on the runtime having seen the latest
 /// readiness edge (the sockmap pump).
-pub(crate) fn move_once_now(src: &TcpStream, dst: &TcpStream) -> io::Result<Moved> {
-    move_from(|buf| sys::recv_now(src.as_raw_fd(), buf), dst, None)
+pub(crate) fn move_once_now(
+    src: &TcpStream,
+    dst: &TcpStream,
+    boundary: Option<&mut Boundary>,
+) -> io::Result<Moved> {
+    move_from(|buf| sys::recv_now(src.as_raw_fd(), buf), dst, boundary)
 }
 
 /// Moves one read; `boundary`, when given, follows the packets read.

@@ -5,7 +5,7 @@
 use std::{io, os::fd::AsRawFd};
 
 use lb_common::{
-    CONN_THROTTLED_C2S, CONN_THROTTLED_S2C, CTRL_THROTTLE, DIR_CLIENT_TO_SERVER,
+    CONN_THROTTLED_C2S, CONN_THROTTLED_S2C, CTRL_EVICT, CTRL_THROTTLE, DIR_CLIENT_TO_SERVER,
     DIR_SERVER_TO_CLIENT, DaemonStat,
 };
 use tokio::net::TcpStream;
@@ -180,7 +180,7 @@ impl SockmapPlane {
                 d.again = true;
                 return Ok(true);
             }
-            match move_once_now(d.src, d.dst)? {
+            match move_once_now(d.src, d.dst, None)? {
                 Moved::Idle => {
                     d.readable = false;
                     // The program redirects again once it has passed no more than
@@ -221,7 +221,8 @@ impl SockmapPlane {
     /// or redirect once every passed byte is forwarded. Unchanged words are not
     /// rewritten.
     pub(super) fn set_passing(&self, d: &mut Dir<'_>, on: bool) -> io::Result<()> {
-        let word = if on { CTRL_THROTTLE } else { 0 } | d.forwarded();
+        // An eviction's bit stays (see `evict`).
+        let word = if on { CTRL_THROTTLE } else { 0 } | d.forwarded() | (d.ctrl & CTRL_EVICT);
         if word != d.ctrl {
             self.bpf.set_ctrl(d.src_cookie, word)?;
             d.ctrl = word;

@@ -8,10 +8,13 @@ use lb_common::DaemonStat;
 use tokio::net::TcpStream;
 
 use super::{HANDOFF_LIMIT, SockmapPlane};
-use crate::dataplane::{
-    Direction, Outcome, Pair,
-    copy::{Handover, Moved, move_once_now},
-    reset_both,
+use crate::{
+    dataplane::{
+        Direction, Outcome, Pair,
+        copy::{Handover, Moved, move_once_now},
+        reset_both,
+    },
+    mqtt::boundary::Boundary,
 };
 
 impl SockmapPlane {
@@ -25,7 +28,14 @@ impl SockmapPlane {
             } else {
                 (&pair.server, &pair.client)
             };
-            match drain(src, dst) {
+            // The server's packets are followed from here when an eviction may need
+            // their boundaries.
+            let boundary = if to_server {
+                None
+            } else {
+                pair.boundary.as_mut()
+            };
+            match drain(src, dst, boundary) {
                 Ok(Drained::Quiet(n)) if to_server => {
                     pair.written_to_server += n;
                     pair.traffic.add(Direction::ClientToServer, n);
@@ -71,10 +81,14 @@ enum Drained {
 /// Reads `src` until `EAGAIN`, writing everything to `dst`, without ever waiting: a
 /// blocking write here, with the other direction unread, can deadlock against a peer
 /// that echoes.
-fn drain(src: &TcpStream, dst: &TcpStream) -> io::Result<Drained> {
+fn drain(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mut boundary: Option<&mut Boundary>,
+) -> io::Result<Drained> {
     let mut total = 0u64;
     loop {
-        match move_once_now(src, dst)? {
+        match move_once_now(src, dst, boundary.as_deref_mut())? {
             Moved::Idle => return Ok(Drained::Quiet(total)),
             Moved::Eof => return Ok(Drained::Busy(Vec::new())),
             Moved::Bytes { read, rest: None } => {

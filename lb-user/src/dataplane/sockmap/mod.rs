@@ -61,6 +61,7 @@ use crate::{
 };
 
 mod direction;
+mod evict;
 mod handoff;
 mod supervise;
 
@@ -202,7 +203,14 @@ impl SockmapPlane {
             .expect("registry lock")
             .insert(pair.id, signal.clone());
         let outcome = match self.insert(&pair, cookies) {
-            Ok(()) => self.spliced(&pair, &mut dirs, &signal).await,
+            Ok(()) => {
+                let outcome = self.spliced(&pair, &mut dirs, &signal).await;
+                if let Outcome::Evicted = outcome {
+                    let deadline = std::time::Instant::now() + super::evict::EVICT_WAIT;
+                    self.tell_evicted(&pair, &mut dirs, deadline).await;
+                }
+                outcome
+            }
             Err(refused) => {
                 tracing::debug!(id = pair.id, error = %refused.error, in_sources = ?refused.in_sources, "sockmap refused the pair; copy plane");
                 self.unsplice(&pair, &dirs, refused.in_sources).await
@@ -284,7 +292,11 @@ impl SockmapPlane {
             client: (c.client, pair.client.as_raw_fd()),
             server: (c.server, pair.server.as_raw_fd()),
         };
-        self.bpf.insert_pair(pair.id, info, sockets)
+        // The program follows the server's packets only where an eviction would
+        // write a DISCONNECT (MQTT 5), from where the daemon left the stream.
+        let track = pair.disconnect.is_some().then_some(pair.boundary).flatten();
+        self.bpf
+            .insert_pair(pair.id, info, sockets, track.map(|b| b.raw()))
     }
 
     /// Removes every map entry of the pair and its event registration.
