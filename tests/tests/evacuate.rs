@@ -324,7 +324,13 @@ async fn busy_stream_cut_between_packets(plane: &str) {
     let port = free_port();
     let instance = format!("evb{}{}", std::process::id(), &plane[..1]);
     let nodes = std::slice::from_ref(&node);
-    let lb = Daemon::start_text(plane, port, &instance, &text(&instance, plane, port, nodes));
+    // `auto`: promoted to the splice after 1 MB, mid-stream (the position the copy
+    // plane followed goes into the kernel).
+    let config = text(&instance, plane, port, nodes).replace(
+        "evict_rate =",
+        "promote_after_bytes = 1000000\nevict_rate =",
+    );
+    let lb = Daemon::start_text(plane, port, &instance, &config);
     // The publisher talks to the broker directly and never stops during the test.
     let publisher = tokio::spawn(async move {
         let mut p = mqttc::session(node.addr, "load-pub", true)
@@ -382,6 +388,9 @@ async fn busy_stream_cut_between_packets(plane: &str) {
         assert!(whole > 0, "round {round}: no message before the eviction");
         drop(s);
     }
+    if plane == "auto" {
+        assert!(lb.stat("promoted") >= 3, "promoted {}", lb.stat("promoted"));
+    }
     // Counted once the write returned, which may be after the client read it.
     wait_for("5 DISCONNECTs counted", Duration::from_secs(5), || {
         lb.stat("evicted_disconnect_sent") == 5
@@ -398,6 +407,11 @@ async fn an_evicted_busy_stream_is_cut_between_packets_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evicted_busy_stream_is_cut_between_packets_sockmap() {
     busy_stream_cut_between_packets("sockmap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_busy_stream_is_cut_between_packets_promoted() {
+    busy_stream_cut_between_packets("auto").await;
 }
 
 /// SIGTERM evacuates every connection at the evict rate: each MQTT 5 client is told
