@@ -36,6 +36,13 @@
  *   (bpf_skb_adjust_room, at most 4095 bytes per call) and drops an skb with nothing
  *   new. If the cut fails the stream cannot be carried exactly: the daemon is told to
  *   reset the connection.
+ *
+ * Evacuation: for MQTT 5 pairs the daemon enters the server socket with
+ * SOCK_TRACK_MQTT and the program follows where the server's packets end
+ * (lb_sock.mqtt). An eviction sets CTRL_EVICT with CTRL_THROTTLE: the skb holding the
+ * next boundary is passed with evict_end marking the boundary in the passed bytes,
+ * later skbs are dropped, and the daemon writes the DISCONNECT after exactly that
+ * many bytes.
  */
 #include "lb_helpers.h"
 
