@@ -135,7 +135,12 @@ async fn admin_api_metrics_page_and_runtime_changes() {
     }
     let c2s = [("direction", "client_to_server"), ("plane", "userspace")];
     assert!(metric(m, "mqttlb_bytes_total", &c2s) > Some(0.0), "{m}");
-    assert!(m.trim_end().ends_with("# EOF"), "{m}");
+    // Asked without `Accept: application/openmetrics-text`: the classic text format
+    // (what curl and promtool read; Prometheus gets OpenMetrics, tests/observers.rs).
+    assert!(
+        m.contains("# TYPE mqttlb_connections_accepted_total counter") && !m.contains("# EOF"),
+        "{m}"
+    );
 
     // The JSON API and the NGINX-style status.
     assert_eq!(server(admin, "n1").await["active"], 2);

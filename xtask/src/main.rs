@@ -31,6 +31,13 @@ const APT: &[(&str, &str)] = &[
     ),
 ];
 
+/// Packages only the tests need: a real Prometheus (scraping `/metrics`, `promtool`)
+/// and a headless browser (the stats page).
+const TEST_APT: &[(&str, &str)] = &[
+    ("prometheus", "/usr/bin/prometheus"),
+    ("chromium", "/usr/bin/chromium"),
+];
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -134,6 +141,7 @@ fn build(all: bool) -> Result<PathBuf> {
 
 fn test() -> Result<()> {
     prepare()?;
+    install(TEST_APT)?;
     let bin = build(true)?;
     // Privileged tests share kernel state (pinned maps, ports): one at a time.
     sh(Command::new(env!("CARGO"))

@@ -27,8 +27,46 @@ use prometheus_client::{
 
 use crate::{bpf::Pinned, runtime::Shared, views, views::BackendView};
 
-/// The exposition format served (what `encode` writes).
+/// The exposition format `encode` writes, served to scrapers that accept it
+/// (Prometheus asks for it).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The classic Prometheus text format, served to everyone else (`curl`, `promtool
+/// check metrics`, older scrapers): see [`text_format`].
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text as the classic text format 0.0.4: a counter's `HELP` and `TYPE`
+/// name its samples (`x_total`, where OpenMetrics names the family `x`), and the
+/// OpenMetrics-only lines (`# UNIT`, `# EOF`) go. Everything else is the same.
+pub fn text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let total = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out += &format!("{prefix}{name}{total} {tail}");
+            }
+            None => out += line,
+        }
+        out.push('\n');
+    }
+    out
+}
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -76,6 +114,8 @@ fn label(key: &'static str, value: &str) -> Labels {
 /// Daemon counters shown in a labelled family, not again on their own.
 const LABELLED: &[D] = &[
     D::Accepted,
+    // Per server: mqttlb_server_connect_failures_total{cluster,server}.
+    D::ServerConnectFailed,
     D::Active,
     D::Closed,
     D::Aborted,
@@ -324,4 +364,16 @@ fn per_server(m: &mut Scrape, servers: &[BackendView]) {
         "Bytes carried to and from the server, both planes",
         rows,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openmetrics_becomes_the_classic_text_format() {
+        let om = "# HELP mqttlb_closed Connections closed.\n# TYPE mqttlb_closed counter\nmqttlb_closed_total 3\n# HELP mqttlb_active Open.\n# TYPE mqttlb_active gauge\nmqttlb_active 2\n# HELP mqttlb_s Seconds.\n# TYPE mqttlb_s histogram\n# UNIT mqttlb_s seconds\nmqttlb_s_bucket{le=\"+Inf\"} 1\nmqttlb_s_sum 0.5\nmqttlb_s_count 1\n# EOF\n";
+        assert_eq!(
+            super::text_format(om),
+            "# HELP mqttlb_closed_total Connections closed.\n# TYPE mqttlb_closed_total counter\nmqttlb_closed_total 3\n# HELP mqttlb_active Open.\n# TYPE mqttlb_active gauge\nmqttlb_active 2\n# HELP mqttlb_s Seconds.\n# TYPE mqttlb_s histogram\nmqttlb_s_bucket{le=\"+Inf\"} 1\nmqttlb_s_sum 0.5\nmqttlb_s_count 1\n"
+        );
+    }
 }

@@ -203,7 +203,16 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
     }
     let sticky = app.sticky_entries() as u64;
     let text = metrics::render(&app.shared, app.pinned.as_deref(), app.started, sticky);
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if openmetrics {
+        ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+    } else {
+        let text = metrics::text_format(&text);
+        ([(header::CONTENT_TYPE, metrics::TEXT_CONTENT_TYPE)], text).into_response()
+    }
 }
 
 async fn servers(State(app): State<App>, headers: HeaderMap) -> Response {
