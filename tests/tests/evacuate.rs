@@ -2,8 +2,9 @@
 //! node and closes its connections at the cluster's `evict_rate`; every client ends
 //! on another node through mqttlb. MQTT 5 clients (raw, reconnecting) are told DISCONNECT
 //! 0x9C with the Server Reference at a packet boundary, on both planes; real
-//! `mosquitto_sub` (3.1.1, reconnecting by itself) get a clean close. SIGTERM
-//! evacuates everything.
+//! `mosquitto_sub` (3.1.1, reconnecting by itself) get a clean close. On a bridged
+//! cluster, paho-mqtt MQTT 5 clients are told and move, and a QoS 1 publisher
+//! evacuated mid-stream loses no message. SIGTERM evacuates everything.
 
 use std::{
     io::{BufRead, BufReader},
@@ -468,4 +469,205 @@ async fn sigterm_evacuates_at_the_evict_rate() {
         last.duration_since(*first) >= Duration::from_millis(300),
         "{spread:?}"
     );
+}
+
+/// Three mosquitto nodes bridged into one cluster (n2 and n3 to n1, MQTT 5 bridges at
+/// QoS 2, as PLATFORM.md measured) answering `mqttlb/whoami` with their names.
+fn bridged_cluster() -> Vec<Mosquitto> {
+    let hub = Mosquitto::start();
+    hub.set_whoami("n1");
+    let mut nodes = vec![];
+    for name in ["n2", "n3"] {
+        let bridge = format!(
+            "connection {name}-to-n1\naddress {}\nbridge_protocol_version mqttv50\ntry_private true\ncleansession true\nnotifications false\nrestart_timeout 1 5\ntopic evac/# both 2\n",
+            hub.addr
+        );
+        let n = Mosquitto::start_with(free_port(), &bridge);
+        n.set_whoami(name);
+        nodes.push(n);
+    }
+    nodes.insert(0, hub);
+    nodes
+}
+
+/// A persistent QoS 1 subscriber on `node` (directly, never evacuated) once a probe
+/// published on `other` has crossed the bridges.
+async fn bridged_subscriber(node: SocketAddr, other: SocketAddr) -> TcpStream {
+    let mut s = mqttc::session(node, "evac-sub", false)
+        .await
+        .expect("subscriber");
+    s.write_all(&mqttc::subscribe(1, "evac/#", 1))
+        .await
+        .expect("subscribe");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the bridges never carried a probe"
+        );
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &other.port().to_string()])
+            .args(["-t", "evac/probe", "-m", "probe", "-q", "1"])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(out.status.success());
+        let got = tokio::time::timeout(
+            Duration::from_secs(1),
+            mqttc::collect(&mut s, Duration::from_millis(500)),
+        )
+        .await;
+        if let Ok(Ok(msgs)) = got {
+            if msgs.iter().any(|m| m == b"probe") {
+                return s;
+            }
+        }
+    }
+}
+
+/// paho-mqtt MQTT 5 clients (reconnecting by themselves) and a persistent QoS 1
+/// publisher through mqttlb on a bridged cluster; the publisher's node is evacuated
+/// while it publishes 300 messages: every paho client of that node is told 0x9C with
+/// the reference and ends elsewhere, every message is acknowledged, and the
+/// subscriber on another node (bridged) receives every one of them.
+async fn bridged_evacuation_loses_nothing(plane: &str) {
+    if !privileged("evacuation (BPF maps)") {
+        return;
+    }
+    let nodes = bridged_cluster();
+    let port = free_port();
+    let instance = format!("evp{}{}", std::process::id(), &plane[..1]);
+    let lb = Daemon::start_text(
+        plane,
+        port,
+        &instance,
+        &text(&instance, plane, port, &nodes),
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/paho_evacuation.py");
+    let mut paho = Command::new("/usr/bin/python3")
+        .args([script, "127.0.0.1", &port.to_string(), "20", "300"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("/usr/bin/python3 (apt-get install -y python3-paho-mqtt)");
+    let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let stdout = paho.stdout.take().expect("stdout");
+    let sink = events.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                sink.lock().expect("lock").push(v);
+            }
+        }
+    });
+    let last_node = |id: &str| {
+        let ev = events.lock().expect("lock");
+        ev.iter()
+            .rev()
+            .find(|e| e["id"] == id && e.get("node").is_some())
+            .map(|e| e["node"].as_str().unwrap_or("").to_owned())
+    };
+    wait_for("20 paho clients placed", Duration::from_secs(20), || {
+        (0..20).all(|i| last_node(&format!("paho-{i}")).is_some())
+    })
+    .await;
+    // The publisher's node is the one evacuated; the subscriber sits on another.
+    let conns = lb.ctl("conns");
+    let publisher_on = conns["conns"]
+        .as_array()
+        .expect("conns")
+        .iter()
+        .find(|c| c["client_id"] == "qos1-pub")
+        .and_then(|c| c["server"].as_str().map(str::to_owned))
+        .expect("the publisher's server");
+    let index = |name: &str| name[1..].parse::<usize>().expect("n<i>") - 1;
+    let x = index(&publisher_on);
+    let y = (x + 1) % 3;
+    let mut sub = bridged_subscriber(nodes[y].addr, nodes[x].addr).await;
+    let on_x: Vec<usize> = (0..20)
+        .filter(|&i| last_node(&format!("paho-{i}")).as_deref() == Some(publisher_on.as_str()))
+        .collect();
+
+    let mut stdin = paho.stdin.take().expect("stdin");
+    {
+        use std::io::Write;
+        stdin.write_all(b"publish\n").expect("go");
+    }
+    let received =
+        tokio::spawn(async move { mqttc::collect(&mut sub, Duration::from_secs(6)).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ctl_ok(&instance, &["evacuate", "c", &publisher_on]);
+    wait_for("the publisher's report", Duration::from_secs(45), || {
+        events
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|e| e.get("published").is_some())
+    })
+    .await;
+    let report = events
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|e| e.get("published").is_some())
+        .cloned()
+        .expect("report");
+    assert_eq!(
+        (report["published"].as_u64(), report["acked"].as_u64()),
+        (Some(300), Some(300)),
+        "{report}"
+    );
+    let got = received.await.expect("task").expect("subscriber");
+    let seqs: std::collections::BTreeSet<u32> = got
+        .iter()
+        .filter_map(|m| std::str::from_utf8(m).ok()?.parse().ok())
+        .collect();
+    let missing: Vec<u32> = (0..300).filter(|s| !seqs.contains(s)).collect();
+    assert!(missing.is_empty(), "lost QoS 1 messages: {missing:?}");
+
+    // The paho clients of the evacuated node were told, and moved.
+    wait_for(
+        "every paho client off the evacuated node",
+        Duration::from_secs(10),
+        || (0..20).all(|i| last_node(&format!("paho-{i}")).is_some_and(|n| n != publisher_on)),
+    )
+    .await;
+    let ev = events.lock().expect("lock").clone();
+    let ids = on_x
+        .iter()
+        .map(|i| format!("paho-{i}"))
+        .chain(["qos1-pub".to_owned()]);
+    for id in ids {
+        let told: Vec<_> = ev
+            .iter()
+            .filter(|e| e["id"] == id.as_str() && e.get("disconnect").is_some())
+            .collect();
+        assert_eq!(told.len(), 1, "{id}: {ev:?}");
+        assert_eq!(
+            (
+                told[0]["disconnect"].as_u64(),
+                told[0]["reference"].as_str()
+            ),
+            (Some(0x9c), Some(REFERENCE)),
+            "{id}"
+        );
+    }
+    drop(stdin);
+    let _ = paho.kill();
+    let _ = paho.wait();
+    eprintln!(
+        "{plane}: {} paho clients and the publisher moved off {publisher_on}; {} messages received",
+        on_x.len(),
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridged_evacuation_loses_no_qos1_message_copy() {
+    bridged_evacuation_loses_nothing("copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridged_evacuation_loses_no_qos1_message_sockmap() {
+    bridged_evacuation_loses_nothing("sockmap").await;
 }
