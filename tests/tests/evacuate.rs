@@ -516,10 +516,10 @@ async fn bridged_subscriber(node: SocketAddr, other: SocketAddr) -> TcpStream {
             mqttc::collect(&mut s, Duration::from_millis(500)),
         )
         .await;
-        if let Ok(Ok(msgs)) = got {
-            if msgs.iter().any(|m| m == b"probe") {
-                return s;
-            }
+        if let Ok(Ok(msgs)) = got
+            && msgs.iter().any(|m| m == b"probe")
+        {
+            return s;
         }
     }
 }
