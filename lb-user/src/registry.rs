@@ -99,15 +99,19 @@ impl Entry {
     }
 
     /// The server reached: returns the connection's own byte counters, which also add
-    /// to the server's `traffic`.
+    /// to the server's `traffic` and observe into `first_reply` the time from accept
+    /// to the server's first bytes.
     pub fn reached(
         &self,
         cluster: &str,
         name: &str,
         address: SocketAddr,
-        server: Arc<Traffic>,
+        (server, first_reply): (
+            Arc<Traffic>,
+            prometheus_client::metrics::histogram::Histogram,
+        ),
     ) -> Arc<Traffic> {
-        let traffic = Arc::new(Traffic::under(server));
+        let traffic = Arc::new(Traffic::timed(server, self.started, first_reply));
         let _ = self.server.set(Reached {
             cluster: cluster.to_owned(),
             name: name.to_owned(),
@@ -320,11 +324,12 @@ mod tests {
         a.entry
             .identified("10.0.0.1:5000".parse().expect("addr"), "dev-1");
         let server = Arc::new(Traffic::default());
+        let first_reply = crate::stats::Stats::default().connect_duration;
         let t = a.entry.reached(
             "c",
             "s1",
             "127.0.0.1:1883".parse().expect("addr"),
-            server.clone(),
+            (server.clone(), first_reply.clone()),
         );
         t.add(Direction::ClientToServer, 10);
         t.add(Direction::ServerToClient, 7);

@@ -26,6 +26,10 @@ pub struct Stats {
     /// a server), in seconds: the CONNECT's reading and validation, the choice of
     /// server and the connect(s).
     pub server_reached: Histogram,
+    /// Accept to the server's first bytes (its CONNACK) as the daemon forwards them, in
+    /// seconds: not for a connection spliced before the CONNACK came back (its bytes
+    /// are counted from the kernel later).
+    pub connect_duration: Histogram,
     /// Active health checks that finished (passed or failed), by server, in seconds.
     pub health_checks: Family<ServerLabels, Histogram, fn() -> Histogram>,
 }
@@ -35,6 +39,7 @@ impl Default for Stats {
         Self {
             values: std::array::from_fn(|_| AtomicU64::new(0)),
             server_reached: seconds(),
+            connect_duration: seconds(),
             health_checks: Family::new_with_constructor(seconds),
         }
     }

@@ -124,6 +124,9 @@ async fn admin_api_metrics_page_and_runtime_changes() {
         metric(m, "mqttlb_server_reached_seconds_sum", &[]) > Some(0.0),
         "{m}"
     );
+    // Each of the four got its CONNACK through the daemon (auto: copied first).
+    let connack = metric(m, "mqttlb_connect_duration_seconds_count", &[]);
+    assert_eq!(connack, Some(4.0), "{m}");
     for node in ["n1", "n2"] {
         let labels = [("cluster", "c"), ("server", node)];
         assert_eq!(

@@ -11,8 +11,8 @@
 //! `mqttlb_server_bytes_total{direction}`, `mqttlb_server_connect_failures_total`,
 //! `mqttlb_server_health_flips_total`; `mqttlb_sticky_lookups_total{result}`,
 //! `mqttlb_sticky_entries`, `mqttlb_tls_handshakes_total{result}`; the histograms
-//! `mqttlb_server_reached_seconds` and `mqttlb_health_check_duration_seconds{cluster,
-//! server}` (kept in `Stats`, observed where the durations end); every other
+//! `mqttlb_server_reached_seconds`, `mqttlb_connect_duration_seconds` (accept to the
+//! server's CONNACK) and `mqttlb_health_check_duration_seconds{cluster, server}` (kept in `Stats`, observed where the durations end); every other
 //! daemon counter as `mqttlb_<name>_total` (gauges without `_total`), and the splice
 //! program's as `mqttlb_bpf_<name>_total`.
 
@@ -196,6 +196,11 @@ pub fn render(
         "server_reached_seconds",
         "Accept to the server connection established: the CONNECT read and checked, a server chosen and connected",
         s.server_reached.clone(),
+    );
+    m.0.register(
+        "connect_duration_seconds",
+        "Accept to the server's first bytes (its CONNACK) as forwarded by the daemon (not for connections spliced before the CONNACK)",
+        s.connect_duration.clone(),
     );
     m.0.register(
         "health_check_duration_seconds",

@@ -192,7 +192,7 @@ impl Conn<'_> {
             &cluster.config.name,
             lease.name(),
             lease.address,
-            lease.traffic(),
+            (lease.traffic(), stats.connect_duration.clone()),
         );
         let to_server = (upgrade + head.len()) as u64;
         traffic.add(Direction::ClientToServer, to_server);

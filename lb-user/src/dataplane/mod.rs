@@ -19,9 +19,9 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::net::TcpStream;
@@ -89,23 +89,67 @@ pub struct Traffic {
     bytes: [AtomicU64; 2],
     /// Counters that every byte counted here is added to as well.
     parent: Option<Arc<Traffic>>,
+    /// A connection's: the time from accept to the server's first bytes (its
+    /// CONNACK), observed once.
+    first_reply: Option<FirstReply>,
+}
+
+/// See [`Traffic::first_reply`].
+#[derive(Debug)]
+struct FirstReply {
+    accepted: Instant,
+    seen: AtomicBool,
+    histogram: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Traffic {
     /// Counters whose bytes also count in `parent` (a connection's, under its server's).
     pub fn under(parent: Arc<Traffic>) -> Self {
         Self {
-            bytes: Default::default(),
             parent: Some(parent),
+            ..Self::default()
         }
     }
-    /// Adds `n` bytes to direction `dir`.
+
+    /// A connection's counters under its server's `parent`, which observe into
+    /// `histogram` the time from `accepted` to the first bytes from the server.
+    pub fn timed(
+        parent: Arc<Traffic>,
+        accepted: Instant,
+        histogram: prometheus_client::metrics::histogram::Histogram,
+    ) -> Self {
+        Self {
+            first_reply: Some(FirstReply {
+                accepted,
+                seen: AtomicBool::new(false),
+                histogram,
+            }),
+            ..Self::under(parent)
+        }
+    }
+
+    /// Adds `n` bytes to direction `dir`, as they are carried.
     pub fn add(&self, dir: Direction, n: u64) {
+        if dir == Direction::ServerToClient
+            && n > 0
+            && let Some(f) = &self.first_reply
+            && !f.seen.load(Ordering::Relaxed)
+            && !f.seen.swap(true, Ordering::Relaxed)
+        {
+            f.histogram.observe(f.accepted.elapsed().as_secs_f64());
+        }
+        self.add_later(dir, n);
+    }
+
+    /// Adds `n` bytes carried some time ago (the splice's, read from the kernel
+    /// later): they do not time the server's first reply.
+    pub fn add_later(&self, dir: Direction, n: u64) {
         self.bytes[dir as usize].fetch_add(n, Ordering::Relaxed);
         if let Some(p) = &self.parent {
-            p.add(dir, n);
+            p.add_later(dir, n);
         }
     }
+
     /// Bytes carried in direction `dir`.
     pub fn get(&self, dir: Direction) -> u64 {
         self.bytes[dir as usize].load(Ordering::Relaxed)

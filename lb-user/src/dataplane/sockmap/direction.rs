@@ -92,7 +92,7 @@ impl SockmapPlane {
         let redirected = self.bpf.redirected(d.src_cookie).unwrap_or(d.counted);
         if redirected > d.counted {
             let n = redirected - d.counted;
-            d.traffic.add(Direction::of(d.dir as usize), n);
+            d.traffic.add_later(Direction::of(d.dir as usize), n);
             let stat = if d.dir == DIR_CLIENT_TO_SERVER {
                 DaemonStat::SplicedBytesC2s
             } else {
