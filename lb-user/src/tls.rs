@@ -48,7 +48,7 @@ pub enum MinVersion {
 }
 
 /// One SNI certificate.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SniCert {
     /// Names it serves (`*.example.com` matches one label).
     pub server_names: Vec<String>,
@@ -59,7 +59,7 @@ pub struct SniCert {
 }
 
 /// `[listeners.tls]`, checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSettings {
     /// Default PEM chain.
     pub cert: std::path::PathBuf,

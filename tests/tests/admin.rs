@@ -401,3 +401,65 @@ async fn off_loopback_reads_need_the_token() {
         assert_eq!(http::get(admin, path).await.status, 200, "{path}");
     }
 }
+
+/// `[admin.tls]`: the admin listener speaks HTTPS with the listeners' TLS settings
+/// (curl verifies the chain and offers ALPN h2/http1.1); plain HTTP gets nothing; a
+/// write with the token works over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_over_https() {
+    if !privileged("admin") {
+        return;
+    }
+    let node = Mosquitto::start();
+    let pki = Pki::new();
+    let dir = TempDir::new("admin-tls");
+    let token_file = dir.0.join("token");
+    std::fs::write(&token_file, TOKEN).expect("token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(&token_file, mode).expect("chmod");
+    }
+    let instance = format!("https{}x{}", std::process::id(), free_port());
+    let (port, admin_port) = (free_port(), free_port());
+    let text = format!(
+        "[global]\nname = \"{instance}\"\n\n[admin]\nbind = \"127.0.0.1:{admin_port}\"\ntoken_file = \"{}\"\n\n[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nhealth = {{ kind = \"none\" }}\n\n[[clusters.servers]]\nname = \"n1\"\naddress = \"{}\"\n",
+        token_file.display(),
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        node.addr
+    );
+    let _lb = Daemon::start_text("auto", port, &instance, &text);
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert", &pki.path("ca.pem")])
+            .args(args)
+            .output()
+            .expect("curl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let https = |path: &str| format!("https://localhost:{admin_port}{path}");
+    assert_eq!(curl(&[&https("/healthz")]), (true, "ok\n".to_owned()));
+    let (ok, metrics) = curl(&[&https("/metrics")]);
+    assert!(
+        ok && metrics.contains("mqttlb_connections_active"),
+        "{metrics}"
+    );
+    // Plain HTTP on the HTTPS port: no answer.
+    let (ok, _) = curl(&[&format!("http://127.0.0.1:{admin_port}/healthz")]);
+    assert!(!ok, "plain HTTP answered");
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let (ok, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &auth,
+        "-d",
+        r#"{"state": "drain"}"#,
+        &https("/api/v1/servers/c/n1"),
+    ]);
+    assert!(ok && body.contains("\"drain\""), "{body}");
+}

@@ -28,6 +28,7 @@ use crate::{
 };
 
 mod metrics;
+mod tls;
 
 /// The stats page: one self-contained document (no CDN: many operators' hosts are
 /// offline), refreshed from the JSON API.
@@ -59,7 +60,7 @@ pub fn serve(
     shared: Arc<Shared>,
     bpf_loaded: bool,
     instance: &str,
-    token: Option<String>,
+    (token, tls): (Option<String>, Option<&crate::config::TlsListener>),
 ) -> JoinHandle<()> {
     let local = listener.local_addr().ok();
     let guard_reads = local.is_some_and(|a| !a.ip().is_loopback());
@@ -92,9 +93,22 @@ pub fn serve(
             post(evacuate_server),
         )
         .with_state(app);
-    info!(bind = ?local, "admin API and stats page listening");
+    info!(bind = ?local, https = tls.is_some(), "admin API and stats page listening");
+    let tls = tls.map(|t| {
+        let max = t.max_handshakes.get() as usize;
+        (t.config.clone(), t.handshake_timeout, max)
+    });
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        let served = match tls {
+            None => axum::serve(listener, router).await,
+            Some((config, timeout, max)) => {
+                match tls::Listener::new(listener, config, timeout, max) {
+                    Ok(l) => axum::serve(l, router).await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = served {
             warn!(error = %e, "admin listener stopped");
         }
     })

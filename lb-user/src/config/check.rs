@@ -181,15 +181,18 @@ impl Checker<'_> {
                     .bind_addr(&s.bind, "stats.bind".into())
                     .unwrap_or(UNSPECIFIED),
                 token: None,
+                tls: None,
                 from_stats_section: true,
             }),
             (Some(a), None) => {
                 let a = a.into_inner();
                 let bind = self.bind_addr(&a.bind, "admin.bind".into());
                 let token = a.token_file.and_then(|f| self.token(f));
+                let tls = a.tls.and_then(|t| self.tls_setup("admin", t, b"http/1.1"));
                 Some(Admin {
                     bind: bind.unwrap_or(UNSPECIFIED),
                     token,
+                    tls,
                     from_stats_section: false,
                 })
             }

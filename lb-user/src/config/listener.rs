@@ -173,6 +173,18 @@ impl Checker<'_> {
             );
             return None;
         }
+        self.tls_setup(key, raw, b"mqtt")
+    }
+
+    /// TLS settings under `key` (`[listeners.tls]`, `[admin.tls]`), the rustls
+    /// configuration built from them (files read now) offering ALPN `alpn`.
+    pub(super) fn tls_setup(
+        &mut self,
+        key: &str,
+        raw: Spanned<RawTls>,
+        alpn: &[u8],
+    ) -> Option<TlsListener> {
+        let span = raw.span();
         let raw = raw.into_inner();
         let at = |p: PathBuf| self.dir.join(p);
         let settings = crate::tls::TlsSettings {
@@ -207,12 +219,15 @@ impl Checker<'_> {
             );
         }
         match crate::tls::server_config(&settings) {
-            Ok(config) => Some(TlsListener {
-                settings,
-                config,
-                handshake_timeout: raw.handshake_timeout.0,
-                max_handshakes: raw.max_handshakes,
-            }),
+            Ok(mut config) => {
+                std::sync::Arc::make_mut(&mut config).alpn_protocols = vec![alpn.to_vec()];
+                Some(TlsListener {
+                    settings,
+                    config,
+                    handshake_timeout: raw.handshake_timeout.0,
+                    max_handshakes: raw.max_handshakes,
+                })
+            }
             Err(e) => {
                 self.err(span, format!("{key}.tls.{}", e.key), e.message);
                 None

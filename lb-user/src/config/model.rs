@@ -136,6 +136,8 @@ pub struct Admin {
     pub bind: SocketAddr,
     /// The bearer token writes need (and reads off loopback), read from `token_file`.
     pub token: Option<Token>,
+    /// `[admin.tls]`: HTTPS with the listeners' TLS settings (ALPN `http/1.1`).
+    pub tls: Option<TlsListener>,
     /// Written as `[stats]`, the first wave's name for the stats page.
     pub from_stats_section: bool,
 }
@@ -237,6 +239,20 @@ pub struct TlsListener {
     /// Handshakes in progress at once on this listener; more wait.
     pub max_handshakes: NonZeroU32,
 }
+
+/// Equal when the settings are (the rustls configuration is built from them).
+impl PartialEq for TlsListener {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.settings, self.handshake_timeout, self.max_handshakes)
+            == (
+                &other.settings,
+                other.handshake_timeout,
+                other.max_handshakes,
+            )
+    }
+}
+
+impl Eq for TlsListener {}
 
 /// `[listeners.rewrite]`: CONNECT fields set from the verified client certificate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -91,6 +91,7 @@ impl Default for RawGlobal {
 pub(super) struct RawAdmin {
     pub(super) bind: Spanned<String>,
     pub(super) token_file: Option<Spanned<PathBuf>>,
+    pub(super) tls: Option<Spanned<RawTls>>,
 }
 
 #[derive(Deserialize)]

@@ -249,15 +249,11 @@ fn serve_admin(
     shared: &Arc<Shared>,
     bpf_loaded: bool,
 ) -> JoinHandle<()> {
-    let token = config.admin.as_ref().and_then(|a| a.token.clone());
+    let admin = config.admin.as_ref();
+    let token = admin.and_then(|a| a.token.clone()).map(|t| t.0);
+    let tls = admin.and_then(|a| a.tls.as_ref());
     let instance = &config.global.name;
-    crate::admin::serve(
-        socket,
-        shared.clone(),
-        bpf_loaded,
-        instance,
-        token.map(|t| t.0),
-    )
+    crate::admin::serve(socket, shared.clone(), bpf_loaded, instance, (token, tls))
 }
 
 /// Binds the admin listener (`[admin]`, or `[stats]` from the first wave).
