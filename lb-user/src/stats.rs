@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lb_common::DaemonStat;
-use prometheus_client::metrics::{family::Family, histogram::Histogram};
+use prometheus_client::metrics::{counter::Counter, family::Family, histogram::Histogram};
 
 /// Labels of a per-server histogram: cluster and server.
 pub type ServerLabels = Vec<(&'static str, String)>;
@@ -32,6 +32,10 @@ pub struct Stats {
     pub connect_duration: Histogram,
     /// Active health checks that finished (passed or failed), by server, in seconds.
     pub health_checks: Family<ServerLabels, Histogram, fn() -> Histogram>,
+    /// Connections that reached their end after the CONNECT, by listener, cluster,
+    /// server and result (`closed`, `idle_timeout`, `evicted`, `aborted`, or
+    /// `no_server` with an empty server).
+    pub connections: Family<ServerLabels, Counter>,
 }
 
 impl Default for Stats {
@@ -41,11 +45,23 @@ impl Default for Stats {
             server_reached: seconds(),
             connect_duration: seconds(),
             health_checks: Family::new_with_constructor(seconds),
+            connections: Family::default(),
         }
     }
 }
 
 impl Stats {
+    /// Counts one connection's end in [`Stats::connections`].
+    pub fn connection_ended(&self, listener: &str, cluster: &str, server: &str, result: &str) {
+        let labels = vec![
+            ("listener", listener.to_owned()),
+            ("cluster", cluster.to_owned()),
+            ("server", server.to_owned()),
+            ("result", result.to_owned()),
+        ];
+        self.connections.get_or_create(&labels).inc();
+    }
+
     /// Adds one.
     pub fn inc(&self, s: DaemonStat) {
         self.add(s, 1);

@@ -160,7 +160,28 @@ async fn prometheus_scrapes_the_connections_the_test_made() {
     let per_server = "/api/v1/query?query=sum(mqttlb_server_connections_active)";
     let j = http::get(web, per_server).await.json();
     assert_eq!(j["data"]["result"][0]["value"][1], "25", "{j}");
+
+    // Their ends, by listener, cluster, server and result.
     drop(held);
+    let labels = [
+        ("listener", "mqtt"),
+        ("cluster", "c"),
+        ("server", "n1"),
+        ("result", "closed"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = http::get(admin, "/metrics").await.body;
+        let closed = http::metric(&body, "mqttlb_connections_total", &labels);
+        if closed == Some(25.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "closed connections counted: {closed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The stats page's rows as Chromium rendered them: (server, open connections, state).

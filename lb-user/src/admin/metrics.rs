@@ -10,7 +10,8 @@
 //! `mqttlb_server_connections_active`, `mqttlb_server_connections_total`,
 //! `mqttlb_server_bytes_total{direction}`, `mqttlb_server_connect_failures_total`,
 //! `mqttlb_server_health_flips_total`; `mqttlb_sticky_lookups_total{result}`,
-//! `mqttlb_sticky_entries`, `mqttlb_tls_handshakes_total{result}`; the histograms
+//! `mqttlb_sticky_entries`, `mqttlb_tls_handshakes_total{result}`,
+//! `mqttlb_connections_total{listener,cluster,server,result}` (at each end); the histograms
 //! `mqttlb_server_reached_seconds`, `mqttlb_connect_duration_seconds` (accept to the
 //! server's CONNACK) and `mqttlb_health_check_duration_seconds{cluster, server}` (kept in `Stats`, observed where the durations end); every other
 //! daemon counter as `mqttlb_<name>_total` (gauges without `_total`), and the splice
@@ -196,6 +197,11 @@ pub fn render(
         "server_reached_seconds",
         "Accept to the server connection established: the CONNECT read and checked, a server chosen and connected",
         s.server_reached.clone(),
+    );
+    m.0.register(
+        "connections",
+        "Connections that ended after their CONNECT, by listener, cluster, server and result (no_server: refused with no server)",
+        s.connections.clone(),
     );
     m.0.register(
         "connect_duration_seconds",

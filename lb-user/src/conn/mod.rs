@@ -124,6 +124,10 @@ impl Conn<'_> {
             Ok(connected) => connected,
             Err(why) => {
                 self.shared.stats.inc(why.stat());
+                let listener = &self.listener.config.name;
+                let cluster_name = &cluster.config.name;
+                let stats = &self.shared.stats;
+                stats.connection_ended(listener, cluster_name, "", "no_server");
                 debug!(peer = %self.peer, client_id = %first.client_id, cluster = %cluster.config.name, ?why, "no server available");
                 route::refuse(client, first.version, websocket).await;
                 return;
@@ -265,6 +269,9 @@ impl Conn<'_> {
         if self.listener.config.access_log {
             self.access_log(&outcome);
         }
+        let listener = &self.listener.config.name;
+        let result = outcome.name();
+        stats.connection_ended(listener, &cluster.config.name, lease.name(), result);
         count_outcome(stats, outcome, self.peer, lease.name());
     }
 
@@ -272,12 +279,7 @@ impl Conn<'_> {
     /// never per packet, never a secret (no username or password).
     fn access_log(&self, outcome: &Outcome) {
         let row = self.entry.row();
-        let end = match outcome {
-            Outcome::Closed => "closed",
-            Outcome::IdleTimeout => "idle_timeout",
-            Outcome::Evicted => "evicted",
-            Outcome::Aborted(_) => "aborted",
-        };
+        let end = outcome.name();
         tracing::info!(
             target: "mqttlb::access",
             client = %row.client,

@@ -169,6 +169,18 @@ pub enum Outcome {
     Aborted(std::io::Error),
 }
 
+impl Outcome {
+    /// How it ended, as the access log and the metrics name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::IdleTimeout => "idle_timeout",
+            Self::Evicted => "evicted",
+            Self::Aborted(_) => "aborted",
+        }
+    }
+}
+
 /// Polling of a state the kernel does not signal (bytes reaching a peer's send queue):
 /// first and longest interval.
 pub(crate) const POLL_MIN: Duration = Duration::from_millis(1);
