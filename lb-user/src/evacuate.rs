@@ -27,15 +27,10 @@ pub fn server(shared: &Arc<Shared>, cluster: &str, server: &str) -> Result<usize
         weight: None,
     };
     shared.override_server(cluster, server, drain)?;
-    let rate = shared
-        .cluster(cluster)
-        .map_or(NonZeroU32::MIN, |c| c.config.evict_rate);
-    let entries: Vec<Arc<Entry>> = shared
-        .conns
-        .entries()
-        .into_iter()
-        .filter(|e| e.is_on(cluster, server))
-        .collect();
+    let config = shared.cluster(cluster).map(|c| c.config.clone());
+    let rate = config.as_ref().map_or(NonZeroU32::MIN, |c| c.evict_rate);
+    let connecting = config.map_or(Duration::ZERO, |c| c.connect_timeout);
+    let entries = on_server(shared, cluster, server);
     let n = entries.len();
     tracing::info!(
         cluster,
@@ -44,8 +39,23 @@ pub fn server(shared: &Arc<Shared>, cluster: &str, server: &str) -> Result<usize
         rate = rate.get(),
         "evacuating"
     );
-    tokio::spawn(at_rate(entries, rate));
+    let (shared, cluster, server) = (shared.clone(), cluster.to_owned(), server.to_owned());
+    tokio::spawn(async move {
+        at_rate(entries, rate).await;
+        // Connections that were connecting to it when the drain came in.
+        tokio::time::sleep(connecting).await;
+        let late = on_server(&shared, &cluster, &server);
+        at_rate(late, rate).await;
+    });
     Ok(n)
+}
+
+/// The connections on `server` of `cluster` not asked to close yet.
+fn on_server(shared: &Shared, cluster: &str, server: &str) -> Vec<Arc<Entry>> {
+    let conns = shared.conns.entries().into_iter();
+    conns
+        .filter(|e| e.is_on(cluster, server) && !e.is_evicting())
+        .collect()
 }
 
 /// Every connection that reached a server, each cluster's at its own `evict_rate`
