@@ -36,6 +36,8 @@ const APT: &[(&str, &str)] = &[
 const TEST_APT: &[(&str, &str)] = &[
     ("prometheus", "/usr/bin/prometheus"),
     ("chromium", "/usr/bin/chromium"),
+    // `systemd-analyze verify` of deploy/mqttlb.service.
+    ("systemd", "/usr/bin/systemd-analyze"),
 ];
 
 fn main() -> ExitCode {
@@ -45,9 +47,10 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("dist") => dist(),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench [--quick | --report-only] | cargo xtask fuzz [--seconds N]"
+                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench [--quick | --report-only] | cargo xtask fuzz [--seconds N] | cargo xtask dist"
             );
             return ExitCode::from(1);
         }
@@ -137,6 +140,28 @@ fn build(all: bool) -> Result<PathBuf> {
     }
     sh(&mut cmd)?;
     Ok(root().join("target/release/mqttlb"))
+}
+
+/// `target/dist/`: what an installation needs: the binary (stripped of nothing, so
+/// profiles keep their symbols), the systemd unit, an example configuration, the
+/// README. README "Deploy" says where each goes.
+fn dist() -> Result<()> {
+    install(&APT[..3])?;
+    let bin = build(false)?;
+    let root = root();
+    let out = root.join("target/dist");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    for (from, to) in [
+        (bin, "mqttlb"),
+        (root.join("deploy/mqttlb.service"), "mqttlb.service"),
+        (root.join("deploy/mqttlb.toml"), "mqttlb.toml"),
+        (root.join("README.md"), "README.md"),
+    ] {
+        std::fs::copy(&from, out.join(to)).with_context(|| format!("copy {}", from.display()))?;
+    }
+    eprintln!("xtask: wrote {}", out.display());
+    Ok(())
 }
 
 fn test() -> Result<()> {

@@ -70,7 +70,7 @@ pub enum BpfError {
     },
     /// The kernel refused the object, a map or the program.
     #[error(
-        "loading the eBPF splice program failed (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with sockmap): {0}"
+        "loading the eBPF splice program failed (needs root or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, and a kernel with sockmap): {0}"
     )]
     Load(String),
     /// A directory on the pin path is not safely ours.

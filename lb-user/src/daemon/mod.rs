@@ -34,6 +34,7 @@ use crate::{
 mod plane;
 mod publish;
 mod reload;
+mod systemd;
 
 pub use publish::backend_rows;
 
@@ -127,20 +128,28 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let (mut running, mut signals) = start(&config, plane_override)?;
     let stats = running.shared.stats.clone();
+    systemd::ready(running.listeners.len(), running.shared.plane.name());
+    let watchdog = systemd::watchdog();
     let mut current = config;
     loop {
         tokio::select! {
             _ = signals.hup.recv() => {
+                systemd::reloading();
                 let r = &mut running;
                 if reload::reload(&config_path, &mut current, &r.shared, &r.listeners, &stats) {
                     reload::restart_checks(&mut r.checks, &r.shared, &current.global.name, &stats);
                 }
+                systemd::reloaded();
             }
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
         }
     }
+    systemd::stopping();
     running.stop(&current.global).await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     Ok(())
 }
 

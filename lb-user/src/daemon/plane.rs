@@ -85,7 +85,7 @@ pub(super) fn data_plane(
 /// The capabilities BPF needs that this process lacks (from its effective set), for
 /// the warning when BPF does not load.
 fn missing_privilege() -> String {
-    // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_BPF 39.
+    // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39.
     let effective = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -95,10 +95,13 @@ fn missing_privilege() -> String {
         })
         .unwrap_or(0);
     let has = |bit: u32| effective & (1 << bit) != 0;
-    let missing: Vec<&str> = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN")]
+    // CAP_PERFMON: the verifier lets the program read kernel memory (the skb's
+    // control block, the socket's copied_seq) only with it (measured: without it the
+    // load is refused).
+    let missing: Vec<&str> = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")]
         .into_iter()
-        // CAP_SYS_ADMIN also grants what CAP_BPF does.
-        .filter(|&(bit, _)| !(has(bit) || bit == 39 && has(21)))
+        // CAP_SYS_ADMIN also grants what CAP_BPF and CAP_PERFMON do.
+        .filter(|&(bit, _)| !(has(bit) || (bit == 39 || bit == 38) && has(21)))
         .map(|(_, name)| name)
         .collect();
     if missing.is_empty() {

@@ -337,6 +337,17 @@ impl AgeCheck {
     }
 }
 
+/// Ends an evicted pair from the copy plane: what the server sent up to its next
+/// packet boundary, then the DISCONNECT (see [`evict::finish`]).
+async fn evicted(pair: &Pair, s2c: &mut OneWay<'_>, stats: &Stats) -> Outcome {
+    let tail = evict::Tail {
+        pending: s2c.pending.take(),
+        boundary: s2c.boundary,
+        disconnect: pair.disconnect.as_deref(),
+    };
+    evict::finish(&pair.client, &pair.server, tail, &pair.traffic, stats).await
+}
+
 /// Copies both directions of `pair` until it ends, or until it crosses a promotion
 /// threshold with nothing pending either way.
 async fn copy_both(
@@ -398,14 +409,7 @@ async fn copy_both(
                 sleep.as_mut().reset(due(last, &age).into());
             }
             () = pair.entry.evicted() => {
-                let tail = evict::Tail {
-                    pending: s2c.pending.take(),
-                    boundary: s2c.boundary,
-                    disconnect: pair.disconnect.as_deref(),
-                };
-                let (client, server) = (&pair.client, &pair.server);
-                let outcome = evict::finish(client, server, tail, &pair.traffic, stats).await;
-                return Ok(Ended::Outcome(outcome));
+                return Ok(Ended::Outcome(evicted(pair, &mut s2c, stats).await));
             }
         }
         if promote

@@ -1,0 +1,57 @@
+//! The service manager's protocol (`Type=notify`, `sd_notify(3)`): `READY=1` once every
+//! listener is bound, the data plane chosen (BPF loaded where it loads) and the
+//! accept loops running; `RELOADING=1` and `READY=1` around a SIGHUP reload;
+//! `STOPPING=1` at SIGTERM; `WATCHDOG=1` at half the `WatchdogSec` interval, from
+//! the async runtime itself, so a wedged runtime gets the daemon restarted. Without
+//! `NOTIFY_SOCKET` (not started by systemd) every call does nothing.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+fn send(states: &[NotifyState]) {
+    // The service manager is told best effort: a lost datagram only delays its view.
+    if let Err(e) = sd_notify::notify(states) {
+        debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Serving: every listener bound and accepting.
+pub(super) fn ready(listeners: usize, data_plane: &str) {
+    let status = format!("serving {listeners} listeners, data plane {data_plane}");
+    send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+}
+
+/// A SIGHUP reload starts.
+pub(super) fn reloading() {
+    let mut states = vec![NotifyState::Reloading];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    send(&states);
+}
+
+/// The reload is done (applied or refused: the daemon serves either way).
+pub(super) fn reloaded() {
+    send(&[NotifyState::Ready]);
+}
+
+/// SIGTERM: stopping.
+pub(super) fn stopping() {
+    send(&[NotifyState::Stopping]);
+}
+
+/// Pings the watchdog at half its interval when the service manager set one.
+pub(super) fn watchdog() -> Option<JoinHandle<()>> {
+    let interval = sd_notify::watchdog_enabled()?;
+    let every = (interval / 2).max(Duration::from_millis(10));
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            send(&[NotifyState::Watchdog]);
+        }
+    }))
+}
