@@ -138,6 +138,17 @@ impl TempDir {
         std::fs::create_dir_all(&p).expect("temp dir");
         Self(p)
     }
+
+    /// A file `name` in it holding `secret`, readable by its owner only (as the
+    /// daemon wants a token file).
+    pub fn secret(&self, name: &str, secret: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.0.join(name);
+        std::fs::write(&path, format!("{secret}\n")).expect("secret file");
+        let mode = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(&path, mode).expect("chmod 600");
+        path
+    }
 }
 
 impl Drop for TempDir {

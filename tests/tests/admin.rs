@@ -76,13 +76,7 @@ async fn admin_api_metrics_page_and_runtime_changes() {
     }
     let nodes = two_nodes();
     let dir = TempDir::new("admin");
-    let token_file = dir.0.join("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::Permissions::from_mode(0o600);
-        std::fs::set_permissions(&token_file, mode).expect("chmod");
-    }
+    let token_file = dir.secret("token", TOKEN);
     let token_file = token_file.display().to_string();
     let instance = format!("adm{}x{}", std::process::id(), free_port());
     let (port, admin) = (free_port(), SocketAddr::from(([127, 0, 0, 1], free_port())));
@@ -370,13 +364,7 @@ async fn off_loopback_reads_need_the_token() {
     }
     let node = Mosquitto::start();
     let dir = TempDir::new("admin-open");
-    let token_file = dir.0.join("token");
-    std::fs::write(&token_file, TOKEN).expect("token");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::Permissions::from_mode(0o600);
-        std::fs::set_permissions(&token_file, mode).expect("chmod");
-    }
+    let token_file = dir.secret("token", TOKEN);
     let instance = format!("open{}x{}", std::process::id(), free_port());
     let (port, admin_port) = (free_port(), free_port());
     let text = format!(
@@ -413,13 +401,7 @@ async fn the_admin_listener_over_https() {
     let node = Mosquitto::start();
     let pki = Pki::new();
     let dir = TempDir::new("admin-tls");
-    let token_file = dir.0.join("token");
-    std::fs::write(&token_file, TOKEN).expect("token");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::Permissions::from_mode(0o600);
-        std::fs::set_permissions(&token_file, mode).expect("chmod");
-    }
+    let token_file = dir.secret("token", TOKEN);
     let instance = format!("https{}x{}", std::process::id(), free_port());
     let (port, admin_port) = (free_port(), free_port());
     let text = format!(

@@ -39,10 +39,7 @@ fn text(
 /// A daemon with the admin listener in front of `nodes`; returns it and the admin
 /// address.
 fn start(tag: &str, nodes: &[Mosquitto], dir: &TempDir) -> (Daemon, SocketAddr) {
-    use std::os::unix::fs::PermissionsExt;
-    let token_file = dir.0.join("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let token_file = dir.secret("token", TOKEN);
     let instance = format!("{tag}{}x{}", std::process::id(), free_port());
     let (port, admin) = (free_port(), SocketAddr::from(([127, 0, 0, 1], free_port())));
     let config = text(&instance, port, admin, &token_file, nodes);
