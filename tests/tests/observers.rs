@@ -204,7 +204,9 @@ fn rows(dom: &str) -> Vec<(String, u64, String)> {
 /// time stands still while a request is out, so every refresh completes), then
 /// exiting with what `args` ask (`--dump-dom`, `--screenshot`).
 fn chromium(args: &[String], url: &str, wait: Duration) -> std::process::Output {
-    let out = Command::new(tool("chromium"))
+    // Bounded: a browser that hangs fails the test instead of stalling the suite.
+    let out = Command::new("timeout")
+        .args(["120", tool("chromium")])
         .args([
             "--headless",
             "--no-sandbox",
