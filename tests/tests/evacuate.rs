@@ -674,3 +674,88 @@ async fn bridged_evacuation_loses_no_qos1_message_copy() {
 async fn bridged_evacuation_loses_no_qos1_message_sockmap() {
     bridged_evacuation_loses_nothing("sockmap").await;
 }
+
+/// A server that answers the CONNECT (MQTT 5 CONNACK), then sends the first 10 bytes
+/// of a 100-byte PUBLISH and stalls: no packet boundary ever comes.
+async fn stalled_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 256];
+            if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                continue;
+            }
+            let mut head = vec![0x20, 3, 0, 0, 0];
+            head.extend_from_slice(&[0x30, 100, 0, 4, b't', b'o', b'p', b'c', 1, 2]);
+            let _ = s.write_all(&head).await;
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+/// Eviction while the server stalls inside a packet (both planes): the MQTT 5 client
+/// is not told (a DISCONNECT there would corrupt the stream) and the connection is
+/// closed within the 2 s the boundary may take, counted `evicted` but not
+/// `evicted_disconnect_sent`.
+async fn stalled_mid_packet_is_closed_untold(plane: &str) {
+    if !privileged("evacuation (BPF maps)") {
+        return;
+    }
+    let (server, task) = stalled_server().await;
+    let lb = Daemon::start(plane, &[server]);
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(&packets::connect(Version::V5, "stalled", 60, true))
+        .await
+        .expect("connect");
+    let (first, _) = read_packet(&mut s).await.expect("connack");
+    assert_eq!(first, 0x20);
+    // The partial PUBLISH has reached the client.
+    let mut part = [0u8; 10];
+    tokio::io::AsyncReadExt::read_exact(&mut s, &mut part)
+        .await
+        .expect("partial publish");
+    assert_eq!(&part[..2], &[0x30, 100]);
+    let started = Instant::now();
+    ctl_ok(&lb.instance, &["evacuate", "c", "s0"]);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(6),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+        "{plane}: not closed within 6 s"
+    );
+    assert!(
+        rest.is_empty(),
+        "{plane}: bytes after the stall: {rest:02x?}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "{plane}: closed after {took:?}, before the boundary wait"
+    );
+    wait_for("the eviction counted", Duration::from_secs(5), || {
+        lb.stat("evicted") == 1
+    })
+    .await;
+    assert_eq!(lb.stat("evicted_disconnect_sent"), 0);
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stalled_mid_packet_is_closed_untold_copy() {
+    stalled_mid_packet_is_closed_untold("copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stalled_mid_packet_is_closed_untold_sockmap() {
+    stalled_mid_packet_is_closed_untold("sockmap").await;
+}
