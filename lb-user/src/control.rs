@@ -65,10 +65,9 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Binds the control socket of `instance` (the caller holds the instance lock) and
-/// answers from `shared` (connections, counters, servers, sticky table) until the
-/// runtime stops.
-pub fn serve(instance: &str, shared: Arc<Shared>) -> io::Result<ControlSocket> {
+/// Binds the control socket of `instance` (the caller holds the instance lock; no
+/// async runtime needed, so it happens before the privilege drop).
+pub fn bind(instance: &str) -> io::Result<(std::os::unix::net::UnixListener, ControlSocket)> {
     let path = socket_path(instance);
     match std::fs::remove_file(&path) {
         Ok(()) => {
@@ -77,8 +76,16 @@ pub fn serve(instance: &str, shared: Arc<Shared>) -> io::Result<ControlSocket> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(&path)?;
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    Ok((listener, ControlSocket { path }))
+}
+
+/// Answers on `listener` (from [`bind`]) from `shared` (connections, counters,
+/// servers, sticky table) until the runtime stops.
+pub fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>) -> io::Result<()> {
+    let listener = UnixListener::from_std(listener)?;
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -97,7 +104,7 @@ pub fn serve(instance: &str, shared: Arc<Shared>) -> io::Result<ControlSocket> {
             }
         }
     });
-    Ok(ControlSocket { path })
+    Ok(())
 }
 
 async fn answer(stream: UnixStream, shared: &Arc<Shared>) -> io::Result<()> {

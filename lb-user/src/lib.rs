@@ -44,6 +44,7 @@ pub mod evacuate;
 pub mod health;
 pub mod limits;
 pub mod mqtt;
+pub mod privilege;
 pub mod proxy_protocol;
 pub mod registry;
 pub mod runtime;

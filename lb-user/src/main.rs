@@ -136,6 +136,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            // Before the runtime: its threads would keep the privileges dropped here.
+            let prepared = match daemon::prepare(&config, data_plane) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("mqttlb: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -143,7 +151,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match runtime.block_on(daemon::run(path, config, data_plane)) {
+            match runtime.block_on(daemon::run(path, config, prepared)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("mqttlb: {e}");

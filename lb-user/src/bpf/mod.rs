@@ -164,15 +164,22 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, BpfError> {
 impl Bpf {
     /// Loads and attaches the splice program for `instance`, pinning its maps.
     /// `lag_step` is the redirected byte count between two lag-check events;
-    /// `sticky_size` the capacity of the sticky table. The caller holds the
-    /// instance's [`InstanceLock`].
-    pub fn load(instance: &str, lag_step: u64, sticky_size: u32) -> Result<Self, BpfError> {
+    /// `sticky_size` the capacity of the sticky table; `trusted_owner` a uid besides
+    /// this process's that may own the instance's pin directory (`[global] user`,
+    /// which an earlier run handed it to). The caller holds the instance's
+    /// [`InstanceLock`].
+    pub fn load(
+        instance: &str,
+        lag_step: u64,
+        sticky_size: u32,
+        trusted_owner: Option<u32>,
+    ) -> Result<Self, BpfError> {
         if !is_bpffs(Path::new("/sys/fs/bpf")) {
             return Err(BpfError::NoBpffs);
         }
         let dir = pin_dir(instance);
-        own_dir(Path::new(PIN_ROOT))?;
-        own_dir(&dir)?;
+        own_dir(Path::new(PIN_ROOT), None)?;
+        own_dir(&dir, trusted_owner)?;
         // Maps describing a previous daemon's sockets are meaningless now.
         for name in maps::PER_PROCESS {
             let p = dir.join(name);
@@ -377,6 +384,13 @@ impl Bpf {
             .iter()
             .filter_map(Result::ok)
             .collect()
+    }
+
+    /// Gives the pin directory and the pins in it to `uid:gid`, and lets others
+    /// traverse the pin root, so that after the switch to `[global] user` the daemon
+    /// can still remove its pins at a clean stop (and that user's `ctl` read them).
+    pub fn hand_over(&self, uid: u32, gid: u32) -> Result<(), BpfError> {
+        pins::hand_over(Path::new(PIN_ROOT), &self.pin_dir, uid, gid)
     }
 
     /// Removes the instance's pinned maps (at a clean stop: nothing is left under

@@ -39,11 +39,12 @@ fn unsafe_zeroed_statfs() -> libc::statfs {
 
 /// Makes `path` a directory of ours that nobody else can change, or refuses: created
 /// with mode 0700 when missing; when present it must be a real directory (not a
-/// symlink), owned by this user, and writable by nobody else. `/sys/fs/bpf` is often
+/// symlink), owned by this user (or by `trusted`, the configured `[global] user`), and
+/// writable by nobody else. `/sys/fs/bpf` is often
 /// world-writable (1777): without this check, another user could plant
 /// `mqttlb/<instance>` as a symlink and have the daemon pin, and delete stale pins,
 /// wherever it points.
-pub fn own_dir(path: &Path) -> Result<(), BpfError> {
+pub fn own_dir(path: &Path, trusted: Option<u32>) -> Result<(), BpfError> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let io = |what, source| BpfError::Io {
         what,
@@ -63,7 +64,7 @@ pub fn own_dir(path: &Path) -> Result<(), BpfError> {
         Some("is a symbolic link")
     } else if !meta.is_dir() {
         Some("is not a directory")
-    } else if meta.uid() != me {
+    } else if meta.uid() != me && Some(meta.uid()) != trusted {
         Some("is owned by another user")
     } else if meta.mode() & 0o022 != 0 {
         Some("is writable by other users")
@@ -77,6 +78,38 @@ pub fn own_dir(path: &Path) -> Result<(), BpfError> {
         }),
         None => Ok(()),
     }
+}
+
+/// Gives `dir` and the pins in it to `uid:gid` (never following a link) and makes
+/// `root` traversable by others (mode 0711: names stay unlisted).
+pub(super) fn hand_over(root: &Path, dir: &Path, uid: u32, gid: u32) -> Result<(), BpfError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |what, path: &Path, source| BpfError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    };
+    let mode = std::fs::symlink_metadata(root)
+        .map_err(|e| io("cannot inspect", root, e))?
+        .permissions()
+        .mode();
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(
+            root,
+            std::fs::Permissions::from_mode((mode & 0o7777) | 0o011),
+        )
+        .map_err(|e| io("cannot chmod", root, e))?;
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| io("cannot list", dir, e))?;
+    for path in entries
+        .flatten()
+        .map(|e| e.path())
+        .chain(std::iter::once(dir.to_owned()))
+    {
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+            .map_err(|e| io("cannot chown", &path, e))?;
+    }
+    Ok(())
 }
 
 /// One running daemon per instance name: an exclusive `flock` on

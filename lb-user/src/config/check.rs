@@ -257,13 +257,47 @@ impl Checker<'_> {
                 "must be at least 65536 bytes",
             );
         }
+        let run_as = self.run_as(raw.user, raw.group);
         Global {
             name,
+            run_as,
             data_plane: raw.data_plane,
             max_connections: raw.max_connections,
             max_preconnect_bytes: *raw.max_preconnect_bytes.get_ref() as usize,
             shutdown_delay: raw.shutdown_delay.0,
             shutdown_grace: raw.shutdown_grace.0,
+        }
+    }
+
+    /// `[global] user` and `group`, looked up in the host's user database.
+    fn run_as(
+        &mut self,
+        user: Option<Spanned<String>>,
+        group: Option<Spanned<String>>,
+    ) -> Option<crate::privilege::Account> {
+        let Some(user) = user else {
+            if let Some(g) = group {
+                self.err(
+                    g.span(),
+                    "global.group".into(),
+                    "needs global.user (the group alone is not switched to)",
+                );
+            }
+            return None;
+        };
+        let group_name = group.as_ref().map(|g| g.get_ref().as_str());
+        match crate::privilege::resolve(user.get_ref(), group_name) {
+            Ok(account) => Some(account),
+            Err(e) => {
+                let (span, key) = match (&e, &group) {
+                    (crate::privilege::UnknownAccount::Group(_), Some(g)) => {
+                        (g.span(), "global.group")
+                    }
+                    _ => (user.span(), "global.user"),
+                };
+                self.err(span, key.into(), e.to_string());
+                None
+            }
         }
     }
 

@@ -127,6 +127,8 @@ pub struct Global {
     pub shutdown_delay: Duration,
     /// SIGTERM: how long open connections may go on once accepting stopped.
     pub shutdown_grace: Duration,
+    /// `user` / `group`: the account the daemon switches to after set-up.
+    pub run_as: Option<crate::privilege::Account>,
 }
 
 /// `[admin]`: the admin HTTP listener.

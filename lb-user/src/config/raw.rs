@@ -71,6 +71,8 @@ pub(super) struct RawGlobal {
     pub(super) shutdown_delay: Dur,
     #[serde(default = "default_shutdown_grace")]
     pub(super) shutdown_grace: Dur,
+    pub(super) user: Option<Spanned<String>>,
+    pub(super) group: Option<Spanned<String>>,
 }
 
 impl Default for RawGlobal {
@@ -82,6 +84,8 @@ impl Default for RawGlobal {
             max_preconnect_bytes: default_max_preconnect_bytes(),
             shutdown_delay: default_shutdown_delay(),
             shutdown_grace: default_shutdown_grace(),
+            user: None,
+            group: None,
         }
     }
 }

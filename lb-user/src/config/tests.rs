@@ -320,3 +320,34 @@ fn a_health_client_id_must_fit_a_connect() {
         "{e:?}"
     );
 }
+
+#[test]
+fn the_account_to_run_as_is_looked_up_and_named_when_missing() {
+    let with = |lines: &str| GOOD.replace("data_plane = \"copy\"", lines);
+    let c = Config::parse(&with("user = \"root\"\ngroup = \"daemon\"")).expect("root");
+    let account = c.global.run_as.expect("run_as");
+    assert_eq!((account.user.as_str(), account.uid), ("root", 0));
+    assert_ne!(
+        account.gid, 0,
+        "the group named, not the user's primary one"
+    );
+    let c = Config::parse(&with("user = \"nobody\"")).expect("nobody");
+    let account = c.global.run_as.expect("run_as");
+    assert_eq!((account.uid, account.gid), (65534, 65534));
+    assert!(Config::parse(GOOD).expect("good").global.run_as.is_none());
+    let e = errors(&with("user = \"no-such-user-here\""));
+    assert_eq!(
+        e,
+        ["line 4: global.user: no user \"no-such-user-here\" on this host (getpwnam)"]
+    );
+    let e = errors(&with("user = \"nobody\"\ngroup = \"no-such-group\""));
+    assert_eq!(
+        e,
+        ["line 5: global.group: no group \"no-such-group\" on this host (getgrnam)"]
+    );
+    let e = errors(&with("group = \"daemon\""));
+    assert_eq!(
+        e,
+        ["line 4: global.group: needs global.user (the group alone is not switched to)"]
+    );
+}

@@ -1,10 +1,12 @@
 //! The daemon: chooses the data plane, binds the listeners, accepts under the
 //! `max_connections` cap, reloads on SIGHUP and stops on SIGTERM/SIGINT.
 //!
-//! `run` in four steps: [`start`] (lock, plane, listeners, shared state, control socket,
-//! health checks, publisher, accept loops), the signal loop (SIGHUP: [`reload`]),
-//! and [`Running::stop`] (no new connections, a grace period, unpin). [`plane`] picks
-//! the data plane, [`publish`] feeds the pinned maps.
+//! [`prepare`] runs before the async runtime exists: the instance lock, the data plane
+//! (BPF loaded and pinned), every socket bound, then the switch to `[global] user`.
+//! [`run`] then goes in three steps: [`start`] (shared state, control socket, health
+//! checks, publisher, accept loops), the signal loop (SIGHUP: [`reload`]), and
+//! [`Running::stop`] (no new connections, a grace period, unpin). [`plane`] picks the
+//! data plane, [`publish`] feeds the pinned maps.
 
 use std::{
     path::PathBuf,
@@ -63,6 +65,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// `[global] user` could not be switched to.
+    #[error("{0}")]
+    Privilege(#[from] crate::privilege::PrivilegeError),
     /// The control socket (`mqttlb ctl`) could not be bound.
     #[error("cannot bind the control socket {path}: {source}")]
     Control {
@@ -120,13 +125,64 @@ impl Signals {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
+/// What needs privilege, done before the async runtime starts its threads: the
+/// instance lock, the data plane (BPF loaded, attached and pinned), the listeners,
+/// the admin listener and the control socket bound. The TLS keys and tokens were read
+/// with the configuration. Then, with `[global] user`, the switch to that account.
+pub struct Prepared {
+    lock: InstanceLock,
+    stats: Arc<Stats>,
+    limit: usize,
+    planes: plane::Planes,
+    sockets: Vec<std::net::TcpListener>,
+    admin_socket: Option<std::net::TcpListener>,
+    control: (std::os::unix::net::UnixListener, control::ControlSocket),
+}
+
+/// Sets up what needs privilege (see [`Prepared`]) and drops it. Call with no other
+/// thread running: capabilities are per thread.
+pub fn prepare(
+    config: &Config,
+    plane_override: Option<DataPlaneKind>,
+) -> Result<Prepared, DaemonError> {
+    let lock = InstanceLock::acquire(&config.global.name).map_err(DaemonError::Instance)?;
+    let stats = Arc::new(Stats::default());
+    let limit = max_connections(config) as usize;
+    let kind = plane_override.unwrap_or(config.global.data_plane);
+    let planes = plane::data_plane(config, kind, &stats)?;
+    info!(instance = %config.global.name, data_plane = planes.plane.name(), "data plane selected");
+    let sockets = bind_all(config)?;
+    let admin_socket = match &config.admin {
+        Some(a) => Some(bind_admin(a)?),
+        None => None,
+    };
+    let name = &config.global.name;
+    let control = control::bind(name).map_err(|source| DaemonError::Control {
+        path: control::socket_path(name).display().to_string(),
+        source,
+    })?;
+    if let Some(account) = &config.global.run_as {
+        plane::drop_privileges(account, planes.bpf.as_deref())?;
+    }
+    Ok(Prepared {
+        lock,
+        stats,
+        limit,
+        planes,
+        sockets,
+        admin_socket,
+        control,
+    })
+}
+
+/// Runs the daemon set up by [`prepare`] until SIGTERM/SIGINT. `config_path` is
+/// re-read on SIGHUP.
 pub async fn run(
     config_path: PathBuf,
     config: Config,
-    plane_override: Option<DataPlaneKind>,
+    prepared: Prepared,
 ) -> Result<(), DaemonError> {
-    let (mut running, mut signals) = start(&config, plane_override)?;
+    let (mut running, mut signals) = start(&config, prepared)?;
     let stats = running.shared.stats.clone();
     systemd::ready(running.listeners.len(), running.shared.plane.name());
     let watchdog = systemd::watchdog();
@@ -153,27 +209,35 @@ pub async fn run(
     Ok(())
 }
 
-/// Everything up to serving: the instance lock, the data plane, the listeners bound
-/// (a bind error stops the start), the shared state, the control socket, the health
-/// checks, the publisher and one accept loop per listener.
-fn start(
-    config: &Config,
-    plane_override: Option<DataPlaneKind>,
-) -> Result<(Running, Signals), DaemonError> {
-    let lock = InstanceLock::acquire(&config.global.name).map_err(DaemonError::Instance)?;
-    let stats = Arc::new(Stats::default());
-    let limit = max_connections(config) as usize;
-    let kind = plane_override.unwrap_or(config.global.data_plane);
-    let plane::Planes {
-        plane,
-        bpf,
-        sockmap,
-    } = plane::data_plane(config, kind, &stats)?;
-    info!(instance = %config.global.name, data_plane = plane.name(), "data plane selected");
-    let sockets = bind_all(config)?;
-    let admin_socket = match &config.admin {
-        Some(a) => Some(bind_admin(a)?),
-        None => None,
+/// Everything from the prepared sockets up to serving: the shared state, the control
+/// socket, the health checks, the publisher and one accept loop per listener.
+fn start(config: &Config, prepared: Prepared) -> Result<(Running, Signals), DaemonError> {
+    let Prepared {
+        lock,
+        stats,
+        limit,
+        planes: plane::Planes {
+            plane,
+            bpf,
+            sockmap,
+        },
+        sockets,
+        admin_socket,
+        control: (control_listener, control),
+    } = prepared;
+    let in_runtime = |name: &str, addr, socket| {
+        TcpListener::from_std(socket).map_err(|source| DaemonError::Bind {
+            name: name.to_owned(),
+            addr,
+            source,
+        })
+    };
+    let sockets = (config.listeners.iter().zip(sockets))
+        .map(|(l, s)| in_runtime(&l.name, l.bind, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let admin_socket = match (&config.admin, admin_socket) {
+        (Some(a), Some(s)) => Some(in_runtime("admin", a.bind, s)?),
+        _ => None,
     };
     let signals = Signals::install()?;
 
@@ -185,13 +249,11 @@ fn start(
     let preconnect = config.global.max_preconnect_bytes;
     let shared = Shared::new(stats.clone(), plane, clusters, sticky, preconnect);
     let shared = Arc::new(shared);
-    let control = control::serve(&config.global.name, shared.clone()).map_err(|source| {
-        DaemonError::Control {
-            path: control::socket_path(&config.global.name)
-                .display()
-                .to_string(),
-            source,
-        }
+    control::serve(control_listener, shared.clone()).map_err(|source| DaemonError::Control {
+        path: control::socket_path(&config.global.name)
+            .display()
+            .to_string(),
+        source,
     })?;
     let checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
     let admin = admin_socket.map(|socket| serve_admin(config, socket, &shared, bpf.is_some()));
@@ -266,7 +328,7 @@ fn serve_admin(
 }
 
 /// Binds the admin listener (`[admin]`, or `[stats]` from the first wave).
-fn bind_admin(admin: &crate::config::Admin) -> Result<TcpListener, DaemonError> {
+fn bind_admin(admin: &crate::config::Admin) -> Result<std::net::TcpListener, DaemonError> {
     if admin.from_stats_section {
         warn!("[stats] is now [admin] (stats page, metrics, API): rename the section");
     }
@@ -278,7 +340,7 @@ fn bind_admin(admin: &crate::config::Admin) -> Result<TcpListener, DaemonError> 
 }
 
 /// Binds every listener, in file order.
-fn bind_all(config: &Config) -> Result<Vec<TcpListener>, DaemonError> {
+fn bind_all(config: &Config) -> Result<Vec<std::net::TcpListener>, DaemonError> {
     let mut sockets = Vec::new();
     for l in &config.listeners {
         let socket = listen(l.bind).map_err(|source| DaemonError::Bind {
@@ -345,16 +407,16 @@ impl Running {
 /// into one-second retransmissions.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// A listening socket on `addr` with [`LISTEN_BACKLOG`].
-fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+/// A non-blocking listening socket on `addr` with [`LISTEN_BACKLOG`], made without
+/// the async runtime (it is bound before the privilege drop).
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG as i32)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// `max_connections`, or what the descriptor limit allows (two per connection plus a

@@ -34,7 +34,10 @@ pub(super) fn data_plane(
     kind: DataPlaneKind,
     stats: &Arc<Stats>,
 ) -> Result<Planes, DaemonError> {
-    let load = || Bpf::load(&config.global.name, LAG_STEP, sticky_size(config)).map(Arc::new);
+    // A pin directory handed to `[global] user` by an earlier run is still ours.
+    let trusted = config.global.run_as.as_ref().map(|a| a.uid);
+    let load =
+        || Bpf::load(&config.global.name, LAG_STEP, sticky_size(config), trusted).map(Arc::new);
     let copy = |bpf: Option<Arc<Bpf>>| Planes {
         plane: Arc::new(CopyPlane::new(stats.clone())),
         bpf,
@@ -80,6 +83,33 @@ pub(super) fn data_plane(
             copy(None)
         }
     })
+}
+
+/// Capabilities the daemon keeps after switching to `[global] user`: none. Measured on
+/// 6.18: updating the maps, inserting sockets into the socket maps and reading the
+/// ring buffer go through descriptors the daemon already holds, and the kernel checks
+/// no capability for them (the listeners are bound, nothing is pinned or loaded later).
+const KEPT_CAPABILITIES: &[caps::Capability] = &[];
+
+/// Hands the pin directory to `account` (so the clean stop can still unpin) and
+/// switches to it.
+pub(super) fn drop_privileges(
+    account: &crate::privilege::Account,
+    bpf: Option<&Bpf>,
+) -> Result<(), DaemonError> {
+    if let Some(bpf) = bpf {
+        bpf.hand_over(account.uid, account.gid)
+            .map_err(DaemonError::Instance)?;
+    }
+    crate::privilege::become_account(account, KEPT_CAPABILITIES)?;
+    info!(
+        user = %account.user,
+        uid = account.uid,
+        gid = account.gid,
+        capabilities = %crate::privilege::names(KEPT_CAPABILITIES),
+        "switched to [global] user"
+    );
+    Ok(())
 }
 
 /// The capabilities BPF needs that this process lacks (from its effective set), for

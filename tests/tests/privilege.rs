@@ -1,0 +1,188 @@
+//! `[global] user`: the daemon loads BPF, pins, binds and reads its keys as root, then
+//! runs as that user with no capability left, and still splices, runs its health
+//! checks, reloads and drains; its pins stay removable at the clean stop; `ctl` by a
+//! user without rights gets a clear error.
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tests::*;
+use tokio::io::AsyncWriteExt;
+
+/// `Name:` from `/proc/PID/status`.
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+fn backend(lb: &Daemon, name: &str) -> serde_json::Value {
+    let all = lb.ctl("backends");
+    all["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no backend {name}: {all}"))
+        .clone()
+}
+
+fn health_down(lb: &Daemon, name: &str) -> bool {
+    backend(lb, name)["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|x| x == "health-down"))
+}
+
+/// `mosquitto_pub -l` of `n` QoS 1 lines to `topic` through `addr`.
+fn publish_lines(addr: std::net::SocketAddr, topic: &str, n: usize) {
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args(["-t", topic, "-q", "1", "-l", "-i", "privilege-pub"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (Debian package mosquitto-clients)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for i in 0..n {
+        writeln!(stdin, "message {i:05}").expect("line");
+    }
+    drop(stdin);
+    assert!(child.wait().expect("mosquitto_pub").success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switched_to_nobody_the_daemon_keeps_no_capability_and_still_serves() {
+    if !privileged("[global] user (switching user needs root)") {
+        return;
+    }
+    let mut nodes = [Mosquitto::start(), Mosquitto::start()];
+    let addrs = [nodes[0].addr, nodes[1].addr];
+    let health = "[clusters.health]\nkind = \"mqtt\"\ninterval = \"250ms\"\ntimeout = \"250ms\"\nrise = 1\nfall = 1";
+    let lb = Daemon::start_edited("sockmap", &addrs, |t| {
+        // s1 a backup: both clients reach s0, s1 only answers health checks.
+        t.replace("data_plane", "user = \"nobody\"\ndata_plane")
+            .replace("[clusters.health]\nkind = \"none\"", health)
+            .replace(
+                &format!("address = \"{}\"\n", addrs[1]),
+                &format!("address = \"{}\"\nbackup = true\n", addrs[1]),
+            )
+    });
+    let pid = lb.pid();
+    assert!(
+        lb.log().contains(
+            "switched to [global] user user=nobody uid=65534 gid=65534 capabilities=none"
+        ),
+        "{}",
+        lb.log()
+    );
+    assert_eq!(status_field(pid, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(pid, "Gid"), "65534\t65534\t65534\t65534");
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+        assert_eq!(status_field(pid, set), "0000000000000000", "{set}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    // Every thread, not only the main one (capabilities are per thread).
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let status =
+            std::fs::read_to_string(task.expect("task").path().join("status")).expect("status");
+        assert!(
+            status.contains("CapEff:\t0000000000000000") && status.contains("Uid:\t65534"),
+            "{status}"
+        );
+    }
+
+    // Spliced traffic: 500 QoS 1 messages from a real client, all delivered, with
+    // bytes redirected in the kernel.
+    let mut sub = mqttc::session(lb.addr, "privilege-sub", true)
+        .await
+        .expect("subscriber");
+    sub.write_all(&mqttc::subscribe(1, "least/privilege", 1))
+        .await
+        .expect("SUBSCRIBE");
+    mqttc::read_packet(&mut sub).await.expect("SUBACK");
+    let addr = lb.addr;
+    let publisher =
+        tokio::task::spawn_blocking(move || publish_lines(addr, "least/privilege", 500));
+    let got = mqttc::collect(&mut sub, Duration::from_secs(2))
+        .await
+        .expect("collect");
+    publisher.await.expect("publisher");
+    let want: Vec<Vec<u8>> = (0..500)
+        .map(|i| format!("message {i:05}").into_bytes())
+        .collect();
+    assert_eq!(got, want);
+    assert!(lb.stat("spliced") >= 2, "{}", lb.log());
+    assert!(lb.stat("bpf_redirected") > 0);
+    assert_eq!(lb.stat("splice_fallback_to_copy"), 0, "{}", lb.log());
+
+    // Health checks still run: a killed node goes down.
+    nodes[1].kill();
+    wait_for("s1 marked down", Duration::from_secs(5), || {
+        health_down(&lb, "s1")
+    })
+    .await;
+    assert!(!health_down(&lb, "s0"));
+
+    // SIGHUP: the file (readable by nobody) is read again and applied.
+    let text = lb.config_text().replace(
+        &format!("address = \"{}\"\n", addrs[0]),
+        &format!("address = \"{}\"\nweight = 7\n", addrs[0]),
+    );
+    lb.reload(&text);
+    wait_for("weight 7 applied", Duration::from_secs(3), || {
+        backend(&lb, "s0")["weight"] == 7
+    })
+    .await;
+
+    // A drain through the control socket.
+    ctl_ok(&lb.instance, &["drain", "c", "s0"]);
+    wait_for("s0 drained", Duration::from_secs(3), || {
+        backend(&lb, "s0")["state"] == "drain"
+    })
+    .await;
+
+    // Another unprivileged user: a clear error, exit 2, no panic.
+    let out = Command::new("runuser")
+        .args(["-u", "daemon", "--"])
+        .arg(bin())
+        .args(["ctl", "stats", "--instance", &lb.instance])
+        .output()
+        .expect("runuser (Debian package util-linux)");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.starts_with("mqttlb ctl: ")
+            && said.contains("Permission denied")
+            && said.contains("root"),
+        "{said}"
+    );
+    assert!(!said.contains("panicked"), "{said}");
+    drop(sub);
+
+    // The clean stop, as nobody, still removes the pins (the sticky table stays).
+    let mut lb = lb;
+    let status = lb.stop();
+    assert!(status.success(), "{status}: {}", lb.log());
+    let dir = format!("/sys/fs/bpf/mqttlb/{}", lb.instance);
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.iter().all(|n| n == "sticky"),
+        "left in {dir}: {left:?}"
+    );
+
+    // Started again as root: the directory handed to nobody is accepted.
+    lb.restart();
+    assert_eq!(status_field(lb.pid(), "Uid"), "65534\t65534\t65534\t65534");
+}
