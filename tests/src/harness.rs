@@ -291,6 +291,11 @@ impl Daemon {
         }
     }
 
+    /// The config file.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
     /// The config file's current text.
     pub fn config_text(&self) -> String {
         std::fs::read_to_string(&self.config).expect("read config")

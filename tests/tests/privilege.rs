@@ -140,6 +140,28 @@ async fn switched_to_nobody_the_daemon_keeps_no_capability_and_still_serves() {
     })
     .await;
 
+    // A file nobody cannot read: the reload is refused, says which file and why, and
+    // the daemon goes on.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let config = lb.config_path();
+        let mode = |m| std::fs::Permissions::from_mode(m);
+        std::fs::set_permissions(&config, mode(0o600)).expect("chmod 600");
+        let failures = lb.stat("reload_failures");
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        wait_for("the reload refused", Duration::from_secs(5), || {
+            lb.stat("reload_failures") == failures + 1
+        })
+        .await;
+        std::fs::set_permissions(&config, mode(0o644)).expect("chmod 644");
+        let refused = format!(
+            "reload refused; the running configuration stays file={} problem=file: cannot read it: Permission denied",
+            config.display()
+        );
+        assert!(lb.log().contains(&refused), "{}", lb.log());
+    }
+
     // A drain through the control socket.
     ctl_ok(&lb.instance, &["drain", "c", "s0"]);
     wait_for("s0 drained", Duration::from_secs(3), || {

@@ -30,7 +30,7 @@ pub(super) fn reload(
         Err(errors) => {
             stats.inc(DaemonStat::ReloadFailures);
             for e in errors.0 {
-                error!(problem = %e, "reload refused; the running configuration stays");
+                error!(file = %path.display(), problem = %e, "reload refused; the running configuration stays");
             }
             return false;
         }
