@@ -38,6 +38,15 @@ const TEST_APT: &[(&str, &str)] = &[
     ("chromium", "/usr/bin/chromium"),
     // `systemd-analyze verify` of deploy/mqttlb.service.
     ("systemd", "/usr/bin/systemd-analyze"),
+    // The container test: a base image made with debootstrap, built and run with
+    // podman on runc (crun fails on these hosts), default seccomp profile included.
+    ("podman", "/usr/bin/podman"),
+    ("runc", "/usr/sbin/runc"),
+    ("debootstrap", "/usr/sbin/debootstrap"),
+    (
+        "golang-github-containers-common",
+        "/usr/share/containers/seccomp.json",
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -142,37 +151,114 @@ fn build(all: bool) -> Result<PathBuf> {
     Ok(root().join("target/release/mqttlb"))
 }
 
-/// `target/dist/`: what an installation needs: the binary (stripped of nothing, so
-/// profiles keep their symbols), the systemd unit, an example configuration, the
-/// README. README "Deploy" says where each goes.
+/// `target/dist/`: what an installation needs (README "Deploy" says where each goes).
 fn dist() -> Result<()> {
     install(&APT[..3])?;
     let bin = build(false)?;
+    write_dist(&bin, &root().join("target/dist"))
+}
+
+/// Writes into `out`: the binary `bin` without its debug sections (symbols stay, so
+/// `perf` still names functions; 69 MB of DWARF go), the systemd unit, the example
+/// configuration, the Containerfile and the compose quick start, the README, and
+/// `seccomp.json` where this host has podman's default profile.
+fn write_dist(bin: &Path, out: &Path) -> Result<()> {
     let root = root();
-    let out = root.join("target/dist");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out)?;
+    let _ = std::fs::remove_dir_all(out);
+    std::fs::create_dir_all(out.join("compose"))?;
+    let stripped = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(out.join("mqttlb"))
+        .arg(bin)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        eprintln!("xtask: strip (binutils) failed; the binary keeps its debug sections");
+        std::fs::copy(bin, out.join("mqttlb")).context("copy the binary")?;
+    }
     for (from, to) in [
-        (bin, "mqttlb"),
-        (root.join("deploy/mqttlb.service"), "mqttlb.service"),
-        (root.join("deploy/mqttlb.toml"), "mqttlb.toml"),
-        (root.join("README.md"), "README.md"),
+        ("deploy/mqttlb.service", "mqttlb.service"),
+        ("deploy/mqttlb.toml", "mqttlb.toml"),
+        ("Containerfile", "Containerfile"),
+        ("deploy/compose.yaml", "compose.yaml"),
+        ("deploy/compose/mqttlb.toml", "compose/mqttlb.toml"),
+        ("deploy/compose/node1.conf", "compose/node1.conf"),
+        ("deploy/compose/node2.conf", "compose/node2.conf"),
+        ("deploy/compose/node3.conf", "compose/node3.conf"),
+        ("README.md", "README.md"),
     ] {
+        let from = root.join(from);
         std::fs::copy(&from, out.join(to)).with_context(|| format!("copy {}", from.display()))?;
+    }
+    let host_profile = Path::new("/usr/share/containers/seccomp.json");
+    match std::fs::read(host_profile) {
+        Ok(text) => {
+            let profile = seccomp_with_bpf(serde_json::from_slice(&text)?)?;
+            std::fs::write(
+                out.join("seccomp.json"),
+                serde_json::to_vec_pretty(&profile)?,
+            )?;
+        }
+        Err(_) => eprintln!(
+            "xtask: no {} (Debian package containers-common): seccomp.json not written",
+            host_profile.display()
+        ),
     }
     eprintln!("xtask: wrote {}", out.display());
     Ok(())
+}
+
+/// Podman's default seccomp profile (containers-common) with `bpf()` allowed to a
+/// container holding CAP_BPF: as shipped, only CAP_SYS_ADMIN unlocks it, so
+/// `--cap-add BPF` alone still gets EPERM from every bpf() call.
+fn seccomp_with_bpf(mut profile: serde_json::Value) -> Result<serde_json::Value> {
+    let calls = profile["syscalls"]
+        .as_array_mut()
+        .context("seccomp profile without syscalls")?;
+    let names_bpf = |c: &serde_json::Value| {
+        c["names"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|x| x == "bpf"))
+    };
+    let mut refused = false;
+    for call in calls.iter_mut().filter(|c| names_bpf(c)) {
+        // The rule that refuses bpf() unless CAP_SYS_ADMIN: not with CAP_BPF either.
+        if call["action"] == "SCMP_ACT_ERRNO" {
+            if let Some(caps) = call["excludes"]["caps"].as_array_mut() {
+                caps.push("CAP_BPF".into());
+                refused = true;
+            }
+        }
+    }
+    if !refused {
+        bail!("the host's seccomp profile has no rule refusing bpf(): unknown layout");
+    }
+    calls.push(serde_json::json!({
+        "names": ["bpf"],
+        "action": "SCMP_ACT_ALLOW",
+        "args": [],
+        "comment": "mqttlb: the splice program and its maps, with CAP_BPF",
+        "includes": {"caps": ["CAP_BPF"]},
+        "excludes": {}
+    }));
+    Ok(profile)
 }
 
 fn test() -> Result<()> {
     prepare()?;
     install(TEST_APT)?;
     let bin = build(true)?;
+    // What `cargo xtask dist` makes, from the binary under test: the container test
+    // builds its image from it.
+    let dist = root().join("target/dist-test");
+    write_dist(&bin, &dist)?;
     // Privileged tests share kernel state (pinned maps, ports): one at a time.
     sh(Command::new(env!("CARGO"))
         .current_dir(root())
         .args(["test", "--release", "--workspace", "--", "--test-threads=1"])
-        .env("MQTTLB_BIN", &bin))
+        .env("MQTTLB_BIN", &bin)
+        .env("MQTTLB_DIST", &dist))
     .context("tests failed")
 }
 

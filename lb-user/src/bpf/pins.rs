@@ -187,14 +187,18 @@ pub(super) fn keep_sticky_if_compatible(dir: &Path, size: u32) -> Result<(), Bpf
     if !path.exists() {
         return Ok(());
     }
-    let same = MapData::from_pin(&path)
+    // A pin we may not read (a container's seccomp filter refusing bpf(), missing
+    // capabilities) says nothing about its layout: keep it, and fail the load.
+    let info = MapData::from_pin(&path)
         .and_then(|m| m.info())
-        .is_ok_and(|info| {
-            info.key_size() as usize == std::mem::size_of::<StickyKey>()
-                && info.value_size() as usize == std::mem::size_of::<StickyValue>()
-                && info.max_entries() == size
-                && matches!(info.map_type(), Ok(aya::maps::MapType::LruHash))
-        });
+        .map_err(|e| BpfError::Map {
+            name: maps::STICKY,
+            reason: format!("cannot read the pinned table {}: {e}", path.display()),
+        })?;
+    let same = info.key_size() as usize == std::mem::size_of::<StickyKey>()
+        && info.value_size() as usize == std::mem::size_of::<StickyValue>()
+        && info.max_entries() == size
+        && matches!(info.map_type(), Ok(aya::maps::MapType::LruHash));
     if same {
         tracing::info!(path = %path.display(), "sticky table kept from the previous run");
         return Ok(());

@@ -115,14 +115,16 @@ pub(super) fn drop_privileges(
 /// The capabilities BPF needs that this process lacks (from its effective set), for
 /// the warning when BPF does not load.
 fn missing_privilege() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
     // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39.
-    let effective = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
+    let effective = field("CapEff:")
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
         .unwrap_or(0);
     let has = |bit: u32| effective & (1 << bit) != 0;
     // CAP_PERFMON: the verifier lets the program read kernel memory (the skb's
@@ -134,7 +136,11 @@ fn missing_privilege() -> String {
         .filter(|&(bit, _)| !(has(bit) || (bit == 39 || bit == 38) && has(21)))
         .map(|(_, name)| name)
         .collect();
-    if missing.is_empty() {
+    if missing.is_empty() && field("Seccomp:") == Some("2") {
+        // Podman's and older Docker's default profiles allow bpf() only with
+        // CAP_SYS_ADMIN, whatever else the container was given.
+        "none, but a seccomp filter is active: a container's default profile refuses bpf() without CAP_SYS_ADMIN; run it with the profile `cargo xtask dist` writes (seccomp.json: bpf() allowed with CAP_BPF) or --security-opt seccomp=unconfined".to_owned()
+    } else if missing.is_empty() {
         "none (the kernel refused for another reason, see reason)".to_owned()
     } else {
         missing.join(" and ")
