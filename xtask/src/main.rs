@@ -224,11 +224,11 @@ fn seccomp_with_bpf(mut profile: serde_json::Value) -> Result<serde_json::Value>
     let mut refused = false;
     for call in calls.iter_mut().filter(|c| names_bpf(c)) {
         // The rule that refuses bpf() unless CAP_SYS_ADMIN: not with CAP_BPF either.
-        if call["action"] == "SCMP_ACT_ERRNO" {
-            if let Some(caps) = call["excludes"]["caps"].as_array_mut() {
-                caps.push("CAP_BPF".into());
-                refused = true;
-            }
+        if call["action"] == "SCMP_ACT_ERRNO"
+            && let Some(caps) = call["excludes"]["caps"].as_array_mut()
+        {
+            caps.push("CAP_BPF".into());
+            refused = true;
         }
     }
     if !refused {
