@@ -72,19 +72,19 @@ fn base_image() {
             .arg("http://deb.debian.org/debian"),
         "debootstrap",
     );
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .arg("-C")
         .arg(&root.0)
         .args(["-c", "."])
         .stdout(Stdio::piped())
         .spawn()
         .expect("tar");
+    let stream = tar.stdout.take().expect("tar output");
     run_ok(
-        podman()
-            .args(["import", "-", BASE])
-            .stdin(tar.stdout.expect("tar output")),
+        podman().args(["import", "-", BASE]).stdin(stream),
         "podman import",
     );
+    assert!(tar.wait().expect("tar").success(), "tar of the base failed");
 }
 
 /// Builds the image from `dir`; returns its size in bytes.
