@@ -146,7 +146,7 @@ async fn switched_to_nobody_the_daemon_keeps_no_capability_and_still_serves() {
         use std::os::unix::fs::PermissionsExt;
         let config = lb.config_path();
         let mode = |m| std::fs::Permissions::from_mode(m);
-        std::fs::set_permissions(&config, mode(0o600)).expect("chmod 600");
+        std::fs::set_permissions(config, mode(0o600)).expect("chmod 600");
         let failures = lb.stat("reload_failures");
         // SAFETY: a signal to our own child.
         unsafe { libc::kill(pid as i32, libc::SIGHUP) };
@@ -154,7 +154,7 @@ async fn switched_to_nobody_the_daemon_keeps_no_capability_and_still_serves() {
             lb.stat("reload_failures") == failures + 1
         })
         .await;
-        std::fs::set_permissions(&config, mode(0o644)).expect("chmod 644");
+        std::fs::set_permissions(config, mode(0o644)).expect("chmod 644");
         let refused = format!(
             "reload refused; the running configuration stays file={} problem=file: cannot read it: Permission denied",
             config.display()
