@@ -8,6 +8,10 @@
 //! - `--privileged`: the same, spliced;
 //! - without the capabilities: the log names them, `auto` serves on the copy plane;
 //!   with them but podman's default seccomp profile: the log says so.
+//!
+//! And the compose quick start as written (`podman-compose up`): mqttlb in front of
+//! three bridged mosquitto containers, messages crossing nodes through it, the splice
+//! loaded, `/metrics` with the token.
 
 use std::{
     io::Write,
@@ -17,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use mqttlb::mqtt::Version;
 use tests::*;
 use tokio::io::AsyncWriteExt;
 
@@ -87,15 +92,20 @@ fn base_image() {
     assert!(tar.wait().expect("tar").success(), "tar of the base failed");
 }
 
-/// Builds the image from `dir`; returns its size in bytes.
-fn build_image(dir: &Path) -> u64 {
+/// `Containerfile` as an image named `tag`, from `context`.
+fn build(context: &Path, containerfile: &Path, tag: &str) {
     run_ok(
         podman()
-            .args(["build", "--network", "host", "-t", IMAGE, "-f"])
-            .arg(dir.join("Containerfile"))
-            .arg(dir),
+            .args(["build", "--network", "host", "-t", tag, "-f"])
+            .arg(containerfile)
+            .arg(context),
         "podman build",
     );
+}
+
+/// Builds the image from `dir`; returns its size in bytes.
+fn build_image(dir: &Path) -> u64 {
+    build(dir, &dir.join("Containerfile"), IMAGE);
     let out = run_ok(
         podman().args(["image", "inspect", "--format", "{{.Size}}", IMAGE]),
         "podman image inspect",
@@ -364,4 +374,246 @@ async fn the_image_splices_keeps_its_sticky_table_and_says_what_it_lacks() {
             &["cleanup", "--sticky"],
         );
     }
+}
+
+/// `/etc/containers/containers.conf` with default rlimits this host accepts (podman
+/// raises nofile and nproc by default, which is refused here: podman-compose gives
+/// no `--ulimit` of its own); the previous file is put back when dropped.
+struct ContainersConf {
+    before: Option<Vec<u8>>,
+}
+
+const CONTAINERS_CONF: &str = "/etc/containers/containers.conf";
+
+impl ContainersConf {
+    fn write() -> Self {
+        let before = std::fs::read(CONTAINERS_CONF).ok();
+        std::fs::write(
+            CONTAINERS_CONF,
+            "[containers]\ndefault_ulimits = [\"nofile=4096:4096\", \"nproc=4096:4096\"]\n",
+        )
+        .expect("containers.conf");
+        Self { before }
+    }
+}
+
+impl Drop for ContainersConf {
+    fn drop(&mut self) {
+        let _ = match &self.before {
+            Some(b) => std::fs::write(CONTAINERS_CONF, b),
+            None => std::fs::remove_file(CONTAINERS_CONF),
+        };
+    }
+}
+
+/// `podman-compose -p PROJECT ARGS` in `dir`, with the test's images.
+fn compose(dir: &Path, project: &str, args: &[&str]) -> Output {
+    Command::new("podman-compose")
+        .current_dir(dir)
+        .args(["-p", project])
+        .args(args)
+        .env("MQTTLB_IMAGE", IMAGE)
+        .env("MOSQUITTO_IMAGE", "localhost/mosquitto:test")
+        .output()
+        .expect("podman-compose (Debian package podman-compose)")
+}
+
+/// The project brought down (and its pins removed) when dropped.
+struct Project<'a> {
+    dir: &'a Path,
+    name: &'a str,
+}
+
+impl Drop for Project<'_> {
+    fn drop(&mut self) {
+        let _ = compose(self.dir, self.name, &["down", "-t", "5"]);
+        let _ = ctl_output("compose", &["cleanup", "--sticky"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_quick_start_balances_over_three_bridged_brokers() {
+    if !privileged("compose (podman needs root here)") {
+        return;
+    }
+    let dist = dist();
+    base_image();
+    build_image(&dist);
+    let mosquitto = TempDir::new("mosquitto-image");
+    let containerfile = mosquitto.0.join("Containerfile");
+    std::fs::write(
+        &containerfile,
+        "FROM localhost/bookworm:base\nRUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mosquitto && rm -rf /var/lib/apt/lists/*\n",
+    )
+    .expect("Containerfile");
+    build(&mosquitto.0, &containerfile, "localhost/mosquitto:test");
+
+    // The dist folder as a user has it, the ports moved off 1883/8888 and a token made
+    // as the quick start says.
+    let dir = TempDir::new("compose");
+    run_ok(
+        Command::new("cp")
+            .arg("-r")
+            .arg(dist.join("compose"))
+            .arg(&dir.0),
+        "cp",
+    );
+    for f in ["compose.yaml", "seccomp.json"] {
+        std::fs::copy(dist.join(f), dir.0.join(f)).expect("copy");
+    }
+    let (port, admin) = (free_port(), free_port());
+    let yaml = std::fs::read_to_string(dir.0.join("compose.yaml")).expect("compose.yaml");
+    let moved = yaml
+        .replace("\"1883:1883\"", &format!("\"{port}:1883\""))
+        .replace(
+            "\"127.0.0.1:8888:8888\"",
+            &format!("\"127.0.0.1:{admin}:8888\""),
+        );
+    assert_ne!(moved, yaml, "the ports of compose.yaml moved");
+    std::fs::write(dir.0.join("compose.yaml"), moved).expect("compose.yaml");
+    let token = "compose-test-token";
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.0.join("compose/admin.token");
+        std::fs::write(&path, token).expect("token");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+
+    let _conf = ContainersConf::write();
+    let project = format!("mqttlbtest{}", std::process::id());
+    let _up = Project {
+        dir: &dir.0,
+        name: &project,
+    };
+    let out = compose(&dir.0, &project, &["up", "-d"]);
+    assert!(
+        out.status.success(),
+        "podman-compose up: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let logs = || {
+        let out = podman()
+            .args(["logs", &format!("{project}_mqttlb_1")])
+            .output()
+            .expect("podman logs");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mqttc::session(addr, "probe", true).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no MQTT through compose: {}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(logs().contains("data_plane=\"auto\""), "{}", logs());
+
+    // Subscribers on three client ids (spread by Maglev over the nodes), one publisher:
+    // every message reaches every subscriber across the bridges.
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        let mut s = mqttc::session(addr, &format!("compose-sub-{i}"), true)
+            .await
+            .expect("subscriber");
+        s.write_all(&mqttc::subscribe(1, "demo/#", 1))
+            .await
+            .expect("SUBSCRIBE");
+        mqttc::read_packet(&mut s).await.expect("SUBACK");
+        subs.push(s);
+    }
+    // The bridges connect a moment after the brokers start: wait until a probe crosses.
+    let mut publisher = mqttc::session(addr, "compose-pub", true)
+        .await
+        .expect("publisher");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        publisher
+            .write_all(&packets::publish(
+                Version::V311,
+                "demo/probe",
+                b"probe",
+                0,
+                0,
+            ))
+            .await
+            .expect("probe");
+        let mut all = true;
+        for s in &mut subs {
+            all &= !mqttc::collect(s, Duration::from_millis(300))
+                .await
+                .expect("collect")
+                .is_empty();
+        }
+        if all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bridges never carried a probe"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for s in &mut subs {
+        mqttc::collect(s, Duration::from_millis(200))
+            .await
+            .expect("drain probes");
+    }
+    for i in 0..100u32 {
+        publisher
+            .write_all(&packets::publish(
+                Version::V311,
+                "demo/count",
+                &i.to_be_bytes(),
+                0,
+                0,
+            ))
+            .await
+            .expect("publish");
+    }
+    let want: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    for s in &mut subs {
+        let got = mqttc::collect(s, Duration::from_secs(2))
+            .await
+            .expect("collect");
+        assert_eq!(got, want);
+    }
+
+    // The client ids landed on more than one node (so messages crossed bridges).
+    let out = run_ok(
+        podman()
+            .args([
+                "exec",
+                &format!("{project}_mqttlb_1"),
+                "/usr/local/bin/mqttlb",
+            ])
+            .args(["ctl", "backends", "--json", "--instance", "compose"]),
+        "ctl backends in the container",
+    );
+    let backends: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let used = backends["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter(|b| b["active"].as_u64() > Some(0))
+        .count();
+    assert!(used >= 2, "{backends}");
+
+    // The stats as an operator reads them: /metrics with the token.
+    let metrics = http::request(
+        ([127, 0, 0, 1], admin).into(),
+        "GET",
+        "/metrics",
+        Some(token),
+        "",
+    )
+    .await;
+    assert_eq!(metrics.status, 200, "{}", metrics.body);
+    assert_eq!(
+        http::metric(&metrics.body, "mqttlb_connections_active", &[]),
+        Some(4.0),
+        "three subscribers and the publisher"
+    );
 }
