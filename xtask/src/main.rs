@@ -47,6 +47,8 @@ const TEST_APT: &[(&str, &str)] = &[
         "golang-github-containers-common",
         "/usr/share/containers/seccomp.json",
     ),
+    // The compose quick start, run as written.
+    ("podman-compose", "/usr/bin/podman-compose"),
 ];
 
 fn main() -> ExitCode {
@@ -201,7 +203,7 @@ fn write_dist(bin: &Path, out: &Path) -> Result<()> {
             )?;
         }
         Err(_) => eprintln!(
-            "xtask: no {} (Debian package containers-common): seccomp.json not written",
+            "xtask: no {} (Debian package golang-github-containers-common): seccomp.json not written",
             host_profile.display()
         ),
     }
