@@ -485,8 +485,68 @@ counters! {
     }
 }
 
+/// Per source address in the guard's `guard_sources` LRU hash (see
+/// `lb-ebpf/src/guard.bpf.c`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct GuardSource {
+    /// GCRA: theoretical arrival time of the source's next SYN (ktime ns).
+    pub tat_ns: u64,
+    /// SYNs seen to a guarded port.
+    pub syns: u64,
+    /// Packets dropped (denied, or SYNs over the rate).
+    pub dropped: u64,
+    /// Last SYN or drop (ktime ns).
+    pub last_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<GuardSource>() == 32);
+
+/// The guard's SYN rate (`guard_conf[0]`): GCRA interval and burst tolerance.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct GuardConf {
+    /// 1e9 / `syn_rate`; 0: SYNs are not limited.
+    pub interval_ns: u64,
+    /// (`syn_burst` - 1) * `interval_ns`.
+    pub tolerance_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<GuardConf>() == 16);
+
+/// The guard's counters (`guard_stats`, per CPU), by index, as `ctl guard` and
+/// `/metrics` name them.
+pub const GUARD_STATS: [&str; 6] = [
+    "inspected",
+    "allowed",
+    "denied",
+    "syn_limited",
+    "syn_passed",
+    "unparsed",
+];
+
+/// Map names of the guard program.
+pub mod guard_maps {
+    /// LPM trie of denied sources (IPv4 mapped into IPv6).
+    pub const DENY: &str = "guard_deny";
+    /// LPM trie of allowed sources (never dropped).
+    pub const ALLOW: &str = "guard_allow";
+    /// Guarded TCP ports.
+    pub const PORTS: &str = "guard_ports";
+    /// Per source: SYN rate state and counts (LRU).
+    pub const SOURCES: &str = "guard_sources";
+    /// The SYN rate.
+    pub const CONF: &str = "guard_conf";
+    /// Counters, per CPU.
+    pub const STATS: &str = "guard_stats";
+}
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: plain-old-data with no padding, checked by the size asserts above.
+    unsafe impl aya::Pod for super::GuardSource {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuardConf {}
     // SAFETY: plain-old-data with no padding, checked by the size asserts above.
     unsafe impl aya::Pod for super::SockInfo {}
     // SAFETY: as above.

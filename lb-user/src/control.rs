@@ -152,6 +152,8 @@ fn request(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
             }),
             Err(e) => serde_json::json!({ "error": e.to_string() }),
         },
+        ["guard"] => guard(shared, None),
+        ["guard", change, cidr] => guard(shared, Some((change, cidr))),
         ["weight", c, s, n] => match n.parse::<NonZeroU32>() {
             Ok(w) => change(
                 c,
@@ -167,6 +169,19 @@ fn request(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
         },
         _ => serde_json::json!({ "error": format!("unknown request {line:?}") }),
     }
+}
+
+/// `guard` and `guard deny|allow|remove CIDR`: the change made, then the guard's view.
+fn guard(shared: &Shared, change: Option<(&str, &str)>) -> serde_json::Value {
+    let Some(g) = shared.guard.get() else {
+        return serde_json::json!({ "error": "no [guard] in this instance's configuration" });
+    };
+    if let Some((change, cidr)) = change
+        && let Err(e) = crate::guard::change_from_words(g, change, cidr)
+    {
+        return serde_json::json!({ "error": e });
+    }
+    serde_json::json!({ "guard": g.view() })
 }
 
 /// Sends `request` to the daemon of `instance` and returns its JSON answer.

@@ -57,6 +57,14 @@ pub enum CtlCommand {
         /// The server.
         server: String,
     },
+    /// The XDP front guard: interfaces, lists, SYN rate, counters, the sources with
+    /// the most drops; or a change to its lists, in force at once (kept over reloads
+    /// until the daemon stops).
+    Guard {
+        /// A change; none: show the guard.
+        #[command(subcommand)]
+        change: Option<GuardChange>,
+    },
     /// Set a server's weight at runtime (overrides the file, survives reloads).
     Weight {
         /// Its cluster.
@@ -65,6 +73,26 @@ pub enum CtlCommand {
         server: String,
         /// The new weight, from 1.
         weight: u32,
+    },
+}
+
+/// `ctl guard deny|allow|remove CIDR`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum GuardChange {
+    /// Drop every packet from this block to the listeners' ports.
+    Deny {
+        /// e.g. 203.0.113.0/24 or 2001:db8::/32.
+        cidr: String,
+    },
+    /// Never drop this block (before deny and the SYN rate).
+    Allow {
+        /// e.g. 10.0.0.0/8.
+        cidr: String,
+    },
+    /// Take the block out of both lists.
+    Remove {
+        /// As written in deny or allow.
+        cidr: String,
     },
 }
 
@@ -79,6 +107,9 @@ pub fn run(
     let change = match &cmd {
         CtlCommand::Conns => return conns(instance, running, json, out),
         CtlCommand::Cleanup { sticky } => return cleanup(instance, running, *sticky, out),
+        CtlCommand::Guard { change } => {
+            return guard(instance, running, change.as_ref(), json, out);
+        }
         CtlCommand::Drain { cluster, server } => Some(format!("drain {cluster} {server}")),
         CtlCommand::Enable { cluster, server } => Some(format!("enable {cluster} {server}")),
         CtlCommand::Evacuate { cluster, server } => Some(format!("evacuate {cluster} {server}")),
@@ -128,6 +159,7 @@ pub fn run(
         | CtlCommand::Drain { .. }
         | CtlCommand::Enable { .. }
         | CtlCommand::Evacuate { .. }
+        | CtlCommand::Guard { .. }
         | CtlCommand::Weight { .. } => unreachable!("answered above"),
         CtlCommand::Backends => print_backends(instance, &source.backends()?, json, out),
         CtlCommand::Sticky => {
@@ -137,6 +169,81 @@ pub fn run(
         }
         CtlCommand::Stats => print_stats(instance, &source.stats()?, json, out),
     }
+}
+
+/// `ctl guard`: asks the daemon (the guard's maps are its own), changes first.
+fn guard(
+    instance: &str,
+    running: bool,
+    change: Option<&GuardChange>,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    if !running {
+        return Err(CtlError::NotRunning(instance.to_owned()));
+    }
+    let request = match change {
+        None => "guard".to_owned(),
+        Some(GuardChange::Deny { cidr }) => format!("guard deny {cidr}"),
+        Some(GuardChange::Allow { cidr }) => format!("guard allow {cidr}"),
+        Some(GuardChange::Remove { cidr }) => format!("guard remove {cidr}"),
+    };
+    let answer = ask_daemon(instance, &request)?;
+    if json {
+        return print_json(instance, "guard", answer["guard"].clone(), out);
+    }
+    if change.is_some() {
+        writeln!(
+            out,
+            "{request}: done (in force now; kept over reloads until a restart)"
+        )?;
+    }
+    let g = &answer["guard"];
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default()
+    };
+    for i in g["interfaces"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "interface {:<12} {}",
+            str_of(&i["interface"]),
+            str_of(&i["mode"])
+        )?;
+    }
+    writeln!(
+        out,
+        "syn_rate {} syn_burst {}",
+        g["syn_rate"], g["syn_burst"]
+    )?;
+    writeln!(out, "deny  {}", list(&g["deny"]))?;
+    writeln!(out, "allow {}", list(&g["allow"]))?;
+    for name in lb_common::GUARD_STATS {
+        let n = g["counters"][name].as_u64().unwrap_or(0);
+        writeln!(out, "{name:<14} {n:>12}")?;
+    }
+    writeln!(out, "{:<40} {:>12} {:>12}", "top source", "syns", "dropped")?;
+    for s in g["top"].as_array().into_iter().flatten() {
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        writeln!(
+            out,
+            "{:<40} {:>12} {:>12}",
+            str_of(&s["source"]),
+            n("syns"),
+            n("dropped")
+        )?;
+    }
+    Ok(())
+}
+
+fn str_of(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap_or("")
 }
 
 /// `{ "instance": ..., key: value }`, pretty, on its own line.

@@ -41,6 +41,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod dataplane;
 pub mod evacuate;
+pub mod guard;
 pub mod health;
 pub mod limits;
 pub mod mqtt;

@@ -115,6 +115,8 @@ pub struct Shared {
     pub conns: Arc<Registry>,
     /// A shutdown is under way (`/readyz` fails).
     stopping: AtomicBool,
+    /// The XDP front guard, with `[guard]`.
+    pub guard: std::sync::OnceLock<Arc<crate::guard::Guard>>,
 }
 
 impl Shared {
@@ -135,6 +137,7 @@ impl Shared {
             preconnect: PreConnectBudget::new(max_preconnect_bytes),
             conns: Arc::default(),
             stopping: AtomicBool::new(false),
+            guard: std::sync::OnceLock::new(),
         };
         shared.replace_clusters(clusters);
         shared

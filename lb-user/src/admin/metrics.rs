@@ -193,6 +193,17 @@ pub fn render(
             m.counter(name, "Counter of the in-kernel splice program", value);
         }
     }
+    if let Some(g) = shared.guard.get() {
+        let rows = g
+            .counters()
+            .into_iter()
+            .map(|(name, v)| (label("verdict", name), v));
+        m.counters(
+            "guard_packets",
+            "XDP guard: TCP packets to the listeners' ports by verdict (inspected, allowed, denied, syn_limited, syn_passed, unparsed)",
+            rows,
+        );
+    }
     m.0.register(
         "server_reached_seconds",
         "Accept to the server connection established: the CONNECT read and checked, a server chosen and connected",

@@ -88,6 +88,7 @@ pub fn serve(
         .route("/api/v1/conns", get(conns))
         .route("/api/v1/sticky", get(sticky))
         .route("/api/v1/servers/{cluster}/{server}", post(change_server))
+        .route("/api/v1/guard", get(guard).post(change_guard))
         .route(
             "/api/v1/servers/{cluster}/{server}/evacuate",
             post(evacuate_server),
@@ -298,6 +299,56 @@ async fn sticky(State(app): State<App>, headers: HeaderMap) -> Response {
         "sticky": views::sticky(&app.shared),
     }))
     .into_response()
+}
+
+async fn guard(State(app): State<App>, headers: HeaderMap) -> Response {
+    if let Some(r) = app.check_read(&headers) {
+        return r;
+    }
+    match app.shared.guard.get() {
+        Some(g) => Json(serde_json::json!({ "instance": &*app.instance, "guard": g.view() }))
+            .into_response(),
+        None => refuse(
+            StatusCode::NOT_FOUND,
+            "no [guard] in this instance's configuration",
+        ),
+    }
+}
+
+/// A change of the guard's lists.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuardChangeBody {
+    /// `deny`, `allow` or `remove`.
+    change: String,
+    /// The block.
+    cidr: String,
+}
+
+/// `POST /api/v1/guard`: `{"change": "deny"|"allow"|"remove", "cidr": "..."}`, in force
+/// at once; answers with the guard's view.
+async fn change_guard(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = app.refuse_write(&headers) {
+        return r;
+    }
+    let Some(g) = app.shared.guard.get() else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "no [guard] in this instance's configuration",
+        );
+    };
+    let change: GuardChangeBody = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, &format!("body: {e}")),
+    };
+    match crate::guard::change_from_words(g, &change.change, &change.cidr) {
+        Ok(()) => Json(serde_json::json!({ "guard": g.view() })).into_response(),
+        Err(e) => refuse(StatusCode::BAD_REQUEST, &e),
+    }
 }
 
 /// `POST /api/v1/servers/{cluster}/{server}`: `{"state": "up"|"drain"|"down"}` and/or

@@ -156,11 +156,68 @@ impl Checker<'_> {
             listeners.push(listener.listener);
         }
         let admin = self.admin(raw.admin, raw.stats);
+        let guard = raw.guard.map(|g| self.guard(g));
         Config {
             global,
             admin,
             listeners,
             clusters,
+            guard,
+        }
+    }
+
+    /// `[guard]`: interface names and CIDR blocks checked, the SYN burst defaulted.
+    fn guard(&mut self, raw: Spanned<RawGuard>) -> GuardConfig {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        if raw.interfaces.is_empty() {
+            self.err(
+                span,
+                "guard.interfaces".into(),
+                "name at least one interface to attach the XDP guard to, e.g. [\"eth0\"]",
+            );
+        }
+        let mut interfaces = Vec::new();
+        for (i, name) in raw.interfaces.into_iter().enumerate() {
+            let n = name.get_ref();
+            // IFNAMSIZ is 16 with the terminating NUL.
+            if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', '\0']) {
+                self.err(
+                    name.span(),
+                    format!("guard.interfaces[{i}]"),
+                    format!(
+                        "{n:?} is not an interface name (1 to 15 characters, no '/' or spaces)"
+                    ),
+                );
+            }
+            interfaces.push(name.into_inner());
+        }
+        let mut cidrs = |list: Vec<Spanned<String>>, key: &str| {
+            let mut out = Vec::new();
+            for (i, c) in list.into_iter().enumerate() {
+                match c.get_ref().parse::<crate::guard::Cidr>() {
+                    Ok(cidr) => out.push(cidr),
+                    Err(e) => self.err(c.span(), format!("guard.{key}[{i}]"), e),
+                }
+            }
+            out
+        };
+        let deny = cidrs(raw.deny, "deny");
+        let allow = cidrs(raw.allow, "allow");
+        let syn_burst = match raw.syn_burst {
+            Some(b) if *b.get_ref() == 0 => {
+                self.err(b.span(), "guard.syn_burst".into(), "must be at least 1");
+                1
+            }
+            Some(b) => *b.get_ref(),
+            None => raw.syn_rate.max(1),
+        };
+        GuardConfig {
+            interfaces,
+            deny,
+            allow,
+            syn_rate: raw.syn_rate,
+            syn_burst,
         }
     }
 

@@ -108,6 +108,23 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// `[[clusters]]`.
     pub clusters: Vec<Cluster>,
+    /// `[guard]`, when present.
+    pub guard: Option<GuardConfig>,
+}
+
+/// `[guard]`: the XDP front guard on these interfaces, for the listeners' ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// Interfaces the program is attached to.
+    pub interfaces: Vec<String>,
+    /// Sources whose packets to the listeners' ports are dropped.
+    pub deny: Vec<crate::guard::Cidr>,
+    /// Sources never dropped (before `deny` and the SYN rate).
+    pub allow: Vec<crate::guard::Cidr>,
+    /// SYNs a second per source address; 0: not limited.
+    pub syn_rate: u32,
+    /// SYNs a source may send at once (default: one second's worth).
+    pub syn_burst: u32,
 }
 
 /// `[global]`.

@@ -55,6 +55,21 @@ pub(super) struct RawConfig {
     pub(super) listeners: Vec<RawListener>,
     #[serde(default)]
     pub(super) clusters: Vec<RawCluster>,
+    pub(super) guard: Option<Spanned<RawGuard>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGuard {
+    #[serde(default)]
+    pub(super) interfaces: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) deny: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) syn_rate: u32,
+    pub(super) syn_burst: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]

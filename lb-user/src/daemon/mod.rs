@@ -65,6 +65,9 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// `[guard]` could not be loaded or attached.
+    #[error("[guard]: {0}")]
+    Guard(#[from] crate::guard::GuardError),
     /// `[global] user` could not be switched to.
     #[error("{0}")]
     Privilege(#[from] crate::privilege::PrivilegeError),
@@ -137,6 +140,7 @@ pub struct Prepared {
     sockets: Vec<std::net::TcpListener>,
     admin_socket: Option<std::net::TcpListener>,
     control: (std::os::unix::net::UnixListener, control::ControlSocket),
+    guard: Option<Arc<crate::guard::Guard>>,
 }
 
 /// Sets up what needs privilege (see [`Prepared`]) and drops it. Call with no other
@@ -161,6 +165,13 @@ pub fn prepare(
         path: control::socket_path(name).display().to_string(),
         source,
     })?;
+    let guard = match &config.guard {
+        Some(g) => Some(Arc::new(crate::guard::Guard::load(
+            g,
+            &listener_ports(config),
+        )?)),
+        None => None,
+    };
     if let Some(account) = &config.global.run_as {
         plane::drop_privileges(account, planes.bpf.as_deref())?;
     }
@@ -172,7 +183,16 @@ pub fn prepare(
         sockets,
         admin_socket,
         control,
+        guard,
     })
+}
+
+/// The TCP ports of the listeners (what the guard watches).
+pub(crate) fn listener_ports(config: &Config) -> Vec<u16> {
+    let mut ports: Vec<u16> = config.listeners.iter().map(|l| l.bind.port()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// Runs the daemon set up by [`prepare`] until SIGTERM/SIGINT. `config_path` is
@@ -224,6 +244,7 @@ fn start(config: &Config, prepared: Prepared) -> Result<(Running, Signals), Daem
         sockets,
         admin_socket,
         control: (control_listener, control),
+        guard,
     } = prepared;
     let in_runtime = |name: &str, addr, socket| {
         TcpListener::from_std(socket).map_err(|source| DaemonError::Bind {
@@ -249,6 +270,9 @@ fn start(config: &Config, prepared: Prepared) -> Result<(Running, Signals), Daem
     let preconnect = config.global.max_preconnect_bytes;
     let shared = Shared::new(stats.clone(), plane, clusters, sticky, preconnect);
     let shared = Arc::new(shared);
+    if let Some(g) = guard {
+        let _ = shared.guard.set(g);
+    }
     control::serve(control_listener, shared.clone()).map_err(|source| DaemonError::Control {
         path: control::socket_path(&config.global.name)
             .display()
@@ -394,6 +418,9 @@ impl Running {
         }
         if let Some(b) = &self.bpf {
             b.unpin();
+        }
+        if let Some(g) = self.shared.guard.get() {
+            g.detach();
         }
         drop(self._control);
         drop(self._lock);

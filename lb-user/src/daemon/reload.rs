@@ -63,6 +63,7 @@ pub(super) fn reload(
     new.global = current.global.clone();
     (new.global.shutdown_delay, new.global.shutdown_grace) = shutdown;
     new.admin = current.admin.clone();
+    reload_guard(current, &mut new, shared);
     // New connections go to the cluster the file names for each listener now.
     let found = |l: &Listener| {
         new.listeners
@@ -89,6 +90,35 @@ pub(super) fn reload(
     );
     *current = new;
     true
+}
+
+/// `[guard]`: lists and SYN rate applied at once (runtime changes laid over them);
+/// adding or removing the section, or its interfaces, needs a restart.
+fn reload_guard(current: &Config, new: &mut Config, shared: &Shared) {
+    match (shared.guard.get(), &new.guard) {
+        (Some(guard), Some(g)) => {
+            let old_interfaces = current.guard.as_ref().map(|c| &c.interfaces);
+            if old_interfaces != Some(&g.interfaces) {
+                warn!("guard.interfaces changed: attached where they were until a restart");
+            }
+            match guard.configure(g, &super::listener_ports(current)) {
+                Ok(()) => info!(
+                    deny = g.deny.len(),
+                    allow = g.allow.len(),
+                    syn_rate = g.syn_rate,
+                    "reload: guard lists and rate applied"
+                ),
+                Err(e) => error!(error = %e, "reload: the guard kept its previous lists"),
+            }
+        }
+        (None, None) => {}
+        _ => {
+            warn!(
+                "[guard] added or removed: that takes a restart; the running guard stays as it is"
+            );
+            new.guard = current.guard.clone();
+        }
+    }
 }
 
 /// What a reload changes in clusters and servers, one line each, against the running
@@ -177,6 +207,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.admin != new.admin {
         keys.push("admin");
+    }
+    if a.run_as != b.run_as {
+        keys.push("global.user");
     }
     keys
 }
