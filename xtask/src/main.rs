@@ -49,6 +49,8 @@ const TEST_APT: &[(&str, &str)] = &[
     ),
     // The compose quick start, run as written.
     ("podman-compose", "/usr/bin/podman-compose"),
+    // The guard test's SYN flood.
+    ("hping3", "/usr/sbin/hping3"),
 ];
 
 fn main() -> ExitCode {
