@@ -482,6 +482,17 @@ counters! {
         /// Of those, MQTT 5 clients sent DISCONNECT 0x9C (Use another server) at a
         /// packet boundary first.
         EvictedDisconnect = 54 => "evicted_disconnect_sent",
+        /// Refused: the source address had `max_connections_per_source` open
+        /// (CONNACK 0x97 Quota exceeded / 3).
+        LimitSourceConnections = 55 => "limit_source_connections",
+        /// Refused: over `connect_rate_per_source` (CONNACK 0x9F / 3).
+        LimitSourceRate = 56 => "limit_source_rate",
+        /// Refused: the client id reconnected over `connect_rate_per_client_id`.
+        LimitClientIdRate = 57 => "limit_client_id_rate",
+        /// Refused: `new_connection_rate`'s queue was full (CONNACK 0x9F / 3).
+        LimitNewConnectionRate = 58 => "limit_new_connection_rate",
+        /// Connections that waited for `new_connection_rate` before reaching a server.
+        LimitDelayed = 59 => "limit_delayed",
     }
 }
 

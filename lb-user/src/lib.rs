@@ -32,6 +32,7 @@
 
 pub mod addr;
 pub mod admin;
+pub mod admission;
 pub mod balance;
 pub mod bpf;
 pub mod config;

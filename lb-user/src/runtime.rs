@@ -284,6 +284,8 @@ pub struct ListenerRt {
     pub tls: Option<TlsRt>,
     /// The cluster its connections go to.
     cluster: RwLock<Arc<ClusterRt>>,
+    /// Its admission limits (set at start; a reload does not change them).
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 /// A TLS listener's live state.
@@ -311,10 +313,12 @@ impl ListenerRt {
             handshakes: tokio::sync::Semaphore::new(t.max_handshakes.get() as usize),
             handshake_timeout: t.handshake_timeout,
         });
+        let admission = Arc::new(crate::admission::Admission::new(config.limits.clone()));
         Self {
             config,
             tls,
             cluster: RwLock::new(cluster),
+            admission,
         }
     }
 

@@ -267,6 +267,10 @@ fn labelled(m: &mut Scrape, s: &crate::stats::Stats) {
                 ("local_resource", D::RejectedLocalResource),
                 ("websocket_http", D::WsRejectedHttp),
                 ("websocket_frames", D::WsBadFrames),
+                ("max_connections_per_source", D::LimitSourceConnections),
+                ("connect_rate_per_source", D::LimitSourceRate),
+                ("connect_rate_per_client_id", D::LimitClientIdRate),
+                ("new_connection_rate", D::LimitNewConnectionRate),
             ],
         ),
     );

@@ -16,6 +16,7 @@ impl Checker<'_> {
     /// the caller).
     pub(super) fn listener(&mut self, key: &str, rl: RawListener, clusters: &[Cluster]) -> Checked {
         let bind = self.bind_addr(&rl.bind, format!("{key}.bind"));
+        let limits = self.limits(key, &rl);
         self.positive(
             rl.name.span(),
             format!("{key}.inspect_timeout"),
@@ -51,7 +52,85 @@ impl Checker<'_> {
                 max_connect_size: rl.max_connect_size.into_inner(),
                 rewrite,
                 protocol,
+                limits,
             },
+        }
+    }
+
+    /// The admission limits of a listener: rates above 0, bursts defaulting to one
+    /// second's worth, the wait queue to ten seconds' worth.
+    fn limits(&mut self, key: &str, rl: &RawListener) -> Limits {
+        let mut rate = |rate: &Option<Spanned<f64>>,
+                        burst: &Option<Spanned<u32>>,
+                        name: &str,
+                        burst_name: &str| {
+            let r = rate.as_ref()?;
+            let value = *r.get_ref();
+            if !(value > 0.0 && value.is_finite()) {
+                self.err(
+                    r.span(),
+                    format!("{key}.{name}"),
+                    "must be a number above 0 (a second)",
+                );
+                return None;
+            }
+            let burst = match burst {
+                Some(b) if *b.get_ref() == 0 => {
+                    self.err(
+                        b.span(),
+                        format!("{key}.{burst_name}"),
+                        "must be at least 1",
+                    );
+                    1
+                }
+                Some(b) => *b.get_ref(),
+                None => value.ceil() as u32,
+            };
+            Some(Rate {
+                rate: value,
+                burst: burst.max(1),
+            })
+        };
+        let per_source = rate(
+            &rl.connect_rate_per_source,
+            &rl.connect_burst_per_source,
+            "connect_rate_per_source",
+            "connect_burst_per_source",
+        );
+        let per_client_id = rate(
+            &rl.connect_rate_per_client_id,
+            &rl.connect_burst_per_client_id,
+            "connect_rate_per_client_id",
+            "connect_burst_per_client_id",
+        );
+        // The listener's rate smooths: a tenth of a second's worth at once.
+        let new_connections =
+            rate(&rl.new_connection_rate, &None, "new_connection_rate", "").map(|r| Rate {
+                burst: (r.rate / 10.0).ceil().max(1.0) as u32,
+                ..r
+            });
+        let new_connection_queue = match (&rl.new_connection_queue, new_connections) {
+            (Some(q), _) => *q.get_ref(),
+            (None, Some(r)) => (r.rate * 10.0).ceil().max(100.0) as u32,
+            (None, None) => 0,
+        };
+        let max_connections_per_source = match &rl.max_connections_per_source {
+            Some(m) if *m.get_ref() == 0 => {
+                self.err(
+                    m.span(),
+                    format!("{key}.max_connections_per_source"),
+                    "must be at least 1",
+                );
+                None
+            }
+            m => m.as_ref().map(|m| *m.get_ref()),
+        };
+        Limits {
+            max_connections_per_source,
+            per_source,
+            new_connections,
+            new_connection_queue,
+            per_client_id,
         }
     }
 

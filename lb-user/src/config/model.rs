@@ -112,6 +112,31 @@ pub struct Config {
     pub guard: Option<GuardConfig>,
 }
 
+/// A rate with its burst: `rate` a second on average, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Events a second.
+    pub rate: f64,
+    /// Events at once.
+    pub burst: u32,
+}
+
+/// A listener's admission limits; each `None` is off. A refused MQTT 5 client gets
+/// CONNACK 0x97 (quota) or 0x9F (rate), a 3.x client CONNACK 3, and no server sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// Connections open at once from one source address.
+    pub max_connections_per_source: Option<u32>,
+    /// New connections a second from one source address.
+    pub per_source: Option<Rate>,
+    /// Connections a second this listener hands to servers; excess ones wait.
+    pub new_connections: Option<Rate>,
+    /// At most this many wait for `new_connections`; past it they are refused.
+    pub new_connection_queue: u32,
+    /// Connections a second with the same client id.
+    pub per_client_id: Option<Rate>,
+}
+
 /// `[guard]`: the XDP front guard on these interfaces, for the listeners' ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardConfig {
@@ -192,6 +217,8 @@ pub struct Listener {
     pub rewrite: Rewrite,
     /// What its clients speak, with the settings of that protocol only.
     pub protocol: Protocol,
+    /// Admission limits (per source, per client id, the listener's rate).
+    pub limits: Limits,
 }
 
 /// A listener's protocol (`kind`) and the settings only that kind has: a listener

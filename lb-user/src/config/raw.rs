@@ -139,6 +139,13 @@ pub(super) struct RawListener {
     pub(super) tls: Option<Spanned<RawTls>>,
     pub(super) rewrite: Option<Spanned<RawRewrite>>,
     pub(super) path: Option<Spanned<String>>,
+    pub(super) max_connections_per_source: Option<Spanned<u32>>,
+    pub(super) connect_rate_per_source: Option<Spanned<f64>>,
+    pub(super) connect_burst_per_source: Option<Spanned<u32>>,
+    pub(super) new_connection_rate: Option<Spanned<f64>>,
+    pub(super) new_connection_queue: Option<Spanned<u32>>,
+    pub(super) connect_rate_per_client_id: Option<Spanned<f64>>,
+    pub(super) connect_burst_per_client_id: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]

@@ -118,6 +118,11 @@ impl Conn<'_> {
 
         let cluster = self.listener.cluster();
         let websocket = self.listener.websocket().is_some();
+        // Held to the end: the connection's place among its source's open ones.
+        let _admitted = match self.admit(&first, &cluster.config.name).await {
+            Ok(a) => a,
+            Err(connack) => return route::refuse(client, &connack, websocket).await,
+        };
         let connected =
             route::connect_server(self.shared, &cluster, &first, self.peer, websocket).await;
         let (mut server, lease) = match connected {
@@ -129,7 +134,8 @@ impl Conn<'_> {
                 let stats = &self.shared.stats;
                 stats.connection_ended(listener, cluster_name, "", "no_server");
                 debug!(peer = %self.peer, client_id = %first.client_id, cluster = %cluster.config.name, ?why, "no server available");
-                route::refuse(client, first.version, websocket).await;
+                let connack = crate::mqtt::connack_server_unavailable(first.version);
+                route::refuse(client, &connack, websocket).await;
                 return;
             }
         };
@@ -142,6 +148,37 @@ impl Conn<'_> {
             .await;
         if let Some(sent) = sent {
             self.hand_off(client, server, target, sent).await;
+        }
+    }
+
+    /// The listener's admission limits; a refusal is counted and logged (debug) and
+    /// comes back as the CONNACK to send.
+    async fn admit(
+        &self,
+        first: &First,
+        cluster: &str,
+    ) -> Result<Option<crate::admission::Admitted>, Vec<u8>> {
+        let admission = &self.listener.admission;
+        if !admission.any() {
+            return Ok(None);
+        }
+        match admission.admit(self.peer.ip(), &first.client_id).await {
+            Ok(a) => {
+                if a.delayed {
+                    self.shared.stats.inc(DaemonStat::LimitDelayed);
+                }
+                Ok(Some(a))
+            }
+            Err(refusal) => {
+                let stats = &self.shared.stats;
+                stats.inc(refusal.stat());
+                stats.connection_ended(&self.listener.config.name, cluster, "", "refused");
+                debug!(peer = %self.peer, client_id = %first.client_id, limit = refusal.key(), "connection refused by a limit");
+                Err(crate::mqtt::connack_refused(
+                    first.version,
+                    refusal.v5_reason(),
+                ))
+            }
         }
     }
 

@@ -23,7 +23,6 @@ use super::{Client, first::First};
 use crate::{
     balance::{self, Lease},
     limits::{LOCAL_RESOURCE_LOG, is_local_resource},
-    mqtt,
     runtime::{ClusterRt, Shared},
     sticky, sys,
     ws::{self, CloseCode},
@@ -209,8 +208,7 @@ async fn connect(server: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSt
 /// Sends the "server unavailable" CONNACK (in a WebSocket frame, then a close frame,
 /// on ws/wss listeners), then closes without resetting it away: the write side is shut
 /// and whatever the client still sends is read and dropped briefly.
-pub(super) async fn refuse(mut client: Client, version: mqtt::Version, websocket: bool) {
-    let connack = mqtt::connack_server_unavailable(version);
+pub(super) async fn refuse(mut client: Client, connack: &[u8], websocket: bool) {
     let bytes = if websocket {
         let close = ws::close_frame(CloseCode::TryAgainLater);
         [ws::binary_frame(connack), close].concat()

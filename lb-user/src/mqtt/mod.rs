@@ -322,10 +322,21 @@ const V5_SERVER_UNAVAILABLE: u8 = 0x88;
 
 /// CONNACK refusing the connection because no server can take it: return code 3
 /// (server unavailable) for MQTT 3.x, reason code 0x88 (Server unavailable) for 5.0.
-pub fn connack_server_unavailable(version: Version) -> &'static [u8] {
+pub fn connack_server_unavailable(version: Version) -> Vec<u8> {
+    connack_refused(version, V5_SERVER_UNAVAILABLE)
+}
+
+/// MQTT 5 CONNACK reason: Quota exceeded.
+pub const V5_QUOTA_EXCEEDED: u8 = 0x97;
+/// MQTT 5 CONNACK reason: Connection rate exceeded.
+pub const V5_CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
+
+/// A CONNACK refusing the session: MQTT 5 with reason code `v5_reason` (no
+/// properties), 3.x with return code 3 (Server unavailable), which has no finer code.
+pub fn connack_refused(version: Version, v5_reason: u8) -> Vec<u8> {
     match version {
-        Version::V31 | Version::V311 => &[0x20, 0x02, 0x00, V3_SERVER_UNAVAILABLE],
-        Version::V5 => &[0x20, 0x03, 0x00, V5_SERVER_UNAVAILABLE, 0x00],
+        Version::V31 | Version::V311 => vec![0x20, 0x02, 0x00, V3_SERVER_UNAVAILABLE],
+        Version::V5 => vec![0x20, 0x03, 0x00, v5_reason, 0x00],
     }
 }
 
