@@ -377,6 +377,23 @@ fn a_denied_network_gets_no_syn_ack_until_removed() {
         .expect("good");
     assert_eq!(ok, 5);
 
+    // A reload keeps the runtime change over the file's list.
+    let reloads = lb.ctl(&["stats"])["stats"]["reloads"].as_u64();
+    // SAFETY: a signal to our own child (`ip netns exec` became mqttlb).
+    unsafe { libc::kill(lb.children[1].id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lb.ctl(&["stats"])["stats"]["reloads"].as_u64() == reloads {
+        assert!(Instant::now() < deadline, "no reload: {}", lb.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lists = lb.ctl(&["guard"]);
+    assert_eq!(
+        lists["guard"]["deny"],
+        serde_json::json!(["10.77.1.0/24", "192.0.2.0/24"]),
+        "{lists}"
+    );
+    assert!(!attacker_connects(&hosts, port, Duration::from_secs(1)));
+
     lb.ctl(&["guard", "remove", "10.77.1.0/24"]);
     let removed = Instant::now();
     assert!(attacker_connects(&hosts, port, Duration::from_secs(1)));
