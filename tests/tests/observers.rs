@@ -23,7 +23,7 @@ fn text(
     nodes: &[Mosquitto],
 ) -> String {
     let mut t = format!(
-        "[global]\nname = \"{instance}\"\n\n[admin]\nbind = \"{admin}\"\ntoken_file = \"{}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nbalance = \"round-robin\"\nsticky = \"none\"\nhealth = {{ kind = \"none\" }}\n",
+        "[global]\nname = \"{instance}\"\n\n[admin]\nbind = \"{admin}\"\ntoken_file = \"{}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nbalance = \"round-robin\"\nsticky = \"none\"\nhealth = {{ kind = \"none\" }}\n\n[guard]\ninterfaces = [\"lo\"]\nsyn_rate = 100000\n",
         token_file.display()
     );
     for (i, n) in nodes.iter().enumerate() {
@@ -106,6 +106,20 @@ async fn prometheus_scrapes_the_connections_the_test_made() {
         out.status.success() && said.trim().is_empty(),
         "promtool: {said}"
     );
+
+    // The guard (on lo) saw the 25 sessions' SYNs, and let them through.
+    let syns = http::metric(
+        &body,
+        "mqttlb_guard_packets_total",
+        &[("verdict", "syn_passed")],
+    );
+    assert!(syns >= Some(25.0), "{syns:?}");
+    let limited = http::metric(
+        &body,
+        "mqttlb_guard_packets_total",
+        &[("verdict", "syn_limited")],
+    );
+    assert_eq!(limited, Some(0.0));
 
     // A real Prometheus, scraping every second, counts them.
     let web = SocketAddr::from(([127, 0, 0, 1], free_port()));

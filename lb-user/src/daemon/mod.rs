@@ -155,6 +155,14 @@ pub fn prepare(
     let kind = plane_override.unwrap_or(config.global.data_plane);
     let planes = plane::data_plane(config, kind, &stats)?;
     info!(instance = %config.global.name, data_plane = planes.plane.name(), "data plane selected");
+    // The guard first: no listener accepts before it watches the ports.
+    let guard = match &config.guard {
+        Some(g) => Some(Arc::new(crate::guard::Guard::load(
+            g,
+            &listener_ports(config),
+        )?)),
+        None => None,
+    };
     let sockets = bind_all(config)?;
     let admin_socket = match &config.admin {
         Some(a) => Some(bind_admin(a)?),
@@ -165,13 +173,6 @@ pub fn prepare(
         path: control::socket_path(name).display().to_string(),
         source,
     })?;
-    let guard = match &config.guard {
-        Some(g) => Some(Arc::new(crate::guard::Guard::load(
-            g,
-            &listener_ports(config),
-        )?)),
-        None => None,
-    };
     if let Some(account) = &config.global.run_as {
         plane::drop_privileges(account, planes.bpf.as_deref())?;
     }
