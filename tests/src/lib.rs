@@ -16,6 +16,7 @@ pub mod harness;
 pub mod http;
 pub mod mosquitto;
 pub mod mqttc;
+pub mod netns;
 pub mod packets;
 pub mod pki;
 pub mod ws_bridge;

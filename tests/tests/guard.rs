@@ -10,73 +10,57 @@
 //!   a second.
 
 use std::{
-    os::fd::AsRawFd,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use tests::*;
+use tests::{
+    netns::{Netns, ip},
+    *,
+};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
-
-/// `ip ARGS`, which must succeed.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Three namespaces: `<tag>-lb` with 10.77.1.1 (towards the attacker, 10.77.1.2 in
 /// `<tag>-bad`) and 10.77.2.1 (towards the good client, 10.77.2.2 in `<tag>-good`).
-/// Removed when dropped.
 struct Hosts {
-    lb: String,
-    bad: String,
-    good: String,
+    lb: Netns,
+    bad: Netns,
+    good: Netns,
     /// The balancer's veth ends.
     lb_ends: [String; 2],
 }
 
 impl Hosts {
     fn new(tag: &str) -> Self {
-        let (lb, bad, good) = (
-            format!("{tag}-lb"),
-            format!("{tag}-bad"),
-            format!("{tag}-good"),
-        );
-        for ns in [&lb, &bad, &good] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
+        let lb = Netns::new(&format!("{tag}-lb"));
+        let bad = Netns::new(&format!("{tag}-bad"));
+        let good = Netns::new(&format!("{tag}-good"));
         let lb_ends = [format!("{tag}a0"), format!("{tag}g0")];
-        for (end, peer_ns, peer, net) in [
-            (&lb_ends[0], &bad, format!("{tag}a1"), "10.77.1"),
-            (&lb_ends[1], &good, format!("{tag}g1"), "10.77.2"),
-        ] {
-            ip(&[
-                "link", "add", end, "netns", &lb, "type", "veth", "peer", "name", &peer, "netns",
-                peer_ns,
-            ]);
-            ip(&["-n", &lb, "addr", "add", &format!("{net}.1/24"), "dev", end]);
-            ip(&[
-                "-n",
-                peer_ns,
-                "addr",
-                "add",
-                &format!("{net}.2/24"),
-                "dev",
-                &peer,
-            ]);
-            ip(&["-n", &lb, "link", "set", end, "up"]);
-            ip(&["-n", peer_ns, "link", "set", &peer, "up"]);
-        }
+        lb.veth(&lb_ends[0], Some("10.77.1.1/24"), &bad, &format!("{tag}a1"));
+        ip(&[
+            "-n",
+            &bad.0,
+            "addr",
+            "add",
+            "10.77.1.2/24",
+            "dev",
+            &format!("{tag}a1"),
+        ]);
+        lb.veth(
+            &lb_ends[1],
+            Some("10.77.2.1/24"),
+            &good,
+            &format!("{tag}g1"),
+        );
+        ip(&[
+            "-n",
+            &good.0,
+            "addr",
+            "add",
+            "10.77.2.2/24",
+            "dev",
+            &format!("{tag}g1"),
+        ]);
         Self {
             lb,
             bad,
@@ -85,16 +69,11 @@ impl Hosts {
         }
     }
 
-    /// `ip netns exec NS PROGRAM`.
-    fn exec(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]).arg(program);
-        c
-    }
-
     /// `TcpExtListenOverflows` of the balancer's namespace.
     fn listen_overflows(&self) -> u64 {
-        let out = Self::exec(&self.lb, "nstat")
+        let out = self
+            .lb
+            .exec("nstat")
             .args(["-az", "TcpExtListenOverflows"])
             .output()
             .expect("nstat (iproute2)");
@@ -104,34 +83,6 @@ impl Hosts {
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
             .expect("TcpExtListenOverflows in nstat's output")
     }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in [&self.lb, &self.bad, &self.good] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
-/// Runs `f` on a thread of its own inside namespace `ns`, with a runtime of its own
-/// (a socket belongs to the namespace of the thread that made it).
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = PathBuf::from("/var/run/netns").join(ns);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("netns file");
-        // SAFETY: setns on a descriptor we hold; affects this thread only.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(f())
-    })
 }
 
 /// The balancer: mosquitto and mqttlb in its namespace; both killed when dropped.
@@ -150,7 +101,9 @@ impl Balancer {
             "listener 1883 127.0.0.1\nallow_anonymous true\nuser root\n",
         )
         .expect("conf");
-        let mosquitto = Hosts::exec(&hosts.lb, "mosquitto")
+        let mosquitto = hosts
+            .lb
+            .exec("mosquitto")
             .arg("-c")
             .arg(&broker)
             .stdout(Stdio::null())
@@ -168,7 +121,9 @@ impl Balancer {
         )
         .expect("config");
         let log = std::fs::File::create(dir.0.join("mqttlb.log")).expect("log");
-        let daemon = Hosts::exec(&hosts.lb, bin())
+        let daemon = hosts
+            .lb
+            .exec(bin())
             .args(["run", "-c"])
             .arg(&config)
             .env("RUST_LOG", "mqttlb=info")
@@ -264,7 +219,7 @@ async fn sessions(addr: std::net::SocketAddr, n: usize) -> usize {
 /// Can the attacker open a TCP connection to `port` within `limit`?
 fn attacker_connects(hosts: &Hosts, port: u16, limit: Duration) -> bool {
     let addr: std::net::SocketAddr = ([10, 77, 1, 1], port).into();
-    in_netns(&hosts.bad, move || {
+    hosts.bad.run(move || {
         Box::pin(async move {
             matches!(
                 tokio::time::timeout(limit, TcpStream::connect(addr)).await,
@@ -272,8 +227,6 @@ fn attacker_connects(hosts: &Hosts, port: u16, limit: Duration) -> bool {
             )
         })
     })
-    .join()
-    .expect("attacker thread")
 }
 
 #[test]
@@ -295,7 +248,9 @@ fn a_syn_flood_is_dropped_per_source_while_good_clients_connect() {
     let overflows = hosts.listen_overflows();
 
     // The flood: 4 s of SYNs at about 20,000 a second from one source.
-    let flood = Hosts::exec(&hosts.bad, "timeout")
+    let flood = hosts
+        .bad
+        .exec("timeout")
         .args([
             "4",
             "hping3",
@@ -313,9 +268,7 @@ fn a_syn_flood_is_dropped_per_source_while_good_clients_connect() {
         .expect("hping3 (Debian package hping3)");
     std::thread::sleep(Duration::from_millis(500));
     let good: std::net::SocketAddr = ([10, 77, 2, 1], port).into();
-    let connected = in_netns(&hosts.good, move || Box::pin(sessions(good, 200)))
-        .join()
-        .expect("good client");
+    let connected = hosts.good.run(move || Box::pin(sessions(good, 200)));
     let mut flood = flood;
     let _ = flood.wait();
     assert_eq!(
@@ -372,9 +325,7 @@ fn a_denied_network_gets_no_syn_ack_until_removed() {
     );
     // The good side is not affected.
     let good: std::net::SocketAddr = ([10, 77, 2, 1], port).into();
-    let ok = in_netns(&hosts.good, move || Box::pin(sessions(good, 5)))
-        .join()
-        .expect("good");
+    let ok = hosts.good.run(move || Box::pin(sessions(good, 5)));
     assert_eq!(ok, 5);
 
     // A reload keeps the runtime change over the file's list.

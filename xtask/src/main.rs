@@ -51,6 +51,9 @@ const TEST_APT: &[(&str, &str)] = &[
     ("podman-compose", "/usr/bin/podman-compose"),
     // The guard test's SYN flood.
     ("hping3", "/usr/sbin/hping3"),
+    // The HA pair test (deploy/keepalived/: its check is curl on /readyz).
+    ("keepalived", "/usr/sbin/keepalived"),
+    ("curl", "/usr/bin/curl"),
 ];
 
 fn main() -> ExitCode {

@@ -1,0 +1,86 @@
+//! Network namespaces for tests that need several "hosts": made with `ip netns`,
+//! removed when dropped; commands and async code run inside them.
+
+use std::{os::fd::AsRawFd, path::PathBuf, process::Command};
+
+/// `ip ARGS`, which must succeed.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (Debian package iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with its loopback up, deleted when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name]);
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        Self(name.to_owned())
+    }
+
+    /// `ip netns exec NAME PROGRAM`.
+    pub fn exec(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).arg(program);
+        c
+    }
+
+    /// A veth pair: `name` here with `addr` (CIDR), `peer` in `other`; both up.
+    pub fn veth(&self, name: &str, addr: Option<&str>, other: &Netns, peer: &str) {
+        ip(&[
+            "link", "add", name, "netns", &self.0, "type", "veth", "peer", "name", peer, "netns",
+            &other.0,
+        ]);
+        if let Some(a) = addr {
+            ip(&["-n", &self.0, "addr", "add", a, "dev", name]);
+        }
+        ip(&["-n", &self.0, "link", "set", name, "up"]);
+        ip(&["-n", &other.0, "link", "set", peer, "up"]);
+    }
+
+    /// Whether `addr` is configured on an interface here.
+    pub fn has_addr(&self, addr: &str) -> bool {
+        let out = Command::new("ip")
+            .args(["-n", &self.0, "-o", "addr", "show"])
+            .output()
+            .expect("ip addr");
+        String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/"))
+    }
+
+    /// Runs `f` on a thread of its own inside this namespace, with a runtime of its
+    /// own (a socket belongs to the namespace of the thread that made it).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+    ) -> T {
+        let path = PathBuf::from("/var/run/netns").join(&self.0);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("netns file");
+            // SAFETY: setns on a descriptor we hold; affects this thread only.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(f())
+        })
+        .join()
+        .expect("thread in the namespace")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
