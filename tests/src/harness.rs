@@ -426,3 +426,25 @@ pub fn mem_available() -> u64 {
         .expect("MemAvailable")
         * 1024
 }
+
+/// The files pinned in the pin directory of `instance` (none when it is gone).
+pub fn pins_left(instance: &str) -> Vec<String> {
+    let dir = std::path::Path::new("/sys/fs/bpf/mqttlb").join(instance);
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The server named `name` in a `ctl backends --json` answer.
+pub fn backend<'a>(backends: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    backends["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no backend {name}: {backends}"))
+}

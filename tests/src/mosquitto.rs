@@ -83,3 +83,34 @@ impl Drop for Mosquitto {
         let _ = self.child.wait();
     }
 }
+
+/// `mosquitto_pub -l` of `lines` (QoS 1) to `topic` on 127.0.0.1:`port`, as client
+/// `client_id` when given; panics unless it exits 0.
+pub fn publish_lines(port: u16, topic: &str, lines: &[String], client_id: Option<&str>) {
+    use std::io::Write;
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-t",
+        topic,
+        "-q",
+        "1",
+        "-l",
+    ]);
+    if let Some(id) = client_id {
+        cmd.args(["-i", id]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (Debian package mosquitto-clients)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for line in lines {
+        writeln!(stdin, "{line}").expect("line");
+    }
+    drop(stdin);
+    assert!(child.wait().expect("mosquitto_pub").success());
+}

@@ -376,15 +376,6 @@ async fn held_session(addr: SocketAddr, id: &str) -> (TcpStream, String) {
     (s, node)
 }
 
-fn backend<'a>(backends: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    backends["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .find(|b| b["name"] == name)
-        .unwrap_or_else(|| panic!("no backend {name}: {backends}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_is_marked_down_skipped_and_rejoins_after_rise_checks() {
     if !privileged("balancing") {

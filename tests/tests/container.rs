@@ -14,7 +14,6 @@
 //! loaded, `/metrics` with the token.
 
 use std::{
-    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -223,25 +222,13 @@ async fn carry(port: u16, n: usize, sub_id: &str) {
         .await
         .expect("SUBSCRIBE");
     mqttc::read_packet(&mut sub).await.expect("SUBACK");
-    let publisher = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", &topic])
-            .args(["-q", "1", "-l"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("mosquitto_pub");
-        let mut stdin = child.stdin.take().expect("stdin");
-        for i in 0..n {
-            writeln!(stdin, "m{i:05}").expect("line");
-        }
-        drop(stdin);
-        assert!(child.wait().expect("mosquitto_pub").success());
-    });
+    let lines: Vec<String> = (0..n).map(|i| format!("m{i:05}")).collect();
+    let want: Vec<Vec<u8>> = lines.iter().map(|l| l.clone().into_bytes()).collect();
+    let publisher = tokio::task::spawn_blocking(move || publish_lines(port, &topic, &lines, None));
     let got = mqttc::collect(&mut sub, Duration::from_secs(2))
         .await
         .expect("collect");
     publisher.await.expect("publisher");
-    let want: Vec<Vec<u8>> = (0..n).map(|i| format!("m{i:05}").into_bytes()).collect();
     assert_eq!(got.len(), n, "messages lost");
     assert_eq!(got, want);
 }

@@ -475,13 +475,7 @@ async fn sockmap_bytes_bypass_the_process() {
         pins.display()
     );
     assert!(lb.stop().success());
-    let left: Vec<String> = std::fs::read_dir(&pins)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let left = pins_left(&lb.instance);
     assert_eq!(left, ["sticky"], "left in {} after SIGTERM", pins.display());
 }
 

@@ -122,14 +122,7 @@ fn the_demo_stops_everything_on_sigterm_by_pid_and_starts_again() {
             Vec::<String>::new(),
             "round {round}"
         );
-        let pins = std::path::Path::new("/sys/fs/bpf/mqttlb/demo");
-        let left: Vec<String> = std::fs::read_dir(pins)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let left = pins_left("demo");
         assert!(
             left.iter().all(|n| n == "sticky"),
             "round {round}: {left:?}"

@@ -121,6 +121,26 @@ async fn prometheus_scrapes_the_connections_the_test_made() {
     );
     assert_eq!(limited, Some(0.0));
 
+    // The guard's lists through the admin API: a write needs the token.
+    let change = r#"{"change": "deny", "cidr": "192.0.2.0/24"}"#;
+    let refused = http::request(admin, "POST", "/api/v1/guard", None, change).await;
+    assert_eq!(refused.status, 401);
+    let changed = http::request(admin, "POST", "/api/v1/guard", Some(TOKEN), change).await;
+    assert_eq!(changed.status, 200, "{}", changed.body);
+    let guard = http::get(admin, "/api/v1/guard").await.json();
+    assert_eq!(
+        guard["guard"]["deny"],
+        serde_json::json!(["192.0.2.0/24"]),
+        "{guard}"
+    );
+    assert_eq!(
+        guard["guard"]["interfaces"][0]["interface"], "lo",
+        "{guard}"
+    );
+    let bad = r#"{"change": "deny", "cidr": "192.0.2.0/33"}"#;
+    let bad = http::request(admin, "POST", "/api/v1/guard", Some(TOKEN), bad).await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+
     // A real Prometheus, scraping every second, counts them.
     let web = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let conf = dir.0.join("prometheus.yml");

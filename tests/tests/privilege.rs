@@ -3,11 +3,7 @@
 //! checks, reloads and drains; its pins stay removable at the clean stop; `ctl` by a
 //! user without rights gets a clear error.
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use tests::*;
 use tokio::io::AsyncWriteExt;
@@ -23,37 +19,19 @@ fn status_field(pid: u32, name: &str) -> String {
         .to_owned()
 }
 
-fn backend(lb: &Daemon, name: &str) -> serde_json::Value {
-    let all = lb.ctl("backends");
-    all["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .find(|b| b["name"] == name)
-        .unwrap_or_else(|| panic!("no backend {name}: {all}"))
-        .clone()
+fn server(lb: &Daemon, name: &str) -> serde_json::Value {
+    backend(&lb.ctl("backends"), name).clone()
 }
 
 fn health_down(lb: &Daemon, name: &str) -> bool {
-    backend(lb, name)["flags"]
+    server(lb, name)["flags"]
         .as_array()
         .is_some_and(|f| f.iter().any(|x| x == "health-down"))
 }
 
-/// `mosquitto_pub -l` of `n` QoS 1 lines to `topic` through `addr`.
-fn publish_lines(addr: std::net::SocketAddr, topic: &str, n: usize) {
-    let mut child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
-        .args(["-t", topic, "-q", "1", "-l", "-i", "privilege-pub"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub (Debian package mosquitto-clients)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    for i in 0..n {
-        writeln!(stdin, "message {i:05}").expect("line");
-    }
-    drop(stdin);
-    assert!(child.wait().expect("mosquitto_pub").success());
+/// `n` numbered lines.
+fn numbered(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("message {i:05}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,15 +85,19 @@ async fn switched_to_nobody_the_daemon_keeps_no_capability_and_still_serves() {
         .expect("SUBSCRIBE");
     mqttc::read_packet(&mut sub).await.expect("SUBACK");
     let addr = lb.addr;
-    let publisher =
-        tokio::task::spawn_blocking(move || publish_lines(addr, "least/privilege", 500));
+    let publisher = tokio::task::spawn_blocking(move || {
+        publish_lines(
+            addr.port(),
+            "least/privilege",
+            &numbered(500),
+            Some("privilege-pub"),
+        )
+    });
     let got = mqttc::collect(&mut sub, Duration::from_secs(2))
         .await
         .expect("collect");
     publisher.await.expect("publisher");
-    let want: Vec<Vec<u8>> = (0..500)
-        .map(|i| format!("message {i:05}").into_bytes())
-        .collect();
+    let want: Vec<Vec<u8>> = numbered(500).into_iter().map(String::into_bytes).collect();
     assert_eq!(got, want);
     assert!(lb.stat("spliced") >= 2, "{}", lb.log());
     assert!(lb.stat("bpf_redirected") > 0);
@@ -136,7 +118,7 @@ async fn switched_to_nobody_the_daemon_keeps_no_capability_and_still_serves() {
     );
     lb.reload(&text);
     wait_for("weight 7 applied", Duration::from_secs(3), || {
-        backend(&lb, "s0")["weight"] == 7
+        server(&lb, "s0")["weight"] == 7
     })
     .await;
 
@@ -165,7 +147,7 @@ async fn switched_to_nobody_the_daemon_keeps_no_capability_and_still_serves() {
     // A drain through the control socket.
     ctl_ok(&lb.instance, &["drain", "c", "s0"]);
     wait_for("s0 drained", Duration::from_secs(3), || {
-        backend(&lb, "s0")["state"] == "drain"
+        server(&lb, "s0")["state"] == "drain"
     })
     .await;
 
@@ -191,18 +173,8 @@ async fn switched_to_nobody_the_daemon_keeps_no_capability_and_still_serves() {
     let mut lb = lb;
     let status = lb.stop();
     assert!(status.success(), "{status}: {}", lb.log());
-    let dir = format!("/sys/fs/bpf/mqttlb/{}", lb.instance);
-    let left: Vec<String> = std::fs::read_dir(&dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(
-        left.iter().all(|n| n == "sticky"),
-        "left in {dir}: {left:?}"
-    );
+    let left = pins_left(&lb.instance);
+    assert!(left.iter().all(|n| n == "sticky"), "left: {left:?}");
 
     // Started again as root: the directory handed to nobody is accepted.
     lb.restart();
