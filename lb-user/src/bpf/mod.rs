@@ -161,6 +161,24 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, BpfError> {
         .ok_or_else(|| map_err(name, "missing from the object"))
 }
 
+/// Removes the pins of maps that describe a previous daemon's sockets (meaningless
+/// now).
+fn remove_per_process_pins(dir: &Path) -> Result<(), BpfError> {
+    for name in maps::PER_PROCESS {
+        let p = dir.join(name);
+        if let Err(e) = std::fs::remove_file(&p)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            return Err(BpfError::Io {
+                what: "cannot remove stale pin",
+                path: p.display().to_string(),
+                source: e,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Bpf {
     /// Loads and attaches the splice program for `instance`, pinning its maps.
     /// `lag_step` is the redirected byte count between two lag-check events;
@@ -180,19 +198,7 @@ impl Bpf {
         let dir = pin_dir(instance);
         own_dir(Path::new(PIN_ROOT), None)?;
         own_dir(&dir, trusted_owner)?;
-        // Maps describing a previous daemon's sockets are meaningless now.
-        for name in maps::PER_PROCESS {
-            let p = dir.join(name);
-            if let Err(e) = std::fs::remove_file(&p)
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                return Err(BpfError::Io {
-                    what: "cannot remove stale pin",
-                    path: p.display().to_string(),
-                    source: e,
-                });
-            }
-        }
+        remove_per_process_pins(&dir)?;
         keep_sticky_if_compatible(&dir, sticky_size)?;
         let object = with_kfunc_ids(SPLICE_OBJECT)?;
         let mut ebpf = EbpfLoader::new()

@@ -129,8 +129,8 @@ impl Signals {
 }
 
 /// What needs privilege, done before the async runtime starts its threads: the
-/// instance lock, the data plane (BPF loaded, attached and pinned), the listeners,
-/// the admin listener and the control socket bound. The TLS keys and tokens were read
+/// instance lock, the data plane (BPF loaded, attached and pinned), the XDP guard
+/// attached, the listeners, the admin listener and the control socket bound. The TLS keys and tokens were read
 /// with the configuration. Then, with `[global] user`, the switch to that account.
 pub struct Prepared {
     lock: InstanceLock,
