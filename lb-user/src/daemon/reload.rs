@@ -95,11 +95,14 @@ pub(super) fn reload(
 /// `[guard]`: lists and SYN rate applied at once (runtime changes laid over them);
 /// adding or removing the section, or its interfaces, needs a restart.
 fn reload_guard(current: &Config, new: &mut Config, shared: &Shared) {
-    match (shared.guard.get(), &new.guard) {
+    match (shared.guard.get(), new.guard.as_mut()) {
         (Some(guard), Some(g)) => {
-            let old_interfaces = current.guard.as_ref().map(|c| &c.interfaces);
-            if old_interfaces != Some(&g.interfaces) {
+            let attached = current.guard.as_ref().map(|c| c.interfaces.clone());
+            if let Some(attached) = attached
+                && attached != g.interfaces
+            {
                 warn!("guard.interfaces changed: attached where they were until a restart");
+                g.interfaces = attached;
             }
             match guard.configure(g, &super::listener_ports(current)) {
                 Ok(()) => info!(
