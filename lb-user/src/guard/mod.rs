@@ -257,6 +257,9 @@ impl Guard {
         want.apply(change, cidr);
         self.sync(&state.held, &want)?;
         state.held = want;
+        // The last change of a block decides: earlier ones for it can go (the list
+        // stays as long as the blocks changed, however often they change).
+        state.changes.retain(|&(_, c)| c != cidr);
         state.changes.push((change, cidr));
         info!(change = ?change, cidr = %cidr, "guard list changed at runtime");
         Ok(())
