@@ -187,12 +187,16 @@ impl Drop for Balancer {
     }
 }
 
-/// `n` MQTT sessions from the good host to `addr`, each subscribing to its own topic
+/// `n` MQTT sessions from the good host to `addr` (one every 10 ms), each subscribing to its own topic
 /// and publishing one message to it, which must come back; returns how many did.
 async fn sessions(addr: std::net::SocketAddr, n: usize) -> usize {
     let mut tasks = Vec::new();
     for i in 0..n {
         tasks.push(tokio::spawn(async move {
+            // Spread over two seconds: 200 at once would overflow the accept queue
+            // of the broker behind (mosquitto's backlog is 100), which shares the
+            // namespace whose ListenOverflows the flood test reads.
+            tokio::time::sleep(Duration::from_millis(10 * i as u64)).await;
             let id = format!("good-{i}");
             let mut s = mqttc::session(addr, &id, true).await.ok()?;
             let topic = format!("good/{i}");
