@@ -361,3 +361,38 @@ fn a_denied_network_gets_no_syn_ack_until_removed() {
     );
     assert!(lb.log().contains("XDP guard attached"), "{}", lb.log());
 }
+
+/// A guard that cannot attach stops the start, naming the interface: an operator who
+/// configured one relies on it.
+#[test]
+fn a_guard_that_cannot_attach_stops_the_start() {
+    if !privileged("XDP guard") {
+        return;
+    }
+    let dir = TempDir::new("guard-bad");
+    let config = dir.0.join("mqttlb.toml");
+    let port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "[global]\nname = \"gb{}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\n\n[[clusters.servers]]\nname = \"s\"\naddress = \"127.0.0.1:1\"\n\n[guard]\ninterfaces = [\"nosuchif0\"]\n",
+            std::process::id()
+        ),
+    )
+    .expect("config");
+    let out = std::process::Command::new(bin())
+        .args(["run", "-c"])
+        .arg(&config)
+        .output()
+        .expect("mqttlb");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("[guard]: cannot attach the XDP guard to \"nosuchif0\""),
+        "{said}"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the listener stayed open"
+    );
+}
