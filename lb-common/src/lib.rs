@@ -493,6 +493,10 @@ counters! {
         LimitNewConnectionRate = 58 => "limit_new_connection_rate",
         /// Connections that waited for `new_connection_rate` before reaching a server.
         LimitDelayed = 59 => "limit_delayed",
+        /// `auto`: spliced connections moved back to the copy plane because the
+        /// splice stopped paying (a throttle, or more than `promote_max_rate` skbs a
+        /// second); they stay there (also counted in `copied`).
+        Demoted = 60 => "demoted",
     }
 }
 

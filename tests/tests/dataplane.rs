@@ -27,7 +27,7 @@ fn planes(test: &str) -> Vec<&'static str> {
 /// with half-close: everything comes back (SHA-256), then EOF.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_echo_with_half_close_is_exact_copy() {
-    bulk_echo("copy", "").await;
+    bulk_echo("copy", "", false).await;
 }
 
 /// The same on the sockmap plane (throttling engages and resumes many times here, as
@@ -35,7 +35,7 @@ async fn bulk_echo_with_half_close_is_exact_copy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_echo_with_half_close_is_exact_sockmap() {
     if privileged("bulk_echo") {
-        bulk_echo("sockmap", "").await;
+        bulk_echo("sockmap", "", false).await;
     }
 }
 
@@ -44,12 +44,24 @@ async fn bulk_echo_with_half_close_is_exact_sockmap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_echo_with_half_close_is_exact_promoted_mid_stream() {
     if privileged("bulk_echo") {
-        bulk_echo("auto", "promote_after_bytes = 1048576").await;
+        bulk_echo("auto", "promote_after_bytes = 1048576", false).await;
     }
 }
 
-/// `cluster_keys`: config lines added to the cluster.
-async fn bulk_echo(plane: &str, cluster_keys: &str) {
+/// The same on `auto`, each connection promoted after its first MiB and demoted back
+/// to the copy plane a few MiB later (busier than `promote_max_rate` skbs a second),
+/// with bytes in flight both ways at both moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_echo_is_exact_promoted_and_demoted_mid_stream() {
+    if privileged("bulk_echo") {
+        let keys = "promote_after_bytes = 1048576\npromote_max_rate = 10";
+        bulk_echo("auto", keys, true).await;
+    }
+}
+
+/// `cluster_keys`: config lines added to the cluster; `demoted`: every spliced pair
+/// must have gone back to the copy plane (`auto`).
+async fn bulk_echo(plane: &str, cluster_keys: &str, demoted: bool) {
     let echo = Echo::start().await;
     {
         let lb = Daemon::start_edited(plane, &[echo.addr], |t| with_cluster_keys(t, cluster_keys));
@@ -98,6 +110,24 @@ async fn bulk_echo(plane: &str, cluster_keys: &str) {
                 "{}",
                 lb.ctl("stats")
             );
+            eprintln!(
+                "auto: {} spliced, {} demoted, {} throttled",
+                lb.stat("spliced"),
+                lb.stat("demoted"),
+                lb.stat("splice_throttled")
+            );
+            if demoted {
+                assert_eq!(
+                    lb.stat("demoted"),
+                    lb.stat("spliced"),
+                    "{}",
+                    lb.ctl("stats")
+                );
+                // Carried on the copy plane after the splice too: each connection
+                // copied about 1 MiB before its promotion, the process read far more.
+                let copied = lb.stat("copied_bytes_c2s") + lb.stat("copied_bytes_s2c");
+                assert!(copied > 50 * (3 << 20), "{}", lb.ctl("stats"));
+            }
         }
         if plane != "copy" {
             let spliced = lb.stat("spliced");

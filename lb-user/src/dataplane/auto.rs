@@ -37,7 +37,10 @@ impl AutoPlane {
         pair.written_to_client += promoted.copied[1];
         pair.boundary = promoted.boundary;
         self.stats.inc(DaemonStat::Promoted);
-        self.sockmap.run(pair).await
+        // Back to copy if the splice stops paying: throttled, or busier than the
+        // rate that defers a promotion.
+        let demote_above = pair.promote.max_rate.or(Some(u64::MAX));
+        self.sockmap.run(pair, demote_above).await
     }
 }
 

@@ -136,8 +136,13 @@ impl CopyPlane {
     pub async fn run_handed_over(&self, pair: &Pair, handover: Handover<'_>) -> Outcome {
         self.stats.inc(DaemonStat::Copied);
         // No promotion threshold: `copy_both` ends only with an outcome. A fresh pair
-        // starts where the pair says; one handed over mid-stream is not followed.
-        let boundary = handover.ready.is_none().then_some(pair.boundary).flatten();
+        // starts where the pair says; one handed over mid-stream where the hand-over
+        // says.
+        let boundary = if handover.ready.is_none() {
+            pair.boundary
+        } else {
+            handover.boundary
+        };
         let result = copy_both(pair, handover, boundary, &self.stats, Promote::default())
             .await
             .map(|ended| match ended {
@@ -175,6 +180,9 @@ pub struct Handover<'a> {
     /// far: a socket the verdict program passes bytes to can report EOF while passed
     /// skbs are still on their way to its queue.
     pub eof_final: Option<&'a Gate<'a>>,
+    /// Where the server's stream stands once `pending[1]` is written, when known
+    /// (followed from there for an evacuation).
+    pub boundary: Option<Boundary>,
 }
 
 /// A per-direction check supplied by the sockmap plane (see [`Handover`]).
@@ -362,6 +370,7 @@ async fn copy_both(
         ready: gate,
         pending: [p0, p1],
         eof_final,
+        boundary: _,
     } = handover;
     let direction = |index: usize, src, dst, pending: Vec<u8>, stat| OneWay {
         src,

@@ -28,6 +28,9 @@
 //!   when its socket leaves is dropped by the kernel although TCP acknowledged it.
 //! - **Refusals.** A socket the kernel will not take (e.g. `CLOSE_WAIT`) sends the whole
 //!   pair to the copy plane, after every redirected byte has reached its peer.
+//! - **Demotion** (`auto` only). A pair whose splice stops paying (a direction
+//!   throttled, or more than `promote_max_rate` skbs a second) goes to the copy plane
+//!   the same way: both sockets pass for good and stay in the maps.
 
 use std::{
     collections::HashMap,
@@ -41,8 +44,8 @@ use std::{
 };
 
 use lb_common::{
-    CTRL_THROTTLE, ConnInfo, DaemonStat, EVENT_FIN, EVENT_LAG_CHECK, EVENT_PASSED, EVENT_PEER_GONE,
-    EVENT_STREAM_BROKEN, Event,
+    ConnInfo, DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_FIN, EVENT_LAG_CHECK, EVENT_PASSED,
+    EVENT_PEER_GONE, EVENT_STREAM_BROKEN, Event, SOCK_TRACK_MQTT,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -56,6 +59,7 @@ use super::{
 };
 use crate::{
     bpf::{Bpf, InsertRefused, PairSockets, addr_bytes},
+    mqtt::boundary::Boundary,
     stats::Stats,
     sys,
 };
@@ -109,8 +113,16 @@ impl DataPlane for SockmapPlane {
         "sockmap"
     }
     fn carry(&self, pair: Pair) -> CarryFuture<'_> {
-        Box::pin(self.run(pair))
+        Box::pin(self.run(pair, None))
     }
+}
+
+/// How the supervision of a spliced pair ended.
+pub(super) enum Supervised {
+    /// The pair ended.
+    Ended(Outcome),
+    /// The splice stopped paying: the copy plane carries the rest (`auto`).
+    Demote,
 }
 
 /// The two cookies of a pair.
@@ -183,7 +195,9 @@ impl SockmapPlane {
 
     /// Splices `pair` until it ends: 1. the hand-off drain, 2. insertion, 3. the
     /// supervision of both directions, 4. the server's byte count and removal.
-    pub(crate) async fn run(&self, mut pair: Pair) -> Outcome {
+    /// `demote_above`: skbs a second (both directions) above which the pair goes back
+    /// to the copy plane (`auto`); `None`: spliced for good.
+    pub(crate) async fn run(&self, mut pair: Pair, demote_above: Option<u64>) -> Outcome {
         if let Err(copied) = self.drain_both(&mut pair).await {
             return copied;
         }
@@ -203,17 +217,26 @@ impl SockmapPlane {
             .expect("registry lock")
             .insert(pair.id, signal.clone());
         let outcome = match self.insert(&pair, cookies) {
-            Ok(()) => {
-                let outcome = self.spliced(&pair, &mut dirs, &signal).await;
-                if let Outcome::Evicted = outcome {
-                    let deadline = std::time::Instant::now() + super::evict::EVICT_WAIT;
-                    self.tell_evicted(&pair, &mut dirs, deadline).await;
+            Ok(()) => match self.spliced(&pair, &mut dirs, &signal, demote_above).await {
+                Supervised::Ended(outcome) => {
+                    if let Outcome::Evicted = outcome {
+                        let deadline = std::time::Instant::now() + super::evict::EVICT_WAIT;
+                        self.tell_evicted(&pair, &mut dirs, deadline).await;
+                    }
+                    outcome
                 }
-                outcome
-            }
+                Supervised::Demote => {
+                    self.stats.inc(DaemonStat::Demoted);
+                    for d in &dirs {
+                        self.bpf.set_conn_flag(pair.id, d.flag, false);
+                    }
+                    self.unsplice(&pair, &mut dirs, [true, true]).await
+                }
+            },
             Err(refused) => {
                 tracing::debug!(id = pair.id, error = %refused.error, in_sources = ?refused.in_sources, "sockmap refused the pair; copy plane");
-                self.unsplice(&pair, &dirs, refused.in_sources).await
+                self.stats.inc(DaemonStat::SpliceFallback);
+                self.unsplice(&pair, &mut dirs, refused.in_sources).await
             }
         };
         // The server's bytes (redirected, and forwarded while throttled), then the
@@ -230,8 +253,14 @@ impl SockmapPlane {
         outcome
     }
 
-    /// A pair in the maps, supervised until it ends.
-    async fn spliced(&self, pair: &Pair, dirs: &mut [Dir<'_>; 2], signal: &Signal) -> Outcome {
+    /// A pair in the maps, supervised until it ends or is demoted.
+    async fn spliced(
+        &self,
+        pair: &Pair,
+        dirs: &mut [Dir<'_>; 2],
+        signal: &Signal,
+        demote_above: Option<u64>,
+    ) -> Supervised {
         pair.entry.set_plane(crate::registry::Plane::Sockmap);
         self.stats.inc(DaemonStat::Spliced);
         self.stats.inc(DaemonStat::SplicedActive);
@@ -240,37 +269,69 @@ impl SockmapPlane {
         for d in dirs.iter_mut() {
             d.readable = true;
         }
-        let outcome = self.supervise(pair, dirs, signal).await;
+        let outcome = self.supervise(pair, dirs, signal, demote_above).await;
         self.stats.dec(DaemonStat::SplicedActive);
-        if matches!(outcome, Outcome::Aborted(_)) {
+        if let Supervised::Ended(Outcome::Aborted(_)) = outcome {
             reset_both(pair);
         }
         outcome
     }
 
-    /// Continues a pair the kernel refused on the copy plane. Bytes already redirected
-    /// reach their peer first; a socket that made it into `sources` passes its bytes
-    /// to its own queue from then on. The sockets stay in the maps (their psocks hold
-    /// the kernel's transmit backlog) until the copy plane is done.
-    async fn unsplice(&self, pair: &Pair, dirs: &[Dir<'_>; 2], in_sources: [bool; 2]) -> Outcome {
-        for (d, _) in dirs.iter().zip(in_sources).filter(|(_, v)| *v) {
-            if let Err(e) = self.bpf.set_ctrl(d.src_cookie, CTRL_THROTTLE) {
+    /// Continues a pair on the copy plane: one the kernel refused, or a demoted one.
+    /// Bytes already redirected reach their peer first; a socket in `sources` passes
+    /// its bytes to its own queue from then on. The sockets stay in the maps (their
+    /// psocks hold the kernel's transmit backlog and the passed bytes) until the copy
+    /// plane is done.
+    async fn unsplice(
+        &self,
+        pair: &Pair,
+        dirs: &mut [Dir<'_>; 2],
+        in_sources: [bool; 2],
+    ) -> Outcome {
+        for (d, _) in dirs.iter_mut().zip(in_sources).filter(|(_, v)| *v) {
+            if let Err(e) = self.set_passing(d, true) {
                 reset_both(pair);
                 return Outcome::Aborted(e);
             }
         }
-        self.stats.inc(DaemonStat::SpliceFallback);
+        // Where the server's stream stands, for an evacuation's DISCONNECT (MQTT 5).
+        let boundary = if in_sources == [true, true] {
+            self.settled_boundary(pair, &dirs[DIR_SERVER_TO_CLIENT as usize])
+        } else {
+            None
+        };
+        let pending = dirs
+            .each_mut()
+            .map(|d| d.pending.take().unwrap_or_default());
+        let dirs = &*dirs;
         let ready = |i: usize, _read: u64| self.arrived(&dirs[i]);
-        // Every byte read from a socket in `sources` was passed by the program.
+        // Every byte read from a socket in `sources` was passed by the program (the
+        // pumps read `consumed` of them before).
         let eof_final = move |i: usize, read: u64| {
-            Ok(!in_sources[i] || self.bpf.sock(dirs[i].src_cookie)?.passed == read)
+            let d = &dirs[i];
+            Ok(!in_sources[i] || self.bpf.sock(d.src_cookie)?.passed == d.consumed + read)
         };
         let handover = Handover {
             ready: Some(&ready),
+            pending,
             eof_final: Some(&eof_final),
-            ..Handover::default()
+            boundary,
         };
         self.copy.run_handed_over(pair, handover).await
+    }
+
+    /// Where the server's stream stands after the bytes the daemon read from it, for
+    /// an evacuation of a demoted pair: the program's position, taken when it has
+    /// passed nothing the daemon has not read (two equal reads of its entry, so not
+    /// torn by a verdict running meanwhile). `None` when the stream is not followed,
+    /// or passed bytes are still unread: that pair is evicted without the DISCONNECT.
+    fn settled_boundary(&self, pair: &Pair, d: &Dir<'_>) -> Option<Boundary> {
+        pair.disconnect.as_ref()?;
+        pair.boundary?;
+        let a = self.bpf.sock(d.src_cookie).ok()?;
+        let b = self.bpf.sock(d.src_cookie).ok()?;
+        let settled = a == b && a.flags & SOCK_TRACK_MQTT != 0 && a.passed == d.consumed;
+        settled.then(|| Boundary::from_raw(a.mqtt))
     }
 
     /// Enters the pair in the maps (`sources` last: from then on the program runs).

@@ -10,8 +10,45 @@ use std::{
 
 use tokio::io::Interest;
 
-use super::{Signal, SockmapPlane, direction::Dir, direction::DirState};
+use super::{Signal, SockmapPlane, Supervised, direction::Dir, direction::DirState};
 use crate::dataplane::{Outcome, POLL_MAX, POLL_MIN, Pair};
+
+/// The shortest window over which the splice's skb rate is judged: a burst (a large
+/// retained message, say) is not a busy connection.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// When a spliced pair on `auto` stops paying and goes back to the copy plane: a
+/// direction throttled (its destination cannot keep up, so the daemon would copy its
+/// bytes anyway, slower than the copy plane), or more than `max_rate` skbs a second
+/// both ways (pipelined streams: the splice sends every skb on as its own segment).
+struct Demotion {
+    max_rate: u64,
+    /// Start of the current window and the skbs redirected by then.
+    window: (Instant, u64),
+}
+
+impl Demotion {
+    fn new(max_rate: u64) -> Self {
+        Self {
+            max_rate,
+            window: (Instant::now(), 0),
+        }
+    }
+
+    /// Whether the pair is busier than `max_rate`, given the skbs redirected both
+    /// ways so far: more than a second's worth within [`RATE_WINDOW`], or more than
+    /// the rate over a longer window (which then starts again).
+    fn busy(&mut self, now: Instant, skbs: u64) -> bool {
+        let (start, at_start) = self.window;
+        let elapsed = now.duration_since(start);
+        let n = skbs.saturating_sub(at_start);
+        if elapsed < RATE_WINDOW {
+            return n > self.max_rate;
+        }
+        self.window = (now, skbs);
+        n as f64 > self.max_rate as f64 * elapsed.as_secs_f64()
+    }
+}
 
 /// The idle timeout of a spliced pair: activity is sampled every twentieth of
 /// `idle_timeout`, so the connection closes between `idle` and `idle` + 5% after its
@@ -56,18 +93,34 @@ impl IdleWatch {
 }
 
 impl SockmapPlane {
-    /// Watches a spliced pair until it ends.
+    /// Watches a spliced pair until it ends, or (with `demote_above`) until it is
+    /// busier than that many skbs a second or throttled.
     pub(super) async fn supervise(
         &self,
         pair: &Pair,
         dirs: &mut [Dir<'_>; 2],
         signal: &Signal,
-    ) -> Outcome {
+        demote_above: Option<u64>,
+    ) -> Supervised {
+        match self.watch(pair, dirs, signal, demote_above).await {
+            Ok(outcome) => Supervised::Ended(outcome),
+            Err(Demote) => Supervised::Demote,
+        }
+    }
+
+    async fn watch(
+        &self,
+        pair: &Pair,
+        dirs: &mut [Dir<'_>; 2],
+        signal: &Signal,
+        demote_above: Option<u64>,
+    ) -> Result<Outcome, Demote> {
         let mut idle = IdleWatch::new(pair.idle_timeout);
+        let mut demotion = demote_above.map(Demotion::new);
         let mut wait = POLL_MIN;
         loop {
             if dirs.iter().all(|d| d.state == DirState::Done) {
-                return Outcome::Closed;
+                return Ok(Outcome::Closed);
             }
             let now = Instant::now();
             let deadline = if dirs.iter().any(|d| d.again) {
@@ -78,21 +131,26 @@ impl SockmapPlane {
                 idle.sample_at
             };
             if let Err(e) = wait_event(dirs, signal, deadline, &pair.entry).await {
-                return Outcome::Aborted(e);
+                return Ok(Outcome::Aborted(e));
             }
             if pair.entry.is_evicting() {
-                return Outcome::Evicted;
+                return Ok(Outcome::Evicted);
             }
             if signal.peer_gone.swap(false, Ordering::Relaxed) {
-                return Outcome::Aborted(io::Error::new(
+                return Ok(Outcome::Aborted(io::Error::new(
                     io::ErrorKind::ConnectionReset,
                     "peer socket left the map",
-                ));
+                )));
             }
-            let changed = match self.advance_both(pair.id, dirs, signal) {
+            let (changed, lag_event) = match self.advance_both(pair.id, dirs, signal) {
                 Ok(c) => c,
-                Err(e) => return Outcome::Aborted(e),
+                Err(e) => return Ok(Outcome::Aborted(e)),
             };
+            if let Some(demotion) = &mut demotion
+                && self.stops_paying(dirs, demotion, lag_event)
+            {
+                return Err(Demote);
+            }
             wait = if changed {
                 POLL_MIN
             } else {
@@ -106,14 +164,40 @@ impl SockmapPlane {
                 )
             };
             if idle.expired(Instant::now(), bytes) {
-                return Outcome::IdleTimeout;
+                return Ok(Outcome::IdleTimeout);
             }
         }
     }
 
+    /// Whether a pair on `auto` should go back to the copy plane now: both directions
+    /// still carrying, and one throttled or (looked at on lag events) the pair busier
+    /// than the limit.
+    fn stops_paying(&self, dirs: &[Dir<'_>; 2], demotion: &mut Demotion, lag_event: bool) -> bool {
+        let carrying = |d: &Dir<'_>| matches!(d.state, DirState::Spliced | DirState::Throttled);
+        if !dirs.iter().all(carrying) {
+            return false;
+        }
+        if dirs.iter().any(|d| d.state == DirState::Throttled) {
+            return true;
+        }
+        if !lag_event {
+            return false;
+        }
+        let skbs: u64 = dirs
+            .iter()
+            .map(|d| self.bpf.sock(d.src_cookie).map_or(0, |s| s.packets))
+            .sum();
+        demotion.busy(Instant::now(), skbs)
+    }
+
     /// Takes the program's signals (bytes to read, lag checks) and moves both
-    /// directions forward; true when something changed.
-    fn advance_both(&self, id: u32, dirs: &mut [Dir<'_>; 2], signal: &Signal) -> io::Result<bool> {
+    /// directions forward; whether something changed, and whether a lag check came.
+    fn advance_both(
+        &self,
+        id: u32,
+        dirs: &mut [Dir<'_>; 2],
+        signal: &Signal,
+    ) -> io::Result<(bool, bool)> {
         let read_bits = signal.read.swap(0, Ordering::Relaxed);
         for d in dirs.iter_mut().filter(|d| read_bits & (1 << d.dir) != 0) {
             d.readable = true;
@@ -132,9 +216,12 @@ impl SockmapPlane {
                 }
             }
         }
-        Ok(changed)
+        Ok((changed, lag_bits != 0))
     }
 }
+
+/// The splice stopped paying (see [`Demotion`]).
+struct Demote;
 
 /// Waits for the next thing that concerns the pair, until `deadline`: readability of
 /// a throttled source, an error on a spliced one, room for pending bytes, an event
