@@ -61,6 +61,8 @@ pub struct Daemon {
     pub nofile: Option<u64>,
     /// Arguments after `run -c CONFIG`.
     pub args: Vec<String>,
+    /// The network namespace it runs in (`ip netns exec`), when not the test's.
+    pub netns: Option<String>,
     _dir: TempDir,
 }
 
@@ -71,6 +73,7 @@ fn spawn_daemon(
     dir: &std::path::Path,
     nofile: Option<u64>,
     args: &[String],
+    netns: Option<&str>,
 ) -> Child {
     use std::os::unix::process::CommandExt;
     let log = std::fs::OpenOptions::new()
@@ -78,7 +81,15 @@ fn spawn_daemon(
         .append(true)
         .open(dir.join("mqttlb.log"))
         .expect("log");
-    let mut cmd = Command::new(bin());
+    let mut cmd = match netns {
+        // `ip netns exec` execs mqttlb in place: the child's pid is the daemon's.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
     if let Some(n) = nofile {
         // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
         unsafe {
@@ -211,6 +222,33 @@ impl Daemon {
         Self::spawn(plane, port, instance, text, nofile, Vec::new())
     }
 
+    /// Starts inside network namespace `netns`, listening on `addr` there (the
+    /// config's listener is moved to it).
+    pub fn start_in(
+        netns: &crate::netns::Netns,
+        addr: SocketAddr,
+        instance: &str,
+        text: &str,
+    ) -> Self {
+        let dir = TempDir::new("lb");
+        let config = dir.0.join("mqttlb.toml");
+        std::fs::write(&config, text).expect("write config");
+        let netns = Some(netns.0.clone());
+        let mut d = Daemon {
+            child: spawn_daemon(&config, &dir.0, None, &[], netns.as_deref()),
+            addr,
+            instance: instance.to_owned(),
+            plane: "copy".into(),
+            config,
+            nofile: None,
+            args: Vec::new(),
+            netns,
+            _dir: dir,
+        };
+        d.wait_ready();
+        d
+    }
+
     /// [`Daemon::start_text`] with more arguments after `run -c CONFIG`.
     pub fn start_args(plane: &str, port: u16, instance: &str, text: &str, args: &[&str]) -> Self {
         let args = args.iter().map(|a| (*a).to_owned()).collect();
@@ -230,13 +268,14 @@ impl Daemon {
         std::fs::write(&config, text).expect("write config");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut d = Daemon {
-            child: spawn_daemon(&config, &dir.0, nofile, &args),
+            child: spawn_daemon(&config, &dir.0, nofile, &args, None),
             addr,
             instance: instance.to_owned(),
             plane: plane.into(),
             config,
             nofile,
             args,
+            netns: None,
             _dir: dir,
         };
         d.wait_ready();
@@ -264,7 +303,13 @@ impl Daemon {
     pub fn restart(&mut self) {
         let status = self.stop();
         assert!(status.success(), "exit status {status}: {}", self.log());
-        self.child = spawn_daemon(&self.config, &self._dir.0, self.nofile, &self.args);
+        self.child = spawn_daemon(
+            &self.config,
+            &self._dir.0,
+            self.nofile,
+            &self.args,
+            self.netns.as_deref(),
+        );
         self.wait_ready();
     }
 
@@ -311,7 +356,13 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 panic!("mqttlb exited early ({status}): {}", self.log());
             }
-            if std::net::TcpStream::connect(self.addr).is_ok() {
+            let addr = self.addr;
+            let probe = move || std::net::TcpStream::connect(addr).is_ok();
+            let listening = match &self.netns {
+                Some(ns) => crate::netns::within(ns, probe),
+                None => probe(),
+            };
+            if listening {
                 // The probe connection is closed without a CONNECT: rejected, counted.
                 return;
             }

@@ -56,27 +56,73 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/"))
     }
 
+    /// A namespace holding a bridge `br0`, the switch the hosts of [`Netns::host`]
+    /// plug into.
+    pub fn switch(name: &str) -> Self {
+        let sw = Self::new(name);
+        ip(&["-n", &sw.0, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &sw.0, "link", "set", "br0", "up"]);
+        sw
+    }
+
+    /// A namespace `name` with `eth0` at `addr` (CIDR), plugged into `switch`'s bridge
+    /// through port `port`.
+    pub fn host(name: &str, addr: &str, switch: &Netns, port: &str) -> Self {
+        let ns = Self::new(name);
+        ns.veth("eth0", Some(addr), switch, port);
+        ip(&["-n", &switch.0, "link", "set", port, "master", "br0"]);
+        ns
+    }
+
+    /// `sysctl -w SETTING` inside this namespace (the `net.` settings are per
+    /// namespace), which must succeed.
+    pub fn sysctl(&self, setting: &str) {
+        let out = self
+            .exec("sysctl")
+            .args(["-q", "-w", setting])
+            .output()
+            .expect("sysctl (Debian package procps)");
+        assert!(
+            out.status.success(),
+            "sysctl {setting}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs `f` on a thread of its own inside this namespace, with a runtime of its
     /// own (a socket belongs to the namespace of the thread that made it).
     pub fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
     ) -> T {
-        let path = PathBuf::from("/var/run/netns").join(&self.0);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("netns file");
-            // SAFETY: setns on a descriptor we hold; affects this thread only.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        self.within(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(f())
         })
-        .join()
-        .expect("thread in the namespace")
     }
+
+    /// Runs `f` on a thread of its own inside this namespace; threads it starts (a
+    /// runtime's workers) are in the namespace too.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        within(&self.0, f)
+    }
+}
+
+/// [`Netns::within`] by namespace name.
+pub fn within<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = PathBuf::from("/var/run/netns").join(name);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns file");
+        // SAFETY: setns on a descriptor we hold; affects this thread only.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread in the namespace")
 }
 
 impl Drop for Netns {

@@ -12,10 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{
-    netns::{Netns, ip},
-    *,
-};
+use tests::{netns::Netns, *};
 
 const VIP: &str = "10.88.0.100";
 
@@ -65,16 +62,9 @@ fn the_floating_address_moves_to_the_backup_within_3s_and_clients_keep_their_bro
         return;
     }
     let tag = format!("ha{}", std::process::id() % 10_000);
-    let sw = Netns::new(&format!("{tag}-sw"));
-    ip(&["-n", &sw.0, "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &sw.0, "link", "set", "br0", "up"]);
-    let host = |n: &str, addr: &str| {
-        let ns = Netns::new(&format!("{tag}-{n}"));
-        let port = format!("{tag}{n}");
-        ns.veth("eth0", Some(addr), &sw, &port);
-        ip(&["-n", &sw.0, "link", "set", &port, "master", "br0"]);
-        ns
-    };
+    let sw = Netns::switch(&format!("{tag}-sw"));
+    let host =
+        |n: &str, addr: &str| Netns::host(&format!("{tag}-{n}"), addr, &sw, &format!("{tag}{n}"));
     let lbs = [host("l1", "10.88.0.11/24"), host("l2", "10.88.0.12/24")];
     let brokers = host("bk", "10.88.0.50/24");
     let client = host("cl", "10.88.0.99/24");

@@ -1,10 +1,10 @@
 //! Several mqttlb instances with no shared state send each client id to the same
 //! server: the Maglev table depends only on the servers' names and weights. Two
-//! daemons (different instance names and listener ports, the same `[[clusters]]`) in
-//! front of three in-test servers that note which client id reached them: 20,000 ids
-//! through either land on the same server, all of them; with one server removed by a
-//! reload of both, the ids that move are those of the removed server plus at most 1%,
-//! identically through both.
+//! daemons, each in a network namespace of its own (two hosts on a bridge) with the
+//! same config, in front of three in-test servers on a third host that note which
+//! client id reached them: 100,000 ids through either land on the same server, all of
+//! them; with one server removed by a reload of both, the ids that move are those of
+//! the removed server plus at most 1%, identically through both.
 
 use std::{
     collections::HashMap,
@@ -14,23 +14,22 @@ use std::{
 };
 
 use mqttlb::mqtt::{Decode, decode_connect};
-use tests::*;
+use tests::{netns::Netns, *};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
 
-const IDS: usize = 20_000;
+const IDS: usize = 100_000;
 
 /// Client id -> index of the server it reached (the last time).
 type Seen = Arc<Mutex<HashMap<String, usize>>>;
 
-/// A server that reads the CONNECT, notes its client id, answers CONNACK and waits
-/// for the client to close.
-async fn server(index: usize, seen: Seen) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
+/// A server on `addr` that reads the CONNECT, notes its client id, answers CONNACK
+/// and waits for the client to close.
+async fn server(addr: SocketAddr, index: usize, seen: Seen) {
+    let l = TcpListener::bind(addr).await.expect("bind");
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else {
@@ -59,19 +58,18 @@ async fn server(index: usize, seen: Seen) -> SocketAddr {
             });
         }
     });
-    addr
 }
 
-/// Every id through `lb`, 64 at a time; returns where each landed.
+/// Every id through `lb`, 256 at a time; returns where each landed.
 async fn place(lb: SocketAddr, seen: &Seen) -> HashMap<String, usize> {
     seen.lock().expect("seen").clear();
-    let gate = Arc::new(Semaphore::new(64));
+    let gate = Arc::new(Semaphore::new(256));
     let mut tasks = Vec::new();
     for i in 0..IDS {
         let permit = gate.clone().acquire_owned().await.expect("permit");
         tasks.push(tokio::spawn(async move {
             let mut s = TcpStream::connect(lb).await.expect("connect");
-            s.write_all(&connect_packet(&format!("device-{i:05}")))
+            s.write_all(&connect_packet(&format!("device-{i:06}")))
                 .await
                 .expect("CONNECT");
             let mut connack = [0u8; 4];
@@ -110,20 +108,67 @@ fn config(servers: &[SocketAddr]) -> impl Fn(String) -> String + '_ {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_send_every_client_id_to_the_same_server() {
-    if !privileged("two instances") {
+#[test]
+fn two_instances_in_their_own_namespaces_send_every_client_id_to_the_same_server() {
+    if !privileged("two instances (network namespaces)") {
         return;
     }
-    let seen: Seen = Arc::default();
-    let mut servers = Vec::new();
-    for i in 0..3 {
-        servers.push(server(i, seen.clone()).await);
+    let tag = format!("in{}", std::process::id() % 10_000);
+    let sw = Netns::switch(&format!("{tag}-sw"));
+    let host =
+        |n: &str, addr: &str| Netns::host(&format!("{tag}-{n}"), addr, &sw, &format!("{tag}{n}"));
+    let hosts = [host("a", "10.89.0.11/24"), host("b", "10.89.0.12/24")];
+    let client = host("cl", "10.89.0.99/24");
+    for ns in hosts.iter().chain([&client]) {
+        // 200,000 connections each way within minutes: ports in TIME_WAIT reused.
+        ns.sysctl("net.ipv4.tcp_tw_reuse=1");
+        ns.sysctl("net.ipv4.ip_local_port_range=1024 65535");
     }
-    let a = Daemon::start_edited("copy", &servers, config(&servers));
-    let b = Daemon::start_edited("copy", &servers, config(&servers));
+    let servers: Vec<SocketAddr> = (0..3)
+        .map(|i| SocketAddr::from(([10, 89, 0, 99], 1883 + i)))
+        .collect();
+    // The same file on both hosts but for the listener's address and the name.
+    let lbs: Vec<Daemon> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let instance = format!("{tag}x{i}");
+            let addr = SocketAddr::from(([10, 89, 0, 11 + i as u8], 1883));
+            let text = config(&servers)(config_text(&instance, "copy", 1883, &servers))
+                .replace("127.0.0.1:1883", &addr.to_string());
+            Daemon::start_in(ns, addr, &instance, &text)
+        })
+        .collect();
+    let lbs = client.within(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            agree_and_move_alike(&lbs, &servers).await;
+            lbs
+        })
+    });
+    drop(lbs);
+}
+
+/// Places every id through both instances, removes a server from both, places them
+/// again.
+async fn agree_and_move_alike(lbs: &[Daemon], servers: &[SocketAddr]) {
+    let seen: Seen = Arc::default();
+    for (i, s) in servers.iter().enumerate() {
+        server(*s, i, seen.clone()).await;
+    }
+    let [a, b] = lbs else { panic!("two instances") };
+    let started = std::time::Instant::now();
     let through_a = place(a.addr, &seen).await;
     let through_b = place(b.addr, &seen).await;
+    eprintln!(
+        "{} connections through the two instances in {:.1} s",
+        2 * IDS,
+        started.elapsed().as_secs_f64()
+    );
     let agree = through_a
         .iter()
         .filter(|(id, s)| through_b.get(*id) == Some(s))
@@ -141,7 +186,7 @@ async fn two_instances_send_every_client_id_to_the_same_server() {
     }
 
     // node2 (index 1) goes from both files.
-    for lb in [&a, &b] {
+    for lb in [a, b] {
         let text = lb.config_text();
         let start = text
             .find("[[clusters.servers]]\nname = \"node2\"")
