@@ -169,12 +169,13 @@ impl SockmapPlane {
         }
     }
 
-    /// Whether a pair on `auto` should go back to the copy plane now: both directions
-    /// still carrying, and one throttled or (looked at on lag events) the pair busier
-    /// than the limit.
+    /// Whether a pair on `auto` should go back to the copy plane now: a direction
+    /// still carrying, neither one's FIN forwarded yet (a direction at EOF is handed
+    /// over too: the copy plane reads the EOF again and forwards it), and one
+    /// throttled or (looked at on lag events) the pair busier than the limit.
     fn stops_paying(&self, dirs: &[Dir<'_>; 2], demotion: &mut Demotion, lag_event: bool) -> bool {
         let carrying = |d: &Dir<'_>| matches!(d.state, DirState::Spliced | DirState::Throttled);
-        if !dirs.iter().all(carrying) {
+        if !dirs.iter().any(carrying) || dirs.iter().any(|d| d.state == DirState::Done) {
             return false;
         }
         if dirs.iter().any(|d| d.state == DirState::Throttled) {
