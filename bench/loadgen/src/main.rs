@@ -38,6 +38,10 @@ pub enum Workload {
     W8,
     /// One TLS connection, bulk bytes each way through an echo server.
     W9,
+    /// Not a benchmark: `--connections` MQTT sessions held open through a broker
+    /// (the scale test's clients); one JSON line once all are connected, then, after
+    /// a line on stdin, a PINGREQ on each and the PINGRESPs counted.
+    Hold,
 }
 
 /// Command line.
@@ -68,6 +72,9 @@ pub struct Args {
     /// CA of the proxy's TLS certificate (W7-W9).
     #[arg(long)]
     pub ca: Option<std::path::PathBuf>,
+    /// Sessions to hold (`hold`).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
 }
 
 fn main() -> std::process::ExitCode {

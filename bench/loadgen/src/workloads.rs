@@ -34,7 +34,7 @@ pub async fn run(args: &Args) -> Result<Value> {
         Workload::W2 | Workload::W3 | Workload::W4 | Workload::W7 | Workload::W8 => {
             Some(Mode::Sink)
         }
-        Workload::W6 => None,
+        Workload::W6 | Workload::Hold => None,
     };
     let counters = match (mode, args.server) {
         (Some(mode), Some(addr)) => Some(server::start(addr, mode)?),
@@ -74,6 +74,7 @@ pub async fn run(args: &Args) -> Result<Value> {
             let (s, _) = session(args.target, 0, "w9-bulk", Some(&tls)).await?;
             bulk_on(s, if q { 256 << 20 } else { 1 << 30 }, &meter).await?
         }
+        Workload::Hold => hold(args.target, args.connections).await?,
     };
     Ok(json!({
         "workload": format!("{:?}", args.workload),
@@ -448,6 +449,60 @@ async fn idle(target: SocketAddr, conns: usize, proxy_pids: &[u32]) -> Result<(V
         }),
         errors,
     ))
+}
+
+/// `hold`: `conns` sessions (client ids unique to this process), a JSON line on
+/// stdout once they are all up (`connected`, `errors`); then, after a line on stdin,
+/// one PINGREQ on each, counting the PINGRESPs that come back within 30 s.
+async fn hold(target: SocketAddr, conns: usize) -> Result<(Value, u64)> {
+    use tokio::io::AsyncBufReadExt;
+    let pid = std::process::id();
+    let mut streams = Vec::with_capacity(conns);
+    let mut errors = 0u64;
+    let mut set = JoinSet::new();
+    let mut first_error = None;
+    for i in 0..conns {
+        set.spawn(async move { mqtt_connect(target, i, &format!("hold-{pid}-{i}")).await });
+        while set.len() >= 256 || (i + 1 == conns && !set.is_empty()) {
+            match set.join_next().await.context("join")?? {
+                Ok(s) => streams.push(s),
+                Err(e) => {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| format!("{e:#}"));
+                }
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({"connected": streams.len(), "errors": errors, "first_error": first_error})
+    );
+    let mut line = String::new();
+    tokio::io::BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await?;
+    let mut set = JoinSet::new();
+    for mut s in streams.drain(..) {
+        set.spawn(async move {
+            let ping = async {
+                s.write_all(&[0xC0, 0]).await?;
+                let mut resp = [0u8; 2];
+                s.read_exact(&mut resp).await?;
+                anyhow::Ok(resp == [0xD0, 0])
+            };
+            matches!(
+                tokio::time::timeout(Duration::from_secs(30), ping).await,
+                Ok(Ok(true))
+            )
+        });
+    }
+    let mut pongs = 0u64;
+    while let Some(r) = set.join_next().await {
+        if r? {
+            pongs += 1;
+        }
+    }
+    Ok((json!({"pingresp": pongs}), errors))
 }
 
 /// W5: `n` PUBLISH round trips on one connection through the echo server.
