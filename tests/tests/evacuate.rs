@@ -394,6 +394,11 @@ async fn busy_stream_cut_between_packets(plane: &str) {
     }
     if plane == "auto" {
         assert!(lb.stat("promoted") >= 3, "promoted {}", lb.stat("promoted"));
+        // The stream is busy: promoted pairs go back to copy (demoted), and the copy
+        // plane follows the packets from the program's position (seen: all five).
+        let demoted = lb.stat("demoted");
+        eprintln!("auto: {} promoted, {demoted} demoted", lb.stat("promoted"));
+        assert!(demoted >= 1, "no eviction of a demoted pair was exercised");
     }
     // Counted once the write returned, which may be after the client read it.
     wait_for("5 DISCONNECTs counted", Duration::from_secs(5), || {

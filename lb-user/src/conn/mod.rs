@@ -57,9 +57,11 @@ pub async fn handle(
             (Client::Plain(client), peer, None, proxy_header)
         }
         Some(rt) => {
-            let Some((stream, peer, session)) =
-                tls::accept(stats, &listener.config, rt, client, peer).await
-            else {
+            // Each step's future is boxed while it runs (here and in `serve`), so
+            // that the connection's own future, which lives as long as it does, is
+            // small (measured: 8.5 KB inline, most of an idle connection's memory).
+            let accept = tls::accept(stats, &listener.config, rt, client, peer);
+            let Some((stream, peer, session)) = Box::pin(accept).await else {
                 return;
             };
             // The PROXY header, if any, came before the handshake.
@@ -73,7 +75,7 @@ pub async fn handle(
         peer,
         tls,
     };
-    conn.serve(client, proxy_header).await;
+    Box::pin(conn.serve(client, proxy_header)).await;
 }
 
 /// One connection through its steps.
@@ -105,12 +107,13 @@ struct Sent {
 impl Conn<'_> {
     /// Everything after the handshake: the CONNECT, a server, the hand-off.
     async fn serve(mut self, mut client: Client, proxy_header: bool) {
-        let Some((mut first, handshake)) = self.read_first(&mut client, proxy_header).await else {
+        let read = self.read_first(&mut client, proxy_header);
+        let Some((mut first, handshake)) = Box::pin(read).await else {
             return;
         };
         // Behind a load balancer that sends PROXY headers, the client is who it names.
         self.peer = first.proxied_source.unwrap_or(self.peer);
-        if !self.rewrite(&mut client, &mut first).await {
+        if !Box::pin(self.rewrite(&mut client, &mut first)).await {
             return;
         }
         // The client id the server gets (after a rewrite).
@@ -119,12 +122,12 @@ impl Conn<'_> {
         let cluster = self.listener.cluster();
         let websocket = self.listener.websocket().is_some();
         // Held to the end: the connection's place among its source's open ones.
-        let _admitted = match self.admit(&first, &cluster.config.name).await {
+        let _admitted = match Box::pin(self.admit(&first, &cluster.config.name)).await {
             Ok(a) => a,
-            Err(connack) => return route::refuse(client, &connack, websocket).await,
+            Err(connack) => return Box::pin(route::refuse(client, &connack, websocket)).await,
         };
-        let connected =
-            route::connect_server(self.shared, &cluster, &first, self.peer, websocket).await;
+        let connected = route::connect_server(self.shared, &cluster, &first, self.peer, websocket);
+        let connected = Box::pin(connected).await;
         let (mut server, lease) = match connected {
             Ok(connected) => connected,
             Err(why) => {
@@ -135,7 +138,7 @@ impl Conn<'_> {
                 stats.connection_ended(listener, cluster_name, "", "no_server");
                 debug!(peer = %self.peer, client_id = %first.client_id, cluster = %cluster.config.name, ?why, "no server available");
                 let connack = crate::mqtt::connack_server_unavailable(first.version);
-                route::refuse(client, &connack, websocket).await;
+                Box::pin(route::refuse(client, &connack, websocket)).await;
                 return;
             }
         };
@@ -143,9 +146,8 @@ impl Conn<'_> {
         let reached = self.entry.age().as_secs_f64();
         self.shared.stats.server_reached.observe(reached);
         let target = (&*cluster, &lease);
-        let sent = self
-            .send_head(&mut client, &mut server, target, first, handshake)
-            .await;
+        let head = self.send_head(&mut client, &mut server, target, first, handshake);
+        let sent = Box::pin(head).await;
         if let Some(sent) = sent {
             self.hand_off(client, server, target, sent).await;
         }
@@ -274,7 +276,7 @@ impl Conn<'_> {
                 let traffic = sent.traffic;
                 let relay =
                     stream::ws_terminate(client, fd, pending, server, limits, traffic, stats);
-                evictable(relay, self.entry).await
+                Box::pin(evictable(relay, self.entry)).await
             }
             (Client::Plain(client), _, _) => {
                 let pair = Pair {
@@ -300,7 +302,7 @@ impl Conn<'_> {
                 self.entry.set_plane(Plane::Tls);
                 let fd = tls.get_ref().0.as_raw_fd();
                 let relay = stream::relay(tls, fd, server, idle, sent.traffic, stats);
-                evictable(relay, self.entry).await
+                Box::pin(evictable(relay, self.entry)).await
             }
         };
         if self.listener.config.access_log {

@@ -42,6 +42,12 @@ pub(crate) fn move_once(
     move_from(|buf| src.try_read(buf), dst, boundary)
 }
 
+/// [`move_once`] reading at most `max` bytes, not following packets.
+fn move_at_most(src: &TcpStream, dst: &TcpStream, max: u64) -> io::Result<Moved> {
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
+    move_from(|buf| src.try_read(&mut buf[..max.min(SCRATCH)]), dst, None)
+}
+
 /// [`move_once`] with a read that always asks the socket: for a task that does not
 /// wait for readability and so cannot count on the runtime having seen the latest
 /// readiness edge (the sockmap pump).
@@ -115,7 +121,7 @@ impl CopyPlane {
     /// client), and the pair is the caller's to splice.
     pub async fn run_promotable(&self, pair: &Pair, promote: Promote) -> Result<Outcome, Promoted> {
         self.stats.inc(DaemonStat::Copied);
-        let boundary = pair.boundary;
+        let boundary = pair.boundary.map(|b| (0, b));
         match copy_both(pair, Handover::default(), boundary, &self.stats, promote).await {
             Ok(Ended::Promote(promoted)) => Err(promoted),
             Ok(Ended::Outcome(o)) => {
@@ -139,9 +145,9 @@ impl CopyPlane {
         // starts where the pair says; one handed over mid-stream where the hand-over
         // says.
         let boundary = if handover.ready.is_none() {
-            pair.boundary
+            pair.boundary.map(|b| (0, b))
         } else {
-            handover.boundary
+            handover.follow_from
         };
         let result = copy_both(pair, handover, boundary, &self.stats, Promote::default())
             .await
@@ -180,9 +186,10 @@ pub struct Handover<'a> {
     /// far: a socket the verdict program passes bytes to can report EOF while passed
     /// skbs are still on their way to its queue.
     pub eof_final: Option<&'a Gate<'a>>,
-    /// Where the server's stream stands once `pending[1]` is written, when known
-    /// (followed from there for an evacuation).
-    pub boundary: Option<Boundary>,
+    /// Where the server's stream stands once `pending[1]` is written and this many
+    /// more bytes are read from it, when known (followed from there for an
+    /// evacuation).
+    pub follow_from: Option<(u64, Boundary)>,
 }
 
 /// A per-direction check supplied by the sockmap plane (see [`Handover`]).
@@ -209,6 +216,9 @@ struct OneWay<'a> {
     reads: u64,
     /// Where the packets read stand (followed server to client for an evacuation).
     boundary: Option<Boundary>,
+    /// Bytes to read before `boundary` is known, and where it stands then (see
+    /// [`Handover::follow_from`]).
+    sync: Option<(u64, Boundary)>,
     index: usize,
     stat: DaemonStat,
     traffic: &'a Traffic,
@@ -239,9 +249,20 @@ impl OneWay<'_> {
         } else {
             self.src.readable().await?;
         }
-        match move_once(self.src, self.dst, self.boundary.as_mut())? {
+        let moved = match self.sync {
+            Some((left, _)) => move_at_most(self.src, self.dst, left)?,
+            None => move_once(self.src, self.dst, self.boundary.as_mut())?,
+        };
+        match moved {
             Moved::Idle => return Ok(false),
             Moved::Bytes { read, rest } => {
+                if let Some((left, at)) = &mut self.sync {
+                    *left -= read as u64;
+                    if *left == 0 {
+                        self.boundary = Some(*at);
+                        self.sync = None;
+                    }
+                }
                 stats.add(self.stat, read as u64);
                 self.traffic
                     .add(super::Direction::of(self.index), read as u64);
@@ -348,9 +369,14 @@ impl AgeCheck {
 /// Ends an evicted pair from the copy plane: what the server sent up to its next
 /// packet boundary, then the DISCONNECT (see [`evict::finish`]).
 async fn evicted(pair: &Pair, s2c: &mut OneWay<'_>, stats: &Stats) -> Outcome {
+    let (skip, boundary) = match s2c.sync {
+        Some((left, b)) => (left, Some(b)),
+        None => (0, s2c.boundary),
+    };
     let tail = evict::Tail {
         pending: s2c.pending.take(),
-        boundary: s2c.boundary,
+        boundary,
+        skip,
         disconnect: pair.disconnect.as_deref(),
     };
     evict::finish(&pair.client, &pair.server, tail, &pair.traffic, stats).await
@@ -361,7 +387,7 @@ async fn evicted(pair: &Pair, s2c: &mut OneWay<'_>, stats: &Stats) -> Outcome {
 async fn copy_both(
     pair: &Pair,
     handover: Handover<'_>,
-    boundary: Option<Boundary>,
+    boundary: Option<(u64, Boundary)>,
     stats: &Stats,
     promote: Promote,
 ) -> io::Result<Ended> {
@@ -370,7 +396,7 @@ async fn copy_both(
         ready: gate,
         pending: [p0, p1],
         eof_final,
-        boundary: _,
+        follow_from: _,
     } = handover;
     let direction = |index: usize, src, dst, pending: Vec<u8>, stat| OneWay {
         src,
@@ -383,6 +409,7 @@ async fn copy_both(
         read: 0,
         reads: 0,
         boundary: None,
+        sync: None,
         index,
         stat,
         traffic: &pair.traffic,
@@ -390,7 +417,10 @@ async fn copy_both(
     let (client, server) = (&pair.client, &pair.server);
     let mut c2s = direction(0, client, server, p0, DaemonStat::CopiedBytesC2s);
     let mut s2c = direction(1, server, client, p1, DaemonStat::CopiedBytesS2c);
-    s2c.boundary = boundary;
+    match boundary {
+        Some((0, b)) => s2c.boundary = Some(b),
+        sync => s2c.sync = sync,
+    }
     let idle = pair.idle_timeout;
     let mut last = Instant::now();
     // One timer for the idle timeout and promotion by age (checked when due, then
@@ -418,7 +448,8 @@ async fn copy_both(
                 sleep.as_mut().reset(due(last, &age).into());
             }
             () = pair.entry.evicted() => {
-                return Ok(Ended::Outcome(evicted(pair, &mut s2c, stats).await));
+                // Boxed: rare, and large inline in every copied pair's future.
+                return Ok(Ended::Outcome(Box::pin(evicted(pair, &mut s2c, stats)).await));
             }
         }
         if promote

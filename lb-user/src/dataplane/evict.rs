@@ -29,9 +29,13 @@ const CHUNK: usize = 16 * 1024;
 pub(crate) struct Tail<'a> {
     /// Bytes read from the server and not yet written to the client.
     pub pending: Option<Vec<u8>>,
-    /// Where the server's stream stands once `pending` is written (`None`: not
-    /// tracked, the client is not told).
+    /// Where the server's stream stands once `pending` is written and `skip` more
+    /// bytes are forwarded (`None`: not tracked, the client is not told).
     pub boundary: Option<Boundary>,
+    /// Bytes still to come from the server before `boundary`'s position: forwarded
+    /// as they are (a pair demoted from the splice knows where the stream stands only
+    /// after the bytes the program passed).
+    pub skip: u64,
     /// The DISCONNECT to write at the boundary (`None`: a 3.1.x client).
     pub disconnect: Option<&'a [u8]>,
 }
@@ -51,7 +55,7 @@ pub(crate) async fn finish(
         let told = tokio::time::timeout_at(deadline.into(), async {
             let mut pending = tail.pending.unwrap_or_default();
             write_all(client, &mut pending).await?;
-            let cut = to_boundary(client, server, boundary, traffic, stats).await?;
+            let cut = to_boundary(client, server, (tail.skip, boundary), traffic, stats).await?;
             if cut {
                 write_all(client, &mut disconnect.to_vec()).await?;
             }
@@ -66,28 +70,36 @@ pub(crate) async fn finish(
     Outcome::Evicted
 }
 
-/// Copies the server's stream to the client up to its next packet boundary; false
-/// when none can come (the server closed, or its stream is not MQTT).
+/// Copies the server's stream to the client up to its next packet boundary (after
+/// `skip` bytes, where `boundary` starts); false when none can come (the server
+/// closed, or its stream is not MQTT).
 async fn to_boundary(
     client: &TcpStream,
     server: &TcpStream,
-    mut boundary: Boundary,
+    (mut skip, mut boundary): (u64, Boundary),
     traffic: &Traffic,
     stats: &Stats,
 ) -> io::Result<bool> {
     let mut buf = vec![0; CHUNK];
-    while !boundary.at_boundary() {
-        if boundary.broken() {
+    while skip > 0 || !boundary.at_boundary() {
+        if skip == 0 && boundary.broken() {
             return Ok(false);
         }
         server.readable().await?;
-        let n = match server.try_read(&mut buf) {
+        let want =
+            usize::try_from(skip).map_or(CHUNK, |s| if s == 0 { CHUNK } else { s.min(CHUNK) });
+        let n = match server.try_read(&mut buf[..want]) {
             Ok(0) => return Ok(false),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        let upto = boundary.advance(&buf[..n]).unwrap_or(n);
+        let upto = if skip > 0 {
+            skip -= n as u64;
+            n
+        } else {
+            boundary.advance(&buf[..n]).unwrap_or(n)
+        };
         let mut part = buf[..upto].to_vec();
         write_all(client, &mut part).await?;
         traffic.add(Direction::ServerToClient, upto as u64);
