@@ -125,6 +125,33 @@ pub fn within<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'sta
     .expect("thread in the namespace")
 }
 
+/// A bridge and the hosts plugged into it, their namespaces named after `tag`.
+pub struct Lan {
+    tag: String,
+    /// Holds the bridge.
+    pub switch: Netns,
+}
+
+impl Lan {
+    pub fn new(tag: &str) -> Self {
+        Self {
+            tag: tag.to_owned(),
+            switch: Netns::switch(&format!("{tag}-sw")),
+        }
+    }
+
+    /// A host `name` at `addr` (CIDR) on the bridge.
+    pub fn host(&self, name: &str, addr: &str) -> Netns {
+        let tag = &self.tag;
+        Netns::host(
+            &format!("{tag}-{name}"),
+            addr,
+            &self.switch,
+            &format!("{tag}{name}"),
+        )
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).output();

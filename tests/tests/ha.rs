@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{netns::Netns, *};
+use tests::{
+    netns::{Lan, Netns},
+    *,
+};
 
 const VIP: &str = "10.88.0.100";
 
@@ -62,12 +65,13 @@ fn the_floating_address_moves_to_the_backup_within_3s_and_clients_keep_their_bro
         return;
     }
     let tag = format!("ha{}", std::process::id() % 10_000);
-    let sw = Netns::switch(&format!("{tag}-sw"));
-    let host =
-        |n: &str, addr: &str| Netns::host(&format!("{tag}-{n}"), addr, &sw, &format!("{tag}{n}"));
-    let lbs = [host("l1", "10.88.0.11/24"), host("l2", "10.88.0.12/24")];
-    let brokers = host("bk", "10.88.0.50/24");
-    let client = host("cl", "10.88.0.99/24");
+    let lan = Lan::new(&tag);
+    let lbs = [
+        lan.host("l1", "10.88.0.11/24"),
+        lan.host("l2", "10.88.0.12/24"),
+    ];
+    let brokers = lan.host("bk", "10.88.0.50/24");
+    let client = lan.host("cl", "10.88.0.99/24");
     let dir = TempDir::new("ha");
 
     // Two brokers, each answering which it is (a retained message).

@@ -14,7 +14,7 @@ use std::{
 };
 
 use mqttlb::mqtt::{Decode, decode_connect};
-use tests::{netns::Netns, *};
+use tests::{netns::Lan, *};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -114,11 +114,12 @@ fn two_instances_in_their_own_namespaces_send_every_client_id_to_the_same_server
         return;
     }
     let tag = format!("in{}", std::process::id() % 10_000);
-    let sw = Netns::switch(&format!("{tag}-sw"));
-    let host =
-        |n: &str, addr: &str| Netns::host(&format!("{tag}-{n}"), addr, &sw, &format!("{tag}{n}"));
-    let hosts = [host("a", "10.89.0.11/24"), host("b", "10.89.0.12/24")];
-    let client = host("cl", "10.89.0.99/24");
+    let lan = Lan::new(&tag);
+    let hosts = [
+        lan.host("a", "10.89.0.11/24"),
+        lan.host("b", "10.89.0.12/24"),
+    ];
+    let client = lan.host("cl", "10.89.0.99/24");
     for ns in hosts.iter().chain([&client]) {
         // 200,000 connections each way within minutes: ports in TIME_WAIT reused.
         ns.sysctl("net.ipv4.tcp_tw_reuse=1");
