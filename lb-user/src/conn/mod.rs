@@ -90,6 +90,17 @@ struct Conn<'a> {
     tls: Option<tls::TlsSession>,
 }
 
+/// A connection that reached its server, ready for the hand-off.
+struct Reached {
+    client: Client,
+    server: TcpStream,
+    cluster: Arc<ClusterRt>,
+    lease: Lease,
+    sent: Sent,
+    /// Its place among its source's open connections, held to the end.
+    admitted: Option<crate::admission::Admitted>,
+}
+
 /// What was written before the hand-off.
 struct Sent {
     /// Bytes written to the client (the `101` and early server frames, WebSocket).
@@ -106,15 +117,27 @@ struct Sent {
 
 impl Conn<'_> {
     /// Everything after the handshake: the CONNECT, a server, the hand-off.
-    async fn serve(mut self, mut client: Client, proxy_header: bool) {
-        let read = self.read_first(&mut client, proxy_header);
-        let Some((mut first, handshake)) = Box::pin(read).await else {
+    async fn serve(mut self, client: Client, proxy_header: bool) {
+        // Boxed, so that what the steps before the hand-off kept (the CONNECT, the
+        // handshake) is freed rather than held in this future for the connection's
+        // life.
+        let Some(r) = Box::pin(self.reach(client, proxy_header)).await else {
             return;
         };
+        let target = (&*r.cluster, &r.lease);
+        self.hand_off(r.client, r.server, target, r.sent).await;
+        drop(r.admitted);
+    }
+
+    /// The CONNECT, a server, the head written to it; None when the connection ended
+    /// on the way.
+    async fn reach(&mut self, mut client: Client, proxy_header: bool) -> Option<Reached> {
+        let read = self.read_first(&mut client, proxy_header);
+        let (mut first, handshake) = Box::pin(read).await?;
         // Behind a load balancer that sends PROXY headers, the client is who it names.
         self.peer = first.proxied_source.unwrap_or(self.peer);
         if !Box::pin(self.rewrite(&mut client, &mut first)).await {
-            return;
+            return None;
         }
         // The client id the server gets (after a rewrite).
         self.entry.identified(self.peer, &first.client_id);
@@ -122,9 +145,12 @@ impl Conn<'_> {
         let cluster = self.listener.cluster();
         let websocket = self.listener.websocket().is_some();
         // Held to the end: the connection's place among its source's open ones.
-        let _admitted = match Box::pin(self.admit(&first, &cluster.config.name)).await {
+        let admitted = match Box::pin(self.admit(&first, &cluster.config.name)).await {
             Ok(a) => a,
-            Err(connack) => return Box::pin(route::refuse(client, &connack, websocket)).await,
+            Err(connack) => {
+                Box::pin(route::refuse(client, &connack, websocket)).await;
+                return None;
+            }
         };
         let connected = route::connect_server(self.shared, &cluster, &first, self.peer, websocket);
         let connected = Box::pin(connected).await;
@@ -139,7 +165,7 @@ impl Conn<'_> {
                 debug!(peer = %self.peer, client_id = %first.client_id, cluster = %cluster.config.name, ?why, "no server available");
                 let connack = crate::mqtt::connack_server_unavailable(first.version);
                 Box::pin(route::refuse(client, &connack, websocket)).await;
-                return;
+                return None;
             }
         };
         let _ = server.set_nodelay(true);
@@ -147,10 +173,15 @@ impl Conn<'_> {
         self.shared.stats.server_reached.observe(reached);
         let target = (&*cluster, &lease);
         let head = self.send_head(&mut client, &mut server, target, first, handshake);
-        let sent = Box::pin(head).await;
-        if let Some(sent) = sent {
-            self.hand_off(client, server, target, sent).await;
-        }
+        let sent = Box::pin(head).await?;
+        Some(Reached {
+            client,
+            server,
+            cluster,
+            lease,
+            sent,
+            admitted,
+        })
     }
 
     /// The listener's admission limits; a refusal is counted and logged (debug) and
