@@ -5,13 +5,19 @@ use std::{os::fd::AsRawFd, path::PathBuf, process::Command};
 
 /// `ip ARGS`, which must succeed.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
+    let mut c = Command::new("ip");
+    c.args(args);
+    succeed(&mut c, "Debian package iproute2");
+}
+
+/// Runs `cmd`, which must succeed (`package`: where its program comes from).
+fn succeed(cmd: &mut Command, package: &str) {
+    let out = cmd
         .output()
-        .expect("ip (Debian package iproute2)");
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} ({package})"));
     assert!(
         out.status.success(),
-        "ip {args:?}: {}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -77,16 +83,9 @@ impl Netns {
     /// `sysctl -w SETTING` inside this namespace (the `net.` settings are per
     /// namespace), which must succeed.
     pub fn sysctl(&self, setting: &str) {
-        let out = self
-            .exec("sysctl")
-            .args(["-q", "-w", setting])
-            .output()
-            .expect("sysctl (Debian package procps)");
-        assert!(
-            out.status.success(),
-            "sysctl {setting}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut c = self.exec("sysctl");
+        c.args(["-q", "-w", setting]);
+        succeed(&mut c, "Debian package procps");
     }
 
     /// Runs `f` on a thread of its own inside this namespace, with a runtime of its

@@ -121,16 +121,7 @@ async fn ctl_conns_lists_every_plane_and_names_a_killed_instance() {
     let pins = std::path::Path::new("/sys/fs/bpf/mqttlb").join(&lb.instance);
     let out = ctl_output(&lb.instance, &["cleanup"]);
     assert!(out.status.success(), "{out:?}");
-    let names = |p: &std::path::Path| -> Vec<String> {
-        std::fs::read_dir(p)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    assert_eq!(names(&pins), ["sticky"], "{}", pins.display());
+    assert_eq!(pins_left(&lb.instance), ["sticky"], "{}", pins.display());
     let out = ctl_output(&lb.instance, &["cleanup", "--sticky"]);
     assert!(out.status.success(), "{out:?}");
     assert!(!pins.exists(), "{} left", pins.display());
