@@ -4,7 +4,7 @@
 use std::{env, path::PathBuf, process::Command};
 
 /// Programs (one object each) and the headers they include.
-const PROGRAMS: &[&str] = &["splice.bpf.c", "guard.bpf.c"];
+const PROGRAMS: &[&str] = &["splice.bpf.c", "guard.bpf.c", "reuseport.bpf.c"];
 const HEADERS: &[&str] = &["lb_consts.h", "lb_structs.h", "lb_maps.h", "lb_helpers.h"];
 
 fn main() {

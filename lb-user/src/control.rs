@@ -65,10 +65,11 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Binds the control socket of `instance` (the caller holds the instance lock; no
-/// async runtime needed, so it happens before the privilege drop).
-pub fn bind(instance: &str) -> io::Result<(std::os::unix::net::UnixListener, ControlSocket)> {
-    let path = socket_path(instance);
+/// Binds the control socket at `path` (the caller's instance lock is held, by it or
+/// by its supervisor; no async runtime needed, so it happens before the privilege
+/// drop).
+pub fn bind(path: &Path) -> io::Result<(std::os::unix::net::UnixListener, ControlSocket)> {
+    let path = path.to_owned();
     match std::fs::remove_file(&path) {
         Ok(()) => {
             debug!(path = %path.display(), "removed a control socket left by a stopped daemon")
@@ -145,6 +146,7 @@ fn request(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
         ["backends"] => serde_json::json!({ "backends": views::servers(shared) }),
         ["sticky"] => serde_json::json!({ "sticky": views::sticky(shared) }),
         ["drain", c, s] => change(c, s, state(ServerState::Drain)),
+        ["down", c, s] => change(c, s, state(ServerState::Down)),
         ["enable", c, s] => change(c, s, state(ServerState::Up)),
         ["evacuate", c, s] => match crate::evacuate::server(shared, c, s) {
             Ok(n) => serde_json::json!({
@@ -171,6 +173,24 @@ fn request(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
     }
 }
 
+/// The request lines that make the runtime change `o` to a server (what another
+/// worker is sent).
+pub fn change_lines(cluster: &str, server: &str, o: Override) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(state) = o.state {
+        let word = match state {
+            ServerState::Up => "enable",
+            ServerState::Drain => "drain",
+            ServerState::Down => "down",
+        };
+        lines.push(format!("{word} {cluster} {server}"));
+    }
+    if let Some(w) = o.weight {
+        lines.push(format!("weight {cluster} {server} {w}"));
+    }
+    lines
+}
+
 /// `guard` and `guard deny|allow|remove CIDR`: the change made, then the guard's view.
 fn guard(shared: &Shared, change: Option<(&str, &str)>) -> serde_json::Value {
     let Some(g) = shared.guard.get() else {
@@ -186,9 +206,13 @@ fn guard(shared: &Shared, change: Option<(&str, &str)>) -> serde_json::Value {
 
 /// Sends `request` to the daemon of `instance` and returns its JSON answer.
 pub fn query(instance: &str, request: &str) -> io::Result<serde_json::Value> {
+    query_at(&socket_path(instance), request)
+}
+
+/// Sends `request` to the control socket at `path` and returns its JSON answer.
+pub fn query_at(path: &Path, request: &str) -> io::Result<serde_json::Value> {
     use std::io::{Read, Write};
-    let path = socket_path(instance);
-    let mut s = std::os::unix::net::UnixStream::connect(&path)?;
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
     s.set_read_timeout(Some(WAIT))?;
     s.set_write_timeout(Some(WAIT))?;
     s.write_all(format!("{request}\n").as_bytes())?;

@@ -125,7 +125,7 @@ pub fn run(
         if !running {
             return Err(CtlError::NotRunning(instance.to_owned()));
         }
-        let answer = ask_daemon(instance, &request)?;
+        let answer = change_everywhere(instance, &request)?;
         if json {
             serde_json::to_writer_pretty(&mut *out, &answer)?;
             writeln!(out)?;
@@ -147,10 +147,16 @@ pub fn run(
             if !running {
                 not_running(instance);
             }
-            Source::Pinned(pinned)
+            let mut all = vec![pinned];
+            for (_, dir) in crate::workers::pin_dirs(instance) {
+                all.push(Pinned::open_dir(dir)?);
+            }
+            Source::Pinned(all)
         }
-        // No pins (BPF did not load for this instance): the daemon answers itself.
-        Err(BpfError::Map { .. }) if running => Source::Daemon(instance),
+        // No pins (BPF did not load for this instance): the daemons answer themselves.
+        Err(BpfError::Map { .. }) if running => {
+            Source::Daemon(instance, crate::workers::running(instance))
+        }
         Err(e) => return Err(e.into()),
     };
     match cmd {
@@ -169,6 +175,28 @@ pub fn run(
         }
         CtlCommand::Stats => print_stats(instance, &source.stats()?, json, out),
     }
+}
+
+/// Makes `request` on every worker (one without workers), worker 0 first: its
+/// answer, with an evacuation's connections summed over all. A worker other than
+/// 0 that does not answer is named on stderr; the change stands on the others.
+fn change_everywhere(instance: &str, request: &str) -> Result<serde_json::Value, CtlError> {
+    let mut answer = ask_daemon(instance, request)?;
+    let mut evacuating = answer["evacuating"]["connections"].as_u64();
+    for k in crate::workers::running(instance).into_iter().skip(1) {
+        let path = crate::workers::socket_path(instance, k);
+        match control::query_at(&path, request) {
+            Ok(a) => {
+                let n = a["evacuating"]["connections"].as_u64();
+                evacuating = evacuating.map(|sum| sum + n.unwrap_or(0));
+            }
+            Err(e) => eprintln!("mqttlb ctl: worker {k} ({}): {e}", path.display()),
+        }
+    }
+    if let Some(n) = evacuating {
+        answer["evacuating"]["connections"] = n.into();
+    }
+    Ok(answer)
 }
 
 /// `ctl guard`: asks the daemon (the guard's maps are its own), changes first.
@@ -337,64 +365,142 @@ fn print_sticky(
 }
 
 /// `ctl stats`: every counter by name.
+/// Every counter summed over the workers; with workers, JSON also has each
+/// worker's (`workers`, in worker order) and text a column per worker.
 fn print_stats(
     instance: &str,
-    stats: &[(String, u64)],
+    per_worker: &[Vec<(String, u64)>],
     json: bool,
     out: &mut impl Write,
 ) -> Result<(), CtlError> {
-    if json {
+    let total = sum_stats(per_worker);
+    let object = |stats: &[(String, u64)]| -> serde_json::Value {
         let map: serde_json::Map<String, serde_json::Value> = stats
             .iter()
             .map(|(k, v)| (k.clone(), (*v).into()))
             .collect();
-        return print_json(instance, "stats", map.into(), out);
+        map.into()
+    };
+    if json {
+        let mut doc = serde_json::Map::new();
+        doc.insert("instance".into(), instance.into());
+        doc.insert("stats".into(), object(&total));
+        if per_worker.len() > 1 {
+            let each = per_worker.iter().map(|w| object(w)).collect();
+            doc.insert("workers".into(), serde_json::Value::Array(each));
+        }
+        serde_json::to_writer_pretty(&mut *out, &doc)?;
+        writeln!(out)?;
+        return Ok(());
     }
-    for (k, v) in stats {
-        writeln!(out, "{k:<28} {v}")?;
+    if per_worker.len() > 1 {
+        write!(out, "{:<28} {:>14}", "", "total")?;
+        for k in 0..per_worker.len() {
+            write!(out, " {:>14}", format!("worker {k}"))?;
+        }
+        writeln!(out)?;
+    }
+    for (i, (k, v)) in total.iter().enumerate() {
+        write!(out, "{k:<28} {v:>14}")?;
+        if per_worker.len() > 1 {
+            for w in per_worker {
+                write!(out, " {:>14}", w.get(i).map_or(0, |(_, v)| *v))?;
+            }
+        }
+        writeln!(out)?;
     }
     Ok(())
 }
 
-/// Where the views come from: the pinned maps (the daemon may be busy or gone), or
-/// the daemon's control socket when it runs without BPF.
+/// The counters of several workers added up, by name, in the first worker's order.
+fn sum_stats(per_worker: &[Vec<(String, u64)>]) -> Vec<(String, u64)> {
+    let mut total = per_worker.first().cloned().unwrap_or_default();
+    for w in per_worker.iter().skip(1) {
+        for (name, v) in w {
+            if let Some((_, t)) = total.iter_mut().find(|(n, _)| n == name) {
+                *t += v;
+            }
+        }
+    }
+    total
+}
+
+/// Where the views come from: the pinned maps of each worker (the daemon may be
+/// busy or gone; worker 0's first), or the workers' control sockets when the
+/// instance runs without BPF.
 enum Source<'a> {
-    Pinned(Pinned),
-    Daemon(&'a str),
+    Pinned(Vec<Pinned>),
+    Daemon(&'a str, Vec<u32>),
 }
 
 impl Source<'_> {
-    fn ask<T: serde::de::DeserializeOwned>(instance: &str, what: &str) -> Result<T, CtlError> {
-        let answer = ask_daemon(instance, what)?;
+    fn ask<T: serde::de::DeserializeOwned>(
+        instance: &str,
+        worker: u32,
+        what: &str,
+    ) -> Result<T, CtlError> {
+        let answer = if worker == 0 {
+            ask_daemon(instance, what)?
+        } else {
+            let path = crate::workers::socket_path(instance, worker);
+            control::query_at(&path, what).map_err(|source| CtlError::Control {
+                path: path.display().to_string(),
+                source,
+            })?
+        };
         Ok(serde_json::from_value(answer[what].clone())?)
     }
 
-    fn stats(&self) -> Result<Vec<(String, u64)>, CtlError> {
+    /// Each worker's counters.
+    fn stats(&self) -> Result<Vec<Vec<(String, u64)>>, CtlError> {
         match self {
-            Self::Pinned(p) => Ok(p
-                .stats()?
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect()),
-            Self::Daemon(i) => Self::ask(i, "stats"),
-        }
-    }
-
-    fn backends(&self) -> Result<Vec<BackendView>, CtlError> {
-        match self {
-            Self::Pinned(p) => Ok(p
-                .backends()?
+            Self::Pinned(all) => all
                 .iter()
-                .map(|(slot, b)| backend_view(*slot, b))
-                .collect()),
-            Self::Daemon(i) => Self::ask(i, "backends"),
+                .map(|p| {
+                    Ok(p.stats()?
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect())
+                })
+                .collect(),
+            Self::Daemon(i, workers) => workers.iter().map(|&k| Self::ask(i, k, "stats")).collect(),
         }
     }
 
+    /// The servers as worker 0 sees them, with every worker's connections and
+    /// bytes added.
+    fn backends(&self) -> Result<Vec<BackendView>, CtlError> {
+        let per_worker: Vec<Vec<BackendView>> = match self {
+            Self::Pinned(all) => all
+                .iter()
+                .map(|p| {
+                    Ok(p.backends()?
+                        .iter()
+                        .map(|(slot, b)| backend_view(*slot, b))
+                        .collect())
+                })
+                .collect::<Result<_, CtlError>>()?,
+            Self::Daemon(i, workers) => workers
+                .iter()
+                .map(|&k| Self::ask(i, k, "backends"))
+                .collect::<Result<_, CtlError>>()?,
+        };
+        let mut it = per_worker.into_iter();
+        let mut total = it.next().unwrap_or_default();
+        for other in it {
+            crate::views::add_traffic(&mut total, &other);
+        }
+        Ok(total)
+    }
+
+    /// The one sticky table every worker shares.
     fn sticky(&self) -> Result<Vec<StickyView>, CtlError> {
         match self {
-            Self::Pinned(p) => Ok(sticky_views(&p.sticky()?, &p.backends()?)),
-            Self::Daemon(i) => Self::ask(i, "sticky"),
+            Self::Pinned(all) => {
+                let p = &all[0];
+                Ok(sticky_views(&p.sticky()?, &p.backends()?))
+            }
+            Self::Daemon(i, _) => Self::ask(i, 0, "sticky"),
         }
     }
 }
@@ -413,8 +519,12 @@ fn not_running(instance: &str) {
 /// maps still hold.
 fn conns(instance: &str, running: bool, json: bool, out: &mut impl Write) -> Result<(), CtlError> {
     let rows: Vec<ConnRow> = if running {
-        let answer = ask_daemon(instance, "conns")?;
-        serde_json::from_value(answer["conns"].clone())?
+        let mut rows = Vec::new();
+        for k in crate::workers::running(instance) {
+            let mut some: Vec<ConnRow> = Source::ask(instance, k, "conns")?;
+            rows.append(&mut some);
+        }
+        rows
     } else {
         let pinned = Pinned::open(instance)?;
         not_running(instance);
@@ -496,7 +606,12 @@ fn cleanup(
         return Err(CtlError::Running(instance.to_owned()));
     }
     let dir = crate::bpf::pin_dir(instance);
-    let removed = crate::bpf::unpin_dir(&dir, !sticky);
+    let mut removed = 0;
+    for (_, worker_dir) in crate::workers::pin_dirs(instance) {
+        removed += crate::bpf::unpin_dir(&worker_dir, true);
+    }
+    crate::workers::remove_left_behind(instance);
+    removed += crate::bpf::unpin_dir(&dir, !sticky);
     for file in [control::socket_path(instance), control::lock_path(instance)] {
         let _ = std::fs::remove_file(file);
     }

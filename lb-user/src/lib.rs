@@ -29,6 +29,8 @@
 //!   control socket show.
 //! - [`stats`]: daemon counters. [`ctl`]: `mqttlb ctl`. [`daemon`]: `mqttlb run`.
 //! - [`sys`]: the socket syscalls std and tokio do not wrap.
+//! - [`workers`]: `[global] workers`: the supervisor, the worker selection program,
+//!   and what workers tell each other.
 
 pub mod addr;
 pub mod admin;
@@ -55,4 +57,5 @@ pub mod sticky;
 pub mod sys;
 pub mod tls;
 pub mod views;
+pub mod workers;
 pub mod ws;

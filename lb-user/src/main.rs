@@ -136,8 +136,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            if config.global.workers.get() > 1 {
+                return match mqttlb::workers::supervisor::run(path, config, data_plane) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("mqttlb: {e}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
             // Before the runtime: its threads would keep the privileges dropped here.
-            let prepared = match daemon::prepare(&config, data_plane) {
+            let prepared = match daemon::prepare(&config, data_plane, None) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("mqttlb: {e}");

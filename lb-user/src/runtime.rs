@@ -117,6 +117,8 @@ pub struct Shared {
     stopping: AtomicBool,
     /// The XDP front guard, with `[guard]`.
     pub guard: std::sync::OnceLock<Arc<crate::guard::Guard>>,
+    /// With `[global] workers`: the instance name and this worker's seat.
+    pub seat: std::sync::OnceLock<(String, crate::workers::Seat)>,
 }
 
 impl Shared {
@@ -138,6 +140,7 @@ impl Shared {
             conns: Arc::default(),
             stopping: AtomicBool::new(false),
             guard: std::sync::OnceLock::new(),
+            seat: std::sync::OnceLock::new(),
         };
         shared.replace_clusters(clusters);
         shared

@@ -41,6 +41,23 @@ pub fn sticky(shared: &Shared) -> Vec<StickyView> {
     sticky_views(&shared.sticky.entries(), &rows)
 }
 
+/// Adds the connections, bytes and failures `other` (another worker's view) counts
+/// to the same servers in `total`.
+pub fn add_traffic(total: &mut [BackendView], other: &[BackendView]) {
+    for t in total.iter_mut() {
+        if let Some(o) = other
+            .iter()
+            .find(|o| o.cluster == t.cluster && o.name == t.name)
+        {
+            t.active += o.active;
+            t.connections += o.connections;
+            t.bytes_c2s += o.bytes_c2s;
+            t.bytes_s2c += o.bytes_s2c;
+            t.connect_failures += o.connect_failures;
+        }
+    }
+}
+
 /// One server as `ctl backends`, the control socket and the admin API show it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct BackendView {

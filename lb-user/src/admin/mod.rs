@@ -383,6 +383,9 @@ async fn change_server(
     match app.shared.override_server(&cluster, &server, o) {
         Ok(()) => {
             info!(%cluster, %server, state = ?change.state, weight = ?change.weight.map(|w| w.get()), "server changed through the admin API (overrides the file until changed again)");
+            for line in crate::control::change_lines(&cluster, &server, o) {
+                crate::workers::peers::forward(&app.shared, &line).await;
+            }
             let view = views::servers(&app.shared)
                 .into_iter()
                 .find(|v| v.cluster == cluster && v.name == server);
@@ -403,10 +406,19 @@ async fn evacuate_server(
         return r;
     }
     match crate::evacuate::server(&app.shared, &cluster, &server) {
-        Ok(n) => Json(serde_json::json!({
-            "evacuating": { "cluster": cluster, "server": server, "connections": n }
-        }))
-        .into_response(),
+        Ok(n) => {
+            // Every worker evacuates its own connections to that server.
+            let line = format!("evacuate {cluster} {server}");
+            let others: u64 = crate::workers::peers::forward(&app.shared, &line)
+                .await
+                .iter()
+                .filter_map(|a| a["evacuating"]["connections"].as_u64())
+                .sum();
+            Json(serde_json::json!({
+                "evacuating": { "cluster": cluster, "server": server, "connections": n as u64 + others }
+            }))
+            .into_response()
+        }
         Err(e) => refuse(StatusCode::NOT_FOUND, &e.to_string()),
     }
 }

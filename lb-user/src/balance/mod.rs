@@ -108,6 +108,16 @@ impl ServerLive {
         Some(if down { Flip::Up } else { Flip::Down })
     }
 
+    /// Takes the verdict another worker's checks reached (`[global] workers`): true
+    /// when that changed this server's state.
+    pub fn follow_health(&self, down: bool) -> bool {
+        let changed = self.health_down.swap(down, Ordering::Relaxed) != down;
+        if changed {
+            self.health_flips.fetch_add(1, Ordering::Relaxed);
+        }
+        changed
+    }
+
     /// Forgets the active check's verdict (checks turned off): the server counts as up.
     pub fn clear_health(&self) {
         self.health_down.store(false, Ordering::Relaxed);

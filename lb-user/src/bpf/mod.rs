@@ -185,9 +185,12 @@ impl Bpf {
     /// `sticky_size` the capacity of the sticky table; `trusted_owner` a uid besides
     /// this process's that may own the instance's pin directory (`[global] user`,
     /// which an earlier run handed it to). The caller holds the instance's
-    /// [`InstanceLock`].
+    /// [`InstanceLock`] (with workers, their supervisor does). `worker`: its index
+    /// with `[global] workers` (0 without): worker K > 0 pins under `worker-K/` and
+    /// shares worker 0's sticky table, which worker 0 (started first) has checked.
     pub fn load(
         instance: &str,
+        worker: u32,
         lag_step: u64,
         sticky_size: u32,
         trusted_owner: Option<u32>,
@@ -195,14 +198,20 @@ impl Bpf {
         if !is_bpffs(Path::new("/sys/fs/bpf")) {
             return Err(BpfError::NoBpffs);
         }
-        let dir = pin_dir(instance);
+        let instance_dir = pin_dir(instance);
+        let dir = crate::workers::pin_dir(instance, worker);
         own_dir(Path::new(PIN_ROOT), None)?;
+        own_dir(&instance_dir, trusted_owner)?;
         own_dir(&dir, trusted_owner)?;
         remove_per_process_pins(&dir)?;
-        keep_sticky_if_compatible(&dir, sticky_size)?;
+        if worker == 0 {
+            keep_sticky_if_compatible(&dir, sticky_size)?;
+        }
         let object = with_kfunc_ids(SPLICE_OBJECT)?;
+        let sticky_pin = instance_dir.join(maps::STICKY);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
+            .map_pin_path(maps::STICKY, sticky_pin.as_path())
             .map_max_entries(maps::STICKY, sticky_size)
             .override_global(LAG_STEP_GLOBAL, &lag_step, true)
             .load(bytemuck::cast_slice(&object))

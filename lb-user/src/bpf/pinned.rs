@@ -59,6 +59,17 @@ impl Pinned {
         Ok(Self { dir })
     }
 
+    /// Opens the pin directory `dir` (a worker's, `[global] workers`).
+    pub fn open_dir(dir: PathBuf) -> Result<Self, BpfError> {
+        if !dir.join(maps::STATS).exists() {
+            return Err(BpfError::Map {
+                name: maps::STATS,
+                reason: format!("no pinned maps under {}", dir.display()),
+            });
+        }
+        Ok(Self { dir })
+    }
+
     fn open_map(&self, name: &'static str) -> Result<Map, BpfError> {
         let path = self.dir.join(name);
         let data = MapData::from_pin(&path).map_err(|e| match e {

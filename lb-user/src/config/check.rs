@@ -315,7 +315,9 @@ impl Checker<'_> {
             );
         }
         let run_as = self.run_as(raw.user, raw.group);
+        let workers = self.workers(raw.workers);
         Global {
+            workers,
             name,
             run_as,
             data_plane: raw.data_plane,
@@ -323,6 +325,34 @@ impl Checker<'_> {
             max_preconnect_bytes: *raw.max_preconnect_bytes.get_ref() as usize,
             shutdown_delay: raw.shutdown_delay.0,
             shutdown_grace: raw.shutdown_grace.0,
+        }
+    }
+
+    /// `[global] workers`: 1 to [`MAX_WORKERS`], or `"auto"` (one per core, at most
+    /// that many).
+    fn workers(&mut self, raw: Option<Spanned<RawWorkers>>) -> std::num::NonZeroU32 {
+        let one = std::num::NonZeroU32::MIN;
+        let Some(raw) = raw else {
+            return one;
+        };
+        let n = match raw.get_ref() {
+            RawWorkers::Word(w) if w == "auto" => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                cores.min(MAX_WORKERS as usize) as i64
+            }
+            RawWorkers::Word(_) => 0,
+            RawWorkers::Count(n) => *n,
+        };
+        match u32::try_from(n).ok().and_then(std::num::NonZeroU32::new) {
+            Some(n) if n.get() <= MAX_WORKERS => n,
+            _ => {
+                self.err(
+                    raw.span(),
+                    "global.workers".into(),
+                    format!("must be \"auto\" or a whole number from 1 to {MAX_WORKERS}"),
+                );
+                one
+            }
         }
     }
 

@@ -152,6 +152,9 @@ pub struct GuardConfig {
     pub syn_burst: u32,
 }
 
+/// Most worker processes an instance runs (`[global] workers`).
+pub const MAX_WORKERS: u32 = 64;
+
 /// `[global]`.
 #[derive(Debug, Clone)]
 pub struct Global {
@@ -171,6 +174,9 @@ pub struct Global {
     pub shutdown_grace: Duration,
     /// `user` / `group`: the account the daemon switches to after set-up.
     pub run_as: Option<crate::privilege::Account>,
+    /// Worker processes sharing the listeners (1: the daemon serves alone, no
+    /// supervisor).
+    pub workers: NonZeroU32,
 }
 
 /// `[admin]`: the admin HTTP listener.

@@ -88,6 +88,16 @@ pub(super) struct RawGlobal {
     pub(super) shutdown_grace: Dur,
     pub(super) user: Option<Spanned<String>>,
     pub(super) group: Option<Spanned<String>>,
+    pub(super) workers: Option<Spanned<RawWorkers>>,
+}
+
+/// `workers`: a count, or `"auto"` (one per core); any other word is an error
+/// checked by name.
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+pub(super) enum RawWorkers {
+    Count(i64),
+    Word(String),
 }
 
 impl Default for RawGlobal {
@@ -101,6 +111,7 @@ impl Default for RawGlobal {
             shutdown_grace: default_shutdown_grace(),
             user: None,
             group: None,
+            workers: None,
         }
     }
 }

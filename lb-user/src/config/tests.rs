@@ -351,3 +351,27 @@ fn the_account_to_run_as_is_looked_up_and_named_when_missing() {
         ["line 4: global.group: needs global.user (the group alone is not switched to)"]
     );
 }
+
+#[test]
+fn workers_are_a_count_or_auto() {
+    let with = |line: &str| GOOD.replace("data_plane = \"copy\"", line);
+    assert_eq!(Config::parse(GOOD).expect("good").global.workers.get(), 1);
+    let c = Config::parse(&with("workers = 4")).expect("4");
+    assert_eq!(c.global.workers.get(), 4);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let c = Config::parse(&with("workers = \"auto\"")).expect("auto");
+    assert_eq!(c.global.workers.get(), cores.min(MAX_WORKERS));
+    for bad in [
+        "workers = 0",
+        "workers = 65",
+        "workers = -1",
+        "workers = \"many\"",
+    ] {
+        let e = errors(&with(bad));
+        assert_eq!(
+            e,
+            ["line 4: global.workers: must be \"auto\" or a whole number from 1 to 64"],
+            "{bad}"
+        );
+    }
+}

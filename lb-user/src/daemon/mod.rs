@@ -31,6 +31,7 @@ use crate::{
     runtime::{ListenerRt, Shared},
     stats::Stats,
     sticky::StickyTable,
+    workers::{Assigned, Seat},
 };
 
 mod plane;
@@ -71,6 +72,12 @@ pub enum DaemonError {
     /// `[global] user` could not be switched to.
     #[error("{0}")]
     Privilege(#[from] crate::privilege::PrivilegeError),
+    /// A worker could not start (`[global] workers`).
+    #[error("{0}")]
+    Worker(String),
+    /// The worker selection program could not be attached.
+    #[error("{0}")]
+    Select(#[from] crate::workers::select::SelectError),
     /// The control socket (`mqttlb ctl`) could not be bound.
     #[error("cannot bind the control socket {path}: {source}")]
     Control {
@@ -95,7 +102,8 @@ fn bind_hint(e: &std::io::Error) -> &'static str {
 
 /// A started daemon: what the signal loop and the stop need.
 struct Running {
-    _lock: InstanceLock,
+    /// Without workers; with workers the supervisor holds it.
+    _lock: Option<InstanceLock>,
     _control: control::ControlSocket,
     shared: Arc<Shared>,
     listeners: Vec<Arc<ListenerRt>>,
@@ -133,7 +141,12 @@ impl Signals {
 /// attached, the listeners, the admin listener and the control socket bound. The TLS keys and tokens were read
 /// with the configuration. Then, with `[global] user`, the switch to that account.
 pub struct Prepared {
-    lock: InstanceLock,
+    /// Without workers; with workers the supervisor holds it.
+    lock: Option<InstanceLock>,
+    /// This worker's place, with `[global] workers`.
+    seat: Option<Seat>,
+    /// Where a worker says it accepts.
+    ready: Option<std::os::fd::OwnedFd>,
     stats: Arc<Stats>,
     limit: usize,
     planes: plane::Planes,
@@ -148,29 +161,42 @@ pub struct Prepared {
 pub fn prepare(
     config: &Config,
     plane_override: Option<DataPlaneKind>,
+    assigned: Option<Assigned>,
 ) -> Result<Prepared, DaemonError> {
-    let lock = InstanceLock::acquire(&config.global.name).map_err(DaemonError::Instance)?;
+    let (lock, seat, given, ready) = match assigned {
+        None => {
+            let lock = InstanceLock::acquire(&config.global.name).map_err(DaemonError::Instance)?;
+            (Some(lock), None, None, None)
+        }
+        Some(a) => (None, Some(a.seat), Some(a.sockets), Some(a.ready)),
+    };
+    let index = seat.map_or(0, |s| s.index);
+    let control_plane = seat.is_none_or(Seat::control_plane);
     let stats = Arc::new(Stats::default());
     let limit = max_connections(config) as usize;
     let kind = plane_override.unwrap_or(config.global.data_plane);
-    let planes = plane::data_plane(config, kind, &stats)?;
-    info!(instance = %config.global.name, data_plane = planes.plane.name(), "data plane selected");
+    let planes = plane::data_plane(config, kind, &stats, index)?;
+    info!(instance = %config.global.name, worker = index, data_plane = planes.plane.name(), "data plane selected");
     // The guard first: no listener accepts before it watches the ports.
     let guard = match &config.guard {
-        Some(g) => Some(Arc::new(crate::guard::Guard::load(
+        Some(g) if control_plane => Some(Arc::new(crate::guard::Guard::load(
             g,
             &listener_ports(config),
         )?)),
-        None => None,
+        _ => None,
     };
-    let sockets = bind_all(config)?;
+    let sockets = match given {
+        Some(s) => s,
+        None => bind_all(config)?,
+    };
     let admin_socket = match &config.admin {
-        Some(a) => Some(bind_admin(a)?),
-        None => None,
+        Some(a) if control_plane => Some(bind_admin(a)?),
+        _ => None,
     };
     let name = &config.global.name;
-    let control = control::bind(name).map_err(|source| DaemonError::Control {
-        path: control::socket_path(name).display().to_string(),
+    let path = crate::workers::socket_path(name, index);
+    let control = control::bind(&path).map_err(|source| DaemonError::Control {
+        path: path.display().to_string(),
         source,
     })?;
     if let Some(account) = &config.global.run_as {
@@ -178,6 +204,8 @@ pub fn prepare(
     }
     Ok(Prepared {
         lock,
+        seat,
+        ready,
         stats,
         limit,
         planes,
@@ -203,26 +231,39 @@ pub async fn run(
     config: Config,
     prepared: Prepared,
 ) -> Result<(), DaemonError> {
-    let (mut running, mut signals) = start(&config, prepared)?;
+    let (mut running, mut signals, ready) = start(&config, prepared)?;
     let stats = running.shared.stats.clone();
-    systemd::ready(running.listeners.len(), running.shared.plane.name());
-    let watchdog = systemd::watchdog();
+    // With workers, the supervisor speaks to the service manager.
+    let alone = running.shared.seat.get().is_none();
+    if alone {
+        systemd::ready(running.listeners.len(), running.shared.plane.name());
+    }
+    if let Some(pipe) = ready {
+        crate::workers::say_ready(pipe);
+    }
+    let watchdog = alone.then(systemd::watchdog).flatten();
     let mut current = config;
     loop {
         tokio::select! {
             _ = signals.hup.recv() => {
-                systemd::reloading();
+                if alone {
+                    systemd::reloading();
+                }
                 let r = &mut running;
                 if reload::reload(&config_path, &mut current, &r.shared, &r.listeners, &stats) {
                     reload::restart_checks(&mut r.checks, &r.shared, &current.global.name, &stats);
                 }
-                systemd::reloaded();
+                if alone {
+                    systemd::reloaded();
+                }
             }
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
         }
     }
-    systemd::stopping();
+    if alone {
+        systemd::stopping();
+    }
     running.stop(&current.global).await;
     if let Some(w) = watchdog {
         w.abort();
@@ -232,9 +273,14 @@ pub async fn run(
 
 /// Everything from the prepared sockets up to serving: the shared state, the control
 /// socket, the health checks, the publisher and one accept loop per listener.
-fn start(config: &Config, prepared: Prepared) -> Result<(Running, Signals), DaemonError> {
+fn start(
+    config: &Config,
+    prepared: Prepared,
+) -> Result<(Running, Signals, Option<std::os::fd::OwnedFd>), DaemonError> {
     let Prepared {
         lock,
+        seat,
+        ready,
         stats,
         limit,
         planes: plane::Planes {
@@ -274,13 +320,24 @@ fn start(config: &Config, prepared: Prepared) -> Result<(Running, Signals), Daem
     if let Some(g) = guard {
         let _ = shared.guard.set(g);
     }
+    if let Some(seat) = seat {
+        let _ = shared.seat.set((config.global.name.clone(), seat));
+    }
+    let index = seat.map_or(0, |s| s.index);
     control::serve(control_listener, shared.clone()).map_err(|source| DaemonError::Control {
-        path: control::socket_path(&config.global.name)
+        path: crate::workers::socket_path(&config.global.name, index)
             .display()
             .to_string(),
         source,
     })?;
-    let checks = health::spawn(&shared.clusters(), &config.global.name, &stats);
+    // Health checks once per host: worker 0 checks, the others follow its results.
+    let checks = match seat {
+        Some(s) if !s.control_plane() => vec![tokio::spawn(crate::workers::peers::follow_health(
+            shared.clone(),
+            config.global.name.clone(),
+        ))],
+        _ => health::spawn(&shared.clusters(), &config.global.name, &stats),
+    };
     let admin = admin_socket.map(|socket| serve_admin(config, socket, &shared, bpf.is_some()));
     if let Some(p) = sockmap {
         tokio::spawn(async move {
@@ -311,7 +368,7 @@ fn start(config: &Config, prepared: Prepared) -> Result<(Running, Signals), Daem
         limit,
         stop,
     };
-    Ok((running, signals))
+    Ok((running, signals, ready))
 }
 
 /// One accept loop per listener; each listener's cluster is resolved here and at each
@@ -438,9 +495,21 @@ const LISTEN_BACKLOG: u32 = 4096;
 /// A non-blocking listening socket on `addr` with [`LISTEN_BACKLOG`], made without
 /// the async runtime (it is bound before the privilege drop).
 fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    listen_with(addr, false)
+}
+
+/// [`listen`], in an `SO_REUSEPORT` group (one socket per worker).
+pub(crate) fn listen_shared(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    listen_with(addr, true)
+}
+
+fn listen_with(addr: std::net::SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG as i32)?;
     socket.set_nonblocking(true)?;
@@ -532,4 +601,24 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// A worker of `[global] workers` (forked by the supervisor, single-threaded until
+/// here): prepares with the sockets it was given, then runs on a runtime of its
+/// share of the cores.
+pub fn serve_worker(
+    config_path: PathBuf,
+    config: Config,
+    plane_override: Option<DataPlaneKind>,
+    assigned: Assigned,
+) -> Result<(), DaemonError> {
+    let count = assigned.seat.count as usize;
+    let prepared = prepare(&config, plane_override, Some(assigned))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads((cores / count).max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| DaemonError::Worker(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(run(config_path, config, prepared))
 }

@@ -33,11 +33,12 @@ pub(super) fn data_plane(
     config: &Config,
     kind: DataPlaneKind,
     stats: &Arc<Stats>,
+    worker: u32,
 ) -> Result<Planes, DaemonError> {
     // A pin directory handed to `[global] user` by an earlier run is still ours.
     let trusted = config.global.run_as.as_ref().map(|a| a.uid);
-    let load =
-        || Bpf::load(&config.global.name, LAG_STEP, sticky_size(config), trusted).map(Arc::new);
+    let name = &config.global.name;
+    let load = || Bpf::load(name, worker, LAG_STEP, sticky_size(config), trusted).map(Arc::new);
     let copy = |bpf: Option<Arc<Bpf>>| Planes {
         plane: Arc::new(CopyPlane::new(stats.clone())),
         bpf,
@@ -55,7 +56,7 @@ pub(super) fn data_plane(
     if matches!(&loaded, Err(e) if !matches!(e, BpfError::Unsafe { .. })) {
         // A pin directory made before the load failed, if empty, goes (one that is
         // not safely ours is left for the operator to look at).
-        let _ = std::fs::remove_dir(crate::bpf::pin_dir(&config.global.name));
+        let _ = std::fs::remove_dir(crate::workers::pin_dir(name, worker));
     }
     Ok(match (kind, loaded) {
         (_, Err(e @ BpfError::Unsafe { .. })) => return Err(DaemonError::Instance(e)),

@@ -1,0 +1,49 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+/*
+ * Worker selection: an SK_REUSEPORT program on each listener's SO_REUSEPORT group
+ * (one listening socket per worker, `[global] workers`). A new connection goes to
+ * worker `((source port * 0x9E3779B1) >> 16) % workers`: the same worker for the
+ * same port, so a client (or a test) that picks its source port picks its worker,
+ * and even over ports of one parity (Linux's connect() prefers even ephemeral
+ * ports, bind() odd ones: a plain `port % workers` would send every local client to
+ * worker 0 of two). lb-user's `workers::select::worker_for_port` is the same
+ * function. When that worker's socket is missing (closed between restarts) the verdict
+ * is SK_PASS without a choice, and the kernel falls back to its own hash: a
+ * connection is never refused here.
+ *
+ * For TCP the context's data starts at the TCP header, so its first two bytes are
+ * the source port (network order).
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+/* Worker index -> that worker's listening socket (max_entries set at load time). */
+struct {
+	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u32);
+} worker_sockets SEC(".maps");
+
+/* Number of workers (set at load time). */
+volatile const __u32 workers = 1;
+
+SEC("sk_reuseport")
+int select_worker(struct sk_reuseport_md *ctx)
+{
+	__u16 port;
+	__u32 index;
+
+	if (ctx->ip_protocol != IPPROTO_TCP || workers == 0)
+		return SK_PASS;
+	if (bpf_skb_load_bytes(ctx, 0, &port, sizeof(port)) != 0)
+		return SK_PASS;
+	index = (((__u32)bpf_ntohs(port) * 0x9E3779B1u) >> 16) % workers;
+	/* On failure (no socket at index) the kernel's hash chooses. */
+	bpf_sk_select_reuseport(ctx, &worker_sockets, &index, 0);
+	return SK_PASS;
+}

@@ -1,0 +1,79 @@
+//! What workers tell each other through their control sockets: health results
+//! (worker 0 checks, the others follow) and runtime changes made through worker 0's
+//! admin API (every worker makes them).
+
+use std::{sync::Arc, time::Duration};
+
+use tracing::{info, warn};
+
+use crate::{limits::LogOnce, runtime::Shared, views::BackendView};
+
+/// How often a worker takes worker 0's health results.
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
+/// Sends `request` to the control socket of worker `index` of `instance`, off the
+/// async threads.
+pub async fn ask(instance: &str, index: u32, request: &str) -> std::io::Result<serde_json::Value> {
+    let path = super::socket_path(instance, index);
+    let request = request.to_owned();
+    tokio::task::spawn_blocking(move || crate::control::query_at(&path, &request))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// A worker other than 0: takes worker 0's health verdicts four times a second, by
+/// cluster and server name. While worker 0 does not answer (restarting), the last
+/// verdicts stay.
+pub async fn follow_health(shared: Arc<Shared>, instance: String) {
+    let unreachable = LogOnce::new(Duration::from_secs(30));
+    let mut tick = tokio::time::interval(FOLLOW_EVERY);
+    loop {
+        tick.tick().await;
+        let views: Vec<BackendView> = match ask(&instance, 0, "backends").await {
+            Ok(v) => match serde_json::from_value(v["backends"].clone()) {
+                Ok(views) => views,
+                Err(_) => continue,
+            },
+            Err(e) => {
+                if unreachable.allow() {
+                    warn!(error = %e, "worker 0 (health checks) does not answer; servers keep their last health state");
+                }
+                continue;
+            }
+        };
+        for c in shared.clusters().iter() {
+            for s in &c.pool.servers {
+                let Some(v) = views
+                    .iter()
+                    .find(|v| v.cluster == c.config.name && v.name == s.config.name)
+                else {
+                    continue;
+                };
+                let down = v.flags.iter().any(|f| f == "health-down");
+                if s.live.follow_health(down) {
+                    info!(cluster = %c.config.name, server = %s.config.name, down, "health state from worker 0");
+                }
+            }
+        }
+    }
+}
+
+/// Makes a runtime change `request` (a control socket line) on every other worker,
+/// after this one (worker 0, through its admin API) made it; returns their answers.
+/// A worker that does not answer is named in the log; the change stands on the
+/// others.
+pub async fn forward(shared: &Shared, request: &str) -> Vec<serde_json::Value> {
+    let Some((instance, seat)) = shared.seat.get() else {
+        return Vec::new();
+    };
+    let mut answers = Vec::new();
+    for k in (0..seat.count).filter(|&k| k != seat.index) {
+        match ask(instance, k, request).await {
+            Ok(a) => answers.push(a),
+            Err(e) => {
+                warn!(worker = k, request, error = %e, "runtime change not made on this worker")
+            }
+        }
+    }
+    answers
+}

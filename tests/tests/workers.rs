@@ -1,0 +1,245 @@
+//! `[global] workers = 2` in front of two real mosquitto brokers: a connection goes
+//! to the worker its source port selects, so a client that picks its source port
+//! picks its worker. A sticky entry made through worker 0 is honoured by worker 1 (round robin
+//! would send half the ids elsewhere); `ctl stats` totals are the sum of the
+//! workers' counters, each worker having carried exactly the connections sent to
+//! it; worker 1 follows worker 0's health checks; a runtime change through the admin
+//! API (served by worker 0) reaches worker 1; a killed worker is started again and
+//! serves; SIGTERM stops everything and leaves no worker behind.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+
+use mqttlb::workers::select::worker_for_port;
+use tests::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+};
+
+const IDS: usize = 20;
+const TOKEN: &str = "workers-admin-token";
+
+/// A connection from a loopback source port that selects worker `worker` of two.
+async fn connect_from(lb: SocketAddr, worker: u32) -> TcpStream {
+    for _ in 0..1000 {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(([127, 0, 0, 1], 0).into())
+            .expect("bind an ephemeral port");
+        let port = socket.local_addr().expect("local addr").port();
+        if worker_for_port(port, 2) == worker {
+            return socket.connect(lb).await.expect("connect");
+        }
+    }
+    panic!("no ephemeral port selects worker {worker}");
+}
+
+/// A session with `client_id` through worker `worker`, CONNACK accepted.
+async fn session(lb: SocketAddr, worker: u32, client_id: &str) -> TcpStream {
+    let mut s = connect_from(lb, worker).await;
+    s.write_all(&connect_packet(client_id))
+        .await
+        .expect("CONNECT");
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.expect("CONNACK");
+    assert_eq!(connack, [0x20, 2, 0, 0], "{client_id}");
+    s
+}
+
+/// Client id -> server name, from `ctl conns` (every worker's connections).
+fn servers_by_id(lb: &Daemon) -> BTreeMap<String, String> {
+    let conns = lb.ctl("conns");
+    conns["conns"]
+        .as_array()
+        .expect("conns")
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r["client_id"].as_str()?.to_owned(),
+                r["server"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// The pid a worker's latest "worker accepting" log line names.
+fn worker_pid(lb: &Daemon, index: u32) -> Option<i32> {
+    let log = lb.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("worker accepting") && l.contains(&format!("worker={index} ")))?;
+    line.split("pid=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// What worker `index` itself says of its servers (its control socket).
+fn worker_backends(instance: &str, index: u32) -> serde_json::Value {
+    let path = mqttlb::workers::socket_path(instance, index);
+    mqttlb::control::query_at(&path, "backends").expect("worker's control socket")
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks() {
+    if !privileged("workers (SO_REUSEPORT selection program, BPF maps)") {
+        return;
+    }
+    let a = Mosquitto::start();
+    let mut b = Mosquitto::start();
+    let admin_port = free_port();
+    let secrets = TempDir::new("workers-token");
+    let token_file = secrets.secret("token", TOKEN);
+    let mut lb = Daemon::start_edited("auto", &[a.addr, b.addr], |t| {
+        t.replace("[global]\n", "[global]\nworkers = 2\n")
+            .replace(
+                "connect_timeout = \"1s\"\n",
+                "connect_timeout = \"1s\"\nbalance = \"round-robin\"\nsticky = \"client-id\"\n",
+            )
+            .replace(
+                "kind = \"none\"\n",
+                "kind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n",
+            )
+            + &format!(
+                "\n[admin]\nbind = \"127.0.0.1:{admin_port}\"\ntoken_file = \"{}\"\n",
+                token_file.display()
+            )
+    });
+    wait_for("both workers accepting", Duration::from_secs(20), || {
+        lb.log().contains("all workers accepting")
+    })
+    .await;
+    let ids: Vec<String> = (0..IDS).map(|i| format!("dev-{i:02}")).collect();
+
+    // Through worker 0: round robin spreads the ids over both brokers.
+    let mut held = Vec::new();
+    for id in &ids {
+        held.push(session(lb.addr, 0, id).await);
+    }
+    let mut first = BTreeMap::new();
+    wait_for("every session listed", Duration::from_secs(5), || {
+        first = servers_by_id(&lb);
+        first.len() == IDS
+    })
+    .await;
+    let used: std::collections::BTreeSet<&String> = first.values().collect();
+    assert_eq!(used.len(), 2, "round robin used both brokers: {first:?}");
+    drop(held);
+    wait_for("the sessions gone", Duration::from_secs(5), || {
+        servers_by_id(&lb).is_empty()
+    })
+    .await;
+
+    // Through worker 1, in the reverse order (its own round robin would place every
+    // id on the other broker): every id back on its broker, from the shared sticky
+    // table.
+    let mut held = Vec::new();
+    for id in ids.iter().rev() {
+        held.push(session(lb.addr, 1, id).await);
+    }
+    let mut second = BTreeMap::new();
+    wait_for("every session listed", Duration::from_secs(5), || {
+        second = servers_by_id(&lb);
+        second.len() == IDS
+    })
+    .await;
+    assert_eq!(second, first, "worker 1 honours worker 0's sticky entries");
+    drop(held);
+
+    // ctl stats: the totals are the workers' sums; each carried its own 20.
+    let mut stats = serde_json::Value::Null;
+    wait_for("counters published", Duration::from_secs(5), || {
+        stats = lb.ctl("stats");
+        stats["workers"][0]["copied"] == IDS as u64 && stats["workers"][1]["copied"] == IDS as u64
+    })
+    .await;
+    let workers = stats["workers"].as_array().expect("per-worker counters");
+    assert_eq!(workers.len(), 2);
+    let total = stats["stats"].as_object().expect("totals");
+    assert!(total.len() > 20, "{total:?}");
+    for (name, value) in total {
+        let sum: u64 = workers.iter().map(|w| w[name].as_u64().unwrap_or(0)).sum();
+        assert_eq!(
+            value.as_u64(),
+            Some(sum),
+            "{name}: total against the workers'"
+        );
+    }
+    assert_eq!(total["copied"], 2 * IDS as u64);
+
+    // Health: worker 0 checks; worker 1 takes its verdict on broker b.
+    b.kill();
+    wait_for("worker 1 sees b down", Duration::from_secs(5), || {
+        let views = worker_backends(&lb.instance, 1);
+        backend(&views, "s1")["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "health-down"))
+    })
+    .await;
+    // New ids through worker 1 all go to a (b would refuse them).
+    for i in 0..6 {
+        drop(session(lb.addr, 1, &format!("new-{i}")).await);
+    }
+
+    // The admin API (worker 0) drains s0 on worker 1 as well.
+    let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let r = http::request(
+        admin,
+        "POST",
+        "/api/v1/servers/c/s0",
+        Some(TOKEN),
+        r#"{"state":"drain"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let views = worker_backends(&lb.instance, 1);
+    assert_eq!(backend(&views, "s0")["state"], "drain", "{views}");
+
+    // Worker 1 killed: started again, and serving (s0 is enabled back first).
+    let r = http::request(
+        admin,
+        "POST",
+        "/api/v1/servers/c/s0",
+        Some(TOKEN),
+        r#"{"state":"up"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let views = worker_backends(&lb.instance, 1);
+    assert_eq!(backend(&views, "s0")["state"], "up", "{views}");
+    let old = worker_pid(&lb, 1).expect("worker 1's pid in the log");
+    // SAFETY: kill on a process of our test's daemon.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    wait_for("worker 1 started again", Duration::from_secs(15), || {
+        worker_pid(&lb, 1).is_some_and(|p| p != old)
+    })
+    .await;
+    let s = session(lb.addr, 1, &ids[0]).await;
+    wait_for("listed", Duration::from_secs(5), || {
+        servers_by_id(&lb).get(&ids[0]) == first.get(&ids[0])
+    })
+    .await;
+    drop(s);
+
+    // SIGTERM: the supervisor and both workers stop; only the sticky table stays.
+    let pids = [
+        worker_pid(&lb, 0).expect("worker 0"),
+        worker_pid(&lb, 1).expect("worker 1"),
+    ];
+    let status = lb.stop();
+    assert!(status.success(), "{status}: {}", lb.log());
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} left running");
+    }
+    assert_eq!(pins_left(&lb.instance), vec!["sticky".to_owned()]);
+}
