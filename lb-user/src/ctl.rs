@@ -142,14 +142,10 @@ pub fn run(
         }
         return Ok(());
     }
-    let source = match Pinned::open(instance) {
-        Ok(pinned) => {
+    let source = match crate::workers::pinned(instance) {
+        Ok(all) => {
             if !running {
                 not_running(instance);
-            }
-            let mut all = vec![pinned];
-            for (_, dir) in crate::workers::pin_dirs(instance) {
-                all.push(Pinned::open_dir(dir)?);
             }
             Source::Pinned(all)
         }

@@ -41,6 +41,49 @@ pub fn sticky(shared: &Shared) -> Vec<StickyView> {
     sticky_views(&shared.sticky.entries(), &rows)
 }
 
+/// The counters and servers of the whole instance, for the admin listener: this
+/// daemon's, plus every other worker's with `[global] workers`
+/// ([`crate::workers::peers::totals`]).
+pub struct Totals {
+    /// By [`lb_common::DaemonStat`] index.
+    pub counters: Vec<u64>,
+    /// Every server, with every worker's connections and bytes.
+    pub servers: Vec<BackendView>,
+}
+
+impl Totals {
+    /// This daemon's own.
+    pub fn local(shared: &Shared) -> Self {
+        Self {
+            counters: stats(shared).into_iter().map(|(_, v)| v).collect(),
+            servers: servers(shared),
+        }
+    }
+
+    /// A counter.
+    pub fn get(&self, d: lb_common::DaemonStat) -> u64 {
+        self.counters.get(d as usize).copied().unwrap_or(0)
+    }
+
+    /// Adds another worker's counters (by name) and servers.
+    pub fn add(&mut self, counters: &[(String, u64)], servers: &[BackendView]) {
+        for (name, v) in counters {
+            if let Some(d) = lb_common::DaemonStat::ALL.iter().find(|d| d.name() == name) {
+                self.counters[*d as usize] += v;
+            }
+        }
+        add_traffic(&mut self.servers, servers);
+    }
+
+    /// The counters as a JSON object by name.
+    pub fn counters_map(&self) -> serde_json::Map<String, serde_json::Value> {
+        lb_common::DaemonStat::ALL
+            .iter()
+            .map(|&d| (d.name().to_owned(), self.get(d).into()))
+            .collect()
+    }
+}
+
 /// Adds the connections, bytes and failures `other` (another worker's view) counts
 /// to the same servers in `total`.
 pub fn add_traffic(total: &mut [BackendView], other: &[BackendView]) {

@@ -3,7 +3,8 @@
 //! picks its worker. A sticky entry made through worker 0 is honoured by worker 1 (round robin
 //! would send half the ids elsewhere); `ctl stats` totals are the sum of the
 //! workers' counters, each worker having carried exactly the connections sent to
-//! it; worker 1 follows worker 0's health checks; a runtime change through the admin
+//! it, and the admin listener (worker 0's) shows the same totals; worker 1 follows
+//! worker 0's health checks; a runtime change through the admin
 //! API (served by worker 0) reaches worker 1; a killed worker is started again and
 //! serves; SIGTERM stops everything and leaves no worker behind.
 
@@ -176,6 +177,18 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
         );
     }
     assert_eq!(total["copied"], 2 * IDS as u64);
+    // The admin listener (worker 0's) shows the instance's totals too.
+    let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let api = http::get(admin, "/api/v1/stats").await.json();
+    assert_eq!(api["stats"]["copied"], 2 * IDS as u64, "{api}");
+    let servers = http::get(admin, "/api/v1/servers").await.json();
+    let connections: u64 = servers["servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .map(|v| v["connections"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(connections, 2 * IDS as u64, "{servers}");
 
     // Health: worker 0 checks; worker 1 takes its verdict on broker b.
     b.kill();
@@ -192,7 +205,6 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
     }
 
     // The admin API (worker 0) drains s0 on worker 1 as well.
-    let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let r = http::request(
         admin,
         "POST",

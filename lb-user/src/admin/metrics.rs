@@ -26,7 +26,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{bpf::Pinned, runtime::Shared, views, views::BackendView};
+use crate::{
+    runtime::Shared,
+    views::{BackendView, Totals},
+};
 
 /// The exposition format `encode` writes, served to scrapers that accept it
 /// (Prometheus asks for it).
@@ -147,48 +150,61 @@ const LABELLED: &[D] = &[
 /// Daemon counters that are gauges.
 const GAUGES: &[D] = &[D::TasksAlive, D::SplicedActive];
 
-/// The exposition text. `pinned`: the instance whose pinned maps hold the splice
-/// program's counters, when BPF loaded.
+/// The exposition text. `totals`: the instance's counters and servers (every
+/// worker's; the histograms are this daemon's). `pinned`: the instance whose pinned
+/// maps hold the splice program's counters, when BPF loaded.
 /// `sticky_entries`: the sticky table's size (counted by the caller, who keeps it).
 pub fn render(
     shared: &Shared,
+    totals: &Totals,
     pinned: Option<&str>,
     started: Instant,
     sticky_entries: u64,
 ) -> String {
     let s = &shared.stats;
+    let t = totals;
     let mut m = Scrape(Registry::with_prefix("mqttlb"));
     let uptime = started.elapsed().as_secs();
     m.gauge("uptime_seconds", "Seconds since the daemon started", uptime);
     m.gauge(
         "connections_active",
         "Client connections open now, whatever carries them",
-        s.get(D::Active),
+        t.get(D::Active),
     );
     m.counter(
         "connections_accepted",
         "Client connections accepted on all listeners",
-        s.get(D::Accepted),
+        t.get(D::Accepted),
     );
-    labelled(&mut m, s);
+    labelled(&mut m, t);
     m.gauge(
         "sticky_entries",
         "Entries in the sticky table (expired ones included until reused)",
         sticky_entries,
     );
-    let servers = views::servers(shared);
-    bytes(&mut m, shared, &servers);
-    per_server(&mut m, &servers);
+    let servers = &t.servers;
+    bytes(&mut m, t, servers);
+    per_server(&mut m, servers);
     for &d in D::ALL.iter().filter(|d| !LABELLED.contains(d)) {
         let help = "Daemon counter (see `mqttlb ctl stats`)";
         if GAUGES.contains(&d) {
-            m.gauge(d.name(), help, s.get(d));
+            m.gauge(d.name(), help, t.get(d));
         } else {
-            m.counter(d.name(), help, s.get(d));
+            m.counter(d.name(), help, t.get(d));
         }
     }
-    let program = pinned.and_then(|instance| Pinned::open(instance).ok()?.stats().ok());
-    for (name, value) in program.unwrap_or_default() {
+    // Every worker's splice program, added up.
+    let mut program: Vec<(&'static str, u64)> = Vec::new();
+    let every = pinned.and_then(|instance| crate::workers::pinned(instance).ok());
+    for p in every.unwrap_or_default() {
+        for (name, value) in p.stats().unwrap_or_default() {
+            match program.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, sum)) => *sum += value,
+                None => program.push((name, value)),
+            }
+        }
+    }
+    for (name, value) in program {
         if name.starts_with("bpf_") {
             m.counter(name, "Counter of the in-kernel splice program", value);
         }
@@ -232,7 +248,7 @@ pub fn render(
 
 /// The families that break daemon counters down by a label: how connections ended,
 /// why clients were turned away, TLS handshakes, sticky lookups.
-fn labelled(m: &mut Scrape, s: &crate::stats::Stats) {
+fn labelled(m: &mut Scrape, s: &Totals) {
     let by = |key: &'static str, rows: &[(&str, D)]| -> Vec<(Labels, u64)> {
         rows.iter()
             .map(|(v, d)| (label(key, v), s.get(*d)))
@@ -305,8 +321,7 @@ fn labelled(m: &mut Scrape, s: &crate::stats::Stats) {
 /// `bytes_total{direction,plane}`: every byte carried, by the kernel (the splice) or
 /// by the process (copy plane, TLS and WebSocket relays, and what the daemon writes
 /// itself: the CONNECT, PROXY headers, the hand-off).
-fn bytes(m: &mut Scrape, shared: &Shared, servers: &[BackendView]) {
-    let s = &shared.stats;
+fn bytes(m: &mut Scrape, s: &Totals, servers: &[BackendView]) {
     let total_c2s: u64 = servers.iter().map(|v| v.bytes_c2s).sum();
     let total_s2c: u64 = servers.iter().map(|v| v.bytes_s2c).sum();
     let mut rows = Vec::new();

@@ -202,8 +202,8 @@ async fn status(State(app): State<App>, headers: HeaderMap) -> Response {
         return r;
     }
     use lb_common::DaemonStat as D;
-    let s = &app.shared.stats;
-    let (active, accepted) = (s.get(D::Active), s.get(D::Accepted));
+    let t = crate::workers::peers::totals(&app.shared).await;
+    let (active, accepted) = (t.get(D::Active), t.get(D::Accepted));
     let reading = app.shared.conns.inspecting();
     let writing = active.saturating_sub(reading);
     format!(
@@ -217,7 +217,14 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
         return r;
     }
     let sticky = app.sticky_entries() as u64;
-    let text = metrics::render(&app.shared, app.pinned.as_deref(), app.started, sticky);
+    let totals = crate::workers::peers::totals(&app.shared).await;
+    let text = metrics::render(
+        &app.shared,
+        &totals,
+        app.pinned.as_deref(),
+        app.started,
+        sticky,
+    );
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
@@ -236,7 +243,7 @@ async fn servers(State(app): State<App>, headers: HeaderMap) -> Response {
     }
     Json(serde_json::json!({
         "instance": &*app.instance,
-        "servers": views::servers(&app.shared),
+        "servers": crate::workers::peers::totals(&app.shared).await.servers,
         "sticky_entries": app.sticky_entries(),
     }))
     .into_response()
@@ -249,7 +256,7 @@ async fn stats(State(app): State<App>, headers: HeaderMap) -> Response {
     Json(serde_json::json!({
         "instance": &*app.instance,
         "uptime_s": app.started.elapsed().as_secs(),
-        "stats": views::stats_map(&app.shared),
+        "stats": crate::workers::peers::totals(&app.shared).await.counters_map(),
     }))
     .into_response()
 }

@@ -128,6 +128,16 @@ pub fn pin_dirs(instance: &str) -> Vec<(u32, PathBuf)> {
     found
 }
 
+/// The pinned maps of every worker of `instance`, worker 0's (the instance's own
+/// directory) first.
+pub fn pinned(instance: &str) -> Result<Vec<crate::bpf::Pinned>, crate::bpf::BpfError> {
+    let mut all = vec![crate::bpf::Pinned::open(instance)?];
+    for (_, dir) in pin_dirs(instance) {
+        all.push(crate::bpf::Pinned::open_dir(dir)?);
+    }
+    Ok(all)
+}
+
 /// Removes what workers of an earlier run left (their pins and control sockets);
 /// the caller holds the instance lock.
 pub fn remove_left_behind(instance: &str) {

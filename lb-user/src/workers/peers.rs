@@ -6,7 +6,11 @@ use std::{sync::Arc, time::Duration};
 
 use tracing::{info, warn};
 
-use crate::{limits::LogOnce, runtime::Shared, views::BackendView};
+use crate::{
+    limits::LogOnce,
+    runtime::Shared,
+    views::{BackendView, Totals},
+};
 
 /// How often a worker takes worker 0's health results.
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
@@ -56,6 +60,32 @@ pub async fn follow_health(shared: Arc<Shared>, instance: String) {
             }
         }
     }
+}
+
+/// The counters and servers of the whole instance: this worker's and every other
+/// worker's (a worker that does not answer is left out, and named in the log).
+pub async fn totals(shared: &Shared) -> Totals {
+    let mut totals = Totals::local(shared);
+    let Some((instance, seat)) = shared.seat.get() else {
+        return totals;
+    };
+    for k in (0..seat.count).filter(|&k| k != seat.index) {
+        let counters = ask(instance, k, "stats").await.and_then(|v| {
+            serde_json::from_value::<Vec<(String, u64)>>(v["stats"].clone())
+                .map_err(std::io::Error::other)
+        });
+        let servers = ask(instance, k, "backends").await.and_then(|v| {
+            serde_json::from_value::<Vec<BackendView>>(v["backends"].clone())
+                .map_err(std::io::Error::other)
+        });
+        match (counters, servers) {
+            (Ok(c), Ok(s)) => totals.add(&c, &s),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(worker = k, error = %e, "worker left out of the totals")
+            }
+        }
+    }
+    totals
 }
 
 /// Makes a runtime change `request` (a control socket line) on every other worker,
