@@ -1,11 +1,12 @@
 //! 20,000 concurrent MQTT sessions through one host, each answering a PINGREQ at the
 //! end with a real broker's PINGRESP. One process here may hold 20,000 descriptors,
-//! so the load is spread: three mqttlb instances (the default `auto` plane, idle
-//! sessions promoted to the splice after 2 s), three mosquitto brokers behind each,
-//! and three client processes (`mqttlb-loadgen --workload hold`, 16 source addresses
-//! each). Reports the RSS of the balancers and the machine's kernel memory per
-//! session. `MQTTLB_SCALE_SESSIONS=100000` runs the same with more of each (6,700
-//! sessions a process), for the figure in docs/BENCHMARKS.md.
+//! so the load is spread: one mqttlb with three workers (`[global] workers`, the
+//! default `auto` plane, idle sessions promoted to the splice after 2 s), three
+//! mosquitto brokers behind it, and three client processes (`mqttlb-loadgen
+//! --workload hold`, 16 source addresses each). Reports the RSS of the balancer (its
+//! supervisor and workers) and the machine's kernel memory per session.
+//! `MQTTLB_SCALE_SESSIONS=100000` runs the same with more of each (a worker, a broker
+//! and a client process per 6,700 sessions), for the figure in docs/BENCHMARKS.md.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -15,8 +16,8 @@ use std::{
 
 use tests::*;
 
-/// Sessions in all (CI), spread over balancers and client processes holding at most
-/// [`PER_PROCESS`] each (two descriptors a session in a balancer, under 20,000).
+/// Sessions in all (CI), spread over workers and client processes holding about
+/// [`PER_PROCESS`] each (two descriptors a session in a worker, under 20,000).
 const SESSIONS: usize = 20_000;
 const PER_PROCESS: usize = 6_700;
 
@@ -105,27 +106,24 @@ fn twenty_thousand_sessions_through_one_host_each_answer_a_ping() {
         .map(|_| Mosquitto::start_with(free_port(), "max_keepalive 65535\n"))
         .collect();
     let addrs: Vec<_> = brokers.iter().map(|b| b.addr).collect();
-    let lbs: Vec<Daemon> = (0..shards)
-        .map(|_| {
-            Daemon::start_edited("auto", &addrs, |t| {
-                t.replace(
-                    "data_plane = \"auto\"\n",
-                    "data_plane = \"auto\"\nmax_connections = 10000\n",
-                )
-                .replace(
-                    "connect_timeout = \"1s\"\n",
-                    "connect_timeout = \"5s\"\npromote_after = \"2s\"\n",
-                )
-            })
-        })
-        .collect();
-    let rss = |lbs: &[Daemon]| lbs.iter().map(Daemon::rss).sum::<u64>();
-    let (rss0, kernel0) = (rss(&lbs), kernel_bytes());
+    let lb = Daemon::start_edited("auto", &addrs, |t| {
+        t.replace(
+            "data_plane = \"auto\"\n",
+            &format!("data_plane = \"auto\"\nmax_connections = 10000\nworkers = {shards}\n"),
+        )
+        .replace(
+            "connect_timeout = \"1s\"\n",
+            "connect_timeout = \"5s\"\npromote_after = \"2s\"\n",
+        )
+    });
+    wait_for_sync("every worker accepting", Duration::from_secs(60), || {
+        lb.log().contains("all workers accepting")
+    });
+    let rss = || tree_rss(lb.pid());
+    let (rss0, kernel0) = (rss(), kernel_bytes());
     let started = Instant::now();
-    let mut holders: Vec<Holder> = lbs
-        .iter()
-        .enumerate()
-        .map(|(i, lb)| {
+    let mut holders: Vec<Holder> = (0..shards)
+        .map(|i| {
             Holder::start(
                 lb.addr,
                 sessions / shards + usize::from(i < sessions % shards),
@@ -140,13 +138,27 @@ fn twenty_thousand_sessions_through_one_host_each_answer_a_ping() {
     }
     let took = started.elapsed();
     assert_eq!(connected, sessions);
-    let (rss_copy, kernel_copy) = (rss(&lbs), kernel_bytes());
+    let (rss_copy, kernel_copy) = (rss(), kernel_bytes());
     // Idle past `promote_after`: the sessions move to the splice.
     wait_for_sync("every session promoted", Duration::from_secs(30), || {
-        lbs.iter().map(|lb| lb.stat("promoted")).sum::<u64>() == sessions as u64
-            && lbs.iter().map(|lb| lb.stat("spliced_active")).sum::<u64>() == sessions as u64
+        let stats = lb.ctl("stats")["stats"].clone();
+        stats["promoted"] == sessions as u64 && stats["spliced_active"] == sessions as u64
     });
-    let (rss1, kernel1) = (rss(&lbs), kernel_bytes());
+    // Every worker carried its share (the selection program spreads source ports).
+    let stats = lb.ctl("stats");
+    for (k, w) in stats["workers"]
+        .as_array()
+        .expect("per worker")
+        .iter()
+        .enumerate()
+    {
+        let carried = w["promoted"].as_u64().unwrap_or(0) as usize;
+        assert!(
+            carried > sessions / shards / 2 && carried < PER_PROCESS * 3 / 2,
+            "worker {k} carried {carried} of {sessions}"
+        );
+    }
+    let (rss1, kernel1) = (rss(), kernel_bytes());
     let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / sessions as f64;
     eprintln!(
         "{sessions} sessions up in {:.1} s. Per session, on the copy plane: balancers' RSS \
@@ -168,10 +180,24 @@ fn twenty_thousand_sessions_through_one_host_each_answer_a_ping() {
         pongs += done["metrics"]["pingresp"].as_u64().expect("pingresp");
     }
     assert_eq!(pongs, sessions as u64, "PINGRESPs");
-    for lb in &lbs {
-        assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
-        assert_eq!(lb.stat("local_resource_errors"), 0, "{}", lb.log());
-    }
+    assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
+    assert_eq!(lb.stat("local_resource_errors"), 0, "{}", lb.log());
+}
+
+/// Resident memory of `pid` and its children (the supervisor and its workers), bytes.
+fn tree_rss(pid: u32) -> u64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let rss_of = |pid: &str| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    rss_of(&pid.to_string()) + children.split_whitespace().map(rss_of).sum::<u64>()
 }
 
 /// Polls `ok` every 100 ms until it holds, or panics after `limit`.
