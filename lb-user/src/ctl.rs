@@ -602,12 +602,8 @@ fn cleanup(
         return Err(CtlError::Running(instance.to_owned()));
     }
     let dir = crate::bpf::pin_dir(instance);
-    let mut removed = 0;
-    for (_, worker_dir) in crate::workers::pin_dirs(instance) {
-        removed += crate::bpf::unpin_dir(&worker_dir, true);
-    }
-    crate::workers::remove_left_behind(instance);
-    removed += crate::bpf::unpin_dir(&dir, !sticky);
+    let removed =
+        crate::workers::remove_left_behind(instance) + crate::bpf::unpin_dir(&dir, !sticky);
     for file in [control::socket_path(instance), control::lock_path(instance)] {
         let _ = std::fs::remove_file(file);
     }

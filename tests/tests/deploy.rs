@@ -1,6 +1,7 @@
 //! Running under systemd: the daemon speaks `sd_notify` (READY only once it accepts,
 //! the watchdog from its event loop, RELOADING/READY around SIGHUP, STOPPING at
-//! SIGTERM), checked against a notify socket the test holds; and
+//! SIGTERM), checked against a notify socket the test holds, alone and as the
+//! supervisor of two workers (READY once both accept); and
 //! `deploy/mqttlb.service` passes `systemd-analyze verify` without a warning.
 
 use std::{
@@ -36,6 +37,19 @@ fn the_daemon_tells_systemd_when_it_serves_reloads_and_stops() {
     if !privileged("sd_notify (BPF maps)") {
         return;
     }
+    speaks_sd_notify(1);
+}
+
+/// With `[global] workers`, the supervisor speaks for them all.
+#[test]
+fn the_supervisor_of_workers_tells_systemd_the_same() {
+    if !privileged("sd_notify with workers (SO_REUSEPORT program, BPF maps)") {
+        return;
+    }
+    speaks_sd_notify(2);
+}
+
+fn speaks_sd_notify(workers: u32) {
     let node = Mosquitto::start();
     let dir = TempDir::new("notify");
     let notify = dir.0.join("notify.sock");
@@ -45,7 +59,9 @@ fn the_daemon_tells_systemd_when_it_serves_reloads_and_stops() {
     let port = free_port();
     let instance = format!("sd{}", std::process::id());
     let config = dir.0.join("mqttlb.toml");
-    std::fs::write(&config, config_text(&instance, "auto", port, &[node.addr])).expect("config");
+    let text = config_text(&instance, "auto", port, &[node.addr])
+        .replace("[global]\n", &format!("[global]\nworkers = {workers}\n"));
+    std::fs::write(&config, text).expect("config");
     let mut child = Command::new(bin())
         .args(["run", "-c"])
         .arg(&config)
@@ -64,6 +80,12 @@ fn the_daemon_tells_systemd_when_it_serves_reloads_and_stops() {
         "READY=1 before the listener accepted"
     );
     assert!(ready.contains("STATUS=serving 1 listeners"), "{ready}");
+    if workers > 1 {
+        assert!(
+            ready.contains(&format!("with {workers} workers")),
+            "{ready}"
+        );
+    }
 
     // The watchdog, at half of WATCHDOG_USEC: about 10 pings in a second.
     let started = Instant::now();

@@ -37,7 +37,7 @@ use crate::{
 mod plane;
 mod publish;
 mod reload;
-mod systemd;
+pub(crate) mod systemd;
 
 pub use publish::backend_rows;
 

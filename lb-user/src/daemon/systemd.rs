@@ -19,13 +19,24 @@ fn send(states: &[NotifyState]) {
 }
 
 /// Serving: every listener bound and accepting.
-pub(super) fn ready(listeners: usize, data_plane: &str) {
+pub(crate) fn ready(listeners: usize, data_plane: &str) {
     let status = format!("serving {listeners} listeners, data plane {data_plane}");
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
+/// Serving with `[global] workers`: every worker accepting.
+pub(crate) fn ready_workers(listeners: usize, workers: u32) {
+    let status = format!("serving {listeners} listeners with {workers} workers");
+    send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+}
+
+/// A watchdog ping (the supervisor's loop; a lone daemon uses [`watchdog`]).
+pub(crate) fn ping() {
+    send(&[NotifyState::Watchdog]);
+}
+
 /// A SIGHUP reload starts.
-pub(super) fn reloading() {
+pub(crate) fn reloading() {
     let mut states = vec![NotifyState::Reloading];
     if let Ok(now) = NotifyState::monotonic_usec_now() {
         states.push(now);
@@ -34,12 +45,12 @@ pub(super) fn reloading() {
 }
 
 /// The reload is done (applied or refused: the daemon serves either way).
-pub(super) fn reloaded() {
+pub(crate) fn reloaded() {
     send(&[NotifyState::Ready]);
 }
 
 /// SIGTERM: stopping.
-pub(super) fn stopping() {
+pub(crate) fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 

@@ -138,13 +138,16 @@ pub fn pinned(instance: &str) -> Result<Vec<crate::bpf::Pinned>, crate::bpf::Bpf
     Ok(all)
 }
 
-/// Removes what workers of an earlier run left (their pins and control sockets);
-/// the caller holds the instance lock.
-pub fn remove_left_behind(instance: &str) {
+/// Removes what workers K > 0 of an earlier run left (their pins and control
+/// sockets); returns how many pins went. The caller holds the instance lock (or
+/// knows no daemon runs).
+pub fn remove_left_behind(instance: &str) -> usize {
+    let mut removed = 0;
     for (_, dir) in pin_dirs(instance) {
-        crate::bpf::unpin_dir(&dir, true);
+        removed += crate::bpf::unpin_dir(&dir, true);
     }
     for k in extra_indexes(Path::new(crate::control::RUN_DIR), instance, ".sock") {
         let _ = std::fs::remove_file(socket_path(instance, k));
     }
+    removed
 }

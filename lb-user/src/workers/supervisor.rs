@@ -17,7 +17,7 @@ use super::{Assigned, Seat, select};
 use crate::{
     bpf::InstanceLock,
     config::{Config, DataPlaneKind},
-    daemon::DaemonError,
+    daemon::{DaemonError, systemd},
 };
 
 /// How long a worker may take from its start to accepting.
@@ -77,15 +77,30 @@ pub fn run(
         workers = count,
         "all workers accepting (each connection to the worker its client source port selects)"
     );
-    notify(&[sd_notify::NotifyState::Ready]);
+    systemd::ready_workers(sup.config.listeners.len(), count);
+    // `WatchdogSec=`: pinged from this loop, at least every half interval.
+    let watchdog = sd_notify::watchdog_enabled().map(|every| every / 2);
+    let mut pinged = Instant::now();
     loop {
-        match signals.wait(Duration::from_secs(1)) {
-            Some(libc::SIGHUP) => sup.reload(),
+        if let Some(every) = watchdog
+            && pinged.elapsed() >= every
+        {
+            systemd::ping();
+            pinged = Instant::now();
+        }
+        let wait = watchdog.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1)));
+        match signals.wait(wait) {
+            Some(libc::SIGHUP) => {
+                // Applied or refused by each worker, they serve either way.
+                systemd::reloading();
+                sup.reload();
+                systemd::reloaded();
+            }
             Some(libc::SIGTERM | libc::SIGINT) => break,
             _ => sup.reap_and_restart(),
         }
     }
-    notify(&[sd_notify::NotifyState::Stopping]);
+    systemd::stopping();
     info!("stopping the workers");
     sup.stop_all();
     super::remove_left_behind(&name);
@@ -392,9 +407,4 @@ impl Blocked {
         let s = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &t) };
         (s > 0).then_some(s)
     }
-}
-
-/// Tells systemd (`Type=notify`), when it started us.
-fn notify(states: &[sd_notify::NotifyState]) {
-    let _ = sd_notify::notify(states);
 }
