@@ -5,7 +5,8 @@
 //! workers' counters, each worker having carried exactly the connections sent to
 //! it, and the admin listener (worker 0's) shows the same totals; worker 1 follows
 //! worker 0's health checks; a runtime change through the admin
-//! API (served by worker 0) reaches worker 1; a killed worker is started again and
+//! API (served by worker 0) reaches worker 1 (both run as `nobody`, `[global]
+//! user`); a killed worker is started again and
 //! serves; SIGTERM stops everything and leaves no worker behind.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
@@ -102,7 +103,8 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
     let secrets = TempDir::new("workers-token");
     let token_file = secrets.secret("token", TOKEN);
     let mut lb = Daemon::start_edited("auto", &[a.addr, b.addr], |t| {
-        t.replace("[global]\n", "[global]\nworkers = 2\n")
+        // The workers switch to `nobody` and still reach each other's sockets.
+        t.replace("[global]\n", "[global]\nworkers = 2\nuser = \"nobody\"\n")
             .replace(
                 "connect_timeout = \"1s\"\n",
                 "connect_timeout = \"1s\"\nbalance = \"round-robin\"\nsticky = \"client-id\"\n",

@@ -200,6 +200,15 @@ pub fn prepare(
         source,
     })?;
     if let Some(account) = &config.global.run_as {
+        if seat.is_some() {
+            // Workers ask each other (health, changes) after the switch.
+            std::os::unix::fs::lchown(&path, Some(account.uid), Some(account.gid)).map_err(
+                |source| DaemonError::Control {
+                    path: path.display().to_string(),
+                    source,
+                },
+            )?;
+        }
         plane::drop_privileges(account, planes.bpf.as_deref())?;
     }
     Ok(Prepared {
