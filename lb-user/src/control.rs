@@ -6,7 +6,12 @@
 //! - `conns`: `{"conns": [ConnRow...]}`, every connection held (see [`Registry`]);
 //! - `stats`: `{"stats": [[name, value]...]}`, the daemon's counters;
 //! - `backends`, `sticky`: the views `ctl` otherwise reads from the pinned maps, for
-//!   an instance running without BPF.
+//!   an instance running without BPF;
+//! - `drain|enable|down|evacuate CLUSTER SERVER`, `weight CLUSTER SERVER N`: runtime
+//!   changes; `guard [deny|allow|remove CIDR]`.
+//!
+//! With `[global] workers` each worker has its own socket
+//! (`workers::socket_path`); worker 0's is this one.
 //!
 //! The daemon holds the instance lock before it binds, so a socket file left by a
 //! killed daemon is removed and replaced safely.
