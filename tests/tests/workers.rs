@@ -6,7 +6,7 @@
 //! it, and the admin listener (worker 0's) shows the same totals; worker 1 follows
 //! worker 0's health checks; a runtime change through the admin
 //! API (served by worker 0) reaches worker 1 (both run as `nobody`, `[global]
-//! user`); a killed worker is started again and
+//! user`), and so does a reload; a killed worker is started again and
 //! serves; SIGTERM stops everything and leaves no worker behind.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
@@ -102,6 +102,8 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
     let admin_port = free_port();
     let secrets = TempDir::new("workers-token");
     let token_file = secrets.secret("token", TOKEN);
+    // The workers read it again at a reload, as `nobody`.
+    std::os::unix::fs::chown(&token_file, Some(65534), Some(65534)).expect("chown token");
     let mut lb = Daemon::start_edited("auto", &[a.addr, b.addr], |t| {
         // The workers switch to `nobody` and still reach each other's sockets.
         t.replace("[global]\n", "[global]\nworkers = 2\nuser = \"nobody\"\n")
@@ -218,6 +220,20 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
     assert_eq!(r.status, 200, "{}", r.body);
     let views = worker_backends(&lb.instance, 1);
     assert_eq!(backend(&views, "s0")["state"], "drain", "{views}");
+
+    // A reload of the file (SIGHUP to the supervisor) reaches every worker.
+    let s1 = format!("name = \"s1\"\naddress = \"{}\"\n", b.addr);
+    let text = lb.config_text();
+    assert!(text.contains(&s1), "{text}");
+    lb.reload(&text.replace(&s1, &format!("{s1}weight = 3\n")));
+    wait_for("worker 1 reloaded", Duration::from_secs(5), || {
+        backend(&worker_backends(&lb.instance, 1), "s1")["weight"] == 3
+    })
+    .await;
+    assert_eq!(
+        backend(&worker_backends(&lb.instance, 0), "s1")["weight"],
+        3
+    );
 
     // Worker 1 killed: started again, and serving (s0 is enabled back first).
     let r = http::request(

@@ -166,6 +166,8 @@ pub fn prepare(
     let (lock, seat, given, ready) = match assigned {
         None => {
             let lock = InstanceLock::acquire(&config.global.name).map_err(DaemonError::Instance)?;
+            // An earlier run with workers, killed, left theirs: `ctl` would add them up.
+            crate::workers::remove_left_behind(&config.global.name);
             (Some(lock), None, None, None)
         }
         Some(a) => (None, Some(a.seat), Some(a.sockets), Some(a.ready)),
@@ -177,6 +179,15 @@ pub fn prepare(
     let kind = plane_override.unwrap_or(config.global.data_plane);
     let planes = plane::data_plane(config, kind, &stats, index)?;
     info!(instance = %config.global.name, worker = index, data_plane = planes.plane.name(), "data plane selected");
+    let sticky = config
+        .clusters
+        .iter()
+        .any(|c| c.sticky != crate::config::Sticky::None);
+    if seat.is_some() && planes.bpf.is_none() && sticky && control_plane {
+        warn!(
+            "without BPF each worker keeps its own sticky table in memory: a client reaching another worker may be sent to another server"
+        );
+    }
     // The guard first: no listener accepts before it watches the ports.
     let guard = match &config.guard {
         Some(g) if control_plane => Some(Arc::new(crate::guard::Guard::load(

@@ -56,7 +56,15 @@ pub fn run(
     super::remove_left_behind(&name);
     let groups = bind_groups(&config, count)?;
     let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
-    let _selection = select::attach(&names, &groups)?;
+    // Without BPF the kernel's own hash of the connection spreads them (a client's
+    // source port then says nothing of its worker).
+    let _selection = match select::attach(&names, &groups) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "no worker selection program: the kernel's hash chooses the worker");
+            None
+        }
+    };
     let signals = Blocked::block().map_err(DaemonError::Signals)?;
     let mut sup = Supervisor {
         config_path,
