@@ -85,6 +85,15 @@ fn worker_backends(instance: &str, index: u32) -> serde_json::Value {
     mqttlb::control::query_at(&path, "backends").expect("worker's control socket")
 }
 
+/// Sets s0's state through the admin API (worker 0's) and checks worker 1 took it.
+async fn set_state_through_admin(admin: SocketAddr, instance: &str, state: &str) {
+    let body = format!(r#"{{"state":"{state}"}}"#);
+    let r = http::request(admin, "POST", "/api/v1/servers/c/s0", Some(TOKEN), &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let views = worker_backends(instance, 1);
+    assert_eq!(backend(&views, "s0")["state"], state, "{views}");
+}
+
 fn alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -209,17 +218,7 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
     }
 
     // The admin API (worker 0) drains s0 on worker 1 as well.
-    let r = http::request(
-        admin,
-        "POST",
-        "/api/v1/servers/c/s0",
-        Some(TOKEN),
-        r#"{"state":"drain"}"#,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let views = worker_backends(&lb.instance, 1);
-    assert_eq!(backend(&views, "s0")["state"], "drain", "{views}");
+    set_state_through_admin(admin, &lb.instance, "drain").await;
 
     // A reload of the file (SIGHUP to the supervisor) reaches every worker.
     let s1 = format!("name = \"s1\"\naddress = \"{}\"\n", b.addr);
@@ -236,17 +235,7 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
     );
 
     // Worker 1 killed: started again, and serving (s0 is enabled back first).
-    let r = http::request(
-        admin,
-        "POST",
-        "/api/v1/servers/c/s0",
-        Some(TOKEN),
-        r#"{"state":"up"}"#,
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let views = worker_backends(&lb.instance, 1);
-    assert_eq!(backend(&views, "s0")["state"], "up", "{views}");
+    set_state_through_admin(admin, &lb.instance, "up").await;
     let old = worker_pid(&lb, 1).expect("worker 1's pid in the log");
     // SAFETY: kill on a process of our test's daemon.
     unsafe { libc::kill(old, libc::SIGKILL) };
