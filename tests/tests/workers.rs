@@ -4,7 +4,7 @@
 //! would send half the ids elsewhere); `ctl stats` totals are the sum of the
 //! workers' counters, each worker having carried exactly the connections sent to
 //! it, and the admin listener (worker 0's) shows the same totals; worker 1 follows
-//! worker 0's health checks; a runtime change through the admin
+//! worker 0's health checks (before and after a reload: checked once per host); a runtime change through the admin
 //! API (served by worker 0) reaches worker 1 (both run as `nobody`, `[global]
 //! user`), and so does a reload; a killed worker is started again and
 //! serves; SIGTERM stops everything and leaves no worker behind.
@@ -233,6 +233,20 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
         backend(&worker_backends(&lb.instance, 0), "s1")["weight"],
         3
     );
+    // Still checked once per host after the reload: b back on its port, worker 0's
+    // check brings it up and worker 1 follows (its own check would log a second
+    // "server up").
+    let _b = Mosquitto::start_with(b.addr.port(), "");
+    wait_for("worker 1 sees b up", Duration::from_secs(5), || {
+        let views = worker_backends(&lb.instance, 1);
+        backend(&views, "s1")["flags"]
+            .as_array()
+            .is_some_and(|f| !f.iter().any(|f| f == "health-down"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let ups = lb.log().matches("server up (health check)").count();
+    assert_eq!(ups, 1, "{}", lb.log());
 
     // Worker 1 killed: started again, and serving (s0 is enabled back first).
     set_state_through_admin(admin, &lb.instance, "up").await;

@@ -75,9 +75,6 @@ pub enum DaemonError {
     /// A worker could not start (`[global] workers`).
     #[error("{0}")]
     Worker(String),
-    /// The worker selection program could not be attached.
-    #[error("{0}")]
-    Select(#[from] crate::workers::select::SelectError),
     /// The control socket (`mqttlb ctl`) could not be bound.
     #[error("cannot bind the control socket {path}: {source}")]
     Control {
@@ -350,14 +347,7 @@ fn start(
             .to_string(),
         source,
     })?;
-    // Health checks once per host: worker 0 checks, the others follow its results.
-    let checks = match seat {
-        Some(s) if !s.control_plane() => vec![tokio::spawn(crate::workers::peers::follow_health(
-            shared.clone(),
-            config.global.name.clone(),
-        ))],
-        _ => health::spawn(&shared.clusters(), &config.global.name, &stats),
-    };
+    let checks = health_tasks(&shared, &config.global.name, &stats);
     let admin = admin_socket.map(|socket| serve_admin(config, socket, &shared, bpf.is_some()));
     if let Some(p) = sockmap {
         tokio::spawn(async move {
@@ -389,6 +379,18 @@ fn start(
         stop,
     };
     Ok((running, signals, ready))
+}
+
+/// The health checks of the clusters, or with `[global] workers` on a worker other
+/// than 0 the task that follows worker 0's verdicts (checks run once per host).
+fn health_tasks(shared: &Arc<Shared>, instance: &str, stats: &Arc<Stats>) -> Vec<JoinHandle<()>> {
+    match shared.seat.get() {
+        Some((_, seat)) if !seat.control_plane() => {
+            let follow = crate::workers::peers::follow_health(shared.clone(), instance.to_owned());
+            vec![tokio::spawn(follow)]
+        }
+        _ => health::spawn(&shared.clusters(), instance, stats),
+    }
 }
 
 /// One accept loop per listener; each listener's cluster is resolved here and at each

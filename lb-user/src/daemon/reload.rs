@@ -10,7 +10,6 @@ use tracing::{error, info, warn};
 use super::plane::sticky_size;
 use crate::{
     config::{Cluster, Config, Listener, ServerState},
-    health,
     runtime::{ListenerRt, Shared},
     stats::Stats,
 };
@@ -220,12 +219,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 /// Replaces the health check tasks with those of the current clusters.
 pub(super) fn restart_checks(
     checks: &mut Vec<JoinHandle<()>>,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     instance: &str,
     stats: &Arc<Stats>,
 ) {
     for t in checks.drain(..) {
         t.abort();
     }
-    *checks = health::spawn(&shared.clusters(), instance, stats);
+    *checks = super::health_tasks(shared, instance, stats);
 }

@@ -43,8 +43,8 @@ struct Supervisor {
     workers: Vec<Option<Worker>>,
 }
 
-/// Runs `config` with its workers until SIGTERM/SIGINT. Returns the exit code of the
-/// whole: a worker that cannot start stops everything.
+/// Runs `config` with its workers until SIGTERM/SIGINT. A worker that cannot start
+/// at first stops them all (the error says which); later, a dead one is restarted.
 pub fn run(
     config_path: PathBuf,
     config: Config,
