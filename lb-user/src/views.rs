@@ -26,14 +26,6 @@ pub fn stats(shared: &Shared) -> Vec<(&'static str, u64)> {
         .collect()
 }
 
-/// [`stats`] as a JSON object.
-pub fn stats_map(shared: &Shared) -> serde_json::Map<String, serde_json::Value> {
-    stats(shared)
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.into()))
-        .collect()
-}
-
 /// Every sticky entry, named by server.
 pub fn sticky(shared: &Shared) -> Vec<StickyView> {
     let rows: Vec<(u32, lb_common::BackendInfo)> =
