@@ -65,14 +65,42 @@ impl Drop for Echo {
 /// Sends `payload` (then FIN) on a connection to `addr` while reading everything back
 /// until EOF; returns what was read.
 pub async fn roundtrip(addr: SocketAddr, payload: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    exchange(addr, payload, false).await
+}
+
+/// The same, but the FIN only goes once as many bytes as were sent came back: no
+/// direction is half-closed while bytes flow (a spliced pair with a forwarded FIN is
+/// never demoted).
+pub async fn roundtrip_closing_last(
+    addr: SocketAddr,
+    payload: Vec<u8>,
+) -> std::io::Result<Vec<u8>> {
+    exchange(addr, payload, true).await
+}
+
+async fn exchange(
+    addr: SocketAddr,
+    payload: Vec<u8>,
+    close_last: bool,
+) -> std::io::Result<Vec<u8>> {
     let s = TcpStream::connect(addr).await?;
     let (mut r, mut w) = s.into_split();
+    let len = payload.len();
+    let (echoed_tx, echoed_rx) = tokio::sync::oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
         w.write_all(&payload).await?;
+        if close_last {
+            let _ = echoed_rx.await;
+        }
         w.shutdown().await?;
         Ok::<_, std::io::Error>(w)
     });
     let mut got = Vec::new();
+    if close_last {
+        let mut head = (&mut r).take(len as u64);
+        head.read_to_end(&mut got).await?;
+        let _ = echoed_tx.send(());
+    }
     r.read_to_end(&mut got).await?;
     let _w = writer.await.expect("writer task")?;
     Ok(got)

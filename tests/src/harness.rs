@@ -467,15 +467,24 @@ pub async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) 
     }
 }
 
-/// MemAvailable from /proc/meminfo, bytes.
-pub fn mem_available() -> u64 {
-    let m = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
-    m.lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("MemAvailable")
-        * 1024
+/// Slab plus TCP buffer pages of the whole machine, bytes.
+pub fn kernel_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    let slab: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("Slab");
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").expect("sockstat");
+    let pages: u64 = sockstat
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(f.iter().position(|w| *w == "mem")? + 1)?.parse().ok()
+        })
+        .unwrap_or(0);
+    slab * 1024 + pages * 4096
 }
 
 /// The files pinned in the pin directory of `instance` (none when it is gone).

@@ -72,26 +72,6 @@ impl Drop for Holder {
     }
 }
 
-/// Slab plus TCP buffer pages of the whole machine, bytes.
-fn kernel_bytes() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
-    let slab: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("Slab:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("Slab");
-    let sockstat = std::fs::read_to_string("/proc/net/sockstat").expect("sockstat");
-    let pages: u64 = sockstat
-        .lines()
-        .find(|l| l.starts_with("TCP:"))
-        .and_then(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(f.iter().position(|w| *w == "mem")? + 1)?.parse().ok()
-        })
-        .unwrap_or(0);
-    slab * 1024 + pages * 4096
-}
-
 #[test]
 fn twenty_thousand_sessions_through_one_host_each_answer_a_ping() {
     if !privileged("20,000 sessions (BPF maps for the promoted ones)") {
