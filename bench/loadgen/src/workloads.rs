@@ -351,7 +351,7 @@ async fn churn_with(
     tls: Option<Arc<tokio_rustls::TlsConnector>>,
 ) -> Result<(Value, u64)> {
     let end = Instant::now() + Duration::from_secs(secs);
-    let errors = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(ErrorKinds::default());
     let resumed = Arc::new(AtomicU64::new(0));
     let mut set = JoinSet::new();
     for w in 0..workers {
@@ -388,9 +388,7 @@ async fn churn_with(
                             resumed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Err(e) => errors.add(&e),
                 }
             }
             lat
@@ -410,7 +408,27 @@ async fn churn_with(
         metrics["resumed_fraction"] =
             json!(resumed.load(Ordering::Relaxed) as f64 / lat.len().max(1) as f64);
     }
-    Ok((metrics, errors.load(Ordering::Relaxed)))
+    Ok((metrics, errors.report()))
+}
+
+/// Failed sessions counted by what failed, so a run's errors say what they were.
+#[derive(Default)]
+struct ErrorKinds(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
+
+impl ErrorKinds {
+    fn add(&self, e: &anyhow::Error) {
+        let mut kinds = self.0.lock().expect("error kinds");
+        *kinds.entry(format!("{e:#}")).or_default() += 1;
+    }
+
+    /// Prints each kind to stderr; the total.
+    fn report(&self) -> u64 {
+        let kinds = self.0.lock().expect("error kinds");
+        for (kind, n) in kinds.iter() {
+            eprintln!("  {n} sessions failed: {kind}");
+        }
+        kinds.values().sum()
+    }
 }
 
 /// W4: `conns` idle MQTT connections; proxy RSS and kernel memory per connection.
