@@ -309,14 +309,16 @@ impl TlsRt {
 }
 
 impl ListenerRt {
-    /// The runtime of `config`, whose connections go to `cluster`.
-    pub fn new(config: Listener, cluster: Arc<ClusterRt>) -> Self {
+    /// The runtime of `config`, whose connections go to `cluster`, in one of
+    /// `workers` processes (which share its `new_connection_rate`).
+    pub fn new(config: Listener, cluster: Arc<ClusterRt>, workers: u32) -> Self {
         let tls = config.tls().map(|t| TlsRt {
             server_config: RwLock::new(t.config.clone()),
             handshakes: tokio::sync::Semaphore::new(t.max_handshakes.get() as usize),
             handshake_timeout: t.handshake_timeout,
         });
-        let admission = Arc::new(crate::admission::Admission::new(config.limits.clone()));
+        let limits = config.limits.per_worker(workers);
+        let admission = Arc::new(crate::admission::Admission::new(limits));
         Self {
             config,
             tls,

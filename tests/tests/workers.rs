@@ -23,10 +23,15 @@ const TOKEN: &str = "workers-admin-token";
 
 /// A connection from a loopback source port that selects worker `worker` of two.
 async fn connect_from(lb: SocketAddr, worker: u32) -> TcpStream {
+    connect_from_address(lb, [127, 0, 0, 1], worker).await
+}
+
+/// [`connect_from`] with the source address `address`.
+async fn connect_from_address(lb: SocketAddr, address: [u8; 4], worker: u32) -> TcpStream {
     for _ in 0..1000 {
         let socket = TcpSocket::new_v4().expect("socket");
         socket
-            .bind(([127, 0, 0, 1], 0).into())
+            .bind((address, 0).into())
             .expect("bind an ephemeral port");
         let port = socket.local_addr().expect("local addr").port();
         if worker_for_port(port, 2) == worker {
@@ -275,4 +280,64 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
         assert!(!alive(pid), "worker {pid} left running");
     }
     assert_eq!(pins_left(&lb.instance), vec!["sticky".to_owned()]);
+}
+
+/// `max_connections_per_source = 4` on a listener of two workers: the quota is whole.
+/// Six sessions from one address, from source ports of which three would select each
+/// worker, get four CONNACKs 0 and two 0x97 (chosen by port, each worker would count
+/// three and accept all six); another address has its own four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_source_quota_is_counted_whole_across_workers() {
+    if !privileged("workers (SO_REUSEPORT selection program)") {
+        return;
+    }
+    let broker = Mosquitto::start();
+    let lb = Daemon::start_edited("copy", &[broker.addr], |t| {
+        t.replace("[global]\n", "[global]\nworkers = 2\n").replace(
+            "inspect_timeout = \"10s\"\n",
+            "inspect_timeout = \"10s\"\nmax_connections_per_source = 4\n",
+        )
+    });
+    wait_for("both workers accepting", Duration::from_secs(20), || {
+        lb.log().contains("all workers accepting")
+    })
+    .await;
+    assert!(
+        lb.log().contains("each client address meets one worker"),
+        "{}",
+        lb.log()
+    );
+    let mut held = Vec::new();
+    let mut answers = Vec::new();
+    for i in 0..6u32 {
+        let mut s = connect_from(lb.addr, i % 2).await;
+        answers.push(connack_v5(&mut s, &format!("quota-{i}")).await);
+        held.push(s);
+    }
+    let accepted = answers.iter().filter(|c| c.get(3) == Some(&0)).count();
+    let refused = answers.iter().filter(|c| c.get(3) == Some(&0x97)).count();
+    assert_eq!((accepted, refused), (4, 2), "{answers:?}");
+    // Another address: its own quota, whichever worker its address selects.
+    for i in 0..4u32 {
+        let mut s = connect_from_address(lb.addr, [127, 0, 0, 2], i % 2).await;
+        let connack = connack_v5(&mut s, &format!("other-{i}")).await;
+        assert_eq!(connack.get(3), Some(&0), "{connack:?}");
+        held.push(s);
+    }
+    wait_for("two refusals counted", Duration::from_secs(5), || {
+        lb.stat("limit_source_connections") == 2
+    })
+    .await;
+}
+
+/// Sends an MQTT 5 CONNECT with `id` on `s`; the CONNACK (fixed header, length, body).
+async fn connack_v5(s: &mut TcpStream, id: &str) -> Vec<u8> {
+    s.write_all(&packets::connect(mqttlb::mqtt::Version::V5, id, 60, true))
+        .await
+        .expect("CONNECT");
+    let (first, body) = tokio::time::timeout(Duration::from_secs(10), mqttc::read_packet(s))
+        .await
+        .expect("a CONNACK within 10 s")
+        .expect("CONNACK");
+    [vec![first, body.len() as u8], body].concat()
 }

@@ -137,6 +137,23 @@ pub struct Limits {
     pub per_client_id: Option<Rate>,
 }
 
+impl Limits {
+    /// What one of `workers` processes enforces: the listener's `new_connections`
+    /// rate, burst and queue shared out (the workers see about equal shares of new
+    /// connections); the per-source limits whole (each client address meets one
+    /// worker, see `workers::select`); `per_client_id` whole, so per worker.
+    pub fn per_worker(&self, workers: u32) -> Self {
+        let n = workers.max(1);
+        let mut mine = self.clone();
+        if let Some(r) = &mut mine.new_connections {
+            r.rate /= f64::from(n);
+            r.burst = r.burst.div_ceil(n);
+        }
+        mine.new_connection_queue = self.new_connection_queue.div_ceil(n);
+        mine
+    }
+}
+
 /// `[guard]`: the XDP front guard on these interfaces, for the listeners' ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardConfig {

@@ -353,6 +353,39 @@ fn the_account_to_run_as_is_looked_up_and_named_when_missing() {
 }
 
 #[test]
+fn workers_share_the_listener_rate_not_the_per_source_limits() {
+    let limits = Limits {
+        max_connections_per_source: Some(4),
+        per_source: Some(Rate {
+            rate: 2.0,
+            burst: 3,
+        }),
+        new_connections: Some(Rate {
+            rate: 100.0,
+            burst: 5,
+        }),
+        new_connection_queue: 9,
+        per_client_id: Some(Rate {
+            rate: 1.0,
+            burst: 1,
+        }),
+    };
+    assert_eq!(limits.per_worker(1), limits);
+    let mine = limits.per_worker(4);
+    assert_eq!(
+        mine.new_connections,
+        Some(Rate {
+            rate: 25.0,
+            burst: 2
+        })
+    );
+    assert_eq!(mine.new_connection_queue, 3);
+    assert_eq!(mine.max_connections_per_source, Some(4));
+    assert_eq!(mine.per_source, limits.per_source);
+    assert_eq!(mine.per_client_id, limits.per_client_id);
+}
+
+#[test]
 fn workers_are_a_count_or_auto() {
     let with = |line: &str| GOOD.replace("data_plane = \"copy\"", line);
     assert_eq!(Config::parse(GOOD).expect("good").global.workers.get(), 1);

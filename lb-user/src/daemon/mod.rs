@@ -403,10 +403,12 @@ fn accept_all(
     stop: &watch::Receiver<bool>,
 ) -> (Vec<Arc<ListenerRt>>, Vec<JoinHandle<()>>) {
     let clusters = shared.clusters();
+    let workers = shared.seat.get().map_or(1, |(_, seat)| seat.count);
     let mut listeners = Vec::new();
     let mut tasks = Vec::new();
     for (l, socket) in config.listeners.iter().zip(sockets) {
-        let listener = Arc::new(ListenerRt::new(l.clone(), clusters[l.cluster].clone()));
+        let cluster = clusters[l.cluster].clone();
+        let listener = Arc::new(ListenerRt::new(l.clone(), cluster, workers));
         shared.attach(listener.clone(), &config.clusters[l.cluster].name);
         listeners.push(listener.clone());
         let (shared, permits, stop) = (shared.clone(), permits.clone(), stop.clone());

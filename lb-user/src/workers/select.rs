@@ -1,6 +1,7 @@
 //! The worker selection program on each listener's `SO_REUSEPORT` group (see
 //! `lb-ebpf/src/reuseport.bpf.c`): a new connection goes to worker
-//! [`worker_for_port`] of its source port.
+//! [`worker_for_port`] of its source port, or on a listener with per-source limits to
+//! the worker of its source address (so the quota is counted in one place).
 
 use std::os::fd::AsFd;
 
@@ -29,6 +30,29 @@ pub struct SelectError {
     pub why: String,
 }
 
+/// How a listener's group chooses the worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// The listener.
+    pub listener: String,
+    /// By source address (per-source limits), else by source port.
+    pub by_address: bool,
+}
+
+impl Choice {
+    /// The choice for `listener`: by source address when it limits connections per
+    /// source address and sees the client's own address (not one read from a PROXY
+    /// header, which the kernel cannot see).
+    pub fn of(listener: &crate::config::Listener) -> Self {
+        let limits = &listener.limits;
+        let per_source = limits.max_connections_per_source.is_some() || limits.per_source.is_some();
+        Self {
+            listener: listener.name.clone(),
+            by_address: per_source && !listener.accept_proxy_protocol,
+        }
+    }
+}
+
 /// Loaded and attached selection programs, one per listener (kept for the
 /// supervisor's life; the groups keep using them while any socket is open).
 pub struct Selection {
@@ -36,21 +60,23 @@ pub struct Selection {
 }
 
 /// Attaches a selection program to each group: `groups[l][k]` is worker k's socket
-/// of listener l (named `names[l]`).
+/// of listener l (chosen as `choices[l]` says).
 pub fn attach(
-    names: &[String],
+    choices: &[Choice],
     groups: &[Vec<std::net::TcpListener>],
 ) -> Result<Selection, SelectError> {
     let mut programs = Vec::new();
-    for (name, group) in names.iter().zip(groups) {
+    for (choice, group) in choices.iter().zip(groups) {
         let fail = |why: String| SelectError {
-            listener: name.clone(),
+            listener: choice.listener.clone(),
             why,
         };
         let workers = group.len() as u32;
+        let by_address = u32::from(choice.by_address);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("worker_sockets", workers)
             .override_global("workers", &workers, true)
+            .override_global("by_address", &by_address, true)
             .load(SELECT_OBJECT)
             .map_err(|e| fail(format!("load: {e}")))?;
         {

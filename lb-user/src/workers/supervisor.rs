@@ -55,10 +55,13 @@ pub fn run(
     let _lock = InstanceLock::acquire(&name).map_err(DaemonError::Instance)?;
     super::remove_left_behind(&name);
     let groups = bind_groups(&config, count)?;
-    let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
+    let choices: Vec<select::Choice> = config.listeners.iter().map(select::Choice::of).collect();
+    for c in choices.iter().filter(|c| c.by_address) {
+        info!(listener = %c.listener, "per-source limits: each client address meets one worker");
+    }
     // Without BPF the kernel's own hash of the connection spreads them (a client's
     // source port then says nothing of its worker).
-    let _selection = match select::attach(&names, &groups) {
+    let _selection = match select::attach(&choices, &groups) {
         Ok(s) => Some(s),
         Err(e) => {
             warn!(error = %e, "no worker selection program: the kernel's hash chooses the worker");
