@@ -11,7 +11,9 @@
 //!   offered; a client offering ALPN without `mqtt` is refused (RFC 7301).
 //! - Resumption: a stateful session cache (`session_cache_size`, TLS 1.2 session ids
 //!   and TLS 1.3) and stateless tickets (`session_tickets`), whose key rotates every
-//!   six hours.
+//!   six hours and is the same in every worker and across reloads ([`tickets`]).
+
+pub mod tickets;
 
 use std::{collections::HashMap, fmt, path::Path, sync::Arc};
 
@@ -255,8 +257,7 @@ pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
         Arc::new(rustls::server::NoServerSessionStorage {})
     };
     if s.session_tickets {
-        config.ticketer = rustls::crypto::ring::Ticketer::new()
-            .map_err(|e| err("session_tickets", e.to_string()))?;
+        config.ticketer = Arc::new(tickets::SharedTickets);
     } else {
         config.send_tls13_tickets = 0;
     }

@@ -1,6 +1,10 @@
 //! A test PKI made with the `openssl` command.
 
-use std::{net::SocketAddr, process::Command};
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use tokio::net::TcpStream;
 
@@ -185,5 +189,42 @@ impl Pki {
         let tcp = TcpStream::connect(addr).await?;
         let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
         self.client(cert).connect(name, tcp).await
+    }
+
+    /// `openssl s_client` to `addr` (trusting the CA, SNI `localhost`) with `args`:
+    /// its output lines starting with New/Reused.
+    pub fn s_client(&self, addr: SocketAddr, args: &[&str]) -> Vec<String> {
+        let mut out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &addr.to_string(),
+                "-CAfile",
+                &self.path("ca.pem"),
+            ])
+            .args(["-servername", "localhost"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl s_client");
+        // Stdin open a moment: a TLS 1.3 ticket arrives after the handshake.
+        std::thread::sleep(Duration::from_millis(500));
+        drop(out.stdin.take());
+        let out = out.wait_with_output().expect("s_client");
+        let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("New,") || l.starts_with("Reused,"))
+            .map(str::to_owned)
+            .collect();
+        if lines.is_empty() {
+            eprintln!(
+                "openssl s_client {args:?}: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        lines
     }
 }

@@ -243,38 +243,7 @@ async fn mutual_tls_refuses_clients_without_a_valid_certificate_and_bad_input() 
 
 /// `openssl s_client` output lines starting with New/Reused.
 fn s_client(lb: &Daemon, pki: &Pki, args: &[&str]) -> Vec<String> {
-    let mut out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &lb.addr.to_string(),
-            "-CAfile",
-            &pki.path("ca.pem"),
-        ])
-        .args(["-servername", "localhost"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl s_client");
-    // Stdin open a moment: a TLS 1.3 ticket arrives after the handshake.
-    std::thread::sleep(Duration::from_millis(500));
-    drop(out.stdin.take());
-    let out = out.wait_with_output().expect("s_client");
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with("New,") || l.starts_with("Reused,"))
-        .map(str::to_owned)
-        .collect();
-    if lines.is_empty() {
-        eprintln!(
-            "openssl s_client {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    lines
+    pki.s_client(lb.addr, args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,6 +277,14 @@ async fn sessions_resume_with_the_tls_1_2_cache_and_tls_1_3_tickets() {
     assert!(
         again.iter().any(|l| l.starts_with("Reused, TLSv1.3")),
         "{again:?}"
+    );
+    // A reload builds the TLS configuration again; the ticket still opens (rustls's
+    // own ticketer drew new keys at each build: every ticket was lost).
+    lb.reload(&lb.config_text());
+    let after = s_client(&lb, &pki, &["-tls1_3", "-sess_in", &session]);
+    assert!(
+        after.iter().any(|l| l.starts_with("Reused, TLSv1.3")),
+        "after a reload: {after:?}"
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(

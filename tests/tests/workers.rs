@@ -341,3 +341,61 @@ async fn connack_v5(s: &mut TcpStream, id: &str) -> Vec<u8> {
         .expect("CONNACK");
     [vec![first, body.len() as u8], body].concat()
 }
+
+/// A TLS 1.3 session ticket sealed by worker 0 opens on worker 1 (a client that
+/// reconnects comes from a new source port, so usually to the other worker), and
+/// again after a reload: the workers derive their ticket keys from one secret the
+/// supervisor drew before forking them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_session_from_one_worker_resumes_on_the_other() {
+    if !privileged("workers (SO_REUSEPORT selection program)") {
+        return;
+    }
+    let pki = Pki::new();
+    let broker = Mosquitto::start();
+    let lb = Daemon::start_edited("auto", &[broker.addr], |t| {
+        t.replace("[global]\n", "[global]\nworkers = 2\n").replace(
+            "inspect_timeout = \"10s\"\n",
+            &format!(
+                "inspect_timeout = \"10s\"\nkind = \"mqtts\"\n\n[listeners.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                pki.path("server.pem"),
+                pki.path("server.key")
+            ),
+        )
+    });
+    wait_for("both workers accepting", Duration::from_secs(20), || {
+        lb.log().contains("all workers accepting")
+    })
+    .await;
+    let session = pki.dir.0.join("ticket.session").display().to_string();
+    let through = |worker: u32, args: &[&str]| {
+        let port = (0..1000)
+            .map(|_| free_port())
+            .find(|p| worker_for_port(*p, 2) == worker)
+            .expect("a free port that selects the worker");
+        let bind = format!("127.0.0.1:{port}");
+        let mut all = vec!["-tls1_3", "-bind", &bind];
+        all.extend_from_slice(args);
+        pki.s_client(lb.addr, &all)
+    };
+    let first = through(0, &["-sess_out", &session]);
+    assert!(
+        first.iter().any(|l| l.starts_with("New, TLSv1.3")),
+        "{first:?}"
+    );
+    let other = through(1, &["-sess_in", &session]);
+    assert!(
+        other.iter().any(|l| l.starts_with("Reused, TLSv1.3")),
+        "worker 0's ticket on worker 1: {other:?}"
+    );
+    lb.reload(&lb.config_text());
+    wait_for("both workers reloaded", Duration::from_secs(10), || {
+        lb.stat("reloads") == 2
+    })
+    .await;
+    let after = through(1, &["-sess_in", &session]);
+    assert!(
+        after.iter().any(|l| l.starts_with("Reused, TLSv1.3")),
+        "after a reload: {after:?}"
+    );
+}

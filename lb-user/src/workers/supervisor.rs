@@ -68,6 +68,8 @@ pub fn run(
             None
         }
     };
+    // Before the first fork: every worker seals and opens the same TLS tickets.
+    crate::tls::tickets::draw();
     let signals = Blocked::block().map_err(DaemonError::Signals)?;
     let mut sup = Supervisor {
         config_path,
