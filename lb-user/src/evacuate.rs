@@ -40,12 +40,13 @@ pub fn server(shared: &Arc<Shared>, cluster: &str, server: &str) -> Result<usize
         "evacuating"
     );
     let (shared, cluster, server) = (shared.clone(), cluster.to_owned(), server.to_owned());
+    let per_second = share(&shared, rate);
     tokio::spawn(async move {
-        at_rate(entries, rate).await;
+        at_rate(entries, per_second).await;
         // Connections that were connecting to it when the drain came in.
         tokio::time::sleep(connecting).await;
         let late = on_server(&shared, &cluster, &server);
-        at_rate(late, rate).await;
+        at_rate(late, per_second).await;
     });
     Ok(n)
 }
@@ -72,16 +73,23 @@ pub async fn everything(shared: &Shared) {
         let rate = shared
             .cluster(&name)
             .map_or(NonZeroU32::MIN, |c| c.config.evict_rate);
-        runs.spawn(at_rate(entries, rate));
+        runs.spawn(at_rate(entries, share(shared, rate)));
     }
     runs.join_all().await;
 }
 
-/// Asks each connection to close, `rate` a second, oldest first.
-async fn at_rate(mut entries: Vec<Arc<Entry>>, rate: NonZeroU32) {
+/// This process's part of a cluster's `evict_rate`: with workers, each evicts its own
+/// connections at an equal share, so the instance evicts at the rate configured.
+fn share(shared: &Shared, rate: NonZeroU32) -> f64 {
+    let workers = shared.seat.get().map_or(1, |(_, seat)| seat.count);
+    f64::from(rate.get()) / f64::from(workers)
+}
+
+/// Asks each connection to close, `per_second` a second, oldest first.
+async fn at_rate(mut entries: Vec<Arc<Entry>>, per_second: f64) {
     entries.sort_by_key(|e| std::cmp::Reverse(e.age()));
     let start = Instant::now();
-    let step = Duration::from_secs(1).as_secs_f64() / f64::from(rate.get());
+    let step = 1.0 / per_second;
     for (i, e) in entries.iter().enumerate() {
         let at = start + Duration::from_secs_f64(step * i as f64);
         tokio::time::sleep_until(at.into()).await;

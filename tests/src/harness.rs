@@ -168,10 +168,12 @@ impl Drop for TempDir {
     }
 }
 
-/// Config text for one listener in front of `servers`.
+/// Config text for one listener in front of `servers`, served by one process
+/// (`workers = 1`: tests look at its pid's memory and descriptors and at one
+/// round-robin; the workers tests raise it).
 pub fn config_text(instance: &str, plane: &str, port: u16, servers: &[SocketAddr]) -> String {
     let mut t = format!(
-        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\ninspect_timeout = \"10s\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n"
+        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\nworkers = 1\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\ninspect_timeout = \"10s\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n"
     );
     // No active health checks: these tests count the connections their servers get.
     t += "\n[clusters.health]\nkind = \"none\"\n";
@@ -316,15 +318,16 @@ impl Daemon {
     /// Writes a new config and sends SIGHUP; returns once the daemon counted the
     /// reload (panics if it refused the file).
     pub fn reload(&self, text: &str) {
-        let before = (self.stat("reloads"), self.stat("reload_failures"));
+        let before = (self.reloads(), self.stat("reload_failures"));
         std::fs::write(&self.config, text).expect("write config");
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let now = (self.stat("reloads"), self.stat("reload_failures"));
+            let now = (self.reloads(), self.stat("reload_failures"));
             assert_eq!(now.1, before.1, "reload refused: {}", self.log());
-            if now.0 > before.0 {
+            // Every worker (one without workers) has reloaded.
+            if now.0.iter().zip(&before.0).all(|(n, b)| n > b) {
                 return;
             }
             assert!(
@@ -362,7 +365,12 @@ impl Daemon {
                 Some(ns) => crate::netns::within(ns, probe),
                 None => probe(),
             };
-            if listening {
+            // With workers the supervisor's sockets accept before the workers serve
+            // (worker 0's admin listener, the others' control sockets): wait for all.
+            let log = self.log();
+            let workers_pending =
+                log.contains("starting workers") && !log.contains("all workers accepting");
+            if listening && !workers_pending {
                 // The probe connection is closed without a CONNECT: rejected, counted.
                 return;
             }
@@ -388,6 +396,16 @@ impl Daemon {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("ctl json")
+    }
+
+    /// Reloads done, by worker (one entry without workers).
+    fn reloads(&self) -> Vec<u64> {
+        let stats = self.ctl("stats");
+        let count = |s: &serde_json::Value| s["reloads"].as_u64().expect("reloads");
+        match stats["workers"].as_array() {
+            Some(workers) => workers.iter().map(count).collect(),
+            None => vec![count(&stats["stats"])],
+        }
     }
 
     /// A daemon counter (sockmap plane: read through `ctl stats`).

@@ -48,7 +48,7 @@ fn lb_text_on(
     servers: &Servers<'_>,
 ) -> String {
     let mut t = format!(
-        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n{cluster_keys}\n"
+        "[global]\nworkers = 1\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n{cluster_keys}\n"
     );
     for (name, addr, extra) in servers {
         t += &format!("\n[[clusters.servers]]\nname = \"{name}\"\naddress = \"{addr}\"\n{extra}\n");

@@ -38,7 +38,7 @@ fn three_nodes() -> Vec<Mosquitto> {
 
 fn text(instance: &str, plane: &str, port: u16, nodes: &[Mosquitto]) -> String {
     let mut t = format!(
-        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\nshutdown_grace = \"10s\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nbalance = \"round-robin\"\nsticky = \"none\"\nevict_rate = {RATE}\nserver_reference = \"{REFERENCE}\"\nhealth = {{ kind = \"none\" }}\n"
+        "[global]\nworkers = 1\nname = \"{instance}\"\ndata_plane = \"{plane}\"\nshutdown_grace = \"10s\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nbalance = \"round-robin\"\nsticky = \"none\"\nevict_rate = {RATE}\nserver_reference = \"{REFERENCE}\"\nhealth = {{ kind = \"none\" }}\n"
     );
     for (i, n) in nodes.iter().enumerate() {
         t += &format!(

@@ -106,7 +106,7 @@ fn ws_config(
     server: SocketAddr,
 ) -> String {
     format!(
-        "[global]\nname = \"{instance}\"\n\n[[listeners]]\nname = \"ws\"\nbind = \"127.0.0.1:{}\"\nkind = \"ws\"\ncluster = \"c\"\n{listener_keys}\n\n[[listeners]]\nname = \"wss\"\nbind = \"127.0.0.1:{}\"\nkind = \"wss\"\ncluster = \"c\"\n{listener_keys}\n\n[listeners.tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n\n[clusters.health]\nkind = \"none\"\n\n[[clusters.servers]]\nname = \"node1\"\naddress = \"{server}\"\n",
+        "[global]\nworkers = 1\nname = \"{instance}\"\n\n[[listeners]]\nname = \"ws\"\nbind = \"127.0.0.1:{}\"\nkind = \"ws\"\ncluster = \"c\"\n{listener_keys}\n\n[[listeners]]\nname = \"wss\"\nbind = \"127.0.0.1:{}\"\nkind = \"wss\"\ncluster = \"c\"\n{listener_keys}\n\n[listeners.tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n\n[clusters.health]\nkind = \"none\"\n\n[[clusters.servers]]\nname = \"node1\"\naddress = \"{server}\"\n",
         ports.0,
         ports.1,
         pki.path("server.pem"),
@@ -465,7 +465,7 @@ fn fd_config(
     global: &str,
 ) -> String {
     let mut t = format!(
-        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n{global}\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n\n[clusters.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n"
+        "[global]\nworkers = 1\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n{global}\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n\n[clusters.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n"
     );
     for (i, s) in servers.iter().enumerate() {
         t += &format!(

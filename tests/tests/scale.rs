@@ -89,8 +89,9 @@ fn twenty_thousand_sessions_through_one_host_each_answer_a_ping() {
     let lb = Daemon::start_edited("auto", &addrs, |t| {
         t.replace(
             "data_plane = \"auto\"\n",
-            &format!("data_plane = \"auto\"\nmax_connections = 10000\nworkers = {shards}\n"),
+            "data_plane = \"auto\"\nmax_connections = 10000\n",
         )
+        .replace("workers = 1\n", &format!("workers = {shards}\n"))
         .replace(
             "connect_timeout = \"1s\"\n",
             "connect_timeout = \"5s\"\npromote_after = \"2s\"\n",

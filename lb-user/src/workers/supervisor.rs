@@ -52,6 +52,9 @@ pub fn run(
 ) -> Result<(), DaemonError> {
     let name = config.global.name.clone();
     let count = config.global.workers.get();
+    // Before the listeners are bound: whoever sees them accept can tell that the
+    // workers are still to come (until "all workers accepting").
+    info!(instance = %name, workers = count, "starting workers");
     let _lock = InstanceLock::acquire(&name).map_err(DaemonError::Instance)?;
     super::remove_left_behind(&name);
     let groups = bind_groups(&config, count)?;
