@@ -168,12 +168,10 @@ impl Drop for TempDir {
     }
 }
 
-/// Config text for one listener in front of `servers`, served by one process
-/// (`workers = 1`: tests look at its pid's memory and descriptors and at one
-/// round-robin; the workers tests raise it).
+/// Config text for one listener in front of `servers` (one process: no `workers`).
 pub fn config_text(instance: &str, plane: &str, port: u16, servers: &[SocketAddr]) -> String {
     let mut t = format!(
-        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\nworkers = 1\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\ninspect_timeout = \"10s\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n"
+        "[global]\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\ninspect_timeout = \"10s\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n"
     );
     // No active health checks: these tests count the connections their servers get.
     t += "\n[clusters.health]\nkind = \"none\"\n";

@@ -60,7 +60,7 @@ fn speaks_sd_notify(workers: u32) {
     let instance = format!("sd{}", std::process::id());
     let config = dir.0.join("mqttlb.toml");
     let text = config_text(&instance, "auto", port, &[node.addr])
-        .replace("workers = 1\n", &format!("workers = {workers}\n"));
+        .replace("[global]\n", &format!("[global]\nworkers = {workers}\n"));
     std::fs::write(&config, text).expect("config");
     let mut child = Command::new(bin())
         .args(["run", "-c"])

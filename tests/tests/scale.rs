@@ -91,7 +91,7 @@ fn twenty_thousand_sessions_through_one_host_each_answer_a_ping() {
             "data_plane = \"auto\"\n",
             "data_plane = \"auto\"\nmax_connections = 10000\n",
         )
-        .replace("workers = 1\n", &format!("workers = {shards}\n"))
+        .replace("[global]\n", &format!("[global]\nworkers = {shards}\n"))
         .replace(
             "connect_timeout = \"1s\"\n",
             "connect_timeout = \"5s\"\npromote_after = \"2s\"\n",

@@ -120,7 +120,7 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
     std::os::unix::fs::chown(&token_file, Some(65534), Some(65534)).expect("chown token");
     let mut lb = Daemon::start_edited("auto", &[a.addr, b.addr], |t| {
         // The workers switch to `nobody` and still reach each other's sockets.
-        t.replace("workers = 1\n", "workers = 2\nuser = \"nobody\"\n")
+        t.replace("[global]\n", "[global]\nworkers = 2\nuser = \"nobody\"\n")
             .replace(
                 "connect_timeout = \"1s\"\n",
                 "connect_timeout = \"1s\"\nbalance = \"round-robin\"\nsticky = \"client-id\"\n",
@@ -293,7 +293,7 @@ async fn a_per_source_quota_is_counted_whole_across_workers() {
     }
     let broker = Mosquitto::start();
     let lb = Daemon::start_edited("copy", &[broker.addr], |t| {
-        t.replace("workers = 1\n", "workers = 2\n").replace(
+        t.replace("[global]\n", "[global]\nworkers = 2\n").replace(
             "inspect_timeout = \"10s\"\n",
             "inspect_timeout = \"10s\"\nmax_connections_per_source = 4\n",
         )
@@ -354,7 +354,7 @@ async fn a_tls_session_from_one_worker_resumes_on_the_other() {
     let pki = Pki::new();
     let broker = Mosquitto::start();
     let lb = Daemon::start_edited("auto", &[broker.addr], |t| {
-        t.replace("workers = 1\n", "workers = 2\n").replace(
+        t.replace("[global]\n", "[global]\nworkers = 2\n").replace(
             "inspect_timeout = \"10s\"\n",
             &format!(
                 "inspect_timeout = \"10s\"\nkind = \"mqtts\"\n\n[listeners.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -406,7 +406,7 @@ async fn an_evacuation_keeps_the_cluster_evict_rate_across_workers() {
     }
     let broker = Mosquitto::start();
     let lb = Daemon::start_edited("copy", &[broker.addr], |t| {
-        t.replace("workers = 1\n", "workers = 2\n").replace(
+        t.replace("[global]\n", "[global]\nworkers = 2\n").replace(
             "connect_timeout = \"1s\"\n",
             "connect_timeout = \"1s\"\nevict_rate = 10\n",
         )
