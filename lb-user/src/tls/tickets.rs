@@ -5,8 +5,8 @@
 //! open (a client reconnects from a new source port, so usually to another worker).
 //!
 //! Here the keys come from one secret drawn once per process tree: the supervisor
-//! draws it before it forks its workers (`draw`), a lone daemon when it first builds a
-//! TLS configuration. Time is cut into windows of six hours; the secret of each window
+//! draws it before it forks its workers (`draw`), a lone daemon when it first seals or
+//! opens a ticket. Time is cut into windows of six hours; the secret of each window
 //! is derived from the one before (HKDF-SHA256) and the one before is then erased, so
 //! every process, whenever it was forked, holds the same key for the same window and
 //! a key once past stays past (a process's memory read later cannot open older
