@@ -11,11 +11,12 @@
  * is SK_PASS without a choice, and the kernel falls back to its own hash: a
  * connection is never refused here.
  *
- * A listener with per-source limits (`max_connections_per_source`, `per_source`)
- * loads the program with `by_address` set: the worker then comes from the source
- * address, `((folded address * 0x9E3779B1) >> 16) % workers`, so every connection of
- * one client address meets the same worker and its quota stays whole (with the
- * port, each worker would count a share and the quota would grow N times).
+ * A listener with per-source limits (`max_connections_per_source`,
+ * `connect_rate_per_source`) loads the program with `by_address` set: the worker
+ * then comes from the source address, `((folded address * 0x9E3779B1) >> 16) %
+ * workers`, so every connection of one client address meets the same worker and
+ * its quota stays whole (with the port, each worker would count a share and the
+ * quota would grow N times).
  *
  * For TCP the context's data starts at the TCP header, so its first two bytes are
  * the source port (network order); the addresses are read relative to the network
