@@ -433,3 +433,61 @@ async fn an_evacuation_keeps_the_cluster_evict_rate_across_workers() {
         "20 sessions evicted in {took:?} at evict_rate 10"
     );
 }
+
+/// A worker that cannot start at first (here worker 1's control socket path is taken
+/// by a directory) stops the whole instance: exit 2, the log naming the worker and
+/// why, worker 0 stopped too, and its control socket gone.
+#[test]
+fn a_worker_that_cannot_start_stops_the_instance() {
+    if !privileged("workers (SO_REUSEPORT selection program)") {
+        return;
+    }
+    let dir = TempDir::new("worker-fails");
+    let instance = format!("wf{}", std::process::id());
+    let blocker = Path::new("/run/mqttlb").join(format!("{instance}.worker-1.sock"));
+    std::fs::create_dir_all(blocker.join("occupied")).expect("a directory in the way");
+    let config = dir.0.join("mqttlb.toml");
+    let text = config_text(
+        &instance,
+        "copy",
+        free_port(),
+        &["127.0.0.1:1".parse().expect("addr")],
+    )
+    .replace("[global]\n", "[global]\nworkers = 2\n");
+    std::fs::write(&config, text).expect("config");
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(bin())
+        .args(["run", "-c"])
+        .arg(&config)
+        .output()
+        .expect("mqttlb run");
+    let _ = std::fs::remove_dir_all(&blocker);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        log.contains("a worker did not start; stopping the others") && log.contains("worker=1"),
+        "{log}"
+    );
+    assert!(log.contains(&blocker.display().to_string()), "{log}");
+    // Worker 0 (which had started) is gone with its control socket.
+    assert!(
+        !Path::new("/run/mqttlb")
+            .join(format!("{instance}.sock"))
+            .exists(),
+        "{log}"
+    );
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &config.display().to_string()])
+        .output()
+        .expect("pgrep");
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "a process of the instance is left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
