@@ -39,7 +39,10 @@ fn lb_text(instance: &str, port: u16, cluster_keys: &str, servers: &Servers<'_>)
     lb_text_on("auto", instance, port, cluster_keys, servers)
 }
 
-/// [`lb_text`] with `data_plane = plane`.
+/// [`lb_text`] with `data_plane = plane`. Servers get 5 s to accept: a fresh-clone CI
+/// run saw an empty client id refused (CONNACK 3) with 1 s, as when a busy host lets
+/// a connect to each node time out and marks them all failed (none of these tests
+/// waits on a connect timeout: a killed node refuses at once).
 fn lb_text_on(
     plane: &str,
     instance: &str,
@@ -48,7 +51,7 @@ fn lb_text_on(
     servers: &Servers<'_>,
 ) -> String {
     let mut t = format!(
-        "[global]\nworkers = 1\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"1s\"\n{cluster_keys}\n"
+        "[global]\nworkers = 1\nname = \"{instance}\"\ndata_plane = \"{plane}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\nconnect_timeout = \"5s\"\n{cluster_keys}\n"
     );
     for (name, addr, extra) in servers {
         t += &format!("\n[[clusters.servers]]\nname = \"{name}\"\naddress = \"{addr}\"\n{extra}\n");
