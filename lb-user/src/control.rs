@@ -5,6 +5,8 @@
 //!
 //! - `conns`: `{"conns": [ConnRow...]}`, every connection held (see [`Registry`]);
 //! - `stats`: `{"stats": [[name, value]...]}`, the daemon's counters;
+//! - `observed`: `{"observed": Observed}`, its duration histograms and connection
+//!   ends (`stats::Observed`), which `/metrics` adds up over workers;
 //! - `backends`, `sticky`: the views `ctl` otherwise reads from the pinned maps, for
 //!   an instance running without BPF;
 //! - `drain|enable|down|evacuate CLUSTER SERVER`, `weight CLUSTER SERVER N`: runtime
@@ -148,6 +150,7 @@ fn request(shared: &Arc<Shared>, line: &str) -> serde_json::Value {
     match words.as_slice() {
         ["conns"] => serde_json::json!({ "conns": shared.conns.rows() }),
         ["stats"] => serde_json::json!({ "stats": views::stats(shared) }),
+        ["observed"] => serde_json::json!({ "observed": shared.stats.observed() }),
         ["backends"] => serde_json::json!({ "backends": views::servers(shared) }),
         ["sticky"] => serde_json::json!({ "sticky": views::sticky(shared) }),
         ["drain", c, s] => change(c, s, state(ServerState::Drain)),

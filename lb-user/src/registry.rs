@@ -106,10 +106,7 @@ impl Entry {
         cluster: &str,
         name: &str,
         address: SocketAddr,
-        (server, first_reply): (
-            Arc<Traffic>,
-            prometheus_client::metrics::histogram::Histogram,
-        ),
+        (server, first_reply): (Arc<Traffic>, crate::stats::Seconds),
     ) -> Arc<Traffic> {
         let traffic = Arc::new(Traffic::timed(server, self.started, first_reply));
         let _ = self.server.set(Reached {

@@ -12,7 +12,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use mqttlb::workers::select::worker_for_port;
-use tests::*;
+use tests::{http::metric, *};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -207,6 +207,36 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
         .map(|v| v["connections"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(connections, 2 * IDS as u64, "{servers}");
+    // `/metrics`: the durations and ends of both workers' sessions, not worker 0's
+    // alone (each session's end is counted once it is closed).
+    let sessions = 2.0 * IDS as f64;
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = http::get(admin, "/metrics").await.body;
+        let ends: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("mqttlb_connections_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        if ends == sessions {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for name in [
+        "mqttlb_server_reached_seconds_count",
+        "mqttlb_connect_duration_seconds_count",
+    ] {
+        assert_eq!(metric(&m, name, &[]), Some(sessions), "{name}: {m}");
+    }
+    let closed = ["s0", "s1"].map(|s| {
+        metric(
+            &m,
+            "mqttlb_connections_total",
+            &[("server", s), ("result", "closed")],
+        )
+    });
+    assert_eq!(closed.iter().flatten().sum::<f64>(), sessions, "{m}");
 
     // Health: worker 0 checks; worker 1 takes its verdict on broker b.
     b.kill();

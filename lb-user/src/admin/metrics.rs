@@ -13,7 +13,9 @@
 //! `mqttlb_sticky_entries`, `mqttlb_tls_handshakes_total{result}`,
 //! `mqttlb_connections_total{listener,cluster,server,result}` (at each end); the histograms
 //! `mqttlb_server_reached_seconds`, `mqttlb_connect_duration_seconds` (accept to the
-//! server's CONNACK) and `mqttlb_health_check_duration_seconds{cluster, server}` (kept in `Stats`, observed where the durations end); every other
+//! server's CONNACK; both, and `mqttlb_connections_total`, added up over workers) and
+//! `mqttlb_health_check_duration_seconds{cluster, server}` (kept in `Stats`, observed
+//! where the durations end); every other
 //! daemon counter as `mqttlb_<name>_total` (gauges without `_total`), and the splice
 //! program's as `mqttlb_bpf_<name>_total`.
 
@@ -28,6 +30,7 @@ use prometheus_client::{
 
 use crate::{
     runtime::Shared,
+    stats::{Observed, ServerLabels},
     views::{BackendView, Totals},
 };
 
@@ -150,13 +153,14 @@ const LABELLED: &[D] = &[
 /// Daemon counters that are gauges.
 const GAUGES: &[D] = &[D::TasksAlive, D::SplicedActive];
 
-/// The exposition text. `totals`: the instance's counters and servers (every
-/// worker's; the histograms are this daemon's). `pinned`: the instance whose pinned
+/// The exposition text. `totals`: the instance's counters and servers, `observed`
+/// its durations and connection ends (both every worker's; the health checks' are
+/// this daemon's, and only worker 0 checks). `pinned`: the instance whose pinned
 /// maps hold the splice program's counters, when BPF loaded.
 /// `sticky_entries`: the sticky table's size (counted by the caller, who keeps it).
 pub fn render(
     shared: &Shared,
-    totals: &Totals,
+    (totals, observed): (&Totals, &Observed),
     pinned: Option<&str>,
     started: Instant,
     sticky_entries: u64,
@@ -223,17 +227,17 @@ pub fn render(
     m.0.register(
         "server_reached_seconds",
         "Accept to the server connection established: the CONNECT read and checked, a server chosen and connected",
-        s.server_reached.clone(),
+        observed.server_reached.clone(),
     );
     m.0.register(
         "connections",
         "Connections that ended after their CONNECT, by listener, cluster, server and result (no_server: refused with no server)",
-        s.connections.clone(),
+        ends(&observed.ends),
     );
     m.0.register(
         "connect_duration_seconds",
         "Accept to the server's first bytes (its CONNACK) as forwarded by the daemon (not for connections spliced before the CONNACK)",
-        s.connect_duration.clone(),
+        observed.connect_duration.clone(),
     );
     m.0.register(
         "health_check_duration_seconds",
@@ -244,6 +248,22 @@ pub fn render(
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &m.0);
     out
+}
+
+/// The connections' ends as a counter family by listener, cluster, server and result.
+fn ends(rows: &[([String; 4], u64)]) -> Family<ServerLabels, Counter> {
+    let family = Family::<ServerLabels, Counter>::default();
+    for (values, n) in rows {
+        let [listener, cluster, server, result] = values.clone();
+        let labels = vec![
+            ("listener", listener),
+            ("cluster", cluster),
+            ("server", server),
+            ("result", result),
+        ];
+        family.get_or_create(&labels).inc_by(*n);
+    }
+    family
 }
 
 /// The families that break daemon counters down by a label: how connections ended,

@@ -218,9 +218,10 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
     }
     let sticky = app.sticky_entries() as u64;
     let totals = crate::workers::peers::totals(&app.shared).await;
+    let observed = crate::workers::peers::observed(&app.shared).await;
     let text = metrics::render(
         &app.shared,
-        &totals,
+        (&totals, &observed),
         app.pinned.as_deref(),
         app.started,
         sticky,

@@ -99,7 +99,7 @@ pub struct Traffic {
 struct FirstReply {
     accepted: Instant,
     seen: AtomicBool,
-    histogram: prometheus_client::metrics::histogram::Histogram,
+    histogram: crate::stats::Seconds,
 }
 
 impl Traffic {
@@ -116,7 +116,7 @@ impl Traffic {
     pub fn timed(
         parent: Arc<Traffic>,
         accepted: Instant,
-        histogram: prometheus_client::metrics::histogram::Histogram,
+        histogram: crate::stats::Seconds,
     ) -> Self {
         Self {
             first_reply: Some(FirstReply {

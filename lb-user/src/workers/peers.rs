@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use crate::{
     limits::LogOnce,
     runtime::Shared,
+    stats::Observed,
     views::{BackendView, Totals},
 };
 
@@ -86,6 +87,24 @@ pub async fn totals(shared: &Shared) -> Totals {
         }
     }
     totals
+}
+
+/// The durations and connection ends of the whole instance (see [`totals`]).
+pub async fn observed(shared: &Shared) -> Observed {
+    let mut sum = shared.stats.observed();
+    let Some((instance, seat)) = shared.seat.get() else {
+        return sum;
+    };
+    for k in (0..seat.count).filter(|&k| k != seat.index) {
+        let theirs = ask(instance, k, "observed").await.and_then(|v| {
+            serde_json::from_value::<Observed>(v["observed"].clone()).map_err(std::io::Error::other)
+        });
+        match theirs {
+            Ok(o) => sum.add(&o),
+            Err(e) => warn!(worker = k, error = %e, "worker left out of the histograms"),
+        }
+    }
+    sum
 }
 
 /// Makes a runtime change `request` (a control socket line) on every other worker,
