@@ -32,6 +32,12 @@ pub use pinned::{ConnView, Pinned};
 pub use pins::{InstanceLock, own_dir, pin_dir, unpin_dir};
 use pins::{is_bpffs, keep_sticky_if_compatible};
 
+/// Whether bpffs is mounted where the pins go (`/sys/fs/bpf`): without it nothing
+/// is pinned, so workers cannot share the sticky table.
+pub fn bpffs_mounted() -> bool {
+    is_bpffs(Path::new("/sys/fs/bpf"))
+}
+
 /// Why BPF could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -195,7 +201,7 @@ impl Bpf {
         sticky_size: u32,
         trusted_owner: Option<u32>,
     ) -> Result<Self, BpfError> {
-        if !is_bpffs(Path::new("/sys/fs/bpf")) {
+        if !bpffs_mounted() {
             return Err(BpfError::NoBpffs);
         }
         let instance_dir = pin_dir(instance);

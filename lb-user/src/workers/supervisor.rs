@@ -58,6 +58,14 @@ pub fn run(
     let _lock = InstanceLock::acquire(&name).map_err(DaemonError::Instance)?;
     super::remove_left_behind(&name);
     let groups = bind_groups(&config, count)?;
+    for l in &config.listeners {
+        info!(listener = %l.name, bind = %l.bind, kind = ?l.kind(), workers = count, "listening");
+    }
+    if !crate::bpf::bpffs_mounted() {
+        warn!(
+            "bpffs is not mounted at /sys/fs/bpf: each worker keeps its own sticky table in memory, so a reconnecting client id may meet another broker through another worker; run `mount -t bpf bpf /sys/fs/bpf` as root, or set `[global] workers = 1`"
+        );
+    }
     let choices: Vec<select::Choice> = config.listeners.iter().map(select::Choice::of).collect();
     for c in choices.iter().filter(|c| c.by_address) {
         info!(listener = %c.listener, "per-source limits: each client address meets one worker");
