@@ -98,6 +98,8 @@ struct Source {
 /// One listener's limits and their state.
 #[derive(Debug)]
 pub struct Admission {
+    /// The listener's name (a key of the workers' shared client id table).
+    listener: String,
     limits: Limits,
     sources: Mutex<HashMap<IpAddr, Source>>,
     /// Client ids by a keyed hash (the ids themselves are not kept).
@@ -129,9 +131,10 @@ impl Drop for Admitted {
 }
 
 impl Admission {
-    /// The state for `limits`.
-    pub fn new(limits: Limits) -> Self {
+    /// The state for `limits` of the listener named `listener`.
+    pub fn new(listener: &str, limits: Limits) -> Self {
         Self {
+            listener: listener.to_owned(),
             limits,
             sources: Mutex::default(),
             client_ids: Mutex::default(),
@@ -209,13 +212,20 @@ impl Admission {
         Ok(counted)
     }
 
-    /// `connect_rate_per_client_id` (clients with an empty id are not limited by it).
+    /// `connect_rate_per_client_id` (clients with an empty id are not limited by it),
+    /// in the table the workers share when there is one.
     fn check_client_id(&self, client_id: &str, now: Instant) -> Result<(), Refusal> {
         let Some(rate) = self.limits.per_client_id else {
             return Ok(());
         };
         if client_id.is_empty() {
             return Ok(());
+        }
+        if let Some(table) = crate::workers::rates::shared() {
+            return match table.conform(&self.listener, client_id, rate) {
+                true => Ok(()),
+                false => Err(Refusal::ClientIdRate),
+            };
         }
         let key = self.hasher.hash_one(client_id);
         let mut ids = self.client_ids.lock().expect("client ids lock");
@@ -260,7 +270,7 @@ mod tests {
     fn limits(f: impl FnOnce(&mut Limits)) -> Arc<Admission> {
         let mut l = Limits::default();
         f(&mut l);
-        Arc::new(Admission::new(l))
+        Arc::new(Admission::new("mqtt", l))
     }
 
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));

@@ -318,7 +318,7 @@ impl ListenerRt {
             handshake_timeout: t.handshake_timeout,
         });
         let limits = config.limits.per_worker(workers);
-        let admission = Arc::new(crate::admission::Admission::new(limits));
+        let admission = Arc::new(crate::admission::Admission::new(&config.name, limits));
         Self {
             config,
             tls,

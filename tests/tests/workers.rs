@@ -360,6 +360,42 @@ async fn a_per_source_quota_is_counted_whole_across_workers() {
     .await;
 }
 
+/// `connect_rate_per_client_id` on a listener of two workers: a client id that
+/// reconnects through the other worker meets the same rate (counted per worker, its
+/// second connection was accepted); another id is not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_rate_is_counted_whole_across_workers() {
+    if !privileged("workers (SO_REUSEPORT selection program)") {
+        return;
+    }
+    let broker = Mosquitto::start();
+    let lb = Daemon::start_edited("copy", &[broker.addr], |t| {
+        t.replace("[global]\n", "[global]\nworkers = 2\n").replace(
+            "inspect_timeout = \"10s\"\n",
+            "inspect_timeout = \"10s\"\nconnect_rate_per_client_id = 0.1\n",
+        )
+    });
+    wait_for("both workers accepting", Duration::from_secs(20), || {
+        lb.log().contains("all workers accepting")
+    })
+    .await;
+    let mut held = Vec::new();
+    for (worker, id, reason) in [(0, "again", 0), (1, "again", 0x9F), (1, "other", 0)] {
+        let mut s = connect_from(lb.addr, worker).await;
+        let connack = connack_v5(&mut s, id).await;
+        assert_eq!(
+            connack.get(3),
+            Some(&reason),
+            "{id} through worker {worker}: {connack:?}"
+        );
+        held.push(s);
+    }
+    wait_for("one refusal counted", Duration::from_secs(5), || {
+        lb.stat("limit_client_id_rate") == 1
+    })
+    .await;
+}
+
 /// Sends an MQTT 5 CONNECT with `id` on `s`; the CONNACK (fixed header, length, body).
 async fn connack_v5(s: &mut TcpStream, id: &str) -> Vec<u8> {
     s.write_all(&packets::connect(mqttlb::mqtt::Version::V5, id, 60, true))

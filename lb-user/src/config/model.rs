@@ -141,7 +141,8 @@ impl Limits {
     /// What one of `workers` processes enforces: the listener's `new_connections`
     /// rate, burst and queue shared out (the workers see about equal shares of new
     /// connections); the per-source limits whole (each client address meets one
-    /// worker, see `workers::select`); `per_client_id` whole, so per worker.
+    /// worker, see `workers::select`); `per_client_id` whole (the workers count in
+    /// one table, see `workers::rates`).
     pub fn per_worker(&self, workers: u32) -> Self {
         let n = workers.max(1);
         let mut mine = self.clone();

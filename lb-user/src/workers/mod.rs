@@ -17,6 +17,9 @@
 //!   admin listener and the XDP guard. The others follow its health results
 //!   ([`peers::follow_health`]); a runtime change (ctl, admin API) reaches every
 //!   worker ([`peers::forward`]), and `ctl` sums the counters of all of them.
+//! - `connect_rate_per_client_id` is counted in one table the supervisor maps shared
+//!   before it forks ([`rates`]): an id reconnecting through another worker meets the
+//!   same rate.
 //!
 //! Each worker has its own control socket: worker 0 the instance's
 //! (`/run/mqttlb/<name>.sock`), worker K `/run/mqttlb/<name>.worker-K.sock`.
@@ -24,6 +27,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod peers;
+pub mod rates;
 pub mod select;
 pub mod supervisor;
 

@@ -79,8 +79,11 @@ pub fn run(
             None
         }
     };
-    // Before the first fork: every worker seals and opens the same TLS tickets.
+    // Before the first fork: every worker seals and opens the same TLS tickets, and
+    // counts client ids' connection rates in the same table.
     crate::tls::tickets::draw();
+    super::rates::map()
+        .map_err(|e| DaemonError::Worker(format!("the client id rate table: {e}")))?;
     let signals = Blocked::block().map_err(DaemonError::Signals)?;
     let mut sup = Supervisor {
         config_path,
