@@ -81,7 +81,7 @@ pub async fn everything(shared: &Shared) {
 /// This process's part of a cluster's `evict_rate`: with workers, each evicts its own
 /// connections at an equal share, so the instance evicts at the rate configured.
 fn share(shared: &Shared, rate: NonZeroU32) -> f64 {
-    let workers = shared.seat.get().map_or(1, |(_, seat)| seat.count);
+    let workers = shared.workers();
     f64::from(rate.get()) / f64::from(workers)
 }
 

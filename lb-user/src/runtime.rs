@@ -146,6 +146,11 @@ impl Shared {
         shared
     }
 
+    /// How many workers the instance runs (1 without `[global] workers`).
+    pub fn workers(&self) -> u32 {
+        self.seat.get().map_or(1, |(_, seat)| seat.count)
+    }
+
     /// Every cluster's current runtime.
     pub fn clusters(&self) -> Arc<Vec<Arc<ClusterRt>>> {
         self.clusters.read().expect("clusters lock").clone()

@@ -403,7 +403,7 @@ fn accept_all(
     stop: &watch::Receiver<bool>,
 ) -> (Vec<Arc<ListenerRt>>, Vec<JoinHandle<()>>) {
     let clusters = shared.clusters();
-    let workers = shared.seat.get().map_or(1, |(_, seat)| seat.count);
+    let workers = shared.workers();
     let mut listeners = Vec::new();
     let mut tasks = Vec::new();
     for (l, socket) in config.listeners.iter().zip(sockets) {

@@ -63,22 +63,38 @@ pub async fn follow_health(shared: Arc<Shared>, instance: String) {
     }
 }
 
+/// Sends `request` to every other worker of this one's instance, one after the
+/// other; each answer (or its `field`), read as a `T`, by worker index (none without
+/// workers).
+async fn ask_others<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    request: &str,
+    field: Option<&str>,
+) -> Vec<(u32, std::io::Result<T>)> {
+    let Some((instance, seat)) = shared.seat.get() else {
+        return Vec::new();
+    };
+    let mut answers = Vec::new();
+    for k in (0..seat.count).filter(|&k| k != seat.index) {
+        let answer = ask(instance, k, request).await.and_then(|mut v| {
+            let v = match field {
+                Some(f) => v[f].take(),
+                None => v,
+            };
+            serde_json::from_value::<T>(v).map_err(std::io::Error::other)
+        });
+        answers.push((k, answer));
+    }
+    answers
+}
+
 /// The counters and servers of the whole instance: this worker's and every other
 /// worker's (a worker that does not answer is left out, and named in the log).
 pub async fn totals(shared: &Shared) -> Totals {
     let mut totals = Totals::local(shared);
-    let Some((instance, seat)) = shared.seat.get() else {
-        return totals;
-    };
-    for k in (0..seat.count).filter(|&k| k != seat.index) {
-        let counters = ask(instance, k, "stats").await.and_then(|v| {
-            serde_json::from_value::<Vec<(String, u64)>>(v["stats"].clone())
-                .map_err(std::io::Error::other)
-        });
-        let servers = ask(instance, k, "backends").await.and_then(|v| {
-            serde_json::from_value::<Vec<BackendView>>(v["backends"].clone())
-                .map_err(std::io::Error::other)
-        });
+    let counters = ask_others::<Vec<(String, u64)>>(shared, "stats", Some("stats")).await;
+    let servers = ask_others::<Vec<BackendView>>(shared, "backends", Some("backends")).await;
+    for ((k, counters), (_, servers)) in counters.into_iter().zip(servers) {
         match (counters, servers) {
             (Ok(c), Ok(s)) => totals.add(&c, &s),
             (Err(e), _) | (_, Err(e)) => {
@@ -92,13 +108,7 @@ pub async fn totals(shared: &Shared) -> Totals {
 /// The durations and connection ends of the whole instance (see [`totals`]).
 pub async fn observed(shared: &Shared) -> Observed {
     let mut sum = shared.stats.observed();
-    let Some((instance, seat)) = shared.seat.get() else {
-        return sum;
-    };
-    for k in (0..seat.count).filter(|&k| k != seat.index) {
-        let theirs = ask(instance, k, "observed").await.and_then(|v| {
-            serde_json::from_value::<Observed>(v["observed"].clone()).map_err(std::io::Error::other)
-        });
+    for (k, theirs) in ask_others::<Observed>(shared, "observed", Some("observed")).await {
         match theirs {
             Ok(o) => sum.add(&o),
             Err(e) => warn!(worker = k, error = %e, "worker left out of the histograms"),
@@ -112,12 +122,9 @@ pub async fn observed(shared: &Shared) -> Observed {
 /// A worker that does not answer is named in the log; the change stands on the
 /// others.
 pub async fn forward(shared: &Shared, request: &str) -> Vec<serde_json::Value> {
-    let Some((instance, seat)) = shared.seat.get() else {
-        return Vec::new();
-    };
     let mut answers = Vec::new();
-    for k in (0..seat.count).filter(|&k| k != seat.index) {
-        match ask(instance, k, request).await {
+    for (k, answer) in ask_others::<serde_json::Value>(shared, request, None).await {
+        match answer {
             Ok(a) => answers.push(a),
             Err(e) => {
                 warn!(worker = k, request, error = %e, "runtime change not made on this worker")
