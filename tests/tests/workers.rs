@@ -9,7 +9,12 @@
 //! user`), and so does a reload; a killed worker is started again and
 //! serves; SIGTERM stops everything and leaves no worker behind.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use mqttlb::workers::select::worker_for_port;
 use tests::{http::metric, *};
@@ -23,13 +28,17 @@ const TOKEN: &str = "workers-admin-token";
 
 /// A connection from a loopback source port that selects worker `worker` of two.
 async fn connect_from(lb: SocketAddr, worker: u32) -> TcpStream {
-    connect_from_address(lb, [127, 0, 0, 1], worker).await
+    connect_from_address(lb, [127, 0, 0, 1].into(), worker).await
 }
 
 /// [`connect_from`] with the source address `address`.
-async fn connect_from_address(lb: SocketAddr, address: [u8; 4], worker: u32) -> TcpStream {
+async fn connect_from_address(lb: SocketAddr, address: IpAddr, worker: u32) -> TcpStream {
     for _ in 0..1000 {
-        let socket = TcpSocket::new_v4().expect("socket");
+        let socket = match address {
+            IpAddr::V4(_) => TcpSocket::new_v4(),
+            IpAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .expect("socket");
         socket
             .bind((address, 0).into())
             .expect("bind an ephemeral port");
@@ -349,7 +358,7 @@ async fn a_per_source_quota_is_counted_whole_across_workers() {
     assert_eq!((accepted, refused), (4, 2), "{answers:?}");
     // Another address: its own quota, whichever worker its address selects.
     for i in 0..4u32 {
-        let mut s = connect_from_address(lb.addr, [127, 0, 0, 2], i % 2).await;
+        let mut s = connect_from_address(lb.addr, [127, 0, 0, 2].into(), i % 2).await;
         let connack = connack_v5(&mut s, &format!("other-{i}")).await;
         assert_eq!(connack.get(3), Some(&0), "{connack:?}");
         held.push(s);
@@ -358,6 +367,40 @@ async fn a_per_source_quota_is_counted_whole_across_workers() {
         lb.stat("limit_source_connections") == 2
     })
     .await;
+}
+
+/// The same for IPv6 clients (the selection program reads their 16-byte source
+/// address): on a dual-stack listener, six sessions from ::1, from ports of which
+/// three would select each worker, get four CONNACKs 0 and two 0x97.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_source_quota_is_counted_whole_across_workers() {
+    if !privileged("workers (SO_REUSEPORT selection program)") {
+        return;
+    }
+    let broker = Mosquitto::start();
+    let lb = Daemon::start_edited("copy", &[broker.addr], |t| {
+        t.replace("[global]\n", "[global]\nworkers = 2\n")
+            .replace("bind = \"127.0.0.1:", "bind = \"[::]:")
+            .replace(
+                "inspect_timeout = \"10s\"\n",
+                "inspect_timeout = \"10s\"\nmax_connections_per_source = 4\n",
+            )
+    });
+    wait_for("both workers accepting", Duration::from_secs(20), || {
+        lb.log().contains("all workers accepting")
+    })
+    .await;
+    let target = SocketAddr::from((Ipv6Addr::LOCALHOST, lb.addr.port()));
+    let mut held = Vec::new();
+    let mut answers = Vec::new();
+    for i in 0..6u32 {
+        let mut s = connect_from_address(target, Ipv6Addr::LOCALHOST.into(), i % 2).await;
+        answers.push(connack_v5(&mut s, &format!("v6-{i}")).await);
+        held.push(s);
+    }
+    let accepted = answers.iter().filter(|c| c.get(3) == Some(&0)).count();
+    let refused = answers.iter().filter(|c| c.get(3) == Some(&0x97)).count();
+    assert_eq!((accepted, refused), (4, 2), "{answers:?}");
 }
 
 /// `connect_rate_per_client_id` on a listener of two workers: a client id that
