@@ -23,6 +23,9 @@ use crate::{
 /// How long a worker may take from its start to accepting.
 const READY_WAIT: Duration = Duration::from_secs(60);
 
+/// How long a worker that gave up before accepting may take to log why and exit.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
 /// A worker that died this soon after its start is restarted only after a pause (a
 /// worker failing at start would otherwise be restarted in a tight loop).
 const QUICK_DEATH: Duration = Duration::from_secs(10);
@@ -168,9 +171,23 @@ impl Supervisor {
                 Ok(())
             }
             Err(e) => {
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                let _ = wait_for(pid);
+                // A worker that gave up closed the pipe on its way out, before its
+                // last log line (why): it is let finish that. One that hangs is
+                // killed.
+                let grace = match e.kind() {
+                    io::ErrorKind::TimedOut => Duration::ZERO,
+                    _ => EXIT_GRACE,
+                };
+                let deadline = Instant::now() + grace;
+                while !exited(pid) {
+                    if Instant::now() >= deadline {
+                        // SAFETY: signalling our own child.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        let _ = wait_for(pid);
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 self.workers[index as usize] = None;
                 Err(e)
             }
