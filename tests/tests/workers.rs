@@ -331,16 +331,7 @@ async fn a_per_source_quota_is_counted_whole_across_workers() {
         return;
     }
     let broker = Mosquitto::start();
-    let lb = Daemon::start_edited("copy", &[broker.addr], |t| {
-        t.replace("[global]\n", "[global]\nworkers = 2\n").replace(
-            "inspect_timeout = \"10s\"\n",
-            "inspect_timeout = \"10s\"\nmax_connections_per_source = 4\n",
-        )
-    });
-    wait_for("both workers accepting", Duration::from_secs(20), || {
-        lb.log().contains("all workers accepting")
-    })
-    .await;
+    let lb = two_workers(broker.addr, "127.0.0.1", "max_connections_per_source = 4").await;
     assert!(
         lb.log().contains("each client address meets one worker"),
         "{}",
@@ -378,18 +369,7 @@ async fn an_ipv6_source_quota_is_counted_whole_across_workers() {
         return;
     }
     let broker = Mosquitto::start();
-    let lb = Daemon::start_edited("copy", &[broker.addr], |t| {
-        t.replace("[global]\n", "[global]\nworkers = 2\n")
-            .replace("bind = \"127.0.0.1:", "bind = \"[::]:")
-            .replace(
-                "inspect_timeout = \"10s\"\n",
-                "inspect_timeout = \"10s\"\nmax_connections_per_source = 4\n",
-            )
-    });
-    wait_for("both workers accepting", Duration::from_secs(20), || {
-        lb.log().contains("all workers accepting")
-    })
-    .await;
+    let lb = two_workers(broker.addr, "[::]", "max_connections_per_source = 4").await;
     let target = SocketAddr::from((Ipv6Addr::LOCALHOST, lb.addr.port()));
     let mut held = Vec::new();
     let mut answers = Vec::new();
@@ -412,16 +392,7 @@ async fn a_client_id_rate_is_counted_whole_across_workers() {
         return;
     }
     let broker = Mosquitto::start();
-    let lb = Daemon::start_edited("copy", &[broker.addr], |t| {
-        t.replace("[global]\n", "[global]\nworkers = 2\n").replace(
-            "inspect_timeout = \"10s\"\n",
-            "inspect_timeout = \"10s\"\nconnect_rate_per_client_id = 0.1\n",
-        )
-    });
-    wait_for("both workers accepting", Duration::from_secs(20), || {
-        lb.log().contains("all workers accepting")
-    })
-    .await;
+    let lb = two_workers(broker.addr, "127.0.0.1", "connect_rate_per_client_id = 0.1").await;
     let mut held = Vec::new();
     for (worker, id, reason) in [(0, "again", 0), (1, "again", 0x9F), (1, "other", 0)] {
         let mut s = connect_from(lb.addr, worker).await;
@@ -437,6 +408,24 @@ async fn a_client_id_rate_is_counted_whole_across_workers() {
         lb.stat("limit_client_id_rate") == 1
     })
     .await;
+}
+
+/// Two workers (copy plane) in front of `broker`, the listener bound on `host` with
+/// `listener_keys` added; once both accept.
+async fn two_workers(broker: SocketAddr, host: &str, listener_keys: &str) -> Daemon {
+    let lb = Daemon::start_edited("copy", &[broker], |t| {
+        t.replace("[global]\n", "[global]\nworkers = 2\n")
+            .replace("bind = \"127.0.0.1:", &format!("bind = \"{host}:"))
+            .replace(
+                "inspect_timeout = \"10s\"\n",
+                &format!("inspect_timeout = \"10s\"\n{listener_keys}\n"),
+            )
+    });
+    wait_for("both workers accepting", Duration::from_secs(20), || {
+        lb.log().contains("all workers accepting")
+    })
+    .await;
+    lb
 }
 
 /// Sends an MQTT 5 CONNECT with `id` on `s`; the CONNACK (fixed header, length, body).
