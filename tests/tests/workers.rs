@@ -331,7 +331,7 @@ async fn a_per_source_quota_is_counted_whole_across_workers() {
         return;
     }
     let broker = Mosquitto::start();
-    let lb = two_workers(broker.addr, "127.0.0.1", "max_connections_per_source = 4").await;
+    let lb = two_workers(broker.addr, "max_connections_per_source = 4", "").await;
     assert!(
         lb.log().contains("each client address meets one worker"),
         "{}",
@@ -361,7 +361,7 @@ async fn a_per_source_quota_is_counted_whole_across_workers() {
 }
 
 /// The same for IPv6 clients (the selection program reads their 16-byte source
-/// address): on a dual-stack listener, six sessions from ::1, from ports of which
+/// address): on a listener bound to ::1, six sessions from ::1, from ports of which
 /// three would select each worker, get four CONNACKs 0 and two 0x97.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_source_quota_is_counted_whole_across_workers() {
@@ -369,8 +369,17 @@ async fn an_ipv6_source_quota_is_counted_whole_across_workers() {
         return;
     }
     let broker = Mosquitto::start();
-    let lb = two_workers(broker.addr, "[::]", "max_connections_per_source = 4").await;
-    let target = SocketAddr::from((Ipv6Addr::LOCALHOST, lb.addr.port()));
+    // A port free on ::1 (the harness's is free on 127.0.0.1 only), for a second
+    // listener of the same cluster.
+    let port = std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free IPv6 port")
+        .port();
+    let v6 = format!(
+        "\n[[listeners]]\nname = \"v6\"\nbind = \"[::1]:{port}\"\ncluster = \"c\"\nmax_connections_per_source = 4\n"
+    );
+    let _lb = two_workers(broker.addr, "", &v6).await;
+    let target = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
     let mut held = Vec::new();
     let mut answers = Vec::new();
     for i in 0..6u32 {
@@ -392,7 +401,7 @@ async fn a_client_id_rate_is_counted_whole_across_workers() {
         return;
     }
     let broker = Mosquitto::start();
-    let lb = two_workers(broker.addr, "127.0.0.1", "connect_rate_per_client_id = 0.1").await;
+    let lb = two_workers(broker.addr, "connect_rate_per_client_id = 0.1", "").await;
     let mut held = Vec::new();
     for (worker, id, reason) in [(0, "again", 0), (1, "again", 0x9F), (1, "other", 0)] {
         let mut s = connect_from(lb.addr, worker).await;
@@ -410,16 +419,14 @@ async fn a_client_id_rate_is_counted_whole_across_workers() {
     .await;
 }
 
-/// Two workers (copy plane) in front of `broker`, the listener bound on `host` with
-/// `listener_keys` added; once both accept.
-async fn two_workers(broker: SocketAddr, host: &str, listener_keys: &str) -> Daemon {
+/// Two workers (copy plane) in front of `broker`, `listener_keys` added to the
+/// listener and `more` to the file; once both accept.
+async fn two_workers(broker: SocketAddr, listener_keys: &str, more: &str) -> Daemon {
     let lb = Daemon::start_edited("copy", &[broker], |t| {
-        t.replace("[global]\n", "[global]\nworkers = 2\n")
-            .replace("bind = \"127.0.0.1:", &format!("bind = \"{host}:"))
-            .replace(
-                "inspect_timeout = \"10s\"\n",
-                &format!("inspect_timeout = \"10s\"\n{listener_keys}\n"),
-            )
+        t.replace("[global]\n", "[global]\nworkers = 2\n").replace(
+            "inspect_timeout = \"10s\"\n",
+            &format!("inspect_timeout = \"10s\"\n{listener_keys}\n"),
+        ) + more
     });
     wait_for("both workers accepting", Duration::from_secs(20), || {
         lb.log().contains("all workers accepting")
