@@ -221,19 +221,18 @@ impl Admission {
         if client_id.is_empty() {
             return Ok(());
         }
-        if let Some(table) = crate::workers::rates::shared() {
-            return match table.conform(&self.listener, client_id, rate) {
-                true => Ok(()),
-                false => Err(Refusal::ClientIdRate),
-            };
-        }
-        let key = self.hasher.hash_one(client_id);
-        let mut ids = self.client_ids.lock().expect("client ids lock");
-        if ids.len() >= TABLE_SWEEP {
-            ids.retain(|_, tat| *tat > now);
-        }
-        let tat = ids.entry(key).or_insert(now);
-        if conform(tat, now, rate) {
+        let conforms = match crate::workers::rates::shared() {
+            Some(table) => table.conform(&self.listener, client_id, rate),
+            None => {
+                let key = self.hasher.hash_one(client_id);
+                let mut ids = self.client_ids.lock().expect("client ids lock");
+                if ids.len() >= TABLE_SWEEP {
+                    ids.retain(|_, tat| *tat > now);
+                }
+                conform(ids.entry(key).or_insert(now), now, rate)
+            }
+        };
+        if conforms {
             Ok(())
         } else {
             Err(Refusal::ClientIdRate)
