@@ -9,9 +9,9 @@
 //! [`TICK`]s since the table was made (55 years). A key is a keyed hash (a secret
 //! drawn before the fork) of the listener's name and the client id, so ids are not
 //! kept and nobody outside can aim two ids at one place. Two live keys in one place
-//! (past about 100,000 ids reconnecting within their interval) take turns: the newer
-//! starts over, so the limit errs towards admitting, never refusing a client that
-//! conforms.
+//! take turns (with n ids inside their interval, a new id meets one of them with odds
+//! n / 1,048,576: 10% at 100,000): the newer starts over, so the limit errs towards
+//! admitting, never refusing a client that conforms.
 
 use std::{
     hash::{BuildHasher, RandomState},
