@@ -10,7 +10,9 @@
 //! - `backends`, `sticky`: the views `ctl` otherwise reads from the pinned maps, for
 //!   an instance running without BPF;
 //! - `drain|enable|down|evacuate CLUSTER SERVER`, `weight CLUSTER SERVER N`: runtime
-//!   changes; `guard [deny|allow|remove CIDR]`.
+//!   changes; `guard [deny|allow|remove CIDR]`;
+//! - `upgrade [BINARY]`: a hot upgrade (`mqttlb upgrade`), answered with
+//!   `{"upgraded": {"pid", "handed", "kept"}}` once the new process carries on.
 //!
 //! With `[global] workers` each worker has its own socket
 //! (`workers::socket_path`); worker 0's is this one.
@@ -90,11 +92,29 @@ pub fn bind(path: &Path) -> io::Result<(std::os::unix::net::UnixListener, Contro
     Ok((listener, ControlSocket { path }))
 }
 
+/// The control socket a hot upgrade's old process handed over (listening at `path`).
+pub fn inherited(
+    fd: std::os::fd::OwnedFd,
+    path: &Path,
+) -> io::Result<(std::os::unix::net::UnixListener, ControlSocket)> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener.set_nonblocking(true)?;
+    Ok((
+        listener,
+        ControlSocket {
+            path: path.to_owned(),
+        },
+    ))
+}
+
 /// Answers on `listener` (from [`bind`]) from `shared` (connections, counters,
 /// servers, sticky table) until the runtime stops.
-pub fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>) -> io::Result<()> {
+pub fn serve(
+    listener: std::os::unix::net::UnixListener,
+    shared: Arc<Shared>,
+) -> io::Result<tokio::task::JoinHandle<()>> {
     let listener = UnixListener::from_std(listener)?;
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -111,8 +131,7 @@ pub fn serve(listener: std::os::unix::net::UnixListener, shared: Arc<Shared>) ->
                 }
             }
         }
-    });
-    Ok(())
+    }))
 }
 
 async fn answer(stream: UnixStream, shared: &Arc<Shared>) -> io::Result<()> {
@@ -121,13 +140,44 @@ async fn answer(stream: UnixStream, shared: &Arc<Shared>) -> io::Result<()> {
     timeout(WAIT, BufReader::new(r.take(256)).read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
-    let body = request(shared, line.trim());
+    let line = line.trim();
+    let body = match line.strip_prefix("upgrade") {
+        Some(rest) if rest.is_empty() || rest.starts_with(' ') => {
+            upgrade(shared, rest.trim()).await
+        }
+        _ => request(shared, line),
+    };
     let mut bytes = serde_json::to_vec(&body).map_err(io::Error::other)?;
     bytes.push(b'\n');
     timeout(WAIT, w.write_all(&bytes))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "reader too slow"))??;
     w.shutdown().await
+}
+
+/// How long an `upgrade` request may take (the new process starting, loading and
+/// taking over).
+pub const UPGRADE_WAIT: Duration = Duration::from_secs(120);
+
+/// `upgrade [BINARY]`: a hot upgrade (see [`crate::upgrade`]), answered once the new
+/// process accepts and the connections that can go have gone.
+async fn upgrade(shared: &Shared, binary: &str) -> serde_json::Value {
+    let Some(requests) = shared.upgrades.get() else {
+        return serde_json::json!({ "error": "this daemon cannot be upgraded yet (starting)" });
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = crate::upgrade::Request {
+        binary: (!binary.is_empty()).then(|| PathBuf::from(binary)),
+        reply: Some(reply),
+    };
+    if requests.try_send(request).is_err() {
+        return serde_json::json!({ "error": crate::upgrade::UpgradeError::Busy.to_string() });
+    }
+    match timeout(UPGRADE_WAIT, answer).await {
+        Ok(Ok(Ok(summary))) => serde_json::json!({ "upgraded": summary }),
+        Ok(Ok(Err(e))) => serde_json::json!({ "error": e }),
+        Ok(Err(_)) | Err(_) => serde_json::json!({ "error": "the upgrade gave no answer" }),
+    }
 }
 
 /// The answer to one request line: a view (`conns`, `stats`, `backends`, `sticky`) or
@@ -219,9 +269,14 @@ pub fn query(instance: &str, request: &str) -> io::Result<serde_json::Value> {
 
 /// Sends `request` to the control socket at `path` and returns its JSON answer.
 pub fn query_at(path: &Path, request: &str) -> io::Result<serde_json::Value> {
+    query_waiting(path, request, WAIT)
+}
+
+/// [`query_at`], waiting up to `wait` for the answer.
+pub fn query_waiting(path: &Path, request: &str, wait: Duration) -> io::Result<serde_json::Value> {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(path)?;
-    s.set_read_timeout(Some(WAIT))?;
+    s.set_read_timeout(Some(wait))?;
     s.set_write_timeout(Some(WAIT))?;
     s.write_all(format!("{request}\n").as_bytes())?;
     let mut out = Vec::new();

@@ -29,6 +29,8 @@
 //!   control socket show.
 //! - [`stats`]: daemon counters. [`ctl`]: `mqttlb ctl`. [`daemon`]: `mqttlb run`.
 //! - [`sys`]: the socket syscalls std and tokio do not wrap.
+//! - [`upgrade`]: hot binary upgrade (`mqttlb upgrade`, SIGUSR2): listeners and
+//!   connections handed to a new process.
 //! - [`workers`]: `[global] workers`: the supervisor, the worker selection program,
 //!   and what workers tell each other.
 
@@ -56,6 +58,7 @@ pub mod stats;
 pub mod sticky;
 pub mod sys;
 pub mod tls;
+pub mod upgrade;
 pub mod views;
 pub mod workers;
 pub mod ws;

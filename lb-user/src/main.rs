@@ -43,6 +43,17 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Hot upgrade of a running instance: a new process (this binary's file as it is
+    /// now, or --binary) takes over the listeners and the established connections,
+    /// and the old one exits.
+    Upgrade {
+        /// The binary to start (default: the file the daemon was started from).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Instance name ([global] name).
+        #[arg(long, default_value = "default")]
+        instance: String,
+    },
     /// Inspect an instance: its pinned BPF maps and, while it runs, the daemon itself.
     Ctl {
         #[command(subcommand)]
@@ -81,6 +92,36 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// Asks the daemon of `instance` for a hot upgrade to `binary` and says what it did.
+fn upgrade(binary: Option<PathBuf>, instance: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let binary = match binary {
+        // The daemon runs elsewhere: it needs the whole path.
+        Some(b) => {
+            Some(std::fs::canonicalize(&b).with_context(|| format!("--binary {}", b.display()))?)
+        }
+        None => None,
+    };
+    let request = match &binary {
+        Some(b) => format!("upgrade {}", b.display()),
+        None => "upgrade".to_owned(),
+    };
+    let socket = mqttlb::control::socket_path(instance);
+    let wait = mqttlb::control::UPGRADE_WAIT + std::time::Duration::from_secs(5);
+    let answer = mqttlb::control::query_waiting(&socket, &request, wait).with_context(|| {
+        format!(
+            "instance {instance:?} (control socket {}); is it running?",
+            socket.display()
+        )
+    })?;
+    let summary: mqttlb::upgrade::Summary =
+        serde_json::from_value(answer["upgraded"].clone()).context("unexpected answer")?;
+    Ok(format!(
+        "upgraded: new process {}, {} connections handed over, {} kept by the old process until they end",
+        summary.pid, summary.handed, summary.kept
+    ))
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -104,6 +145,16 @@ fn main() -> ExitCode {
                     eprintln!("{}: {e}", config.display());
                 }
                 ExitCode::from(1)
+            }
+        },
+        Command::Upgrade { binary, instance } => match upgrade(binary, &instance) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mqttlb upgrade: {e:#}");
+                ExitCode::from(2)
             }
         },
         Command::Ctl {
@@ -145,8 +196,17 @@ fn main() -> ExitCode {
                     }
                 };
             }
+            // Started by a hot upgrade: the old process's sockets, instead of binding.
+            let (arrival, inherited) = match mqttlb::upgrade::new::arrive() {
+                None => (None, None),
+                Some(Ok((arrival, inherited))) => (Some(arrival), Some(inherited)),
+                Some(Err(e)) => {
+                    eprintln!("mqttlb: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             // Before the runtime: its threads would keep the privileges dropped here.
-            let prepared = match daemon::prepare(&config, data_plane, None) {
+            let prepared = match daemon::prepare(&config, data_plane, None, inherited) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("mqttlb: {e}");
@@ -160,7 +220,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match runtime.block_on(daemon::run(path, config, prepared)) {
+            match runtime.block_on(daemon::run(path, config, prepared, arrival)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("mqttlb: {e}");

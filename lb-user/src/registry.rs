@@ -87,6 +87,10 @@ pub struct Entry {
     /// Set by an evacuation; the plane carrying the connection ends it.
     evicting: AtomicBool,
     evict: tokio::sync::Notify,
+    /// Set by a hot upgrade; the plane carrying the connection gives it up to the
+    /// new process at its next quiet point ([`crate::upgrade`]).
+    departing: AtomicBool,
+    depart: tokio::sync::Notify,
 }
 
 impl Entry {
@@ -116,6 +120,46 @@ impl Entry {
             traffic: traffic.clone(),
         });
         traffic
+    }
+
+    /// The server a connection a hot upgrade handed over had reached, and its
+    /// counters (`traffic`, see [`Traffic::carried_over`]).
+    pub fn resumed(
+        &self,
+        cluster: &str,
+        name: &str,
+        address: SocketAddr,
+        traffic: Arc<Traffic>,
+    ) -> Arc<Traffic> {
+        let _ = self.server.set(Reached {
+            cluster: cluster.to_owned(),
+            name: name.to_owned(),
+            address,
+            traffic: traffic.clone(),
+        });
+        traffic
+    }
+
+    /// The address of the server it reached.
+    pub fn server_address(&self) -> Option<SocketAddr> {
+        self.server.get().map(|r| r.address)
+    }
+
+    /// The listener that accepted it.
+    pub fn listener(&self) -> &str {
+        &self.listener
+    }
+
+    /// Wall-clock seconds since the epoch at accept.
+    pub fn started_unix(&self) -> u64 {
+        self.started_unix
+    }
+
+    /// Bytes carried client to server and server to client.
+    pub fn bytes(&self) -> [u64; 2] {
+        let server = self.server.get();
+        [Direction::ClientToServer, Direction::ServerToClient]
+            .map(|dir| server.map_or(0, |s| s.traffic.get(dir)))
     }
 
     /// What carries the connection from now on.
@@ -158,6 +202,35 @@ impl Entry {
         while !self.is_evicting() {
             self.evict.notified().await;
         }
+    }
+
+    /// Asks whatever carries the connection to hand it to the new process of a hot
+    /// upgrade (planes that cannot ignore it and carry on).
+    pub fn ask_departure(&self) {
+        self.departing.store(true, Ordering::Release);
+        self.depart.notify_one();
+    }
+
+    /// Whether [`Entry::ask_departure`] was called.
+    pub fn is_departing(&self) -> bool {
+        self.departing.load(Ordering::Acquire)
+    }
+
+    /// Resolves once [`Entry::ask_departure`] is called (at once if it was).
+    pub async fn departure_asked(&self) {
+        while !self.is_departing() {
+            self.depart.notified().await;
+        }
+    }
+
+    /// The client id, once the CONNECT is read.
+    pub fn client_id(&self) -> Option<&str> {
+        self.client_id.get().map(String::as_str)
+    }
+
+    /// The client (as a PROXY header named it, once read).
+    pub fn client(&self) -> SocketAddr {
+        *self.client.lock().expect("client lock")
     }
 
     /// How long ago it was accepted.
@@ -229,6 +302,46 @@ impl Registry {
         if id == 0 {
             id = self.next_id.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         }
+        let started_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.enter(id, listener, client, (Instant::now(), started_unix))
+    }
+
+    /// Enters a connection a hot upgrade handed over, under the id it had (the
+    /// program's maps and events name a spliced pair by it), accepted `age` ago at
+    /// `started_unix`.
+    pub fn adopt(
+        self: &Arc<Self>,
+        id: u32,
+        listener: &str,
+        client: SocketAddr,
+        (age, started_unix): (std::time::Duration, u64),
+    ) -> Registered {
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        self.enter(id, listener, client, (started, started_unix))
+    }
+
+    /// The next id after the ones given so far (what a hot upgrade's new process
+    /// counts on from, see [`Registry::continue_after`]).
+    pub fn next_id(&self) -> u32 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Gives new connections ids far from those of a hot upgrade's old process, which
+    /// still accepts under `old_next` and up while the new one starts (2^30 apart).
+    pub fn continue_after(&self, old_next: u32) {
+        self.next_id
+            .store(old_next.wrapping_add(1 << 30), Ordering::Relaxed);
+    }
+
+    fn enter(
+        self: &Arc<Self>,
+        id: u32,
+        listener: &str,
+        client: SocketAddr,
+        (started, started_unix): (Instant, u64),
+    ) -> Registered {
         let entry = Arc::new(Entry {
             id,
             listener: listener.to_owned(),
@@ -236,12 +349,12 @@ impl Registry {
             client_id: OnceLock::new(),
             server: OnceLock::new(),
             plane: AtomicU8::new(Plane::Inspecting as u8),
-            started: Instant::now(),
-            started_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started,
+            started_unix,
             evicting: AtomicBool::new(false),
             evict: tokio::sync::Notify::new(),
+            departing: AtomicBool::new(false),
+            depart: tokio::sync::Notify::new(),
         });
         self.conns
             .lock()

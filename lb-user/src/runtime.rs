@@ -119,6 +119,13 @@ pub struct Shared {
     pub guard: std::sync::OnceLock<Arc<crate::guard::Guard>>,
     /// With `[global] workers`: the instance name and this worker's seat.
     pub seat: std::sync::OnceLock<(String, crate::workers::Seat)>,
+    /// During a hot upgrade: where departing connections go ([`crate::upgrade`]).
+    pub departures:
+        std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<crate::upgrade::old::Outgoing>>,
+    /// Connections departed for a hot upgrade.
+    pub departed: std::sync::atomic::AtomicU64,
+    /// Where the control socket's `upgrade` requests go (the daemon's signal loop).
+    pub upgrades: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::upgrade::Request>>,
 }
 
 impl Shared {
@@ -141,6 +148,9 @@ impl Shared {
             stopping: AtomicBool::new(false),
             guard: std::sync::OnceLock::new(),
             seat: std::sync::OnceLock::new(),
+            departures: std::sync::OnceLock::new(),
+            departed: std::sync::atomic::AtomicU64::new(0),
+            upgrades: std::sync::OnceLock::new(),
         };
         shared.replace_clusters(clusters);
         shared
@@ -164,6 +174,16 @@ impl Shared {
             .iter()
             .find(|c| c.config.name == name)
             .cloned()
+    }
+
+    /// The listener named `name`.
+    pub fn listener(&self, name: &str) -> Option<Arc<ListenerRt>> {
+        let layout = self.layout.lock().expect("layout lock");
+        layout
+            .listeners
+            .iter()
+            .find(|(l, _)| l.config.name == name)
+            .map(|(l, _)| l.clone())
     }
 
     /// Points `listener` at the cluster named `cluster`, now and after every rebuild.

@@ -127,21 +127,39 @@ pub fn set_linger_zero(fd: RawFd) -> io::Result<()> {
     .map(drop)
 }
 
+/// `setsockopt` of an `int` option.
+pub fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `v` is a valid int for the duration of the call.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&raw const v).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Clears `FD_CLOEXEC` on `fd`, so that an `exec` keeps it open.
+pub fn keep_on_exec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) }).map(drop)
+}
+
 /// Sets `SO_SNDBUF` and `SO_RCVBUF` to `bytes` (the kernel doubles them for its own
 /// bookkeeping and stops autotuning them).
 pub fn set_buffers(fd: RawFd, bytes: u32) -> io::Result<()> {
-    let v = bytes as libc::c_int;
     for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: `v` is a valid int for the duration of the call.
-        check(unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&raw const v).cast(),
-                mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        })?;
+        setsockopt_int(fd, libc::SOL_SOCKET, opt, bytes as libc::c_int)?;
     }
     Ok(())
 }

@@ -337,6 +337,13 @@ impl Pool {
             .any(|s| !s.config.backup && s.available(now))
     }
 
+    /// The server named `name`, counted in its `active` as a selection is: for a
+    /// connection a hot upgrade handed over.
+    pub fn lease_named(&self, name: &str) -> Option<Lease> {
+        let index = self.servers.iter().position(|s| s.config.name == name)?;
+        Some(self.lease(index))
+    }
+
     fn lease(&self, index: usize) -> Lease {
         let server = &self.servers[index];
         server.live.active.fetch_add(1, Ordering::Relaxed);

@@ -185,6 +185,42 @@ fn remove_per_process_pins(dir: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
+/// Checks that every per-process map pinned in `dir` has the layout `object` defines
+/// (type, key and value sizes, capacity): what a new binary loading over a running
+/// daemon's maps needs.
+fn same_layout_as_pinned(dir: &Path, object: &[u64]) -> Result<(), BpfError> {
+    let parsed = aya_obj::Object::parse(bytemuck::cast_slice(object))
+        .map_err(|e| BpfError::Load(e.to_string()))?;
+    for name in maps::PER_PROCESS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let differs = |why: String| BpfError::Map {
+            name,
+            reason: format!(
+                "the running daemon's pinned map {} {why}: this binary cannot take over its connections; restart instead",
+                path.display()
+            ),
+        };
+        let ours = parsed
+            .maps
+            .get(name)
+            .ok_or_else(|| differs("is not in this binary's program".to_owned()))?;
+        let pinned = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(|e| differs(format!("cannot be read ({e})")))?;
+        let theirs = (pinned.key_size(), pinned.value_size(), pinned.max_entries());
+        let mine = (ours.key_size(), ours.value_size(), ours.max_entries());
+        if theirs != mine || pinned.map_type().ok().map(|t| t as u32) != Some(ours.map_type()) {
+            return Err(differs(format!(
+                "has another layout (key, value, entries {theirs:?}; this binary's {mine:?})"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Bpf {
     /// Loads and attaches the splice program for `instance`, pinning its maps.
     /// `lag_step` is the redirected byte count between two lag-check events;
@@ -194,12 +230,17 @@ impl Bpf {
     /// [`InstanceLock`] (with workers, their supervisor does). `worker`: its index
     /// with `[global] workers` (0 without): worker K > 0 pins under `worker-K/` and
     /// shares worker 0's sticky table, which worker 0 (started first) has checked.
+    ///
+    /// `adopt` (the new process of a hot upgrade): the per-process maps the running
+    /// daemon pinned are loaded over instead of removed, so its spliced sockets stay
+    /// where they are; a map whose layout differs from this object's refuses the
+    /// load (the upgrade then fails and the old process serves on).
     pub fn load(
         instance: &str,
         worker: u32,
         lag_step: u64,
         sticky_size: u32,
-        trusted_owner: Option<u32>,
+        (trusted_owner, adopt): (Option<u32>, bool),
     ) -> Result<Self, BpfError> {
         if !bpffs_mounted() {
             return Err(BpfError::NoBpffs);
@@ -209,11 +250,15 @@ impl Bpf {
         own_dir(Path::new(PIN_ROOT), None)?;
         own_dir(&instance_dir, trusted_owner)?;
         own_dir(&dir, trusted_owner)?;
-        remove_per_process_pins(&dir)?;
+        let object = with_kfunc_ids(SPLICE_OBJECT)?;
+        if adopt {
+            same_layout_as_pinned(&dir, &object)?;
+        } else {
+            remove_per_process_pins(&dir)?;
+        }
         if worker == 0 {
             keep_sticky_if_compatible(&dir, sticky_size)?;
         }
-        let object = with_kfunc_ids(SPLICE_OBJECT)?;
         let sticky_pin = instance_dir.join(maps::STICKY);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)

@@ -127,6 +127,21 @@ impl InstanceLock {
         Self::acquire_in(Path::new(crate::control::RUN_DIR), instance)
     }
 
+    /// The lock a hot upgrade's old process handed over (the same open file, so
+    /// the same lock, held by both until it exits).
+    pub fn inherited(fd: std::os::fd::OwnedFd, instance: &str) -> Self {
+        let path = Path::new(crate::control::RUN_DIR).join(crate::control::lock_name(instance));
+        Self {
+            _file: File::from(fd),
+            path,
+        }
+    }
+
+    /// The lock's open file (what an upgrade hands over).
+    pub fn file(&self) -> &File {
+        &self._file
+    }
+
     fn acquire_in(dir: &Path, instance: &str) -> Result<Self, BpfError> {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
         let io = |what, path: &Path, source| BpfError::Io {

@@ -11,6 +11,9 @@
 //! 3. The PROXY header and every byte read so far, written to the server.
 //! 4. The hand-off: the data plane (plain TCP), the userspace relay (TLS), or the
 //!    WebSocket terminator (a server without `ws_address`).
+//!
+//! A hot upgrade ([`crate::upgrade`]) moves a carried connection to the new process,
+//! where [`adopt`] takes it up at step 4.
 
 use std::{net::SocketAddr, os::fd::AsRawFd, sync::Arc};
 
@@ -292,9 +295,10 @@ impl Conn<'_> {
         (cluster, lease): (&ClusterRt, &Lease),
         sent: Sent,
     ) {
-        let stats = &self.shared.stats;
         let idle = cluster.config.idle_timeout;
         let websocket = self.listener.websocket();
+        let stats = &self.shared.stats;
+        let mqtt5 = sent.version == crate::mqtt::Version::V5;
         let disconnect = evict_disconnect(sent.version, &cluster.config);
         let outcome = match (client, sent.terminated, websocket) {
             (client, Some(pending), Some(ws)) => {
@@ -336,19 +340,183 @@ impl Conn<'_> {
                 Box::pin(evictable(relay, self.entry)).await
             }
         };
-        if self.listener.config.access_log {
-            self.access_log(&outcome);
-        }
-        let listener = &self.listener.config.name;
-        let result = outcome.name();
-        stats.connection_ended(listener, &cluster.config.name, lease.name(), result);
-        count_outcome(stats, outcome, self.peer, lease.name());
+        let place = Place {
+            cluster: &cluster.config.name,
+            server: Some(lease),
+            access_log: self.listener.config.access_log,
+            mqtt5,
+        };
+        ended(self.shared, self.entry, place, outcome);
     }
+}
 
-    /// The listener's access log line for a connection that ended (`access_log`):
-    /// never per packet, never a secret (no username or password).
-    fn access_log(&self, outcome: &Outcome) {
-        let row = self.entry.row();
+/// Where a carried connection was, for its end.
+struct Place<'a> {
+    cluster: &'a str,
+    server: Option<&'a Lease>,
+    access_log: bool,
+    mqtt5: bool,
+}
+
+/// A carried connection ended: logged and counted, or (departed for a hot upgrade)
+/// sent to the new process.
+fn ended(shared: &Shared, entry: &Entry, place: Place<'_>, outcome: Outcome) {
+    let stats = &shared.stats;
+    let server = place.server.map_or("", Lease::name);
+    if let Outcome::Departed(d) = outcome {
+        depart(shared, entry, &place, *d);
+        return;
+    }
+    if place.access_log {
+        access_log(entry, &outcome);
+    }
+    stats.connection_ended(entry.listener(), place.cluster, server, outcome.name());
+    count_outcome(stats, outcome, entry.client(), server);
+}
+
+/// Sends a departed connection to the new process of the hot upgrade under way.
+fn depart(shared: &Shared, entry: &Entry, place: &Place<'_>, d: crate::dataplane::Departure) {
+    let crate::dataplane::Departure {
+        client,
+        server,
+        carried,
+        written,
+    } = d;
+    let moving = crate::upgrade::Moving {
+        id: entry.id,
+        listener: entry.listener().to_owned(),
+        client: entry.client(),
+        client_id: entry.client_id().map(str::to_owned),
+        cluster: place.cluster.to_owned(),
+        server: place
+            .server
+            .map_or_else(String::new, |l| l.name().to_owned()),
+        server_address: entry.server_address().unwrap_or(entry.client()),
+        age_ms: entry.age().as_millis() as u64,
+        started_unix: entry.started_unix(),
+        bytes: entry.bytes(),
+        written,
+        mqtt5: place.mqtt5,
+        pending: [0, 0],
+        carried,
+    };
+    let leaving = crate::upgrade::Leaving {
+        moving,
+        client,
+        server,
+    };
+    let out = crate::upgrade::old::Outgoing::Conn(Box::new(leaving));
+    match shared.departures.get() {
+        Some(tx) if tx.send(out).is_ok() => {
+            shared
+                .departed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Planes depart only when an upgrade asks, which sets the queue first.
+        _ => tracing::error!(
+            id = entry.id,
+            "departed with no upgrade under way: connection lost"
+        ),
+    }
+}
+
+/// Carries on a connection a hot upgrade's old process handed over: entered under
+/// its id, counted on its server (when the new configuration still has it), resumed
+/// by the plane where its bytes stood, and ended as any other.
+pub async fn adopt(
+    shared: Arc<Shared>,
+    moving: crate::upgrade::Moving,
+    client: std::os::fd::OwnedFd,
+    server: std::os::fd::OwnedFd,
+) {
+    let stats = &shared.stats;
+    let _active = ActiveGuard::new(stats);
+    let stream = |fd: std::os::fd::OwnedFd| {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        TcpStream::from_std(s)
+    };
+    let (client, server) = match (stream(client), stream(server)) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(id = moving.id, error = %e, "upgrade: cannot take over a connection");
+            return;
+        }
+    };
+    let age = std::time::Duration::from_millis(moving.age_ms);
+    let registered = shared.conns.adopt(
+        moving.id,
+        &moving.listener,
+        moving.client,
+        (age, moving.started_unix),
+    );
+    let entry = &registered.entry;
+    if let Some(id) = &moving.client_id {
+        entry.identified(moving.client, id);
+    }
+    let cluster = shared.cluster(&moving.cluster);
+    let lease = cluster
+        .as_ref()
+        .and_then(|c| c.pool.lease_named(&moving.server));
+    let traffic = Arc::new(Traffic::carried_over(
+        lease.as_ref().map(Lease::traffic),
+        moving.bytes,
+    ));
+    let traffic = entry.resumed(
+        &moving.cluster,
+        &moving.server,
+        moving.server_address,
+        traffic,
+    );
+    let version = if moving.mqtt5 {
+        crate::mqtt::Version::V5
+    } else {
+        crate::mqtt::Version::V311
+    };
+    // A cluster gone from the new configuration: carried with no idle timeout nor
+    // promotion, to its end.
+    let (idle_timeout, promote, disconnect) = match &cluster {
+        Some(c) => (
+            c.config.idle_timeout,
+            c.config.promote,
+            evict_disconnect(version, &c.config),
+        ),
+        None => (std::time::Duration::MAX / 4, Default::default(), None),
+    };
+    let pair = Pair {
+        client,
+        server,
+        id: moving.id,
+        client_addr: moving.client,
+        server_addr: moving.server_address,
+        server_index: lease.as_ref().map_or(0, |l| l.index as u32),
+        written_to_server: moving.written[0],
+        written_to_client: moving.written[1],
+        idle_timeout,
+        promote,
+        traffic,
+        entry: entry.clone(),
+        boundary: moving.carried.boundary().map(Boundary::from_raw),
+        disconnect,
+    };
+    let outcome = shared.plane.resume(pair, moving.carried).await;
+    let access_log = shared
+        .listener(&moving.listener)
+        .is_some_and(|l| l.config.access_log);
+    let place = Place {
+        cluster: &moving.cluster,
+        server: lease.as_ref(),
+        access_log,
+        mqtt5: moving.mqtt5,
+    };
+    ended(&shared, entry, place, outcome);
+}
+
+/// The listener's access log line for a connection that ended (`access_log`):
+/// never per packet, never a secret (no username or password).
+fn access_log(entry: &Entry, outcome: &Outcome) {
+    {
+        let row = entry.row();
         let end = outcome.name();
         tracing::info!(
             target: "mqttlb::access",
@@ -359,7 +527,7 @@ impl Conn<'_> {
             plane = %row.plane,
             bytes_c2s = row.bytes_c2s,
             bytes_s2c = row.bytes_s2c,
-            duration_ms = self.entry.age().as_millis() as u64,
+            duration_ms = entry.age().as_millis() as u64,
             end,
             "connection ended"
         );
@@ -376,6 +544,7 @@ fn count_outcome(stats: &Stats, outcome: Outcome, peer: SocketAddr, server: &str
             stats.inc(DaemonStat::Aborted);
             debug!(%peer, server, error = %e, "connection aborted");
         }
+        Outcome::Departed(_) => {}
     }
 }
 

@@ -31,6 +31,7 @@ use crate::{
     runtime::{ListenerRt, Shared},
     stats::Stats,
     sticky::StickyTable,
+    upgrade,
     workers::{Assigned, Seat},
 };
 
@@ -38,6 +39,7 @@ mod plane;
 mod publish;
 mod reload;
 pub(crate) mod systemd;
+mod takeover;
 
 pub use publish::backend_rows;
 
@@ -72,6 +74,9 @@ pub enum DaemonError {
     /// `[global] user` could not be switched to.
     #[error("{0}")]
     Privilege(#[from] crate::privilege::PrivilegeError),
+    /// The new process of a hot upgrade cannot carry on what the old one carries.
+    #[error("upgrade: {0}")]
+    Upgrade(String),
     /// A worker could not start (`[global] workers`).
     #[error("{0}")]
     Worker(String),
@@ -113,13 +118,21 @@ struct Running {
     permits: Arc<Semaphore>,
     limit: usize,
     stop: watch::Sender<bool>,
+    /// The program's event loop (sockmap): a hot upgrade stops it, the new process
+    /// reads the events from then on.
+    events: Option<JoinHandle<()>>,
+    /// What a hot upgrade hands to the new process (duplicates kept from the start).
+    handed: Option<Arc<upgrade::old::Handed>>,
+    /// The control socket's accept loop.
+    control_task: JoinHandle<()>,
 }
 
-/// SIGHUP, SIGTERM and SIGINT.
+/// SIGHUP, SIGTERM, SIGINT and SIGUSR2 (hot upgrade).
 struct Signals {
     hup: Signal,
     term: Signal,
     int: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -129,6 +142,7 @@ impl Signals {
             hup: on(SignalKind::hangup())?,
             term: on(SignalKind::terminate())?,
             int: on(SignalKind::interrupt())?,
+            usr2: on(SignalKind::user_defined2())?,
         })
     }
 }
@@ -151,30 +165,45 @@ pub struct Prepared {
     admin_socket: Option<std::net::TcpListener>,
     control: (std::os::unix::net::UnixListener, control::ControlSocket),
     guard: Option<Arc<crate::guard::Guard>>,
+    /// The old process's next connection id, when this one takes over from it.
+    inherited_next_id: Option<u32>,
 }
 
 /// Sets up what needs privilege (see [`Prepared`]) and drops it. Call with no other
 /// thread running: capabilities are per thread.
+/// `inherited`: what the old process of a hot upgrade handed over, when this is its
+/// new process.
 pub fn prepare(
     config: &Config,
     plane_override: Option<DataPlaneKind>,
     assigned: Option<Assigned>,
+    mut inherited: Option<upgrade::new::Inherited>,
 ) -> Result<Prepared, DaemonError> {
-    let (lock, seat, given, ready) = match assigned {
-        None => {
-            let lock = InstanceLock::acquire(&config.global.name).map_err(DaemonError::Instance)?;
+    let name = &config.global.name;
+    let (lock, seat, given, ready) = match (assigned, &mut inherited) {
+        (None, Some(i)) => {
+            let fd = i.lock.take().expect("the lock comes first");
+            (Some(InstanceLock::inherited(fd, name)), None, None, None)
+        }
+        (None, None) => {
+            let lock = InstanceLock::acquire(name).map_err(DaemonError::Instance)?;
             // An earlier run with workers, killed, left theirs: `ctl` would add them up.
-            crate::workers::remove_left_behind(&config.global.name);
+            crate::workers::remove_left_behind(name);
             (Some(lock), None, None, None)
         }
-        Some(a) => (None, Some(a.seat), Some(a.sockets), Some(a.ready)),
+        (Some(a), _) => (None, Some(a.seat), Some(a.sockets), Some(a.ready)),
     };
     let index = seat.map_or(0, |s| s.index);
     let control_plane = seat.is_none_or(Seat::control_plane);
     let stats = Arc::new(Stats::default());
     let limit = max_connections(config) as usize;
     let kind = plane_override.unwrap_or(config.global.data_plane);
-    let planes = plane::data_plane(config, kind, &stats, index)?;
+    let planes = plane::data_plane(config, kind, &stats, (index, inherited.is_some()))?;
+    if inherited.as_ref().is_some_and(|i| i.spliced) && planes.sockmap.is_none() {
+        return Err(DaemonError::Upgrade(
+            "the running daemon splices connections in the kernel and this one has no BPF to carry them on (see the data plane warning above)".to_owned(),
+        ));
+    }
     info!(instance = %config.global.name, worker = index, data_plane = planes.plane.name(), "data plane selected");
     let sticky = config
         .clusters
@@ -195,15 +224,22 @@ pub fn prepare(
     };
     let sockets = match given {
         Some(s) => s,
-        None => bind_all(config)?,
+        None => bind_all(config, inherited.as_mut())?,
     };
     let admin_socket = match &config.admin {
-        Some(a) if control_plane => Some(bind_admin(a)?),
+        Some(a) if control_plane => match inherited.as_mut().and_then(|i| i.take_admin(a.bind)) {
+            Some(s) => Some(s),
+            None => Some(bind_admin(a)?),
+        },
         _ => None,
     };
-    let name = &config.global.name;
     let path = crate::workers::socket_path(name, index);
-    let control = control::bind(&path).map_err(|source| DaemonError::Control {
+    let inherited_control = inherited.as_mut().and_then(|i| i.control.take());
+    let control = match inherited_control {
+        Some(fd) => control::inherited(fd, &path),
+        None => control::bind(&path),
+    }
+    .map_err(|source| DaemonError::Control {
         path: path.display().to_string(),
         source,
     })?;
@@ -230,6 +266,7 @@ pub fn prepare(
         admin_socket,
         control,
         guard,
+        inherited_next_id: inherited.map(|i| i.next_id),
     })
 }
 
@@ -243,12 +280,24 @@ pub(crate) fn listener_ports(config: &Config) -> Vec<u16> {
 
 /// Runs the daemon set up by [`prepare`] until SIGTERM/SIGINT. `config_path` is
 /// re-read on SIGHUP.
+/// `arrival`: this is the new process of a hot upgrade; once it accepts, it tells the
+/// old one and adopts its connections.
 pub async fn run(
     config_path: PathBuf,
     config: Config,
     prepared: Prepared,
+    arrival: Option<upgrade::new::Arrival>,
 ) -> Result<(), DaemonError> {
     let (mut running, mut signals, ready) = start(&config, prepared)?;
+    if let Some(arrival) = arrival {
+        let r = &running;
+        arrival
+            .ready(r.shared.clone(), r.permits.clone())
+            .map_err(|e| DaemonError::Upgrade(e.to_string()))?;
+    }
+    let (upgrades, mut upgrade_requests) = tokio::sync::mpsc::channel(1);
+    let _ = running.shared.upgrades.set(upgrades);
+    let invocation = upgrade::old::Invocation::current();
     let stats = running.shared.stats.clone();
     // With workers, the supervisor speaks to the service manager.
     let alone = running.shared.seat.get().is_none();
@@ -276,6 +325,14 @@ pub async fn run(
             }
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
+            _ = signals.usr2.recv() => {
+                info!("SIGUSR2: hot upgrade to the binary this daemon was started from");
+                let request = upgrade::Request::default();
+                running = running.upgrade(&current, &invocation, request, &mut signals).await;
+            }
+            Some(request) = upgrade_requests.recv() => {
+                running = running.upgrade(&current, &invocation, request, &mut signals).await;
+            }
         }
     }
     if alone {
@@ -309,7 +366,22 @@ fn start(
         admin_socket,
         control: (control_listener, control),
         guard,
+        inherited_next_id,
     } = prepared;
+    // Duplicates for a later hot upgrade (a lone daemon only).
+    let handed = match (&lock, seat) {
+        (Some(lock), None) => Some(takeover::handed(
+            lock,
+            &control_listener,
+            config
+                .admin
+                .as_ref()
+                .map(|a| a.bind)
+                .zip(admin_socket.as_ref()),
+            config.listeners.iter().map(|l| l.bind).zip(&sockets),
+        )),
+        _ => None,
+    };
     let in_runtime = |name: &str, addr, socket| {
         TcpListener::from_std(socket).map_err(|source| DaemonError::Bind {
             name: name.to_owned(),
@@ -334,6 +406,9 @@ fn start(
     let preconnect = config.global.max_preconnect_bytes;
     let shared = Shared::new(stats.clone(), plane, clusters, sticky, preconnect);
     let shared = Arc::new(shared);
+    if let Some(next) = inherited_next_id {
+        shared.conns.continue_after(next);
+    }
     if let Some(g) = guard {
         let _ = shared.guard.set(g);
     }
@@ -341,21 +416,23 @@ fn start(
         let _ = shared.seat.set((config.global.name.clone(), seat));
     }
     let index = seat.map_or(0, |s| s.index);
-    control::serve(control_listener, shared.clone()).map_err(|source| DaemonError::Control {
-        path: crate::workers::socket_path(&config.global.name, index)
-            .display()
-            .to_string(),
-        source,
+    let control_task = control::serve(control_listener, shared.clone()).map_err(|source| {
+        DaemonError::Control {
+            path: crate::workers::socket_path(&config.global.name, index)
+                .display()
+                .to_string(),
+            source,
+        }
     })?;
     let checks = health_tasks(&shared, &config.global.name, &stats);
     let admin = admin_socket.map(|socket| serve_admin(config, socket, &shared, bpf.is_some()));
-    if let Some(p) = sockmap {
+    let events = sockmap.map(|p| {
         tokio::spawn(async move {
             if let Err(e) = p.run_events().await {
                 error!(error = %e, "BPF event loop stopped; throttling now relies on polling only");
             }
-        });
-    }
+        })
+    });
     let publisher = tokio::spawn(publish::publish_stats(
         stats.clone(),
         bpf.clone(),
@@ -377,6 +454,15 @@ fn start(
         permits,
         limit,
         stop,
+        events,
+        handed: handed
+            .transpose()
+            .map_err(|source| DaemonError::Control {
+                path: "(duplicating sockets for upgrades)".to_owned(),
+                source,
+            })?
+            .map(Arc::new),
+        control_task,
     };
     Ok((running, signals, ready))
 }
@@ -445,15 +531,23 @@ fn bind_admin(admin: &crate::config::Admin) -> Result<std::net::TcpListener, Dae
     })
 }
 
-/// Binds every listener, in file order.
-fn bind_all(config: &Config) -> Result<Vec<std::net::TcpListener>, DaemonError> {
+/// Binds every listener, in file order; a hot upgrade's new process takes the old
+/// one's socket where it has one at the same address.
+fn bind_all(
+    config: &Config,
+    mut inherited: Option<&mut upgrade::new::Inherited>,
+) -> Result<Vec<std::net::TcpListener>, DaemonError> {
     let mut sockets = Vec::new();
     for l in &config.listeners {
-        let socket = listen(l.bind).map_err(|source| DaemonError::Bind {
-            name: l.name.clone(),
-            addr: l.bind,
-            source,
-        })?;
+        let taken = inherited.as_mut().and_then(|i| i.take_listener(l.bind));
+        let socket = match taken {
+            Some(s) => s,
+            None => listen(l.bind).map_err(|source| DaemonError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?,
+        };
         info!(listener = %l.name, bind = %l.bind, kind = ?l.kind(), "listening");
         sockets.push(socket);
     }
@@ -637,12 +731,12 @@ pub fn serve_worker(
     assigned: Assigned,
 ) -> Result<(), DaemonError> {
     let count = assigned.seat.count as usize;
-    let prepared = prepare(&config, plane_override, Some(assigned))?;
+    let prepared = prepare(&config, plane_override, Some(assigned), None)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads((cores / count).max(1))
         .enable_all()
         .build()
         .map_err(|e| DaemonError::Worker(format!("cannot start the runtime: {e}")))?;
-    runtime.block_on(run(config_path, config, prepared))
+    runtime.block_on(run(config_path, config, prepared, None))
 }

@@ -33,12 +33,15 @@ pub(super) fn data_plane(
     config: &Config,
     kind: DataPlaneKind,
     stats: &Arc<Stats>,
-    worker: u32,
+    (worker, adopt): (u32, bool),
 ) -> Result<Planes, DaemonError> {
     // A pin directory handed to `[global] user` by an earlier run is still ours.
     let trusted = config.global.run_as.as_ref().map(|a| a.uid);
     let name = &config.global.name;
-    let load = || Bpf::load(name, worker, LAG_STEP, sticky_size(config), trusted).map(Arc::new);
+    let load = || {
+        let size = sticky_size(config);
+        Bpf::load(name, worker, LAG_STEP, size, (trusted, adopt)).map(Arc::new)
+    };
     let copy = |bpf: Option<Arc<Bpf>>| Planes {
         plane: Arc::new(CopyPlane::new(stats.clone())),
         bpf,

@@ -66,3 +66,9 @@ pub(super) fn watchdog() -> Option<JoinHandle<()>> {
         }
     }))
 }
+
+/// A hot upgrade: `pid` is the service's main process from now on (sent by the old
+/// one, the only one the service manager listens to until then).
+pub(crate) fn main_pid(pid: u32) {
+    send(&[NotifyState::MainPid(pid), NotifyState::Ready]);
+}

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use lb_common::DaemonStat;
 
-use super::{CarryFuture, DataPlane, Outcome, Pair, copy::CopyPlane, sockmap::SockmapPlane};
+use super::{
+    Carried, CarryFuture, DataPlane, Outcome, Pair, copy::CopyPlane, sockmap::SockmapPlane,
+};
 use crate::stats::Stats;
 
 /// Copy first, splice once busy.
@@ -27,10 +29,15 @@ impl AutoPlane {
         }
     }
 
-    async fn run(&self, mut pair: Pair) -> Outcome {
+    /// Carries `pair` from its start, or (a hot upgrade's) from where `copied` says.
+    async fn run(&self, mut pair: Pair, copied: Option<super::copy::Stopped>) -> Outcome {
         // Each phase's future is boxed while it runs: the pair's future lives as long
         // as the connection, and carrying both phases inline cost 7.5 KB a connection.
-        let promoted = match Box::pin(self.copy.run_promotable(&pair, pair.promote)).await {
+        let copy = match copied {
+            None => Box::pin(self.copy.run_promotable(&pair, pair.promote)).await,
+            Some(s) => Box::pin(self.copy.resume_copied(&pair, s, pair.promote)).await,
+        };
+        let promoted = match copy {
             Ok(outcome) => return outcome,
             Err(promoted) => promoted,
         };
@@ -39,11 +46,15 @@ impl AutoPlane {
         pair.written_to_client += promoted.copied[1];
         pair.boundary = promoted.boundary;
         self.stats.inc(DaemonStat::Promoted);
-        // Back to copy if the splice stops paying: throttled, or busier than the
-        // rate that defers a promotion.
-        let demote_above = pair.promote.max_rate.or(Some(u64::MAX));
+        let demote_above = demote_above(&pair);
         Box::pin(self.sockmap.run(pair, demote_above)).await
     }
+}
+
+/// Back to copy if the splice stops paying: throttled, or busier than the rate that
+/// defers a promotion.
+fn demote_above(pair: &Pair) -> Option<u64> {
+    pair.promote.max_rate.or(Some(u64::MAX))
 }
 
 impl DataPlane for AutoPlane {
@@ -51,6 +62,17 @@ impl DataPlane for AutoPlane {
         "auto"
     }
     fn carry(&self, pair: Pair) -> CarryFuture<'_> {
-        Box::pin(self.run(pair))
+        Box::pin(self.run(pair, None))
+    }
+    fn resume(&self, pair: Pair, carried: Carried) -> CarryFuture<'_> {
+        Box::pin(async move {
+            match carried {
+                Carried::Copy(stopped) => self.run(pair, Some(stopped)).await,
+                Carried::Spliced(stopped) => {
+                    let demote_above = demote_above(&pair);
+                    Box::pin(self.sockmap.resume_spliced(pair, stopped, demote_above)).await
+                }
+            }
+        })
     }
 }

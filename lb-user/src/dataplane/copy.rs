@@ -120,10 +120,23 @@ impl CopyPlane {
     /// finished: then returns the bytes copied each way (client to server, server to
     /// client), and the pair is the caller's to splice.
     pub async fn run_promotable(&self, pair: &Pair, promote: Promote) -> Result<Outcome, Promoted> {
+        self.promotable_from(pair, Handover::default(), promote)
+            .await
+    }
+
+    /// [`CopyPlane::run_promotable`] from where `handover` says (a hot upgrade's
+    /// pair: its pending bytes and finished directions).
+    async fn promotable_from(
+        &self,
+        pair: &Pair,
+        handover: Handover<'_>,
+        promote: Promote,
+    ) -> Result<Outcome, Promoted> {
         self.stats.inc(DaemonStat::Copied);
         let boundary = pair.boundary.map(|b| (0, b));
-        match copy_both(pair, Handover::default(), boundary, &self.stats, promote).await {
+        match copy_both(pair, handover, boundary, &self.stats, promote).await {
             Ok(Ended::Promote(promoted)) => Err(promoted),
+            Ok(Ended::Depart(stopped)) => Ok(depart(pair, stopped)),
             Ok(Ended::Outcome(o)) => {
                 if let Outcome::Aborted(_) = o {
                     reset_both(pair);
@@ -153,6 +166,7 @@ impl CopyPlane {
             .await
             .map(|ended| match ended {
                 Ended::Outcome(o) => o,
+                Ended::Depart(stopped) => depart(pair, stopped),
                 Ended::Promote(_) => unreachable!("promoted without a threshold"),
             });
         if let Err(_) | Ok(Outcome::Aborted(_)) = &result {
@@ -160,6 +174,50 @@ impl CopyPlane {
         }
         result.unwrap_or_else(Outcome::Aborted)
     }
+
+    /// Carries on a pair a hot upgrade moved while it was copied, from where it
+    /// stood: `promote` as for a fresh pair (the `auto` plane's thresholds).
+    pub(crate) async fn resume_copied(
+        &self,
+        pair: &Pair,
+        stopped: Stopped,
+        promote: Promote,
+    ) -> Result<Outcome, Promoted> {
+        let Stopped { pending, done, .. } = stopped;
+        let handover = Handover {
+            pending,
+            done,
+            ..Handover::default()
+        };
+        self.promotable_from(pair, handover, promote).await
+    }
+}
+
+/// Where a copied pair stood when a hot upgrade moved it (see
+/// [`super::Carried::Copy`]).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Stopped {
+    /// Read from each direction's source, not yet written (travels beside the
+    /// state).
+    #[serde(skip)]
+    pub pending: [Vec<u8>; 2],
+    /// Directions whose EOF was read and forwarded.
+    pub done: [bool; 2],
+    /// Where the server's stream stands once `pending[1]` is written
+    /// ([`Boundary::raw`]), when followed.
+    pub boundary: Option<u64>,
+    /// Bytes read each way on this plane (pending ones included).
+    #[serde(skip)]
+    read: [u64; 2],
+}
+
+/// The pair as a departure (sockets duplicated; the caller then drops its own).
+fn depart(pair: &Pair, stopped: Stopped) -> Outcome {
+    let written = [
+        pair.written_to_server + stopped.read[0],
+        pair.written_to_client + stopped.read[1],
+    ];
+    super::departure(pair, super::Carried::Copy(stopped), written)
 }
 
 impl DataPlane for CopyPlane {
@@ -168,6 +226,24 @@ impl DataPlane for CopyPlane {
     }
     fn carry(&self, pair: Pair) -> CarryFuture<'_> {
         Box::pin(self.run(pair))
+    }
+    fn resume(&self, pair: Pair, carried: super::Carried) -> CarryFuture<'_> {
+        Box::pin(async move {
+            match carried {
+                super::Carried::Copy(stopped) => self
+                    .resume_copied(&pair, stopped, Promote::default())
+                    .await
+                    .unwrap_or_else(|_| unreachable!("promoted without a threshold")),
+                // The new process refuses the upgrade before this can happen (see
+                // `upgrade`): without BPF it cannot follow a spliced pair.
+                super::Carried::Spliced(_) => {
+                    reset_both(&pair);
+                    Outcome::Aborted(io::Error::other(
+                        "a spliced connection needs the sockmap plane",
+                    ))
+                }
+            }
+        })
     }
 }
 
@@ -190,6 +266,9 @@ pub struct Handover<'a> {
     /// more bytes are read from it, when known (followed from there for an
     /// evacuation).
     pub follow_from: Option<(u64, Boundary)>,
+    /// Directions already finished (EOF read and forwarded), for a pair a hot
+    /// upgrade moved.
+    pub done: [bool; 2],
 }
 
 /// A per-direction check supplied by the sockmap plane (see [`Handover`]).
@@ -303,6 +382,8 @@ enum Ended {
     Outcome(Outcome),
     /// A promotion threshold was crossed with nothing pending.
     Promote(Promoted),
+    /// A hot upgrade asked for the pair, and it was free to go.
+    Depart(Stopped),
 }
 
 /// A pair the copy plane gives up for the splice, with nothing read and unwritten.
@@ -392,17 +473,21 @@ async fn copy_both(
     promote: Promote,
 ) -> io::Result<Ended> {
     pair.entry.set_plane(crate::registry::Plane::Copy);
+    // A pair the sockmap plane handed over keeps its sockets in this process's maps
+    // until it ends: it stays here through a hot upgrade.
+    let departable = handover.eof_final.is_none();
     let Handover {
         ready: gate,
         pending: [p0, p1],
         eof_final,
         follow_from: _,
+        done,
     } = handover;
     let direction = |index: usize, src, dst, pending: Vec<u8>, stat| OneWay {
         src,
         dst,
         pending: (!pending.is_empty()).then_some(pending),
-        done: false,
+        done: done[index],
         probe: true,
         gate,
         eof_final,
@@ -450,6 +535,15 @@ async fn copy_both(
             () = pair.entry.evicted() => {
                 // Boxed: rare, and large inline in every copied pair's future.
                 return Ok(Ended::Outcome(Box::pin(evicted(pair, &mut s2c, stats)).await));
+            }
+            () = pair.entry.departure_asked(), if departable && s2c.sync.is_none() => {
+                let pending = |d: &mut OneWay<'_>| d.pending.take().unwrap_or_default();
+                return Ok(Ended::Depart(Stopped {
+                    pending: [pending(&mut c2s), pending(&mut s2c)],
+                    done: [c2s.done, s2c.done],
+                    boundary: s2c.boundary.map(Boundary::raw),
+                    read: [c2s.read, s2c.read],
+                }));
             }
         }
         if promote

@@ -111,6 +111,17 @@ impl Traffic {
         }
     }
 
+    /// A connection's counters as a hot upgrade handed it over: `bytes` carried so
+    /// far (each way), under its server's `parent` from here on (when the server is
+    /// still configured).
+    pub fn carried_over(parent: Option<Arc<Traffic>>, bytes: [u64; 2]) -> Self {
+        Self {
+            bytes: bytes.map(AtomicU64::new),
+            parent,
+            first_reply: None,
+        }
+    }
+
     /// A connection's counters under its server's `parent`, which observe into
     /// `histogram` the time from `accepted` to the first bytes from the server.
     pub fn timed(
@@ -167,6 +178,8 @@ pub enum Outcome {
     Evicted,
     /// A reset or error on one side; both sides were reset.
     Aborted(std::io::Error),
+    /// Given up, still open, to the new process of a hot upgrade ([`crate::upgrade`]).
+    Departed(Box<Departure>),
 }
 
 impl Outcome {
@@ -177,6 +190,51 @@ impl Outcome {
             Self::IdleTimeout => "idle_timeout",
             Self::Evicted => "evicted",
             Self::Aborted(_) => "aborted",
+            Self::Departed(_) => "departed",
+        }
+    }
+}
+
+/// A connection a plane gave up for a hot upgrade: duplicates of its two sockets and
+/// where its bytes stand. Nothing was written or shut down on the way: the new
+/// process continues exactly where this one stopped.
+#[derive(Debug)]
+pub struct Departure {
+    /// The client socket.
+    pub client: std::os::fd::OwnedFd,
+    /// The server socket.
+    pub server: std::os::fd::OwnedFd,
+    /// Where the bytes stand.
+    pub carried: Carried,
+    /// Bytes the daemon has written, or read to write, to the server and to the
+    /// client since the connection began (the splice's byte accounting needs them).
+    pub written: [u64; 2],
+}
+
+/// Where a carried connection's bytes stand when a hot upgrade moves it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub enum Carried {
+    /// On the copy plane.
+    Copy(copy::Stopped),
+    /// In the splice (its sockets stay in the pinned maps).
+    Spliced(sockmap::Stopped),
+}
+
+impl Carried {
+    /// Where the server's stream stood for an evacuation ([`crate::mqtt::boundary::Boundary::raw`]).
+    pub fn boundary(&self) -> Option<u64> {
+        match self {
+            Self::Copy(c) => c.boundary,
+            Self::Spliced(s) => s.boundary,
+        }
+    }
+
+    /// The bytes read and not yet written, client to server and server to client
+    /// (sent beside the state, not inside it).
+    pub fn pending_mut(&mut self) -> [&mut Vec<u8>; 2] {
+        match self {
+            Self::Copy(c) => c.pending.each_mut(),
+            Self::Spliced(s) => s.pending_mut(),
         }
     }
 }
@@ -195,6 +253,28 @@ pub trait DataPlane: Send + Sync {
     fn name(&self) -> &'static str;
     /// Carries `pair` until both directions are closed.
     fn carry(&self, pair: Pair) -> CarryFuture<'_>;
+    /// Carries on a pair a hot upgrade's old process gave up where `carried` says.
+    fn resume(&self, pair: Pair, carried: Carried) -> CarryFuture<'_>;
+}
+
+/// `pair` given up to a hot upgrade where `carried` says: its sockets duplicated (the
+/// caller then drops its own, which closes nothing). A failed duplication (out of
+/// descriptors) resets the pair instead.
+pub(crate) fn departure(pair: &Pair, carried: Carried, written: [u64; 2]) -> Outcome {
+    use std::os::fd::AsFd;
+    let dup = |s: &TcpStream| s.as_fd().try_clone_to_owned();
+    match (dup(&pair.client), dup(&pair.server)) {
+        (Ok(client), Ok(server)) => Outcome::Departed(Box::new(Departure {
+            client,
+            server,
+            carried,
+            written,
+        })),
+        (Err(e), _) | (_, Err(e)) => {
+            reset_both(pair);
+            Outcome::Aborted(e)
+        }
+    }
 }
 
 /// Resets both sockets when the pair is dropped after an error.

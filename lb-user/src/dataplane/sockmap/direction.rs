@@ -19,7 +19,7 @@ use crate::{
     sys,
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) enum DirState {
     /// Bytes are redirected in-kernel (bytes passed during a throttle are forwarded
     /// by the task first).
@@ -231,7 +231,71 @@ impl SockmapPlane {
     }
 }
 
+/// A direction's state machine as a hot upgrade passes it on (see [`Dir`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct DirStopped {
+    written: u64,
+    offset: u64,
+    consumed: u64,
+    counted: u64,
+    ctrl: u64,
+    state: DirState,
+    /// Read, not yet written (travels beside the state).
+    #[serde(skip)]
+    pub(super) pending: Vec<u8>,
+}
+
 impl<'a> Dir<'a> {
+    /// The state to pass on; the direction is done with here.
+    pub(super) fn stop(&mut self) -> DirStopped {
+        DirStopped {
+            written: self.written,
+            offset: self.offset,
+            consumed: self.consumed,
+            counted: self.counted,
+            ctrl: self.ctrl,
+            state: self.state,
+            pending: self.pending.take().unwrap_or_default(),
+        }
+    }
+
+    /// A direction resumed from a hot upgrade's old process (see [`DirStopped`]).
+    pub(super) fn resumed(
+        (dir, src_cookie): (u32, u64),
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        traffic: &'a crate::dataplane::Traffic,
+        s: DirStopped,
+    ) -> Self {
+        let (flag, stat) = Self::flag_and_stat(dir);
+        Self {
+            dir,
+            src,
+            dst,
+            src_cookie,
+            written: s.written,
+            offset: s.offset,
+            consumed: s.consumed,
+            traffic,
+            counted: s.counted,
+            ctrl: s.ctrl,
+            pending: (!s.pending.is_empty()).then_some(s.pending),
+            readable: true,
+            again: false,
+            state: s.state,
+            flag,
+            stat,
+        }
+    }
+
+    fn flag_and_stat(dir: u32) -> (u32, DaemonStat) {
+        if dir == DIR_CLIENT_TO_SERVER {
+            (CONN_THROTTLED_C2S, DaemonStat::CopiedBytesC2s)
+        } else {
+            (CONN_THROTTLED_S2C, DaemonStat::CopiedBytesS2c)
+        }
+    }
+
     /// Both directions of `pair` and its cookies; measures the send counters'
     /// offsets, so call it before the sockets enter the maps.
     pub(super) fn both(pair: &'a Pair) -> io::Result<(Cookies, [Self; 2])> {
@@ -271,11 +335,7 @@ impl<'a> Dir<'a> {
         let offset = sys::send_progress(dst.as_raw_fd())?
             .enqueued()
             .saturating_sub(written);
-        let (flag, stat) = if dir == DIR_CLIENT_TO_SERVER {
-            (CONN_THROTTLED_C2S, DaemonStat::CopiedBytesC2s)
-        } else {
-            (CONN_THROTTLED_S2C, DaemonStat::CopiedBytesS2c)
-        };
+        let (flag, stat) = Self::flag_and_stat(dir);
         Ok(Self {
             dir,
             src,

@@ -35,16 +35,21 @@ impl SockmapPlane {
             } else {
                 pair.boundary.as_mut()
             };
-            match drain(src, dst, boundary) {
-                Ok(Drained::Quiet(n)) if to_server => {
+            let mut count = |n| {
+                // Bytes written, or read for `dst` (what the plane after this counts
+                // from).
+                if to_server {
                     pair.written_to_server += n;
                     pair.traffic.add(Direction::ClientToServer, n);
-                }
-                Ok(Drained::Quiet(n)) => {
+                } else {
                     pair.written_to_client += n;
                     pair.traffic.add(Direction::ServerToClient, n);
                 }
-                Ok(Drained::Busy(rest)) => {
+            };
+            match drain(src, dst, boundary) {
+                Ok(Drained::Quiet(n)) => count(n),
+                Ok(Drained::Busy(rest, n)) => {
+                    count(n);
                     tracing::debug!(
                         id = pair.id,
                         to_server,
@@ -74,8 +79,8 @@ enum Drained {
     /// `src` went quiet after this many bytes, all written to `dst`.
     Quiet(u64),
     /// EOF, a full `dst`, or a sender past [`HANDOFF_LIMIT`]: the copy plane continues,
-    /// starting with these bytes read but not yet written.
-    Busy(Vec<u8>),
+    /// starting with these bytes read but not yet written; all this many read.
+    Busy(Vec<u8>, u64),
 }
 
 /// Reads `src` until `EAGAIN`, writing everything to `dst`, without ever waiting: a
@@ -90,16 +95,17 @@ fn drain(
     loop {
         match move_once_now(src, dst, boundary.as_deref_mut())? {
             Moved::Idle => return Ok(Drained::Quiet(total)),
-            Moved::Eof => return Ok(Drained::Busy(Vec::new())),
+            Moved::Eof => return Ok(Drained::Busy(Vec::new(), total)),
             Moved::Bytes { read, rest: None } => {
                 total += read as u64;
                 if total > HANDOFF_LIMIT {
-                    return Ok(Drained::Busy(Vec::new()));
+                    return Ok(Drained::Busy(Vec::new(), total));
                 }
             }
             Moved::Bytes {
-                rest: Some(rest), ..
-            } => return Ok(Drained::Busy(rest)),
+                read,
+                rest: Some(rest),
+            } => return Ok(Drained::Busy(rest, total + read as u64)),
         }
     }
 }

@@ -44,8 +44,8 @@ use std::{
 };
 
 use lb_common::{
-    ConnInfo, DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_FIN, EVENT_LAG_CHECK, EVENT_PASSED,
-    EVENT_PEER_GONE, EVENT_STREAM_BROKEN, Event, SOCK_TRACK_MQTT,
+    ConnInfo, DIR_CLIENT_TO_SERVER, DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_FIN, EVENT_LAG_CHECK,
+    EVENT_PASSED, EVENT_PEER_GONE, EVENT_STREAM_BROKEN, Event, SOCK_TRACK_MQTT,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -53,7 +53,7 @@ use tokio::{
 };
 
 use super::{
-    CarryFuture, DataPlane, Outcome, Pair,
+    Carried, CarryFuture, DataPlane, Outcome, Pair,
     copy::{CopyPlane, Handover},
     reset_both,
 };
@@ -115,6 +115,24 @@ impl DataPlane for SockmapPlane {
     fn carry(&self, pair: Pair) -> CarryFuture<'_> {
         Box::pin(self.run(pair, None))
     }
+    fn resume(&self, pair: Pair, carried: Carried) -> CarryFuture<'_> {
+        Box::pin(async move {
+            match carried {
+                Carried::Spliced(stopped) => self.resume_spliced(pair, stopped, None).await,
+                // Nothing half-done: spliced as after its CONNECT.
+                Carried::Copy(stopped)
+                    if stopped.pending.iter().all(Vec::is_empty) && stopped.done == [false; 2] =>
+                {
+                    self.run(pair, None).await
+                }
+                Carried::Copy(stopped) => self
+                    .copy
+                    .resume_copied(&pair, stopped, crate::config::Promote::default())
+                    .await
+                    .unwrap_or_else(|_| unreachable!("promoted without a threshold")),
+            }
+        })
+    }
 }
 
 /// How the supervision of a spliced pair ended.
@@ -123,6 +141,29 @@ pub(super) enum Supervised {
     Ended(Outcome),
     /// The splice stopped paying: the copy plane carries the rest (`auto`).
     Demote,
+    /// A hot upgrade asked for the pair: it stays in the maps for the new process.
+    Depart,
+}
+
+/// Where a spliced pair stood when a hot upgrade moved it (see
+/// [`super::Carried::Spliced`]): its sockets' cookies and both directions' state
+/// machines. The maps are pinned and the new process loads over them, so the kernel
+/// side (the sockets in `sources` and `targets`, their counters and `ctrl` words)
+/// does not move at all.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Stopped {
+    cookies: [u64; 2],
+    dirs: [direction::DirStopped; 2],
+    /// The pair's [`Pair::boundary`] ([`Boundary::raw`]).
+    pub boundary: Option<u64>,
+}
+
+impl Stopped {
+    /// Bytes read and not yet written, client to server and server to client.
+    pub fn pending_mut(&mut self) -> [&mut Vec<u8>; 2] {
+        let [a, b] = &mut self.dirs;
+        [&mut a.pending, &mut b.pending]
+    }
 }
 
 /// The two cookies of a pair.
@@ -219,35 +260,125 @@ impl SockmapPlane {
             .lock()
             .expect("registry lock")
             .insert(pair.id, signal.clone());
-        let outcome = match self.insert(&pair, cookies) {
-            Ok(()) => match self.spliced(&pair, &mut dirs, &signal, demote_above).await {
+        let inserted = self.insert(&pair, cookies);
+        self.in_maps(&pair, cookies, &mut dirs, &signal, inserted, demote_above)
+            .await
+    }
+
+    /// Carries on a spliced pair a hot upgrade's old process gave up: its sockets
+    /// are still in the (pinned) maps, and its directions resume where they stood.
+    /// Events the program sent before the pair was registered here went to no one:
+    /// both directions are read and lag-checked at once.
+    pub(crate) async fn resume_spliced(
+        &self,
+        pair: Pair,
+        stopped: Stopped,
+        demote_above: Option<u64>,
+    ) -> Outcome {
+        let cookies = Cookies {
+            client: stopped.cookies[0],
+            server: stopped.cookies[1],
+        };
+        let same = |s: &tokio::net::TcpStream, cookie| {
+            sys::socket_cookie(s.as_raw_fd()).is_ok_and(|c| c == cookie)
+        };
+        if !same(&pair.client, cookies.client) || !same(&pair.server, cookies.server) {
+            // Not the sockets the maps hold: nothing here can carry them.
+            reset_both(&pair);
+            return Outcome::Aborted(io::Error::other(
+                "handed sockets do not match their cookies",
+            ));
+        }
+        let [c2s, s2c] = stopped.dirs;
+        let mut dirs = [
+            Dir::resumed(
+                (DIR_CLIENT_TO_SERVER, cookies.client),
+                &pair.client,
+                &pair.server,
+                &pair.traffic,
+                c2s,
+            ),
+            Dir::resumed(
+                (DIR_SERVER_TO_CLIENT, cookies.server),
+                &pair.server,
+                &pair.client,
+                &pair.traffic,
+                s2c,
+            ),
+        ];
+        let signal = Arc::new(Signal::default());
+        self.registry
+            .lock()
+            .expect("registry lock")
+            .insert(pair.id, signal.clone());
+        signal.read.store(0b11, Ordering::Relaxed);
+        signal.lag.store(0b11, Ordering::Relaxed);
+        self.in_maps(&pair, cookies, &mut dirs, &signal, Ok(()), demote_above)
+            .await
+    }
+
+    /// A pair from its insertion (`inserted`) to its end: supervised while spliced,
+    /// on the copy plane after a refusal or a demotion; then its server byte count
+    /// and its removal from the maps (unless it departed for a hot upgrade).
+    async fn in_maps(
+        &self,
+        pair: &Pair,
+        cookies: Cookies,
+        dirs: &mut [Dir<'_>; 2],
+        signal: &Signal,
+        inserted: Result<(), InsertRefused>,
+        demote_above: Option<u64>,
+    ) -> Outcome {
+        let outcome = match inserted {
+            Ok(()) => match self.spliced(pair, dirs, signal, demote_above).await {
                 Supervised::Ended(outcome) => {
                     if let Outcome::Evicted = outcome {
                         let deadline = std::time::Instant::now() + super::evict::EVICT_WAIT;
-                        Box::pin(self.tell_evicted(&pair, &mut dirs, deadline)).await;
+                        Box::pin(self.tell_evicted(pair, dirs, deadline)).await;
                     }
                     outcome
                 }
                 Supervised::Demote => {
                     self.stats.inc(DaemonStat::Demoted);
-                    for d in &dirs {
+                    for d in dirs.iter() {
                         self.bpf.set_conn_flag(pair.id, d.flag, false);
                     }
-                    Box::pin(self.unsplice(&pair, &mut dirs, [true, true])).await
+                    Box::pin(self.unsplice(pair, dirs, [true, true])).await
+                }
+                Supervised::Depart => {
+                    for d in dirs.iter_mut() {
+                        self.count_redirected(d);
+                    }
+                    let written = [dirs[0].written, dirs[1].written];
+                    let stopped = Stopped {
+                        cookies: [cookies.client, cookies.server],
+                        dirs: dirs.each_mut().map(Dir::stop),
+                        boundary: pair.boundary.map(Boundary::raw),
+                    };
+                    match super::departure(pair, Carried::Spliced(stopped), written) {
+                        departed @ Outcome::Departed(_) => {
+                            self.registry
+                                .lock()
+                                .expect("registry lock")
+                                .remove(&pair.id);
+                            return departed;
+                        }
+                        aborted => aborted,
+                    }
                 }
             },
             Err(refused) => {
                 tracing::debug!(id = pair.id, error = %refused.error, in_sources = ?refused.in_sources, "sockmap refused the pair; copy plane");
                 self.stats.inc(DaemonStat::SpliceFallback);
-                Box::pin(self.unsplice(&pair, &mut dirs, refused.in_sources)).await
+                Box::pin(self.unsplice(pair, dirs, refused.in_sources)).await
             }
         };
         // The server's bytes (redirected, and forwarded while throttled), then the
         // maps (a finished pair has no redirected byte left in flight).
-        for d in &mut dirs {
+        for d in dirs.iter_mut() {
             self.count_redirected(d);
         }
-        self.remove(&pair, cookies);
+        self.remove(pair, cookies);
         if let Outcome::Evicted = outcome {
             // Out of the maps: a plain close, lingering for the client's side.
             let deadline = std::time::Instant::now() + super::evict::EVICT_WAIT;
@@ -319,6 +450,7 @@ impl SockmapPlane {
             pending,
             eof_final: Some(&eof_final),
             follow_from,
+            done: [false; 2],
         };
         self.copy.run_handed_over(pair, handover).await
     }

@@ -104,7 +104,8 @@ impl SockmapPlane {
     ) -> Supervised {
         match self.watch(pair, dirs, signal, demote_above).await {
             Ok(outcome) => Supervised::Ended(outcome),
-            Err(Demote) => Supervised::Demote,
+            Err(Leave::Demote) => Supervised::Demote,
+            Err(Leave::Depart) => Supervised::Depart,
         }
     }
 
@@ -114,7 +115,7 @@ impl SockmapPlane {
         dirs: &mut [Dir<'_>; 2],
         signal: &Signal,
         demote_above: Option<u64>,
-    ) -> Result<Outcome, Demote> {
+    ) -> Result<Outcome, Leave> {
         let mut idle = IdleWatch::new(pair.idle_timeout);
         let mut demotion = demote_above.map(Demotion::new);
         let mut wait = POLL_MIN;
@@ -136,6 +137,11 @@ impl SockmapPlane {
             if pair.entry.is_evicting() {
                 return Ok(Outcome::Evicted);
             }
+            // Between two steps both directions' state is whole: the new process
+            // of a hot upgrade carries on from it.
+            if pair.entry.is_departing() {
+                return Err(Leave::Depart);
+            }
             if signal.peer_gone.swap(false, Ordering::Relaxed) {
                 return Ok(Outcome::Aborted(io::Error::new(
                     io::ErrorKind::ConnectionReset,
@@ -149,7 +155,7 @@ impl SockmapPlane {
             if let Some(demotion) = &mut demotion
                 && self.stops_paying(dirs, demotion, lag_event)
             {
-                return Err(Demote);
+                return Err(Leave::Demote);
             }
             wait = if changed {
                 POLL_MIN
@@ -221,8 +227,13 @@ impl SockmapPlane {
     }
 }
 
-/// The splice stopped paying (see [`Demotion`]).
-struct Demote;
+/// Why a pair leaves the splice while it lives.
+enum Leave {
+    /// The splice stopped paying (see [`Demotion`]).
+    Demote,
+    /// A hot upgrade asked for it.
+    Depart,
+}
 
 /// Waits for the next thing that concerns the pair, until `deadline`: readability of
 /// a throttled source, an error on a spliced one, room for pending bytes, an event
@@ -247,6 +258,7 @@ async fn wait_event(
         r = d1.dst.writable(), if w1 => r.map(|()| None),
         () = signal.notify.notified() => Ok(None),
         () = entry.evicted() => Ok(None),
+        () = entry.departure_asked() => Ok(None),
         () = tokio::time::sleep_until(deadline.into()) => Ok(None),
     }?;
     if let Some(i) = readable {

@@ -1,0 +1,182 @@
+//! A hot upgrade from the running daemon's side ([`crate::upgrade`]): start the new
+//! binary, and once it accepts, stop accepting, hand every connection that can go to
+//! it, carry the rest to their end, and exit.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::AsFd,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use super::{Running, Signals, systemd};
+use crate::{
+    bpf::InstanceLock,
+    config::Config,
+    registry::Plane,
+    upgrade::{
+        Request, Summary, UpgradeError,
+        old::{Handed, Invocation, Outgoing, Successor},
+    },
+};
+
+/// How long the old process waits for its connections to depart before it answers
+/// (connections still before their CONNECT go later, as they reach a plane).
+const DEPART_WAIT: Duration = Duration::from_secs(10);
+
+/// Duplicates of the lock, the control socket, the admin listener and the
+/// listeners, for a later upgrade.
+pub(super) fn handed<'a>(
+    lock: &InstanceLock,
+    control: &std::os::unix::net::UnixListener,
+    admin: Option<(SocketAddr, &std::net::TcpListener)>,
+    listeners: impl Iterator<Item = (SocketAddr, &'a std::net::TcpListener)>,
+) -> io::Result<Handed> {
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
+    Ok(Handed {
+        lock: dup(lock.file().as_fd())?,
+        control: dup(control.as_fd())?,
+        admin: admin
+            .map(|(a, s)| dup(s.as_fd()).map(|fd| (a, fd)))
+            .transpose()?,
+        listeners: listeners
+            .map(|(a, s)| dup(s.as_fd()).map(|fd| (a, fd)))
+            .collect::<io::Result<_>>()?,
+    })
+}
+
+impl Running {
+    /// A hot upgrade to `request`'s binary (default: `invocation`'s). When the new
+    /// process takes over, this one hands over and exits; otherwise the error is
+    /// logged (and answered) and the daemon serves on, unchanged.
+    pub(super) async fn upgrade(
+        self,
+        config: &Config,
+        invocation: &Invocation,
+        request: Request,
+        signals: &mut Signals,
+    ) -> Self {
+        let Request { binary, reply } = request;
+        let binary = binary.unwrap_or_else(|| invocation.binary.clone());
+        match self.begin(config, &binary, invocation).await {
+            Ok(successor) => self.hand_over(successor, reply, signals).await,
+            Err(e) => {
+                error!(error = %e, binary = %binary.display(), "upgrade failed");
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+                self
+            }
+        }
+    }
+
+    /// Starts the new process and waits until it accepts.
+    async fn begin(
+        &self,
+        config: &Config,
+        binary: &std::path::Path,
+        invocation: &Invocation,
+    ) -> Result<Successor, UpgradeError> {
+        let why = if self.shared.seat.get().is_some() {
+            Some("[global] workers > 1 (each worker would need its own successor)")
+        } else if config.global.run_as.is_some() {
+            Some(
+                "[global] user: the daemon gave up the privileges the new process needs to load BPF",
+            )
+        } else if self.shared.guard.get().is_some() {
+            Some("[guard]: its XDP program cannot be handed over yet")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(UpgradeError::Unsupported(why));
+        }
+        let handed = self
+            .handed
+            .clone()
+            .ok_or(UpgradeError::Unsupported("no sockets kept to hand over"))?;
+        let next_id = self.shared.conns.next_id();
+        let spliced = self.events.is_some();
+        crate::upgrade::old::start(binary, invocation, handed, (next_id, spliced)).await
+    }
+
+    /// The new process accepts: stop accepting and answering, hand every connection
+    /// that can go, answer, carry the rest to their end, exit.
+    async fn hand_over(
+        mut self,
+        successor: Successor,
+        reply: Option<oneshot::Sender<Result<Summary, String>>>,
+        signals: &mut Signals,
+    ) -> ! {
+        let pid = successor.pid;
+        info!(pid, "upgrade: the new process accepts; handing over");
+        systemd::main_pid(pid);
+        let _ = self.stop.send(true);
+        for t in self.accept_tasks.drain(..) {
+            let _ = t.await;
+        }
+        // From here the new process alone reads the program's events, writes the
+        // published counters, answers `ctl` and the admin listener, checks health.
+        for t in [self.events.take(), self.admin.take(), Some(self.publisher)]
+            .into_iter()
+            .flatten()
+            .chain(self.checks)
+        {
+            t.abort();
+        }
+        self.control_task.abort();
+        let shared = self.shared;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let _ = shared.departures.set(tx.clone());
+        let sender = successor.send_all(rx);
+        for entry in shared.conns.entries() {
+            entry.ask_departure();
+        }
+        // What cannot go (TLS, WebSocket) stays; what is still before its plane goes
+        // when it gets there.
+        let stays = |p: Plane| matches!(p, Plane::Tls | Plane::WebSocket);
+        let deadline = Instant::now() + DEPART_WAIT;
+        while Instant::now() < deadline && !shared.conns.entries().iter().all(|e| stays(e.plane()))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let handed = shared.departed.load(Ordering::Relaxed);
+        let kept = shared.conns.len() as u64;
+        info!(
+            pid,
+            handed,
+            kept,
+            "upgrade: connections handed over; this process carries the rest to their end, then exits"
+        );
+        if let Some(reply) = reply {
+            let _ = reply.send(Ok(Summary { pid, handed, kept }));
+        }
+        loop {
+            if shared.conns.is_empty() {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = signals.term.recv() => {
+                    warn!(open = shared.conns.len(), "SIGTERM during an upgrade: closing what this process still carries");
+                    break;
+                }
+                _ = signals.int.recv() => break,
+            }
+        }
+        let answered = handed;
+        let handed = shared.departed.load(Ordering::Relaxed);
+        // Some of those kept reached a plane later and went too.
+        let kept = kept.saturating_sub(handed - answered);
+        let _ = tx.send(Outgoing::Done { handed, kept });
+        let _ = tokio::task::spawn_blocking(move || sender.join()).await;
+        info!(handed, "upgrade: done; old process exits");
+        // No clean stop: the pins, the lock, the control socket and the listeners
+        // are the new process's now.
+        std::process::exit(0)
+    }
+}

@@ -1,0 +1,186 @@
+//! The new process's side of a hot upgrade: the sockets it takes instead of binding,
+//! then the connections it adopts.
+
+use std::{
+    net::SocketAddr,
+    os::fd::{FromRawFd, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use super::{CHANNEL_ENV, Message, UpgradeError, channel::Channel};
+use crate::runtime::Shared;
+
+/// How long the old process may take to send the sockets.
+const SOCKETS_WAIT: Duration = Duration::from_secs(10);
+
+/// What the old process handed over, taken as the daemon is set up.
+#[derive(Debug)]
+pub struct Inherited {
+    /// The instance lock.
+    pub lock: Option<OwnedFd>,
+    /// The control socket, listening.
+    pub control: Option<OwnedFd>,
+    /// The admin listener and its address.
+    pub admin: Option<(SocketAddr, OwnedFd)>,
+    /// Listening sockets by address.
+    pub listeners: Vec<(SocketAddr, OwnedFd)>,
+    /// The old process's next connection id.
+    pub next_id: u32,
+    /// Whether the old process splices in the kernel.
+    pub spliced: bool,
+}
+
+impl Inherited {
+    /// The listening socket bound at `addr`, if the old process had one.
+    pub fn take_listener(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let i = self.listeners.iter().position(|(a, _)| *a == addr)?;
+        Some(std::net::TcpListener::from(self.listeners.swap_remove(i).1))
+    }
+
+    /// The admin listener, if the old one was bound at `addr`.
+    pub fn take_admin(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        match self.admin.take() {
+            Some((a, fd)) if a == addr => Some(std::net::TcpListener::from(fd)),
+            other => {
+                self.admin = other;
+                None
+            }
+        }
+    }
+}
+
+/// A process started by an upgrade, before it accepts.
+#[derive(Debug)]
+pub struct Arrival {
+    channel: Channel,
+}
+
+/// When this process was started by an upgrade (`MQTTLB_UPGRADE_FD` set): says hello
+/// and receives the sockets. `None` for a plain start.
+pub fn arrive() -> Option<Result<(Arrival, Inherited), UpgradeError>> {
+    let value = std::env::var_os(CHANNEL_ENV)?;
+    Some(arrive_on(&value.to_string_lossy()))
+}
+
+fn arrive_on(value: &str) -> Result<(Arrival, Inherited), UpgradeError> {
+    let bad = |why: &str| {
+        UpgradeError::Channel(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{CHANNEL_ENV}={value:?}: {why}"),
+        ))
+    };
+    let fd: i32 = value.parse().map_err(|_| bad("not a descriptor"))?;
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad("not an open descriptor"));
+    }
+    // SAFETY: the descriptor is open, was given to this process for this, and
+    // nothing else in it owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Not to be inherited by whatever this process starts later.
+    // SAFETY: fcntl on the descriptor just taken.
+    unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::F_SETFD,
+            libc::FD_CLOEXEC,
+        )
+    };
+    let channel = Channel::from_fd(fd);
+    let pid = std::process::id();
+    channel
+        .send(&Message::Hello { pid }, &[], &[])
+        .map_err(UpgradeError::Channel)?;
+    let (msg, _, fds) = channel
+        .recv(Some(SOCKETS_WAIT))
+        .map_err(UpgradeError::Channel)?;
+    let Message::Sockets {
+        listeners,
+        admin,
+        next_id,
+        spliced,
+    } = msg
+    else {
+        return Err(bad("expected the sockets"));
+    };
+    let expected = 2 + usize::from(admin.is_some()) + listeners.len();
+    if fds.len() != expected {
+        return Err(bad("wrong number of descriptors"));
+    }
+    let mut fds = fds.into_iter();
+    let mut next = || fds.next().expect("counted");
+    let lock = Some(next());
+    let control = Some(next());
+    let admin = admin.map(|a| (a, next()));
+    let listeners = listeners.into_iter().map(|a| (a, next())).collect();
+    let inherited = Inherited {
+        lock,
+        control,
+        admin,
+        listeners,
+        next_id,
+        spliced,
+    };
+    Ok((Arrival { channel }, inherited))
+}
+
+impl Arrival {
+    /// Tells the old process this one accepts, then adopts every connection it sends
+    /// (each under a permit of `permits` when one is free: an adopted connection is
+    /// never refused) until it exits.
+    pub fn ready(self, shared: Arc<Shared>, permits: Arc<Semaphore>) -> Result<(), UpgradeError> {
+        self.channel
+            .send(&Message::Ready, &[], &[])
+            .map_err(UpgradeError::Channel)?;
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::spawn(move || {
+            let mut adopted = 0u64;
+            loop {
+                match self.channel.recv(None) {
+                    Ok((Message::Conn(moving), bytes, fds)) => {
+                        let Ok([client, server]) = <[OwnedFd; 2]>::try_from(fds) else {
+                            warn!(
+                                id = moving.id,
+                                "upgrade: a connection came without its two sockets"
+                            );
+                            continue;
+                        };
+                        let mut moving = *moving;
+                        let split = moving.pending[0].min(bytes.len());
+                        let (p0, p1) = bytes.split_at(split);
+                        let [q0, q1] = moving.carried.pending_mut();
+                        *q0 = p0.to_vec();
+                        *q1 = p1.to_vec();
+                        adopted += 1;
+                        let permit = permits.clone().try_acquire_owned().ok();
+                        let shared = shared.clone();
+                        runtime.spawn(async move {
+                            crate::conn::adopt(shared, moving, client, server).await;
+                            drop(permit);
+                        });
+                    }
+                    Ok((Message::Done { handed, kept }, _, _)) => {
+                        info!(
+                            handed,
+                            kept, adopted, "upgrade: the old process handed over its connections"
+                        );
+                    }
+                    Ok((other, _, _)) => warn!(?other, "upgrade: unexpected message"),
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        info!(adopted, "upgrade: the old process exited");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "upgrade: channel failed");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
