@@ -141,18 +141,23 @@ async fn answer(stream: UnixStream, shared: &Arc<Shared>) -> io::Result<()> {
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
     let line = line.trim();
-    let body = match line.strip_prefix("upgrade") {
+    let (body, answered) = match line.strip_prefix("upgrade") {
         Some(rest) if rest.is_empty() || rest.starts_with(' ') => {
-            upgrade(shared, rest.trim()).await
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (upgrade(shared, rest.trim(), rx).await, Some(tx))
         }
-        _ => request(shared, line),
+        _ => (request(shared, line), None),
     };
     let mut bytes = serde_json::to_vec(&body).map_err(io::Error::other)?;
     bytes.push(b'\n');
     timeout(WAIT, w.write_all(&bytes))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "reader too slow"))??;
-    w.shutdown().await
+    let shut = w.shutdown().await;
+    if let Some(answered) = answered {
+        let _ = answered.send(());
+    }
+    shut
 }
 
 /// How long an `upgrade` request may take (the new process starting, loading and
@@ -161,7 +166,11 @@ pub const UPGRADE_WAIT: Duration = Duration::from_secs(120);
 
 /// `upgrade [BINARY]`: a hot upgrade (see [`crate::upgrade`]), answered once the new
 /// process accepts and the connections that can go have gone.
-async fn upgrade(shared: &Shared, binary: &str) -> serde_json::Value {
+async fn upgrade(
+    shared: &Shared,
+    binary: &str,
+    answered: tokio::sync::oneshot::Receiver<()>,
+) -> serde_json::Value {
     let Some(requests) = shared.upgrades.get() else {
         return serde_json::json!({ "error": "this daemon cannot be upgraded yet (starting)" });
     };
@@ -169,6 +178,7 @@ async fn upgrade(shared: &Shared, binary: &str) -> serde_json::Value {
     let request = crate::upgrade::Request {
         binary: (!binary.is_empty()).then(|| PathBuf::from(binary)),
         reply: Some(reply),
+        answered: Some(answered),
     };
     if requests.try_send(request).is_err() {
         return serde_json::json!({ "error": crate::upgrade::UpgradeError::Busy.to_string() });

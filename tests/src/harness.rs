@@ -63,6 +63,8 @@ pub struct Daemon {
     pub args: Vec<String>,
     /// The network namespace it runs in (`ip netns exec`), when not the test's.
     pub netns: Option<String>,
+    /// The process that took over after `mqttlb upgrade` (not the test's child).
+    pub successor: Option<u32>,
     _dir: TempDir,
 }
 
@@ -243,6 +245,7 @@ impl Daemon {
             nofile: None,
             args: Vec::new(),
             netns,
+            successor: None,
             _dir: dir,
         };
         d.wait_ready();
@@ -276,6 +279,7 @@ impl Daemon {
             nofile,
             args,
             netns: None,
+            successor: None,
             _dir: dir,
         };
         d.wait_ready();
@@ -381,8 +385,33 @@ impl Daemon {
         std::fs::read_to_string(self._dir.0.join("mqttlb.log")).unwrap_or_default()
     }
 
+    /// The serving process: the one started, or the one that took over after an
+    /// upgrade.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.successor.unwrap_or_else(|| self.child.id())
+    }
+
+    /// `mqttlb upgrade --instance ... [--binary BINARY]`: its output line, or its
+    /// error output when it failed. The new process is the one [`Daemon::pid`] and
+    /// the drop then stop.
+    pub fn upgrade(&mut self, binary: Option<&std::path::Path>) -> Result<String, String> {
+        let mut cmd = Command::new(bin());
+        cmd.args(["upgrade", "--instance", &self.instance]);
+        if let Some(b) = binary {
+            cmd.arg("--binary").arg(b);
+        }
+        let out = cmd.output().expect("run mqttlb upgrade");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let pid = line
+            .strip_prefix("upgraded: new process ")
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected upgrade output {line:?}"));
+        self.successor = Some(pid);
+        Ok(line)
     }
 
     /// `mqttlb ctl <what> --json` for this instance.
@@ -453,8 +482,28 @@ impl Daemon {
     }
 }
 
+/// Whether process `pid` still exists (zombies of our own children count as gone).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            != Some("Z")
+    })
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Some(pid) = self.successor {
+            // SAFETY: kill on the pid that took over this instance.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while process_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);

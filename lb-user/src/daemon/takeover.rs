@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::{Running, Signals, systemd};
@@ -57,16 +56,16 @@ impl Running {
         self,
         config: &Config,
         invocation: &Invocation,
-        request: Request,
+        mut request: Request,
         signals: &mut Signals,
     ) -> Self {
-        let Request { binary, reply } = request;
+        let binary = request.binary.take();
         let binary = binary.unwrap_or_else(|| invocation.binary.clone());
         match self.begin(config, &binary, invocation).await {
-            Ok(successor) => self.hand_over(successor, reply, signals).await,
+            Ok(successor) => self.hand_over(successor, request, signals).await,
             Err(e) => {
                 error!(error = %e, binary = %binary.display(), "upgrade failed");
-                if let Some(reply) = reply {
+                if let Some(reply) = request.reply {
                     let _ = reply.send(Err(e.to_string()));
                 }
                 self
@@ -109,7 +108,7 @@ impl Running {
     async fn hand_over(
         mut self,
         successor: Successor,
-        reply: Option<oneshot::Sender<Result<Summary, String>>>,
+        request: Request,
         signals: &mut Signals,
     ) -> ! {
         let pid = successor.pid;
@@ -152,8 +151,12 @@ impl Running {
             kept,
             "upgrade: connections handed over; this process carries the rest to their end, then exits"
         );
-        if let Some(reply) = reply {
+        if let Some(reply) = request.reply {
             let _ = reply.send(Ok(Summary { pid, handed, kept }));
+        }
+        if let Some(answered) = request.answered {
+            // `mqttlb upgrade` gets its answer before this process goes.
+            let _ = tokio::time::timeout(Duration::from_secs(2), answered).await;
         }
         loop {
             if shared.conns.is_empty() {

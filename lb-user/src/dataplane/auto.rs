@@ -72,6 +72,7 @@ impl DataPlane for AutoPlane {
                     let demote_above = demote_above(&pair);
                     Box::pin(self.sockmap.resume_spliced(pair, stopped, demote_above)).await
                 }
+                Carried::Unspliced(u) => Box::pin(self.sockmap.resume_unspliced(pair, u)).await,
             }
         })
     }

@@ -208,7 +208,7 @@ pub struct Stopped {
     pub boundary: Option<u64>,
     /// Bytes read each way on this plane (pending ones included).
     #[serde(skip)]
-    read: [u64; 2],
+    pub(crate) read: [u64; 2],
 }
 
 /// The pair as a departure (sockets duplicated; the caller then drops its own).
@@ -236,7 +236,7 @@ impl DataPlane for CopyPlane {
                     .unwrap_or_else(|_| unreachable!("promoted without a threshold")),
                 // The new process refuses the upgrade before this can happen (see
                 // `upgrade`): without BPF it cannot follow a spliced pair.
-                super::Carried::Spliced(_) => {
+                super::Carried::Spliced(_) | super::Carried::Unspliced(_) => {
                     reset_both(&pair);
                     Outcome::Aborted(io::Error::other(
                         "a spliced connection needs the sockmap plane",
@@ -473,9 +473,6 @@ async fn copy_both(
     promote: Promote,
 ) -> io::Result<Ended> {
     pair.entry.set_plane(crate::registry::Plane::Copy);
-    // A pair the sockmap plane handed over keeps its sockets in this process's maps
-    // until it ends: it stays here through a hot upgrade.
-    let departable = handover.eof_final.is_none();
     let Handover {
         ready: gate,
         pending: [p0, p1],
@@ -536,7 +533,9 @@ async fn copy_both(
                 // Boxed: rare, and large inline in every copied pair's future.
                 return Ok(Ended::Outcome(Box::pin(evicted(pair, &mut s2c, stats)).await));
             }
-            () = pair.entry.departure_asked(), if departable && s2c.sync.is_none() => {
+            // Once every byte redirected before a hand-over from the splice arrived,
+            // and the server's stream position is known.
+            () = pair.entry.departure_asked(), if c2s.gate.is_none() && s2c.gate.is_none() && s2c.sync.is_none() => {
                 let pending = |d: &mut OneWay<'_>| d.pending.take().unwrap_or_default();
                 return Ok(Ended::Depart(Stopped {
                     pending: [pending(&mut c2s), pending(&mut s2c)],

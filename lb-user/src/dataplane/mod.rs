@@ -218,6 +218,9 @@ pub enum Carried {
     Copy(copy::Stopped),
     /// In the splice (its sockets stay in the pinned maps).
     Spliced(sockmap::Stopped),
+    /// On the copy plane after the splice (demoted, or refused by the kernel): its
+    /// sockets are still in the maps, passing.
+    Unspliced(sockmap::Unspliced),
 }
 
 impl Carried {
@@ -226,6 +229,7 @@ impl Carried {
         match self {
             Self::Copy(c) => c.boundary,
             Self::Spliced(s) => s.boundary,
+            Self::Unspliced(u) => u.copy.boundary,
         }
     }
 
@@ -235,6 +239,7 @@ impl Carried {
         match self {
             Self::Copy(c) => c.pending.each_mut(),
             Self::Spliced(s) => s.pending_mut(),
+            Self::Unspliced(u) => u.copy.pending.each_mut(),
         }
     }
 }

@@ -125,6 +125,9 @@ pub struct Request {
     pub binary: Option<std::path::PathBuf>,
     /// Where the outcome goes (none for a signal).
     pub reply: Option<tokio::sync::oneshot::Sender<Result<Summary, String>>>,
+    /// Resolves once the outcome was written to the asker (the old process waits
+    /// for it before it exits).
+    pub answered: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What an upgrade did, as `mqttlb upgrade` prints it.

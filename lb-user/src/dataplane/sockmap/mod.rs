@@ -119,6 +119,7 @@ impl DataPlane for SockmapPlane {
         Box::pin(async move {
             match carried {
                 Carried::Spliced(stopped) => self.resume_spliced(pair, stopped, None).await,
+                Carried::Unspliced(u) => self.resume_unspliced(pair, u).await,
                 // Nothing half-done: spliced as after its CONNECT.
                 Carried::Copy(stopped)
                     if stopped.pending.iter().all(Vec::is_empty) && stopped.done == [false; 2] =>
@@ -156,6 +157,18 @@ pub struct Stopped {
     dirs: [direction::DirStopped; 2],
     /// The pair's [`Pair::boundary`] ([`Boundary::raw`]).
     pub boundary: Option<u64>,
+}
+
+/// Where a pair on the copy plane after the splice stood when a hot upgrade moved
+/// it (see [`super::Carried::Unspliced`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Unspliced {
+    cookies: [u64; 2],
+    dirs: [direction::DirStopped; 2],
+    /// Which sockets are in `sources` (passing).
+    in_sources: [bool; 2],
+    /// The copy plane's state.
+    pub copy: super::copy::Stopped,
 }
 
 impl Stopped {
@@ -343,7 +356,7 @@ impl SockmapPlane {
                     for d in dirs.iter() {
                         self.bpf.set_conn_flag(pair.id, d.flag, false);
                     }
-                    Box::pin(self.unsplice(pair, dirs, [true, true])).await
+                    Box::pin(self.unsplice(pair, cookies, dirs, [true, true])).await
                 }
                 Supervised::Depart => {
                     for d in dirs.iter_mut() {
@@ -355,24 +368,34 @@ impl SockmapPlane {
                         dirs: dirs.each_mut().map(Dir::stop),
                         boundary: pair.boundary.map(Boundary::raw),
                     };
-                    match super::departure(pair, Carried::Spliced(stopped), written) {
-                        departed @ Outcome::Departed(_) => {
-                            self.registry
-                                .lock()
-                                .expect("registry lock")
-                                .remove(&pair.id);
-                            return departed;
-                        }
-                        aborted => aborted,
-                    }
+                    super::departure(pair, Carried::Spliced(stopped), written)
                 }
             },
             Err(refused) => {
                 tracing::debug!(id = pair.id, error = %refused.error, in_sources = ?refused.in_sources, "sockmap refused the pair; copy plane");
                 self.stats.inc(DaemonStat::SpliceFallback);
-                Box::pin(self.unsplice(pair, dirs, refused.in_sources)).await
+                Box::pin(self.unsplice(pair, cookies, dirs, refused.in_sources)).await
             }
         };
+        self.finish(pair, cookies, dirs, outcome).await
+    }
+
+    /// A pair's end: the server's byte count and the removal from the maps (but for
+    /// one that departed for a hot upgrade: the new process carries on with it).
+    async fn finish(
+        &self,
+        pair: &Pair,
+        cookies: Cookies,
+        dirs: &mut [Dir<'_>; 2],
+        outcome: Outcome,
+    ) -> Outcome {
+        if let Outcome::Departed(_) = outcome {
+            self.registry
+                .lock()
+                .expect("registry lock")
+                .remove(&pair.id);
+            return outcome;
+        }
         // The server's bytes (redirected, and forwarded while throttled), then the
         // maps (a finished pair has no redirected byte left in flight).
         for d in dirs.iter_mut() {
@@ -419,6 +442,7 @@ impl SockmapPlane {
     async fn unsplice(
         &self,
         pair: &Pair,
+        cookies: Cookies,
         dirs: &mut [Dir<'_>; 2],
         in_sources: [bool; 2],
     ) -> Outcome {
@@ -437,22 +461,96 @@ impl SockmapPlane {
         let pending = dirs
             .each_mut()
             .map(|d| d.pending.take().unwrap_or_default());
-        let dirs = &*dirs;
-        let ready = |i: usize, _read: u64| self.arrived(&dirs[i]);
-        // Every byte read from a socket in `sources` was passed by the program (the
-        // pumps read `consumed` of them before).
-        let eof_final = move |i: usize, read: u64| {
-            let d = &dirs[i];
-            Ok(!in_sources[i] || self.bpf.sock(d.src_cookie)?.passed == d.consumed + read)
-        };
         let handover = Handover {
-            ready: Some(&ready),
             pending,
-            eof_final: Some(&eof_final),
             follow_from,
-            done: [false; 2],
+            ..Handover::default()
         };
-        self.copy.run_handed_over(pair, handover).await
+        self.copy_unspliced(pair, cookies, dirs, in_sources, (handover, true))
+            .await
+    }
+
+    /// The copy plane over a pair still in the maps: `handover` (with `wait`, every
+    /// byte redirected before reaches its peer first). A departure for a hot upgrade
+    /// takes the directions' state along.
+    async fn copy_unspliced(
+        &self,
+        pair: &Pair,
+        cookies: Cookies,
+        dirs: &mut [Dir<'_>; 2],
+        in_sources: [bool; 2],
+        (handover, wait): (Handover<'_>, bool),
+    ) -> Outcome {
+        let outcome = {
+            let dirs = &*dirs;
+            let ready = |i: usize, _read: u64| self.arrived(&dirs[i]);
+            // Every byte read from a socket in `sources` was passed by the program
+            // (the pumps read `consumed` of them before).
+            let eof_final = move |i: usize, read: u64| {
+                let d = &dirs[i];
+                Ok(!in_sources[i] || self.bpf.sock(d.src_cookie)?.passed == d.consumed + read)
+            };
+            let handover = Handover {
+                ready: wait.then_some(&ready as &super::copy::Gate<'_>),
+                eof_final: Some(&eof_final),
+                ..handover
+            };
+            self.copy.run_handed_over(pair, handover).await
+        };
+        let Outcome::Departed(mut d) = outcome else {
+            return outcome;
+        };
+        let Carried::Copy(copy) =
+            std::mem::replace(&mut d.carried, Carried::Copy(Default::default()))
+        else {
+            unreachable!("the copy plane departs as copied");
+        };
+        for (dir, read) in dirs.iter_mut().zip(copy.read) {
+            dir.consumed += read;
+        }
+        d.carried = Carried::Unspliced(Unspliced {
+            cookies: [cookies.client, cookies.server],
+            dirs: dirs.each_mut().map(Dir::stop),
+            in_sources,
+            copy,
+        });
+        Outcome::Departed(d)
+    }
+
+    /// Carries on a pair a hot upgrade's old process was copying after the splice:
+    /// its sockets still in the maps, passing; removed at its end as any other.
+    pub(crate) async fn resume_unspliced(&self, pair: Pair, u: Unspliced) -> Outcome {
+        let cookies = Cookies {
+            client: u.cookies[0],
+            server: u.cookies[1],
+        };
+        let [c2s, s2c] = u.dirs;
+        let mut dirs = [
+            Dir::resumed(
+                (DIR_CLIENT_TO_SERVER, cookies.client),
+                &pair.client,
+                &pair.server,
+                &pair.traffic,
+                c2s,
+            ),
+            Dir::resumed(
+                (DIR_SERVER_TO_CLIENT, cookies.server),
+                &pair.server,
+                &pair.client,
+                &pair.traffic,
+                s2c,
+            ),
+        ];
+        let super::copy::Stopped { pending, done, .. } = u.copy;
+        let handover = Handover {
+            pending,
+            done,
+            ..Handover::default()
+        };
+        let outcome = self
+            .copy_unspliced(&pair, cookies, &mut dirs, u.in_sources, (handover, false))
+            .await;
+        self.finish(&pair, cookies, &mut dirs, outcome).await
     }
 
     /// Where the server's stream stands, for an evacuation of a demoted pair: the

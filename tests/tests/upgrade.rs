@@ -1,0 +1,200 @@
+//! Hot binary upgrade (issue 18): `mqttlb upgrade` to another binary file while
+//! connections carry bytes both ways; every connection stays open, every byte arrives
+//! once and in order, and the old process is gone within 5 s.
+
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tests::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::watch,
+};
+
+/// Connections streaming through an echo server during the upgrade.
+const STREAMS: usize = 40;
+
+/// Copied connections move with the bytes they had read and not yet written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_flight_move_exactly_copy() {
+    streams_in_flight("copy", "").await;
+}
+
+/// Spliced connections stay in the pinned maps while the new process takes up
+/// their supervision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_flight_move_exactly_sockmap() {
+    if privileged("upgrade") {
+        streams_in_flight("sockmap", "").await;
+    }
+}
+
+/// `auto`: connections promoted after their first 256 KiB, moved spliced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_in_flight_move_exactly_auto() {
+    if privileged("upgrade") {
+        let keys = "promote_after_bytes = 262144\npromote_max_rate = 100000000";
+        streams_in_flight("auto", keys).await;
+    }
+}
+
+/// A copy of the binary elsewhere: the upgrade starts another file, as after a
+/// rebuild.
+fn another_binary(dir: &TempDir) -> std::path::PathBuf {
+    let copy = dir.0.join("mqttlb-new");
+    std::fs::copy(bin(), &copy).expect("copy the binary");
+    copy
+}
+
+async fn streams_in_flight(plane: &str, cluster_keys: &str) {
+    let echo = Echo::start().await;
+    let dir = TempDir::new("upgrade");
+    let binary = another_binary(&dir);
+    let mut lb = Daemon::start_edited(plane, &[echo.addr], |t| {
+        t.replace(
+            "connect_timeout = \"1s\"\n",
+            &format!("connect_timeout = \"1s\"\n{cluster_keys}\n"),
+        )
+    });
+    let old_pid = lb.pid();
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let (addr, stop) = (lb.addr, stop.clone());
+        tasks.push(tokio::spawn(stream_until(addr, i, stop)));
+    }
+    // Every connection carried (and, but on copy, spliced) before the upgrade.
+    let spliced_before = plane != "copy";
+    wait_for("every stream carried", Duration::from_secs(20), || {
+        let conns = lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len);
+        let spliced = lb.stat("spliced") as usize;
+        conns == STREAMS && (!spliced_before || spliced == STREAMS)
+    })
+    .await;
+    // Blocking (it waits for the answer): off the runtime the streams run on.
+    let (line, mut lb) = tokio::task::spawn_blocking(move || {
+        let line = lb.upgrade(Some(&binary));
+        (line, lb)
+    })
+    .await
+    .expect("upgrade task");
+    let line = line.unwrap_or_else(|e| panic!("upgrade failed: {e}\n{}", lb.log()));
+    assert_eq!(
+        line,
+        format!(
+            "upgraded: new process {}, {STREAMS} connections handed over, 0 kept by the old process until they end",
+            lb.pid()
+        ),
+        "{}",
+        lb.log()
+    );
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while lb.child.try_wait().expect("wait").is_none() {
+        assert!(
+            Instant::now() < gone_by,
+            "old process {old_pid} still there 5 s after the upgrade: {}",
+            lb.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        lb.child
+            .try_wait()
+            .expect("wait")
+            .is_some_and(|s| s.success())
+    );
+    // The new process carries all of them, on the plane they were on (the fast
+    // ones on `auto` demoted back to copy after the splice, still in the maps).
+    let conns = lb.ctl("conns");
+    let rows = conns["conns"].as_array().expect("conns");
+    assert_eq!(rows.len(), STREAMS, "{conns}");
+    let planes: Vec<&str> = rows.iter().filter_map(|r| r["plane"].as_str()).collect();
+    let expected: &[&str] = if plane == "copy" {
+        &["copy"]
+    } else {
+        &["copy", "sockmap"]
+    };
+    assert!(planes.iter().all(|p| expected.contains(p)), "{conns}");
+    eprintln!("{plane}: carried on after the upgrade: {planes:?}");
+    // Bytes keep flowing through the new process for a while, then each client ends.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).expect("stop");
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (sent, got) = t.await.expect("stream task");
+        assert_eq!(
+            sent.0,
+            got.0,
+            "{plane}: stream {i}: {} bytes sent, {} echoed; log:\n{}",
+            sent.0,
+            got.0,
+            lb.log()
+        );
+        assert_eq!(
+            sent.1, got.1,
+            "{plane}: stream {i}: the echo differs from what was sent"
+        );
+    }
+    assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
+    assert!(
+        lb.log().contains("upgrade: done; old process exits"),
+        "{}",
+        lb.log()
+    );
+    drop(lb);
+}
+
+/// One connection: CONNECT, then 16 KiB chunks until `stop` (odd ones as fast as the
+/// path takes them, so that the proxy holds bytes it read and could not write yet;
+/// even ones every 2 ms), then FIN; everything echoed is read until EOF. Returns (length, SHA-256) sent and received.
+async fn stream_until(
+    addr: std::net::SocketAddr,
+    i: usize,
+    mut stop: watch::Receiver<bool>,
+) -> ((u64, Vec<u8>), (u64, Vec<u8>)) {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let (mut r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut hash = Sha256::new();
+        let mut n = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(k) => {
+                    hash.update(&buf[..k]);
+                    n += k as u64;
+                }
+                Err(e) => panic!("stream {i}: read: {e}"),
+            }
+        }
+        (n, hash.finalize().to_vec())
+    });
+    let mut hash = Sha256::new();
+    let head = connect_packet(&format!("up-{i}"));
+    hash.update(&head);
+    let mut n = head.len() as u64;
+    w.write_all(&head).await.expect("write CONNECT");
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ i as u64;
+    let mut chunk = vec![0u8; 16 * 1024];
+    while !*stop.borrow() {
+        prng_fill(&mut state, &mut chunk);
+        if let Err(e) = w.write_all(&chunk).await {
+            panic!("stream {i}: write after {n} bytes: {e}");
+        }
+        hash.update(&chunk);
+        n += chunk.len() as u64;
+        if i.is_multiple_of(2) {
+            tokio::select! {
+                _ = stop.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+        }
+    }
+    w.shutdown().await.expect("shutdown");
+    let got = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .unwrap_or_else(|_| panic!("stream {i}: no EOF within 30 s"))
+        .expect("reader");
+    ((n, hash.finalize().to_vec()), got)
+}
