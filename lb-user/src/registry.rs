@@ -91,6 +91,8 @@ pub struct Entry {
     /// new process at its next quiet point ([`crate::upgrade`]).
     departing: AtomicBool,
     depart: tokio::sync::Notify,
+    /// What carries it cannot hand it over: it stays to its end.
+    staying: AtomicBool,
 }
 
 impl Entry {
@@ -209,6 +211,16 @@ impl Entry {
     pub fn ask_departure(&self) {
         self.departing.store(true, Ordering::Release);
         self.depart.notify_one();
+    }
+
+    /// Says that what carries it cannot hand it to a hot upgrade's new process.
+    pub fn stays(&self) {
+        self.staying.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Entry::stays`] was called.
+    pub fn is_staying(&self) -> bool {
+        self.staying.load(Ordering::Relaxed)
     }
 
     /// Whether [`Entry::ask_departure`] was called.
@@ -355,6 +367,7 @@ impl Registry {
             evict: tokio::sync::Notify::new(),
             departing: AtomicBool::new(false),
             depart: tokio::sync::Notify::new(),
+            staying: AtomicBool::new(false),
         });
         self.conns
             .lock()

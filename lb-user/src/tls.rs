@@ -13,6 +13,7 @@
 //!   and TLS 1.3) and stateless tickets (`session_tickets`), whose key rotates every
 //!   six hours and is the same in every worker and across reloads ([`tickets`]).
 
+pub mod records;
 pub mod tickets;
 
 use std::{collections::HashMap, fmt, path::Path, sync::Arc};
@@ -251,6 +252,10 @@ pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"mqtt".to_vec()];
+    // A hot upgrade moves TLS 1.3 connections with their traffic keys
+    // (`records::Keys::extract`); they go to the new process only, over a private
+    // socket pair, and are never logged.
+    config.enable_secret_extraction = true;
     config.session_storage = if s.session_cache_size > 0 {
         rustls::server::ServerSessionMemoryCache::new(s.session_cache_size)
     } else {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tests::*;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
     sync::watch,
 };
@@ -51,18 +51,17 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
     let echo = Echo::start().await;
     let dir = TempDir::new("upgrade");
     let binary = another_binary(&dir);
-    let mut lb = Daemon::start_edited(plane, &[echo.addr], |t| {
+    let lb = Daemon::start_edited(plane, &[echo.addr], |t| {
         t.replace(
             "connect_timeout = \"1s\"\n",
             &format!("connect_timeout = \"1s\"\n{cluster_keys}\n"),
         )
     });
-    let old_pid = lb.pid();
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = Vec::new();
     for i in 0..STREAMS {
-        let (addr, stop) = (lb.addr, stop.clone());
-        tasks.push(tokio::spawn(stream_until(addr, i, stop)));
+        let s = TcpStream::connect(lb.addr).await.expect("connect");
+        tasks.push(tokio::spawn(stream_until(s, i, stop.clone())));
     }
     // Every connection carried (and, but on copy, spliced) before the upgrade.
     let spliced_before = plane != "copy";
@@ -72,14 +71,7 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
         conns == STREAMS && (!spliced_before || spliced == STREAMS)
     })
     .await;
-    // Blocking (it waits for the answer): off the runtime the streams run on.
-    let (line, mut lb) = tokio::task::spawn_blocking(move || {
-        let line = lb.upgrade(Some(&binary));
-        (line, lb)
-    })
-    .await
-    .expect("upgrade task");
-    let line = line.unwrap_or_else(|e| panic!("upgrade failed: {e}\n{}", lb.log()));
+    let (line, mut lb) = upgrade(lb, binary).await;
     assert_eq!(
         line,
         format!(
@@ -89,21 +81,7 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
         "{}",
         lb.log()
     );
-    let gone_by = Instant::now() + Duration::from_secs(5);
-    while lb.child.try_wait().expect("wait").is_none() {
-        assert!(
-            Instant::now() < gone_by,
-            "old process {old_pid} still there 5 s after the upgrade: {}",
-            lb.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        lb.child
-            .try_wait()
-            .expect("wait")
-            .is_some_and(|s| s.success())
-    );
+    old_gone(&mut lb, Duration::from_secs(5)).await;
     // The new process carries all of them, on the plane they were on (the fast
     // ones on `auto` demoted back to copy after the splice, still in the maps).
     let conns = lb.ctl("conns");
@@ -144,16 +122,136 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
     drop(lb);
 }
 
+/// `mqttlb upgrade --binary BINARY`, off the runtime the streams run on (it waits
+/// for the answer): its output line.
+async fn upgrade(mut lb: Daemon, binary: std::path::PathBuf) -> (String, Daemon) {
+    let (line, lb) = tokio::task::spawn_blocking(move || {
+        let line = lb.upgrade(Some(&binary));
+        (line, lb)
+    })
+    .await
+    .expect("upgrade task");
+    let line = line.unwrap_or_else(|e| panic!("upgrade failed: {e}\n{}", lb.log()));
+    (line, lb)
+}
+
+/// Waits until the started (old) process has exited with success, at most `limit`.
+async fn old_gone(lb: &mut Daemon, limit: Duration) {
+    let by = Instant::now() + limit;
+    loop {
+        if let Some(status) = lb.child.try_wait().expect("wait") {
+            assert!(status.success(), "old process: {status}\n{}", lb.log());
+            return;
+        }
+        assert!(
+            Instant::now() < by,
+            "old process {} still there {limit:?} after: {}",
+            lb.child.id(),
+            lb.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// TLS 1.3 clients move with their traffic keys, the records in flight and what
+/// rustls held; a TLS 1.2 client stays with the old process, which exits once it
+/// closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_streams_move_exactly_and_tls12_stays_until_it_ends() {
+    let echo = Echo::start().await;
+    let pki = Pki::new();
+    let dir = TempDir::new("upgrade-tls");
+    let binary = another_binary(&dir);
+    let instance = format!("up{}x{}", std::process::id(), free_port());
+    let port = free_port();
+    let text = format!(
+        "[global]\nname = \"{instance}\"\ndata_plane = \"auto\"\n\n[[listeners]]\nname = \"mqtts\"\nbind = \"127.0.0.1:{port}\"\nkind = \"mqtts\"\ncluster = \"c\"\n\n[listeners.tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[clusters]]\nname = \"c\"\n\n[clusters.health]\nkind = \"none\"\n\n[[clusters.servers]]\nname = \"echo\"\naddress = \"{}\"\n",
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        echo.addr
+    );
+    let lb = Daemon::start_text("auto", port, &instance, &text);
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let s = pki.connect(lb.addr, None).await.expect("TLS");
+        tasks.push(tokio::spawn(stream_until(s, i, stop.clone())));
+    }
+    // A TLS 1.2 client, one round trip before and after.
+    let mut old_tls = pki
+        .connect_version(lb.addr, &rustls::version::TLS12)
+        .await
+        .expect("TLS 1.2");
+    let hello = connect_packet("tls12");
+    old_tls.write_all(&hello).await.expect("write");
+    let mut back = vec![0u8; hello.len()];
+    old_tls.read_exact(&mut back).await.expect("echo");
+    assert_eq!(back, hello);
+    wait_for("every stream carried", Duration::from_secs(20), || {
+        lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len) == STREAMS + 1
+    })
+    .await;
+    let (line, mut lb) = upgrade(lb, binary).await;
+    assert_eq!(
+        line,
+        format!(
+            "upgraded: new process {}, {STREAMS} connections handed over, 1 kept by the old process until they end",
+            lb.pid()
+        ),
+        "{}",
+        lb.log()
+    );
+    // The old process carries the TLS 1.2 client on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        lb.child.try_wait().expect("wait").is_none(),
+        "old process gone with a connection: {}",
+        lb.log()
+    );
+    old_tls.write_all(b"still here").await.expect("write");
+    let mut back = [0u8; 10];
+    old_tls
+        .read_exact(&mut back)
+        .await
+        .expect("echo through the old process");
+    assert_eq!(&back, b"still here");
+    let rows = lb.ctl("conns");
+    let rows = rows["conns"].as_array().expect("conns");
+    assert_eq!(rows.len(), STREAMS, "{rows:?}");
+    assert!(rows.iter().all(|r| r["plane"] == "tls"), "{rows:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(true).expect("stop");
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (sent, got) = t.await.expect("stream task");
+        assert_eq!(
+            sent.0,
+            got.0,
+            "TLS stream {i}: {} bytes sent, {} echoed; log:\n{}",
+            sent.0,
+            got.0,
+            lb.log()
+        );
+        assert_eq!(
+            sent.1, got.1,
+            "TLS stream {i}: the echo differs from what was sent"
+        );
+    }
+    old_tls.shutdown().await.expect("close_notify");
+    let mut rest = Vec::new();
+    old_tls.read_to_end(&mut rest).await.expect("EOF");
+    old_gone(&mut lb, Duration::from_secs(5)).await;
+    assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
+}
+
 /// One connection: CONNECT, then 16 KiB chunks until `stop` (odd ones as fast as the
 /// path takes them, so that the proxy holds bytes it read and could not write yet;
 /// even ones every 2 ms), then FIN; everything echoed is read until EOF. Returns (length, SHA-256) sent and received.
-async fn stream_until(
-    addr: std::net::SocketAddr,
+async fn stream_until<S: AsyncRead + AsyncWrite + Send + 'static>(
+    s: S,
     i: usize,
     mut stop: watch::Receiver<bool>,
 ) -> ((u64, Vec<u8>), (u64, Vec<u8>)) {
-    let s = TcpStream::connect(addr).await.expect("connect");
-    let (mut r, mut w) = s.into_split();
+    let (mut r, mut w) = tokio::io::split(s);
     let reader = tokio::spawn(async move {
         let mut hash = Sha256::new();
         let mut n = 0u64;

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 /// (relayed in userspace).
 pub(super) enum Client {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<crate::dataplane::tls::TlsClient>),
 }
 
 impl Client {
@@ -16,7 +16,7 @@ impl Client {
     pub(super) fn tcp(&self) -> &TcpStream {
         match self {
             Self::Plain(s) => s,
-            Self::Tls(s) => s.get_ref().0,
+            Self::Tls(s) => s.get_ref().0.get_ref(),
         }
     }
 }

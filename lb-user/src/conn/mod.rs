@@ -304,6 +304,8 @@ impl Conn<'_> {
             (client, Some(pending), Some(ws)) => {
                 let fd = client.tcp().as_raw_fd();
                 self.entry.set_plane(Plane::WebSocket);
+                // Its frame state lives in the relay: a hot upgrade leaves it here.
+                self.entry.stays();
                 let limits = stream::WsLimits {
                     idle,
                     max_frame: u64::from(ws.max_frame_size),
@@ -335,9 +337,13 @@ impl Conn<'_> {
             }
             (Client::Tls(tls), _, _) => {
                 self.entry.set_plane(Plane::Tls);
-                let fd = tls.get_ref().0.as_raw_fd();
-                let relay = stream::relay(tls, fd, server, idle, sent.traffic, stats);
-                Box::pin(evictable(relay, self.entry)).await
+                let ctx = crate::dataplane::tls::Ctx {
+                    idle,
+                    traffic: sent.traffic,
+                    stats,
+                    entry: self.entry,
+                };
+                Box::pin(crate::dataplane::tls::relay(*tls, server, ctx)).await
             }
         };
         let place = Place {
@@ -483,6 +489,26 @@ pub async fn adopt(
         ),
         None => (std::time::Duration::MAX / 4, Default::default(), None),
     };
+    if let crate::dataplane::Carried::Tls(stopped) = moving.carried {
+        entry.set_plane(Plane::Tls);
+        let ctx = crate::dataplane::tls::Ctx {
+            idle: idle_timeout,
+            traffic,
+            stats,
+            entry,
+        };
+        let outcome = crate::dataplane::tls::resume(client, server, *stopped, ctx).await;
+        let place = Place {
+            cluster: &moving.cluster,
+            server: lease.as_ref(),
+            access_log: shared
+                .listener(&moving.listener)
+                .is_some_and(|l| l.config.access_log),
+            mqtt5: moving.mqtt5,
+        };
+        ended(&shared, entry, place, outcome);
+        return;
+    }
     let pair = Pair {
         client,
         server,

@@ -29,11 +29,7 @@ pub(super) struct TlsSession {
 
 /// A TLS client after its handshake: the stream, the client's address (as a PROXY
 /// header named it, if any) and the session.
-pub(super) type Accepted = (
-    tokio_rustls::server::TlsStream<TcpStream>,
-    SocketAddr,
-    TlsSession,
-);
+pub(super) type Accepted = (crate::dataplane::tls::TlsClient, SocketAddr, TlsSession);
 
 /// One TLS refusal logged per second, process-wide.
 static TLS_FAILURE_LOG: LazyLock<LogOnce> = LazyLock::new(|| LogOnce::new(Duration::from_secs(1)));
@@ -59,7 +55,9 @@ pub(super) async fn accept(
         // cannot starve the others; they are cut at the same timeout.
         wait_for_bytes(&client).await?;
         let _permit = tls.handshakes.acquire().await.map_err(io::Error::other)?;
-        acceptor.accept(client).await
+        // Record boundaries followed from the first byte: a hot upgrade hands over
+        // what rustls holds of an incomplete record.
+        acceptor.accept(crate::tls::records::Tap::new(client)).await
     };
     let stream = match timeout(tls.handshake_timeout, handshake).await {
         Ok(Ok(s)) => s,

@@ -16,7 +16,6 @@ use super::{Running, Signals, systemd};
 use crate::{
     bpf::InstanceLock,
     config::Config,
-    registry::Plane,
     upgrade::{
         Request, Summary, UpgradeError,
         old::{Handed, Invocation, Outgoing, Successor},
@@ -135,12 +134,10 @@ impl Running {
         for entry in shared.conns.entries() {
             entry.ask_departure();
         }
-        // What cannot go (TLS, WebSocket) stays; what is still before its plane goes
-        // when it gets there.
-        let stays = |p: Plane| matches!(p, Plane::Tls | Plane::WebSocket);
+        // What cannot go (a terminated WebSocket, TLS 1.2) stays; what is still
+        // before its plane goes when it gets there.
         let deadline = Instant::now() + DEPART_WAIT;
-        while Instant::now() < deadline && !shared.conns.entries().iter().all(|e| stays(e.plane()))
-        {
+        while Instant::now() < deadline && !shared.conns.entries().iter().all(|e| e.is_staying()) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let handed = shared.departed.load(Ordering::Relaxed);

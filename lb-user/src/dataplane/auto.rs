@@ -73,6 +73,8 @@ impl DataPlane for AutoPlane {
                     Box::pin(self.sockmap.resume_spliced(pair, stopped, demote_above)).await
                 }
                 Carried::Unspliced(u) => Box::pin(self.sockmap.resume_unspliced(pair, u)).await,
+                // Not a data plane's: `conn::adopt` resumes TLS connections itself.
+                Carried::Tls(t) => self.copy.resume(pair, Carried::Tls(t)).await,
             }
         })
     }

@@ -236,7 +236,9 @@ impl DataPlane for CopyPlane {
                     .unwrap_or_else(|_| unreachable!("promoted without a threshold")),
                 // The new process refuses the upgrade before this can happen (see
                 // `upgrade`): without BPF it cannot follow a spliced pair.
-                super::Carried::Spliced(_) | super::Carried::Unspliced(_) => {
+                super::Carried::Spliced(_)
+                | super::Carried::Unspliced(_)
+                | super::Carried::Tls(_) => {
                     reset_both(&pair);
                     Outcome::Aborted(io::Error::other(
                         "a spliced connection needs the sockmap plane",

@@ -12,6 +12,7 @@ pub mod copy;
 pub(crate) mod evict;
 pub mod sockmap;
 pub mod stream;
+pub mod tls;
 
 use std::{
     future::Future,
@@ -221,6 +222,8 @@ pub enum Carried {
     /// On the copy plane after the splice (demoted, or refused by the kernel): its
     /// sockets are still in the maps, passing.
     Unspliced(sockmap::Unspliced),
+    /// A TLS client relayed in userspace (its keys and records along).
+    Tls(Box<tls::Stopped>),
 }
 
 impl Carried {
@@ -230,6 +233,7 @@ impl Carried {
             Self::Copy(c) => c.boundary,
             Self::Spliced(s) => s.boundary,
             Self::Unspliced(u) => u.copy.boundary,
+            Self::Tls(_) => None,
         }
     }
 
@@ -240,6 +244,7 @@ impl Carried {
             Self::Copy(c) => c.pending.each_mut(),
             Self::Spliced(s) => s.pending_mut(),
             Self::Unspliced(u) => u.copy.pending.each_mut(),
+            Self::Tls(t) => t.pending.each_mut(),
         }
     }
 }

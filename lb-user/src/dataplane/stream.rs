@@ -1,28 +1,26 @@
-//! The userspace relays for connections whose bytes must change on the way: a TLS
-//! client (decrypted and encrypted in the process) and a WebSocket terminated by mqttlb
-//! in front of a plain MQTT server (frames unwrapped and wrapped). Neither the sockmap
-//! nor the copy plane (which move bytes unchanged between two sockets) can carry them.
+//! The userspace relay for a WebSocket terminated by mqttlb in front of a plain MQTT
+//! server (frames unwrapped and wrapped): neither the sockmap nor the copy plane
+//! (which move bytes unchanged between two sockets) can carry it. TLS clients have
+//! their own relay ([`super::tls`]).
 //!
 //! Each direction copies through a 16 KiB buffer; a half-close is forwarded after
-//! every byte before it (TLS: `close_notify`, then FIN); an error on either side
-//! resets both TCP connections; `idle_timeout` closes a connection with no bytes
-//! either way. TCP and TLS flow control bound memory when a side stops reading.
+//! every byte before it; an error on either side resets both TCP connections;
+//! `idle_timeout` closes a connection with no bytes either way. TCP (and TLS) flow
+//! control bound memory when a side stops reading.
 
 use std::{
     io,
     os::fd::{AsRawFd, RawFd},
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use lb_common::DaemonStat;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 
@@ -35,93 +33,6 @@ use crate::{
 
 /// Buffer per direction.
 const BUF: usize = 16 * 1024;
-
-/// Counts what is read from a stream (per server and daemon-wide) and when.
-struct Metered<'a, S> {
-    inner: S,
-    dir: Direction,
-    stat: DaemonStat,
-    traffic: &'a Traffic,
-    stats: &'a Stats,
-    /// Milliseconds since `epoch` of the last byte read either way.
-    last: &'a AtomicU64,
-    epoch: Instant,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.traffic.add(self.dir, n);
-            self.stats.add(self.stat, n);
-            self.last
-                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Carries `client` (whose TCP socket is `client_fd`) and `server` until both
-/// directions are closed.
-pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
-    client: C,
-    client_fd: RawFd,
-    server: TcpStream,
-    idle: Duration,
-    traffic: Arc<Traffic>,
-    stats: &Stats,
-) -> Outcome {
-    stats.inc(DaemonStat::Copied);
-    let epoch = Instant::now();
-    let last = AtomicU64::new(0);
-    let server_fd = server.as_raw_fd();
-    let mut c = Metered {
-        inner: client,
-        dir: Direction::ClientToServer,
-        stat: DaemonStat::CopiedBytesC2s,
-        traffic: &traffic,
-        stats,
-        last: &last,
-        epoch,
-    };
-    let mut s = Metered {
-        inner: server,
-        dir: Direction::ServerToClient,
-        stat: DaemonStat::CopiedBytesS2c,
-        traffic: &traffic,
-        stats,
-        last: &last,
-        epoch,
-    };
-    let copy = async {
-        tokio::io::copy_bidirectional_with_sizes(&mut c, &mut s, BUF, BUF)
-            .await
-            .map(drop)
-    };
-    until_idle(copy, &last, epoch, idle, [client_fd, server_fd], stats).await
-}
 
 /// Runs `both` (both directions of a relay) to its end, or until neither direction
 /// moved a byte for `idle` (`last`: milliseconds since `epoch` of the last byte). An

@@ -131,6 +131,8 @@ impl DataPlane for SockmapPlane {
                     .resume_copied(&pair, stopped, crate::config::Promote::default())
                     .await
                     .unwrap_or_else(|_| unreachable!("promoted without a threshold")),
+                // Not a data plane's: `conn::adopt` resumes TLS connections itself.
+                Carried::Tls(t) => self.copy.resume(pair, Carried::Tls(t)).await,
             }
         })
     }
