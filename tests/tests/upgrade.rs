@@ -84,6 +84,10 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
     old_gone(&mut lb, Duration::from_secs(5)).await;
     // The new process carries all of them, on the plane they were on (the fast
     // ones on `auto` demoted back to copy after the splice, still in the maps).
+    wait_for("every stream adopted", Duration::from_secs(10), || {
+        lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len) == STREAMS
+    })
+    .await;
     let conns = lb.ctl("conns");
     let rows = conns["conns"].as_array().expect("conns");
     assert_eq!(rows.len(), STREAMS, "{conns}");
@@ -215,9 +219,14 @@ async fn tls_streams_move_exactly_and_tls12_stays_until_it_ends() {
         .await
         .expect("echo through the old process");
     assert_eq!(&back, b"still here");
+    wait_for(
+        "every TLS 1.3 stream adopted",
+        Duration::from_secs(10),
+        || lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len) == STREAMS,
+    )
+    .await;
     let rows = lb.ctl("conns");
     let rows = rows["conns"].as_array().expect("conns");
-    assert_eq!(rows.len(), STREAMS, "{rows:?}");
     assert!(rows.iter().all(|r| r["plane"] == "tls"), "{rows:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_tx.send(true).expect("stop");
@@ -295,4 +304,218 @@ async fn stream_until<S: AsyncRead + AsyncWrite + Send + 'static>(
         .unwrap_or_else(|_| panic!("stream {i}: no EOF within 30 s"))
         .expect("reader");
     ((n, hash.finalize().to_vec()), got)
+}
+
+/// Sessions of each kind in [`mqtt_sessions_and_messages_survive_an_upgrade`].
+const SESSIONS: usize = 1000;
+
+/// The acceptance, with a real broker: 2,000 MQTT sessions (1,000 spliced
+/// after their first second, 1,000 over TLS relayed in userspace), each publishing
+/// QoS 1 messages to a topic it subscribes to; `mqttlb upgrade` to another binary file
+/// while they flow. Every session keeps its TCP connection to the broker (mosquitto
+/// logs no other connection), every message is acknowledged and delivered exactly
+/// once, each session answers a ping at the end, and the old process is gone within
+/// 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_sessions_and_messages_survive_an_upgrade() {
+    if !privileged("upgrade") {
+        return;
+    }
+    let pki = Pki::new();
+    let dir = TempDir::new("upgrade-mqtt");
+    let binary = another_binary(&dir);
+    let log = dir.0.join("mosquitto.log");
+    let broker = Mosquitto::start_with(
+        free_port(),
+        &format!(
+            "log_dest file {}\nlog_type notice\nmax_queued_messages 100000",
+            log.display()
+        ),
+    );
+    let instance = format!("up{}x{}", std::process::id(), free_port());
+    let (plain, tls) = (free_port(), free_port());
+    let text = format!(
+        "[global]\nname = \"{instance}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"127.0.0.1:{plain}\"\ncluster = \"c\"\n\n[[listeners]]\nname = \"mqtts\"\nbind = \"127.0.0.1:{tls}\"\nkind = \"mqtts\"\ncluster = \"c\"\n\n[listeners.tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[clusters]]\nname = \"c\"\npromote_after = \"1s\"\n\n[clusters.health]\nkind = \"none\"\n\n[[clusters.servers]]\nname = \"mosquitto\"\naddress = \"{}\"\n",
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        broker.addr
+    );
+    let lb = Daemon::start_text("auto", plain, &instance, &text);
+    let tls_addr: std::net::SocketAddr = ([127, 0, 0, 1], tls).into();
+    let (stop_tx, stop) = watch::channel(false);
+    let mut sessions = Vec::new();
+    for i in 0..SESSIONS {
+        let s = TcpStream::connect(lb.addr).await.expect("connect");
+        sessions.push(tokio::spawn(publishing_session(
+            s,
+            format!("plain-{i}"),
+            stop.clone(),
+        )));
+        let s = pki.connect(tls_addr, None).await.expect("TLS");
+        sessions.push(tokio::spawn(publishing_session(
+            s,
+            format!("tls-{i}"),
+            stop.clone(),
+        )));
+    }
+    wait_for(
+        "every plain session spliced",
+        Duration::from_secs(30),
+        || lb.stat("spliced") as usize == SESSIONS,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (line, mut lb) = upgrade(lb, binary).await;
+    assert_eq!(
+        line,
+        format!(
+            "upgraded: new process {}, {} connections handed over, 0 kept by the old process until they end",
+            lb.pid(),
+            2 * SESSIONS
+        ),
+        "{}",
+        lb.log()
+    );
+    old_gone(&mut lb, Duration::from_secs(5)).await;
+    // The last ones may still be on their way through the channel.
+    wait_for("every session adopted", Duration::from_secs(10), || {
+        lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len) == 2 * SESSIONS
+    })
+    .await;
+    let conns = lb.ctl("conns");
+    let rows = conns["conns"].as_array().expect("conns");
+    let mut planes = std::collections::BTreeMap::new();
+    for r in rows {
+        *planes
+            .entry(r["plane"].as_str().unwrap_or("?"))
+            .or_insert(0) += 1;
+    }
+    let on = |plane: &str| planes.get(plane).copied().unwrap_or(0);
+    assert_eq!(
+        (on("sockmap"), on("tls")),
+        (SESSIONS, SESSIONS),
+        "{planes:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_tx.send(true).expect("stop");
+    let mut messages = 0;
+    for s in sessions {
+        let (id, published) = s.await.expect("session task");
+        assert!(published >= 4, "{id}: only {published} messages published");
+        messages += published;
+    }
+    let log = std::fs::read_to_string(&log).expect("mosquitto log");
+    let connected = log.matches("New client connected").count();
+    assert_eq!(connected, 2 * SESSIONS, "mosquitto saw other connections");
+    assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
+    eprintln!(
+        "{messages} QoS 1 messages, every one acknowledged and delivered once, across the upgrade"
+    );
+    drop(broker);
+}
+
+/// What a publishing session's reader saw.
+enum Seen {
+    Acked(u16),
+    /// A message (its payload number) and the packet id to acknowledge.
+    Delivered(u16, u16),
+    Pong,
+}
+
+/// One session: CONNECT, SUBSCRIBE to its own topic at QoS 1, a QoS 1 PUBLISH to it
+/// every 250 ms until `stop`, then until every message is acknowledged and delivered
+/// back (each exactly once), a ping, DISCONNECT. Returns its client id and how many
+/// it published; panics on anything else.
+async fn publishing_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    s: S,
+    id: String,
+    mut stop: watch::Receiver<bool>,
+) -> (String, usize) {
+    use tests::packets::{puback, publish};
+    let s = mqttc::session_on(s, &id, true)
+        .await
+        .unwrap_or_else(|e| panic!("{id}: {e}"));
+    let (mut r, mut w) = tokio::io::split(s);
+    let topic = format!("upgrade/{id}");
+    w.write_all(&mqttc::subscribe(1, &topic, 1))
+        .await
+        .expect("subscribe");
+    let (first, _) = mqttc::read_packet(&mut r).await.expect("SUBACK");
+    assert_eq!(first, 0x90, "{id}: SUBACK");
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let reader_id = id.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            let (first, body) = match mqttc::read_packet(&mut r).await {
+                Ok(p) => p,
+                Err(e) => return format!("{reader_id}: read: {e}"),
+            };
+            let event = match first >> 4 {
+                4 => Seen::Acked(u16::from_be_bytes([body[0], body[1]])),
+                3 => {
+                    let at = 2 + usize::from(u16::from_be_bytes([body[0], body[1]]));
+                    let packet_id = u16::from_be_bytes([body[at], body[at + 1]]);
+                    let n = std::str::from_utf8(&body[at + 2..])
+                        .ok()
+                        .and_then(|p| p.parse().ok());
+                    Seen::Delivered(n.expect("payload"), packet_id)
+                }
+                13 => Seen::Pong,
+                _ => continue,
+            };
+            if tx.send(event).is_err() {
+                return String::new();
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let (mut published, mut acked, mut delivered) = (
+        0u16,
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    let mut stopping = false;
+    let mut pinged = false;
+    let give_up = tokio::time::sleep(Duration::from_secs(600));
+    tokio::pin!(give_up);
+    loop {
+        if stopping
+            && !pinged
+            && acked.len() == usize::from(published)
+            && delivered.len() == usize::from(published)
+        {
+            w.write_all(&[0xc0, 0]).await.expect("PINGREQ");
+            pinged = true;
+        }
+        tokio::select! {
+            _ = tick.tick(), if !stopping => {
+                published += 1;
+                let payload = published.to_string();
+                w.write_all(&publish(mqttlb::mqtt::Version::V311, &topic, payload.as_bytes(), 1, published))
+                    .await
+                    .unwrap_or_else(|e| panic!("{id}: publish {published}: {e}"));
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                give_up.as_mut().reset((Instant::now() + Duration::from_secs(30)).into());
+            }
+            event = seen.recv() => match event {
+                Some(Seen::Acked(n)) => assert!(acked.insert(n), "{id}: PUBACK {n} twice"),
+                Some(Seen::Delivered(n, packet_id)) => {
+                    assert!(delivered.insert(n), "{id}: message {n} delivered twice");
+                    w.write_all(&puback(packet_id)).await.expect("PUBACK");
+                }
+                Some(Seen::Pong) => break,
+                None => panic!("{}", reader.await.expect("reader")),
+            },
+            () = &mut give_up => panic!(
+                "{id}: {published} published, {} acknowledged, {} delivered",
+                acked.len(),
+                delivered.len()
+            ),
+        }
+    }
+    let _ = w.write_all(&[0xe0, 0]).await;
+    reader.abort();
+    (id, usize::from(published))
 }
