@@ -72,6 +72,31 @@ struct Reached {
     traffic: Arc<Traffic>,
 }
 
+/// A request raised once, and the wake-up of whoever waits for it.
+#[derive(Debug, Default)]
+struct Raised {
+    set: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Raised {
+    fn raise(&self) {
+        self.set.store(true, Ordering::Release);
+        // A stored permit: a plane that starts waiting later still wakes.
+        self.notify.notify_one();
+    }
+
+    fn is_raised(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        while !self.is_raised() {
+            self.notify.notified().await;
+        }
+    }
+}
+
 /// One connection.
 #[derive(Debug)]
 pub struct Entry {
@@ -84,13 +109,11 @@ pub struct Entry {
     plane: AtomicU8,
     started: Instant,
     started_unix: u64,
-    /// Set by an evacuation; the plane carrying the connection ends it.
-    evicting: AtomicBool,
-    evict: tokio::sync::Notify,
-    /// Set by a hot upgrade; the plane carrying the connection gives it up to the
-    /// new process at its next quiet point ([`crate::upgrade`]).
-    departing: AtomicBool,
-    depart: tokio::sync::Notify,
+    /// Raised by an evacuation; the plane carrying the connection ends it.
+    evict: Raised,
+    /// Raised by a hot upgrade; the plane carrying the connection gives it up to the
+    /// new process where its state is whole ([`crate::upgrade`]).
+    depart: Raised,
     /// What carries it cannot hand it over: it stays to its end.
     staying: AtomicBool,
 }
@@ -189,28 +212,23 @@ impl Entry {
     /// Asks whatever carries the connection to end it as an evacuation does (an
     /// MQTT 5 client first gets DISCONNECT 0x9C at the next packet boundary).
     pub fn evict(&self) {
-        self.evicting.store(true, Ordering::Release);
-        // A stored permit: a plane that starts waiting later still wakes.
-        self.evict.notify_one();
+        self.evict.raise();
     }
 
     /// Whether [`Entry::evict`] was called.
     pub fn is_evicting(&self) -> bool {
-        self.evicting.load(Ordering::Acquire)
+        self.evict.is_raised()
     }
 
     /// Resolves once [`Entry::evict`] is called (at once if it was).
     pub async fn evicted(&self) {
-        while !self.is_evicting() {
-            self.evict.notified().await;
-        }
+        self.evict.wait().await;
     }
 
     /// Asks whatever carries the connection to hand it to the new process of a hot
     /// upgrade (planes that cannot ignore it and carry on).
     pub fn ask_departure(&self) {
-        self.departing.store(true, Ordering::Release);
-        self.depart.notify_one();
+        self.depart.raise();
     }
 
     /// Says that what carries it cannot hand it to a hot upgrade's new process.
@@ -225,14 +243,12 @@ impl Entry {
 
     /// Whether [`Entry::ask_departure`] was called.
     pub fn is_departing(&self) -> bool {
-        self.departing.load(Ordering::Acquire)
+        self.depart.is_raised()
     }
 
     /// Resolves once [`Entry::ask_departure`] is called (at once if it was).
     pub async fn departure_asked(&self) {
-        while !self.is_departing() {
-            self.depart.notified().await;
-        }
+        self.depart.wait().await;
     }
 
     /// The client id, once the CONNECT is read.
@@ -363,10 +379,8 @@ impl Registry {
             plane: AtomicU8::new(Plane::Inspecting as u8),
             started,
             started_unix,
-            evicting: AtomicBool::new(false),
-            evict: tokio::sync::Notify::new(),
-            departing: AtomicBool::new(false),
-            depart: tokio::sync::Notify::new(),
+            evict: Raised::default(),
+            depart: Raised::default(),
             staying: AtomicBool::new(false),
         });
         self.conns

@@ -84,10 +84,7 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
     old_gone(&mut lb, Duration::from_secs(5)).await;
     // The new process carries all of them, on the plane they were on (the fast
     // ones on `auto` demoted back to copy after the splice, still in the maps).
-    wait_for("every stream adopted", Duration::from_secs(10), || {
-        lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len) == STREAMS
-    })
-    .await;
+    adopted(&lb, STREAMS).await;
     let conns = lb.ctl("conns");
     let rows = conns["conns"].as_array().expect("conns");
     assert_eq!(rows.len(), STREAMS, "{conns}");
@@ -137,6 +134,15 @@ async fn upgrade(mut lb: Daemon, binary: std::path::PathBuf) -> (String, Daemon)
     .expect("upgrade task");
     let line = line.unwrap_or_else(|e| panic!("upgrade failed: {e}\n{}", lb.log()));
     (line, lb)
+}
+
+/// Waits until the new process holds `n` connections (the last ones handed over may
+/// still be on their way through the channel when the old process exits).
+async fn adopted(lb: &Daemon, n: usize) {
+    wait_for("every connection adopted", Duration::from_secs(10), || {
+        lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len) == n
+    })
+    .await;
 }
 
 /// Waits until the started (old) process has exited with success, at most `limit`.
@@ -219,12 +225,7 @@ async fn tls_streams_move_exactly_and_tls12_stays_until_it_ends() {
         .await
         .expect("echo through the old process");
     assert_eq!(&back, b"still here");
-    wait_for(
-        "every TLS 1.3 stream adopted",
-        Duration::from_secs(10),
-        || lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len) == STREAMS,
-    )
-    .await;
+    adopted(&lb, STREAMS).await;
     let rows = lb.ctl("conns");
     let rows = rows["conns"].as_array().expect("conns");
     assert!(rows.iter().all(|r| r["plane"] == "tls"), "{rows:?}");
@@ -377,11 +378,7 @@ async fn mqtt_sessions_and_messages_survive_an_upgrade() {
         lb.log()
     );
     old_gone(&mut lb, Duration::from_secs(5)).await;
-    // The last ones may still be on their way through the channel.
-    wait_for("every session adopted", Duration::from_secs(10), || {
-        lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len) == 2 * SESSIONS
-    })
-    .await;
+    adopted(&lb, 2 * SESSIONS).await;
     let conns = lb.ctl("conns");
     let rows = conns["conns"].as_array().expect("conns");
     let mut planes = std::collections::BTreeMap::new();

@@ -489,43 +489,37 @@ pub async fn adopt(
         ),
         None => (std::time::Duration::MAX / 4, Default::default(), None),
     };
-    if let crate::dataplane::Carried::Tls(stopped) = moving.carried {
-        entry.set_plane(Plane::Tls);
-        let ctx = crate::dataplane::tls::Ctx {
-            idle: idle_timeout,
-            traffic,
-            stats,
-            entry,
-        };
-        let outcome = crate::dataplane::tls::resume(client, server, *stopped, ctx).await;
-        let place = Place {
-            cluster: &moving.cluster,
-            server: lease.as_ref(),
-            access_log: shared
-                .listener(&moving.listener)
-                .is_some_and(|l| l.config.access_log),
-            mqtt5: moving.mqtt5,
-        };
-        ended(&shared, entry, place, outcome);
-        return;
-    }
-    let pair = Pair {
-        client,
-        server,
-        id: moving.id,
-        client_addr: moving.client,
-        server_addr: moving.server_address,
-        server_index: lease.as_ref().map_or(0, |l| l.index as u32),
-        written_to_server: moving.written[0],
-        written_to_client: moving.written[1],
-        idle_timeout,
-        promote,
-        traffic,
-        entry: entry.clone(),
-        boundary: moving.carried.boundary().map(Boundary::from_raw),
-        disconnect,
+    let outcome = match moving.carried {
+        crate::dataplane::Carried::Tls(stopped) => {
+            entry.set_plane(Plane::Tls);
+            let ctx = crate::dataplane::tls::Ctx {
+                idle: idle_timeout,
+                traffic,
+                stats,
+                entry,
+            };
+            crate::dataplane::tls::resume(client, server, *stopped, ctx).await
+        }
+        carried => {
+            let pair = Pair {
+                client,
+                server,
+                id: moving.id,
+                client_addr: moving.client,
+                server_addr: moving.server_address,
+                server_index: lease.as_ref().map_or(0, |l| l.index as u32),
+                written_to_server: moving.written[0],
+                written_to_client: moving.written[1],
+                idle_timeout,
+                promote,
+                traffic,
+                entry: entry.clone(),
+                boundary: carried.boundary().map(Boundary::from_raw),
+                disconnect,
+            };
+            shared.plane.resume(pair, carried).await
+        }
     };
-    let outcome = shared.plane.resume(pair, moving.carried).await;
     let access_log = shared
         .listener(&moving.listener)
         .is_some_and(|l| l.config.access_log);
@@ -541,23 +535,21 @@ pub async fn adopt(
 /// The listener's access log line for a connection that ended (`access_log`):
 /// never per packet, never a secret (no username or password).
 fn access_log(entry: &Entry, outcome: &Outcome) {
-    {
-        let row = entry.row();
-        let end = outcome.name();
-        tracing::info!(
-            target: "mqttlb::access",
-            client = %row.client,
-            client_id = row.client_id.as_deref().unwrap_or(""),
-            listener = %row.listener,
-            server = row.server.as_deref().unwrap_or(""),
-            plane = %row.plane,
-            bytes_c2s = row.bytes_c2s,
-            bytes_s2c = row.bytes_s2c,
-            duration_ms = entry.age().as_millis() as u64,
-            end,
-            "connection ended"
-        );
-    }
+    let row = entry.row();
+    let end = outcome.name();
+    tracing::info!(
+        target: "mqttlb::access",
+        client = %row.client,
+        client_id = row.client_id.as_deref().unwrap_or(""),
+        listener = %row.listener,
+        server = row.server.as_deref().unwrap_or(""),
+        plane = %row.plane,
+        bytes_c2s = row.bytes_c2s,
+        bytes_s2c = row.bytes_s2c,
+        duration_ms = entry.age().as_millis() as u64,
+        end,
+        "connection ended"
+    );
 }
 
 /// Counts how a carried connection ended.
@@ -588,10 +580,9 @@ fn evict_disconnect(
     })
 }
 
-/// Runs a userspace relay (TLS, WebSocket) until it ends or the connection is
-/// evicted. These relays keep their own buffers, so they cannot stop at a packet
-/// boundary: an evicted one is dropped, which closes both TCP connections (the
-/// client reconnects as after any close).
+/// Runs the WebSocket relay until it ends or the connection is evicted. It keeps its
+/// own buffers, so it cannot stop at a packet boundary: an evicted one is dropped,
+/// which closes both TCP connections (the client reconnects as after any close).
 async fn evictable(relay: impl std::future::Future<Output = Outcome>, entry: &Entry) -> Outcome {
     tokio::select! {
         outcome = relay => outcome,

@@ -259,8 +259,33 @@ impl<'a> Dir<'a> {
         }
     }
 
+    /// Both directions of `pair` resumed from a hot upgrade's old process.
+    pub(super) fn resumed_both(
+        pair: &'a Pair,
+        cookies: Cookies,
+        [c2s, s2c]: [DirStopped; 2],
+    ) -> [Self; 2] {
+        let (client, server) = (&pair.client, &pair.server);
+        [
+            Self::resumed(
+                (DIR_CLIENT_TO_SERVER, cookies.client),
+                client,
+                server,
+                &pair.traffic,
+                c2s,
+            ),
+            Self::resumed(
+                (DIR_SERVER_TO_CLIENT, cookies.server),
+                server,
+                client,
+                &pair.traffic,
+                s2c,
+            ),
+        ]
+    }
+
     /// A direction resumed from a hot upgrade's old process (see [`DirStopped`]).
-    pub(super) fn resumed(
+    fn resumed(
         (dir, src_cookie): (u32, u64),
         src: &'a TcpStream,
         dst: &'a TcpStream,

@@ -44,8 +44,8 @@ use std::{
 };
 
 use lb_common::{
-    ConnInfo, DIR_CLIENT_TO_SERVER, DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_FIN, EVENT_LAG_CHECK,
-    EVENT_PASSED, EVENT_PEER_GONE, EVENT_STREAM_BROKEN, Event, SOCK_TRACK_MQTT,
+    ConnInfo, DIR_SERVER_TO_CLIENT, DaemonStat, EVENT_FIN, EVENT_LAG_CHECK, EVENT_PASSED,
+    EVENT_PEER_GONE, EVENT_STREAM_BROKEN, Event, SOCK_TRACK_MQTT,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -188,6 +188,13 @@ pub(super) struct Cookies {
     server: u64,
 }
 
+impl Cookies {
+    /// From `[client, server]` (as a hot upgrade passes them).
+    fn of([client, server]: [u64; 2]) -> Self {
+        Self { client, server }
+    }
+}
+
 impl SockmapPlane {
     /// A sockmap plane over loaded BPF, with a copy plane for fallbacks.
     pub fn new(bpf: Arc<Bpf>, stats: Arc<Stats>) -> Arc<Self> {
@@ -290,10 +297,7 @@ impl SockmapPlane {
         stopped: Stopped,
         demote_above: Option<u64>,
     ) -> Outcome {
-        let cookies = Cookies {
-            client: stopped.cookies[0],
-            server: stopped.cookies[1],
-        };
+        let cookies = Cookies::of(stopped.cookies);
         let same = |s: &tokio::net::TcpStream, cookie| {
             sys::socket_cookie(s.as_raw_fd()).is_ok_and(|c| c == cookie)
         };
@@ -304,23 +308,7 @@ impl SockmapPlane {
                 "handed sockets do not match their cookies",
             ));
         }
-        let [c2s, s2c] = stopped.dirs;
-        let mut dirs = [
-            Dir::resumed(
-                (DIR_CLIENT_TO_SERVER, cookies.client),
-                &pair.client,
-                &pair.server,
-                &pair.traffic,
-                c2s,
-            ),
-            Dir::resumed(
-                (DIR_SERVER_TO_CLIENT, cookies.server),
-                &pair.server,
-                &pair.client,
-                &pair.traffic,
-                s2c,
-            ),
-        ];
+        let mut dirs = Dir::resumed_both(&pair, cookies, stopped.dirs);
         let signal = Arc::new(Signal::default());
         self.registry
             .lock()
@@ -522,27 +510,8 @@ impl SockmapPlane {
     /// Carries on a pair a hot upgrade's old process was copying after the splice:
     /// its sockets still in the maps, passing; removed at its end as any other.
     pub(crate) async fn resume_unspliced(&self, pair: Pair, u: Unspliced) -> Outcome {
-        let cookies = Cookies {
-            client: u.cookies[0],
-            server: u.cookies[1],
-        };
-        let [c2s, s2c] = u.dirs;
-        let mut dirs = [
-            Dir::resumed(
-                (DIR_CLIENT_TO_SERVER, cookies.client),
-                &pair.client,
-                &pair.server,
-                &pair.traffic,
-                c2s,
-            ),
-            Dir::resumed(
-                (DIR_SERVER_TO_CLIENT, cookies.server),
-                &pair.server,
-                &pair.client,
-                &pair.traffic,
-                s2c,
-            ),
-        ];
+        let cookies = Cookies::of(u.cookies);
+        let mut dirs = Dir::resumed_both(&pair, cookies, u.dirs);
         let super::copy::Stopped { pending, done, .. } = u.copy;
         let handover = Handover {
             pending,
