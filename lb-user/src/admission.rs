@@ -181,6 +181,23 @@ impl Admission {
         Ok(admitted)
     }
 
+    /// A connection a hot upgrade handed over, counted among its source's open ones
+    /// (never refused: it is open already); `None` when no such count is kept.
+    pub fn adopted(self: &Arc<Self>, source: IpAddr) -> Option<Admitted> {
+        self.limits.max_connections_per_source?;
+        let mut sources = self.sources.lock().expect("sources lock");
+        let now = Instant::now();
+        sources
+            .entry(source)
+            .or_insert(Source { open: 0, tat: now })
+            .open += 1;
+        Some(Admitted {
+            admission: self.clone(),
+            source: Some(source),
+            delayed: false,
+        })
+    }
+
     /// `max_connections_per_source` and `connect_rate_per_source`; true when the
     /// source's open count was raised (and must be lowered at the end).
     fn check_source(&self, source: IpAddr, now: Instant) -> Result<bool, Refusal> {
@@ -292,6 +309,26 @@ mod tests {
         assert!(
             adm.admit(A, "e").await.is_ok(),
             "a place freed by a closed connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_a_hot_upgrade_hands_over_fill_their_source_places() {
+        let adm = limits(|l| l.max_connections_per_source = Some(2));
+        let moved = [adm.adopted(A), adm.adopted(A), adm.adopted(A)];
+        assert!(
+            moved.iter().all(Option::is_some),
+            "adopted past the limit too"
+        );
+        assert_eq!(
+            adm.admit(A, "a").await.err(),
+            Some(Refusal::SourceConnections)
+        );
+        drop(moved);
+        assert!(adm.admit(A, "b").await.is_ok(), "their places given back");
+        assert!(
+            limits(|_| {}).adopted(A).is_none(),
+            "nothing counted without the limit"
         );
     }
 

@@ -516,3 +516,84 @@ async fn publishing_session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     reader.abort();
     (id, usize::from(published))
 }
+
+/// A new process that fails before it accepts leaves the old one serving, unchanged:
+/// here the configuration file broken since the start (what the new process reads)
+/// and a binary that exits at once. Then, the file mended, SIGUSR2 upgrades to the
+/// daemon's own binary, and a connection made before all of it still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_new_binary_leaves_the_old_one_serving() {
+    let echo = Echo::start().await;
+    let dir = TempDir::new("upgrade-fail");
+    let mut lb = Daemon::start("copy", &[echo.addr]);
+    let mut held = TcpStream::connect(lb.addr).await.expect("connect");
+    let hello = connect_packet("held");
+    held.write_all(&hello).await.expect("write");
+    let mut back = vec![0u8; hello.len()];
+    held.read_exact(&mut back).await.expect("echo");
+    let good = lb.config_text();
+    std::fs::write(
+        lb.config_path(),
+        good.replace("[[clusters]]", "[[clusterz]]"),
+    )
+    .expect("break the file");
+    let failed = lb
+        .upgrade(None)
+        .expect_err("the new process cannot read the file");
+    assert!(
+        failed.contains("did not take over") && failed.contains("this one serves on"),
+        "{failed}"
+    );
+    let quits = dir.0.join("quits");
+    std::fs::write(&quits, "#!/bin/sh\nexit 3\n").expect("script");
+    std::fs::set_permissions(&quits, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let failed = lb.upgrade(Some(&quits)).expect_err("a binary that exits");
+    assert!(failed.contains("did not take over"), "{failed}");
+    // Still the same process, serving old and new connections.
+    assert!(lb.child.try_wait().expect("wait").is_none(), "{}", lb.log());
+    held.write_all(b"ping").await.expect("write");
+    let mut b = [0u8; 4];
+    held.read_exact(&mut b)
+        .await
+        .expect("echo after two failed upgrades");
+    assert_eq!(&b, b"ping");
+    let fresh = roundtrip(lb.addr, connect_packet("fresh"))
+        .await
+        .expect("new connection");
+    assert_eq!(fresh, connect_packet("fresh"));
+    // Mended: SIGUSR2 upgrades to the binary the daemon was started from.
+    std::fs::write(lb.config_path(), &good).expect("mend the file");
+    let old = lb.child.id();
+    // SAFETY: kill on our own child's pid.
+    unsafe { libc::kill(old as i32, libc::SIGUSR2) };
+    old_gone(&mut lb, Duration::from_secs(10)).await;
+    let log = lb.log();
+    let pid = log
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.contains("upgrade: new process started")
+                .then(|| {
+                    l.split("pid=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u32>()
+                        .ok()
+                })
+                .flatten()
+        })
+        .expect("the new pid in the log");
+    lb.successor = Some(pid);
+    assert!(process_alive(pid), "{log}");
+    held.write_all(b"pong")
+        .await
+        .expect("write after the upgrade");
+    let mut b = [0u8; 4];
+    held.read_exact(&mut b)
+        .await
+        .expect("echo after the upgrade");
+    assert_eq!(&b, b"pong");
+    assert_eq!(lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len), 1);
+}

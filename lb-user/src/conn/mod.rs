@@ -460,6 +460,11 @@ pub async fn adopt(
     if let Some(id) = &moving.client_id {
         entry.identified(moving.client, id);
     }
+    // Counted among its source's open connections, as it was in the old process.
+    let listener = shared.listener(&moving.listener);
+    let _admitted = listener
+        .as_ref()
+        .and_then(|l| l.admission.adopted(moving.client.ip()));
     let cluster = shared.cluster(&moving.cluster);
     let lease = cluster
         .as_ref()
@@ -520,9 +525,7 @@ pub async fn adopt(
             shared.plane.resume(pair, carried).await
         }
     };
-    let access_log = shared
-        .listener(&moving.listener)
-        .is_some_and(|l| l.config.access_log);
+    let access_log = listener.as_ref().is_some_and(|l| l.config.access_log);
     let place = Place {
         cluster: &moving.cluster,
         server: lease.as_ref(),
