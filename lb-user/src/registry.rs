@@ -72,26 +72,26 @@ struct Reached {
     traffic: Arc<Traffic>,
 }
 
-/// A request raised once, and the wake-up of whoever waits for it.
+/// Requests to whatever carries a connection (end it for an evacuation, hand it to a
+/// hot upgrade's new process), each raised once, and one wake-up for both: a plane
+/// waits on one `Notify` per loop turn, not two (each costs a lock to register).
 #[derive(Debug, Default)]
-struct Raised {
-    set: AtomicBool,
+struct Requests {
+    evict: AtomicBool,
+    depart: AtomicBool,
     notify: tokio::sync::Notify,
 }
 
-impl Raised {
-    fn raise(&self) {
-        self.set.store(true, Ordering::Release);
+impl Requests {
+    fn raise(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
         // A stored permit: a plane that starts waiting later still wakes.
         self.notify.notify_one();
     }
 
-    fn is_raised(&self) -> bool {
-        self.set.load(Ordering::Acquire)
-    }
-
-    async fn wait(&self) {
-        while !self.is_raised() {
+    /// Resolves once `raised` holds, checked at each wake-up.
+    async fn until(&self, raised: impl Fn(&Self) -> bool) {
+        while !raised(self) {
             self.notify.notified().await;
         }
     }
@@ -109,11 +109,10 @@ pub struct Entry {
     plane: AtomicU8,
     started: Instant,
     started_unix: u64,
-    /// Raised by an evacuation; the plane carrying the connection ends it.
-    evict: Raised,
-    /// Raised by a hot upgrade; the plane carrying the connection gives it up to the
-    /// new process where its state is whole ([`crate::upgrade`]).
-    depart: Raised,
+    /// An evacuation's request (the plane carrying the connection ends it), a hot
+    /// upgrade's (it gives the connection up to the new process where its state is
+    /// whole, [`crate::upgrade`]).
+    requests: Requests,
     /// What carries it cannot hand it over: it stays to its end.
     staying: AtomicBool,
 }
@@ -212,23 +211,35 @@ impl Entry {
     /// Asks whatever carries the connection to end it as an evacuation does (an
     /// MQTT 5 client first gets DISCONNECT 0x9C at the next packet boundary).
     pub fn evict(&self) {
-        self.evict.raise();
+        self.requests.raise(&self.requests.evict);
     }
 
     /// Whether [`Entry::evict`] was called.
     pub fn is_evicting(&self) -> bool {
-        self.evict.is_raised()
+        self.requests.evict.load(Ordering::Acquire)
     }
 
     /// Resolves once [`Entry::evict`] is called (at once if it was).
     pub async fn evicted(&self) {
-        self.evict.wait().await;
+        self.requests
+            .until(|r| r.evict.load(Ordering::Acquire))
+            .await;
+    }
+
+    /// Resolves once [`Entry::evict`] is called, or [`Entry::ask_departure`] when
+    /// `departable`: one wait for both (the caller looks which).
+    pub async fn evicted_or_departing(&self, departable: bool) {
+        self.requests
+            .until(|r| {
+                r.evict.load(Ordering::Acquire) || departable && r.depart.load(Ordering::Acquire)
+            })
+            .await;
     }
 
     /// Asks whatever carries the connection to hand it to the new process of a hot
     /// upgrade (planes that cannot ignore it and carry on).
     pub fn ask_departure(&self) {
-        self.depart.raise();
+        self.requests.raise(&self.requests.depart);
     }
 
     /// Says that what carries it cannot hand it to a hot upgrade's new process.
@@ -243,12 +254,7 @@ impl Entry {
 
     /// Whether [`Entry::ask_departure`] was called.
     pub fn is_departing(&self) -> bool {
-        self.depart.is_raised()
-    }
-
-    /// Resolves once [`Entry::ask_departure`] is called (at once if it was).
-    pub async fn departure_asked(&self) {
-        self.depart.wait().await;
+        self.requests.depart.load(Ordering::Acquire)
     }
 
     /// The client id, once the CONNECT is read.
@@ -379,8 +385,7 @@ impl Registry {
             plane: AtomicU8::new(Plane::Inspecting as u8),
             started,
             started_unix,
-            evict: Raised::default(),
-            depart: Raised::default(),
+            requests: Requests::default(),
             staying: AtomicBool::new(false),
         });
         self.conns

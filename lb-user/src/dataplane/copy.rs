@@ -517,6 +517,9 @@ async fn copy_both(
         !c2s.done && !s2c.done && c2s.pending.is_none() && s2c.pending.is_none()
     };
     while !(c2s.done && s2c.done) {
+        // A hot upgrade takes the pair once every byte redirected before a hand-over
+        // from the splice arrived and the server's stream position is known.
+        let departable = c2s.gate.is_none() && s2c.gate.is_none() && s2c.sync.is_none();
         tokio::select! {
             r = c2s.step(stats), if !c2s.done => if r? { last = Instant::now(); },
             r = s2c.step(stats), if !s2c.done => if r? { last = Instant::now(); },
@@ -531,20 +534,18 @@ async fn copy_both(
                 }
                 sleep.as_mut().reset(due(last, &age).into());
             }
-            () = pair.entry.evicted() => {
+            () = pair.entry.evicted_or_departing(departable) => {
+                if !pair.entry.is_evicting() {
+                    let pending = |d: &mut OneWay<'_>| d.pending.take().unwrap_or_default();
+                    return Ok(Ended::Depart(Stopped {
+                        pending: [pending(&mut c2s), pending(&mut s2c)],
+                        done: [c2s.done, s2c.done],
+                        boundary: s2c.boundary.map(Boundary::raw),
+                        read: [c2s.read, s2c.read],
+                    }));
+                }
                 // Boxed: rare, and large inline in every copied pair's future.
                 return Ok(Ended::Outcome(Box::pin(evicted(pair, &mut s2c, stats)).await));
-            }
-            // Once every byte redirected before a hand-over from the splice arrived,
-            // and the server's stream position is known.
-            () = pair.entry.departure_asked(), if c2s.gate.is_none() && s2c.gate.is_none() && s2c.sync.is_none() => {
-                let pending = |d: &mut OneWay<'_>| d.pending.take().unwrap_or_default();
-                return Ok(Ended::Depart(Stopped {
-                    pending: [pending(&mut c2s), pending(&mut s2c)],
-                    done: [c2s.done, s2c.done],
-                    boundary: s2c.boundary.map(Boundary::raw),
-                    read: [c2s.read, s2c.read],
-                }));
             }
         }
         if promote

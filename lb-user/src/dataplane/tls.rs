@@ -157,8 +157,9 @@ async fn run_until(
                     return Stop::Idle;
                 }
             }
-            () = ctx.entry.evicted() => return Stop::Evicted,
-            () = ctx.entry.departure_asked(), if departable => return Stop::Depart,
+            () = ctx.entry.evicted_or_departing(departable) => {
+                return if ctx.entry.is_evicting() { Stop::Evicted } else { Stop::Depart };
+            }
         }
     }
 }

@@ -257,8 +257,7 @@ async fn wait_event(
         r = d0.dst.writable(), if w0 => r.map(|()| None),
         r = d1.dst.writable(), if w1 => r.map(|()| None),
         () = signal.notify.notified() => Ok(None),
-        () = entry.evicted() => Ok(None),
-        () = entry.departure_asked() => Ok(None),
+        () = entry.evicted_or_departing(true) => Ok(None),
         () = tokio::time::sleep_until(deadline.into()) => Ok(None),
     }?;
     if let Some(i) = readable {
