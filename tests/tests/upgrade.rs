@@ -71,7 +71,7 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
         conns == STREAMS && (!spliced_before || spliced == STREAMS)
     })
     .await;
-    let (line, mut lb) = upgrade(lb, binary).await;
+    let (line, mut lb) = upgrade(lb, Some(binary)).await;
     assert_eq!(
         line,
         format!(
@@ -96,6 +96,7 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
     };
     assert!(planes.iter().all(|p| expected.contains(p)), "{conns}");
     eprintln!("{plane}: carried on after the upgrade: {planes:?}");
+    let lb = again(lb, STREAMS).await;
     // Bytes keep flowing through the new process for a while, then each client ends.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_tx.send(true).expect("stop");
@@ -125,15 +126,43 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
 
 /// `mqttlb upgrade --binary BINARY`, off the runtime the streams run on (it waits
 /// for the answer): its output line.
-async fn upgrade(mut lb: Daemon, binary: std::path::PathBuf) -> (String, Daemon) {
+async fn upgrade(mut lb: Daemon, binary: Option<std::path::PathBuf>) -> (String, Daemon) {
     let (line, lb) = tokio::task::spawn_blocking(move || {
-        let line = lb.upgrade(Some(&binary));
+        let line = lb.upgrade(binary.as_deref());
         (line, lb)
     })
     .await
     .expect("upgrade task");
     let line = line.unwrap_or_else(|e| panic!("upgrade failed: {e}\n{}", lb.log()));
     (line, lb)
+}
+
+/// A second upgrade, from the process that took over (to the binary it was started
+/// from): the moved connections, `n` of them, move again; the first successor is gone
+/// within 5 s.
+async fn again(lb: Daemon, n: usize) -> Daemon {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = lb.pid();
+    let (line, lb) = upgrade(lb, None).await;
+    assert_eq!(
+        line,
+        format!(
+            "upgraded: new process {}, {n} connections handed over, 0 kept by the old process until they end",
+            lb.pid()
+        ),
+        "{}",
+        lb.log()
+    );
+    let by = Instant::now() + Duration::from_secs(5);
+    while process_alive(first) {
+        assert!(
+            Instant::now() < by,
+            "{first} still there 5 s after the second upgrade"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    adopted(&lb, n).await;
+    lb
 }
 
 /// Waits until the new process holds `n` connections (the last ones handed over may
@@ -201,7 +230,7 @@ async fn tls_streams_move_exactly_and_tls12_stays_until_it_ends() {
         lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len) == STREAMS + 1
     })
     .await;
-    let (line, mut lb) = upgrade(lb, binary).await;
+    let (line, mut lb) = upgrade(lb, Some(binary)).await;
     assert_eq!(
         line,
         format!(
@@ -229,6 +258,8 @@ async fn tls_streams_move_exactly_and_tls12_stays_until_it_ends() {
     let rows = lb.ctl("conns");
     let rows = rows["conns"].as_array().expect("conns");
     assert!(rows.iter().all(|r| r["plane"] == "tls"), "{rows:?}");
+    // Carried by the record layer of our own now, and moved again from there.
+    let mut lb = again(lb, STREAMS).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_tx.send(true).expect("stop");
     for (i, t) in tasks.into_iter().enumerate() {
@@ -366,7 +397,7 @@ async fn mqtt_sessions_and_messages_survive_an_upgrade() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (line, mut lb) = upgrade(lb, binary).await;
+    let (line, mut lb) = upgrade(lb, Some(binary)).await;
     assert_eq!(
         line,
         format!(
