@@ -137,13 +137,7 @@ impl Entry {
         (server, first_reply): (Arc<Traffic>, crate::stats::Seconds),
     ) -> Arc<Traffic> {
         let traffic = Arc::new(Traffic::timed(server, self.started, first_reply));
-        let _ = self.server.set(Reached {
-            cluster: cluster.to_owned(),
-            name: name.to_owned(),
-            address,
-            traffic: traffic.clone(),
-        });
-        traffic
+        self.resumed(cluster, name, address, traffic)
     }
 
     /// The server a connection a hot upgrade handed over had reached, and its

@@ -39,6 +39,36 @@ async fn streams_in_flight_move_exactly_auto() {
     }
 }
 
+/// What a stream task returns: (length, SHA-256) sent and received.
+type Sums = ((u64, Vec<u8>), (u64, Vec<u8>));
+
+/// Lets the streams run half a second more, stops them, and checks each got back
+/// exactly what it sent.
+async fn streams_exact(
+    what: &str,
+    tasks: Vec<tokio::task::JoinHandle<Sums>>,
+    stop: watch::Sender<bool>,
+    lb: &Daemon,
+) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).expect("stop");
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (sent, got) = t.await.expect("stream task");
+        assert_eq!(
+            sent.0,
+            got.0,
+            "{what}: stream {i}: {} bytes sent, {} echoed; log:\n{}",
+            sent.0,
+            got.0,
+            lb.log()
+        );
+        assert_eq!(
+            sent.1, got.1,
+            "{what}: stream {i}: the echo differs from what was sent"
+        );
+    }
+}
+
 /// A copy of the binary elsewhere: the upgrade starts another file, as after a
 /// rebuild.
 fn another_binary(dir: &TempDir) -> std::path::PathBuf {
@@ -98,23 +128,7 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str) {
     eprintln!("{plane}: carried on after the upgrade: {planes:?}");
     let lb = again(lb, STREAMS).await;
     // Bytes keep flowing through the new process for a while, then each client ends.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop_tx.send(true).expect("stop");
-    for (i, t) in tasks.into_iter().enumerate() {
-        let (sent, got) = t.await.expect("stream task");
-        assert_eq!(
-            sent.0,
-            got.0,
-            "{plane}: stream {i}: {} bytes sent, {} echoed; log:\n{}",
-            sent.0,
-            got.0,
-            lb.log()
-        );
-        assert_eq!(
-            sent.1, got.1,
-            "{plane}: stream {i}: the echo differs from what was sent"
-        );
-    }
+    streams_exact(plane, tasks, stop_tx, &lb).await;
     assert_eq!(lb.stat("aborted"), 0, "{}", lb.log());
     assert!(
         lb.log().contains("upgrade: done; old process exits"),
@@ -260,23 +274,7 @@ async fn tls_streams_move_exactly_and_tls12_stays_until_it_ends() {
     assert!(rows.iter().all(|r| r["plane"] == "tls"), "{rows:?}");
     // Carried by the record layer of our own now, and moved again from there.
     let mut lb = again(lb, STREAMS).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop_tx.send(true).expect("stop");
-    for (i, t) in tasks.into_iter().enumerate() {
-        let (sent, got) = t.await.expect("stream task");
-        assert_eq!(
-            sent.0,
-            got.0,
-            "TLS stream {i}: {} bytes sent, {} echoed; log:\n{}",
-            sent.0,
-            got.0,
-            lb.log()
-        );
-        assert_eq!(
-            sent.1, got.1,
-            "TLS stream {i}: the echo differs from what was sent"
-        );
-    }
+    streams_exact("TLS", tasks, stop_tx, &lb).await;
     old_tls.shutdown().await.expect("close_notify");
     let mut rest = Vec::new();
     old_tls.read_to_end(&mut rest).await.expect("EOF");
@@ -291,7 +289,7 @@ async fn stream_until<S: AsyncRead + AsyncWrite + Send + 'static>(
     s: S,
     i: usize,
     mut stop: watch::Receiver<bool>,
-) -> ((u64, Vec<u8>), (u64, Vec<u8>)) {
+) -> Sums {
     let (mut r, mut w) = tokio::io::split(s);
     let reader = tokio::spawn(async move {
         let mut hash = Sha256::new();
