@@ -267,13 +267,22 @@ pub trait DataPlane: Send + Sync {
     fn resume(&self, pair: Pair, carried: Carried) -> CarryFuture<'_>;
 }
 
-/// `pair` given up to a hot upgrade where `carried` says: its sockets duplicated (the
-/// caller then drops its own, which closes nothing). A failed duplication (out of
-/// descriptors) resets the pair instead.
+/// `pair` given up to a hot upgrade where `carried` says (see [`departure_of`]).
 pub(crate) fn departure(pair: &Pair, carried: Carried, written: [u64; 2]) -> Outcome {
+    departure_of((&pair.client, &pair.server), carried, written)
+}
+
+/// A connection given up to a hot upgrade: its two sockets duplicated (the caller
+/// then drops its own, which closes nothing). A failed duplication (out of
+/// descriptors) resets both instead.
+pub(crate) fn departure_of(
+    (client, server): (&TcpStream, &TcpStream),
+    carried: Carried,
+    written: [u64; 2],
+) -> Outcome {
     use std::os::fd::AsFd;
     let dup = |s: &TcpStream| s.as_fd().try_clone_to_owned();
-    match (dup(&pair.client), dup(&pair.server)) {
+    match (dup(client), dup(server)) {
         (Ok(client), Ok(server)) => Outcome::Departed(Box::new(Departure {
             client,
             server,
@@ -281,7 +290,7 @@ pub(crate) fn departure(pair: &Pair, carried: Carried, written: [u64; 2]) -> Out
             written,
         })),
         (Err(e), _) | (_, Err(e)) => {
-            reset_both(pair);
+            reset_sockets(client, server);
             Outcome::Aborted(e)
         }
     }
@@ -289,8 +298,13 @@ pub(crate) fn departure(pair: &Pair, carried: Carried, written: [u64; 2]) -> Out
 
 /// Resets both sockets when the pair is dropped after an error.
 pub(crate) fn reset_both(pair: &Pair) {
+    reset_sockets(&pair.client, &pair.server);
+}
+
+/// Makes the close of both sockets a reset.
+fn reset_sockets(client: &TcpStream, server: &TcpStream) {
     use std::os::fd::AsRawFd;
     // Best effort: the sockets are about to be closed either way.
-    let _ = crate::sys::set_linger_zero(pair.client.as_raw_fd());
-    let _ = crate::sys::set_linger_zero(pair.server.as_raw_fd());
+    let _ = crate::sys::set_linger_zero(client.as_raw_fd());
+    let _ = crate::sys::set_linger_zero(server.as_raw_fd());
 }

@@ -302,9 +302,9 @@ pub async fn relay(client: TlsClient, server: TcpStream, ctx: Ctx<'_>) -> Outcom
     };
     match stop {
         Stop::Depart => match stopped(client, &halves) {
+            // `written` serves the splice's accounting: nothing for a TLS client.
             Ok((tcp, stopped)) => {
-                let written = [0, 0];
-                departure(&tcp, &server, stopped, written)
+                super::departure_of((&tcp, &server), Carried::Tls(Box::new(stopped)), [0, 0])
             }
             Err(e) => {
                 for fd in fds {
@@ -356,31 +356,6 @@ fn stopped(client: TlsClient, halves: &[Half; 2]) -> io::Result<(TcpStream, Stop
         done: [c2s.done, s2c.done],
     };
     Ok((tcp, state))
-}
-
-/// The relay's connection as a departure (sockets duplicated).
-fn departure(
-    client: &TcpStream,
-    server: &TcpStream,
-    stopped: Stopped,
-    written: [u64; 2],
-) -> Outcome {
-    use std::os::fd::AsFd;
-    let dup = |s: &TcpStream| s.as_fd().try_clone_to_owned();
-    match (dup(client), dup(server)) {
-        (Ok(client), Ok(server)) => Outcome::Departed(Box::new(super::Departure {
-            client,
-            server,
-            carried: Carried::Tls(Box::new(stopped)),
-            written,
-        })),
-        (Err(e), _) | (_, Err(e)) => {
-            for fd in [client.as_raw_fd(), server.as_raw_fd()] {
-                let _ = sys::set_linger_zero(fd);
-            }
-            Outcome::Aborted(e)
-        }
-    }
 }
 
 /// One direction of [`resume`].
@@ -466,7 +441,7 @@ pub async fn resume(client: TcpStream, server: TcpStream, st: Stopped, ctx: Ctx<
                 close_sealed,
                 done: [up.done, down.done],
             };
-            departure(&client, &server, state, [0, 0])
+            super::departure_of((&client, &server), Carried::Tls(Box::new(state)), [0, 0])
         }
         stop => ended(stop, fds, ctx.stats),
     }
