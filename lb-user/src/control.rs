@@ -63,14 +63,27 @@ pub fn lock_path(instance: &str) -> PathBuf {
     Path::new(RUN_DIR).join(lock_name(instance))
 }
 
-/// The socket file, removed when dropped (at a clean stop).
+/// The socket file, removed when dropped (at a clean stop) once it is this
+/// process's.
 pub struct ControlSocket {
     path: PathBuf,
+    /// Not while a hot upgrade's new process shares it with the old one, which
+    /// serves on if the upgrade fails ([`Self::own`]).
+    owned: bool,
+}
+
+impl ControlSocket {
+    /// The hot upgrade took over: this process removes the file at its clean stop.
+    pub fn own(&mut self) {
+        self.owned = true;
+    }
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.owned {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -89,7 +102,7 @@ pub fn bind(path: &Path) -> io::Result<(std::os::unix::net::UnixListener, Contro
     let listener = std::os::unix::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
-    Ok((listener, ControlSocket { path }))
+    Ok((listener, ControlSocket { path, owned: true }))
 }
 
 /// The control socket a hot upgrade's old process handed over (listening at `path`).
@@ -103,6 +116,7 @@ pub fn inherited(
         listener,
         ControlSocket {
             path: path.to_owned(),
+            owned: false,
         },
     ))
 }
@@ -179,6 +193,7 @@ async fn upgrade(
         binary: (!binary.is_empty()).then(|| PathBuf::from(binary)),
         reply: Some(reply),
         answered: Some(answered),
+        successor: None,
     };
     if requests.try_send(request).is_err() {
         return serde_json::json!({ "error": crate::upgrade::UpgradeError::Busy.to_string() });

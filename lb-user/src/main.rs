@@ -106,7 +106,12 @@ fn upgrade(binary: Option<PathBuf>, instance: &str) -> anyhow::Result<String> {
         Some(b) => format!("upgrade {}", b.display()),
         None => "upgrade".to_owned(),
     };
-    let socket = mqttlb::control::socket_path(instance);
+    // With `[global] workers` the supervisor upgrades (its workers with it).
+    let supervisor = mqttlb::workers::supervisor_socket(instance);
+    let socket = match supervisor.exists() {
+        true => supervisor,
+        false => mqttlb::control::socket_path(instance),
+    };
     let wait = mqttlb::control::UPGRADE_WAIT + std::time::Duration::from_secs(5);
     let answer = mqttlb::control::query_waiting(&socket, &request, wait).with_context(|| {
         format!(

@@ -119,6 +119,9 @@ pub struct InstanceLock {
     /// Holds the lock.
     _file: File,
     path: PathBuf,
+    /// Whether dropping it removes the file: not while a hot upgrade's new process
+    /// shares it with the old one that may serve on ([`Self::own`]).
+    owned: bool,
 }
 
 impl InstanceLock {
@@ -134,7 +137,13 @@ impl InstanceLock {
         Self {
             _file: File::from(fd),
             path,
+            owned: false,
         }
+    }
+
+    /// The hot upgrade took over: this process removes the file at its clean stop.
+    pub fn own(&mut self) {
+        self.owned = true;
     }
 
     /// The lock's open file (what an upgrade hands over).
@@ -180,7 +189,11 @@ impl InstanceLock {
                 .map_err(|e| io("cannot inspect", &path, e))?;
             match std::fs::symlink_metadata(&path) {
                 Ok(now) if now.ino() == opened.ino() && now.dev() == opened.dev() => {
-                    return Ok(Self { _file: file, path });
+                    return Ok(Self {
+                        _file: file,
+                        path,
+                        owned: true,
+                    });
                 }
                 _ => continue,
             }
@@ -191,7 +204,9 @@ impl InstanceLock {
 impl Drop for InstanceLock {
     fn drop(&mut self) {
         // Removed while still locked, so a daemon starting now locks a new file.
-        let _ = std::fs::remove_file(&self.path);
+        if self.owned {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -156,8 +156,8 @@ pub struct Prepared {
     lock: Option<InstanceLock>,
     /// This worker's place, with `[global] workers`.
     seat: Option<Seat>,
-    /// Where a worker says it accepts.
-    ready: Option<std::os::fd::OwnedFd>,
+    /// A worker's: where it says it accepts, and its link to the supervisor.
+    ready: Option<WorkerEnds>,
     stats: Arc<Stats>,
     limit: usize,
     planes: plane::Planes,
@@ -168,6 +168,9 @@ pub struct Prepared {
     /// The old process's next connection id, when this one takes over from it.
     inherited_next_id: Option<u32>,
 }
+
+/// A worker's ends toward its supervisor: the pipe it says "ready" on, its link.
+type WorkerEnds = (std::os::fd::OwnedFd, upgrade::channel::Channel);
 
 /// Sets up what needs privilege (see [`Prepared`]) and drops it. Call with no other
 /// thread running: capabilities are per thread.
@@ -191,7 +194,7 @@ pub fn prepare(
             crate::workers::remove_left_behind(name);
             (Some(lock), None, None, None)
         }
-        (Some(a), _) => (None, Some(a.seat), Some(a.sockets), Some(a.ready)),
+        (Some(a), _) => (None, Some(a.seat), Some(a.sockets), Some((a.ready, a.link))),
     };
     let index = seat.map_or(0, |s| s.index);
     let control_plane = seat.is_none_or(Seat::control_plane);
@@ -290,13 +293,18 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let (mut running, mut signals, ready) = start(&config, prepared)?;
     if let Some(arrival) = arrival {
-        let r = &running;
+        let r = &mut running;
         arrival
             .ready(r.shared.clone(), r.permits.clone())
             .map_err(|e| DaemonError::Upgrade(e.to_string()))?;
+        // Taken over: the files are this process's to remove at its clean stop.
+        if let Some(lock) = r._lock.as_mut() {
+            lock.own();
+        }
+        r._control.own();
     }
     let (upgrades, mut upgrade_requests) = tokio::sync::mpsc::channel(1);
-    let _ = running.shared.upgrades.set(upgrades);
+    let _ = running.shared.upgrades.set(upgrades.clone());
     let invocation = upgrade::old::Invocation::current();
     let stats = running.shared.stats.clone();
     // With workers, the supervisor speaks to the service manager.
@@ -304,7 +312,8 @@ pub async fn run(
     if alone {
         systemd::ready(running.listeners.len(), running.shared.plane.name());
     }
-    if let Some(pipe) = ready {
+    if let Some((pipe, link)) = ready {
+        crate::workers::link::follow(link, upgrades);
         crate::workers::say_ready(pipe);
     }
     let watchdog = alone.then(systemd::watchdog).flatten();
@@ -350,7 +359,7 @@ pub async fn run(
 fn start(
     config: &Config,
     prepared: Prepared,
-) -> Result<(Running, Signals, Option<std::os::fd::OwnedFd>), DaemonError> {
+) -> Result<(Running, Signals, Option<WorkerEnds>), DaemonError> {
     let Prepared {
         lock,
         seat,
@@ -368,20 +377,17 @@ fn start(
         guard,
         inherited_next_id,
     } = prepared;
-    // Duplicates for a later hot upgrade (a lone daemon only).
-    let handed = match (&lock, seat) {
-        (Some(lock), None) => Some(takeover::handed(
-            lock,
-            &control_listener,
-            config
-                .admin
-                .as_ref()
-                .map(|a| a.bind)
-                .zip(admin_socket.as_ref()),
-            config.listeners.iter().map(|l| l.bind).zip(&sockets),
-        )),
-        _ => None,
-    };
+    // Duplicates for a later hot upgrade (a worker's lock is its supervisor's).
+    let handed = Some(takeover::handed(
+        lock.as_ref(),
+        &control_listener,
+        config
+            .admin
+            .as_ref()
+            .map(|a| a.bind)
+            .zip(admin_socket.as_ref()),
+        config.listeners.iter().map(|l| l.bind).zip(&sockets),
+    ));
     let in_runtime = |name: &str, addr, socket| {
         TcpListener::from_std(socket).map_err(|source| DaemonError::Bind {
             name: name.to_owned(),
@@ -728,15 +734,24 @@ pub fn serve_worker(
     config_path: PathBuf,
     config: Config,
     plane_override: Option<DataPlaneKind>,
-    assigned: Assigned,
+    mut assigned: Assigned,
 ) -> Result<(), DaemonError> {
     let count = assigned.seat.count as usize;
-    let prepared = prepare(&config, plane_override, Some(assigned), None)?;
+    // In a hot upgrade: the old worker of this index hands over its sockets first.
+    let (arrival, inherited) = match assigned.arrival.take() {
+        Some(fd) => {
+            let (arrival, inherited) = upgrade::new::arrive_as_worker(fd)
+                .map_err(|e| DaemonError::Upgrade(e.to_string()))?;
+            (Some(arrival), Some(inherited))
+        }
+        None => (None, None),
+    };
+    let prepared = prepare(&config, plane_override, Some(assigned), inherited)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads((cores / count).max(1))
         .enable_all()
         .build()
         .map_err(|e| DaemonError::Worker(format!("cannot start the runtime: {e}")))?;
-    runtime.block_on(run(config_path, config, prepared, None))
+    runtime.block_on(run(config_path, config, prepared, arrival))
 }

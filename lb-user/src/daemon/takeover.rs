@@ -6,7 +6,7 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::AsFd,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,6 +18,7 @@ use crate::{
     config::Config,
     upgrade::{
         Request, Summary, UpgradeError,
+        channel::Channel,
         old::{Handed, Invocation, Outgoing, Successor},
     },
 };
@@ -29,14 +30,14 @@ const DEPART_WAIT: Duration = Duration::from_secs(10);
 /// Duplicates of the lock, the control socket, the admin listener and the
 /// listeners, for a later upgrade.
 pub(super) fn handed<'a>(
-    lock: &InstanceLock,
+    lock: Option<&InstanceLock>,
     control: &std::os::unix::net::UnixListener,
     admin: Option<(SocketAddr, &std::net::TcpListener)>,
     listeners: impl Iterator<Item = (SocketAddr, &'a std::net::TcpListener)>,
 ) -> io::Result<Handed> {
     let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
     Ok(Handed {
-        lock: dup(lock.file().as_fd())?,
+        lock: lock.map(|l| dup(l.file().as_fd())).transpose()?,
         control: dup(control.as_fd())?,
         admin: admin
             .map(|(a, s)| dup(s.as_fd()).map(|fd| (a, fd)))
@@ -60,7 +61,8 @@ impl Running {
     ) -> Self {
         let binary = request.binary.take();
         let binary = binary.unwrap_or_else(|| invocation.binary.clone());
-        match self.begin(config, &binary, invocation).await {
+        let successor = request.successor.take();
+        match self.begin(config, (&binary, successor), invocation).await {
             Ok(successor) => self.hand_over(successor, request, signals).await,
             Err(e) => {
                 error!(error = %e, binary = %binary.display(), "upgrade failed");
@@ -72,23 +74,20 @@ impl Running {
         }
     }
 
-    /// Starts the new process and waits until it accepts.
+    /// Starts the new process (a worker's was started by the new supervisor and
+    /// waits on `successor`) and waits until it accepts.
     async fn begin(
         &self,
         config: &Config,
-        binary: &std::path::Path,
+        (binary, successor): (&std::path::Path, Option<Channel>),
         invocation: &Invocation,
     ) -> Result<Successor, UpgradeError> {
-        let why = if self.shared.seat.get().is_some() {
-            Some("[global] workers > 1 (each worker would need its own successor)")
-        } else if config.global.run_as.is_some() {
+        let why = if self.shared.seat.get().is_some() && successor.is_none() {
             Some(
-                "[global] user: the daemon gave up the privileges the new process needs to load BPF",
+                "this is a worker of [global] workers: ask the supervisor (`mqttlb upgrade`, or SIGUSR2 to its pid)",
             )
-        } else if self.shared.guard.get().is_some() {
-            Some("[guard]: its XDP program cannot be handed over yet")
         } else {
-            None
+            crate::upgrade::refusal(config)
         };
         if let Some(why) = why {
             return Err(UpgradeError::Unsupported(why));
@@ -99,7 +98,15 @@ impl Running {
             .ok_or(UpgradeError::Unsupported("no sockets kept to hand over"))?;
         let next_id = self.shared.conns.next_id();
         let spliced = self.events.is_some();
-        crate::upgrade::old::start(binary, invocation, handed, (next_id, spliced)).await
+        match successor {
+            Some(channel) => {
+                crate::upgrade::old::introduce_on(Arc::new(channel), handed, (next_id, spliced))
+                    .await
+            }
+            None => {
+                crate::upgrade::old::start(binary, invocation, handed, (next_id, spliced)).await
+            }
+        }
     }
 
     /// The new process accepts: stop accepting and answering, hand every connection
@@ -112,7 +119,10 @@ impl Running {
     ) -> ! {
         let pid = successor.pid;
         info!(pid, "upgrade: the new process accepts; handing over");
-        systemd::main_pid(pid);
+        // With workers, the old supervisor names the new one.
+        if self.shared.seat.get().is_none() {
+            systemd::main_pid(pid);
+        }
         let _ = self.stop.send(true);
         for t in self.accept_tasks.drain(..) {
             let _ = t.await;

@@ -19,10 +19,12 @@
 //!    redirecting meanwhile). Each goes as a [`Message::Conn`] with its two sockets.
 //! 4. The new process adopts each ([`crate::conn::adopt`]) under the same id, and its
 //!    plane resumes it ([`crate::dataplane::DataPlane::resume`]).
-//! 5. The old process exits once it holds nothing. What it cannot hand over yet it
-//!    carries to the end first: TLS and WebSocket connections (their record and
-//!    frame state lives in rustls and in the relay), and pairs demoted from the
-//!    splice (their sockets stay in this process's view of the maps).
+//! 5. The old process exits once it holds nothing. What it cannot hand over it
+//!    carries to the end first: TLS 1.2 connections and WebSocket connections it
+//!    terminates (their record and frame state lives in rustls and in the relay).
+//!
+//! With `[global] workers` the supervisor upgrades, and each worker is handed over
+//! this way to the new worker of its index ([`crate::workers::handover`]).
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -47,9 +49,12 @@ pub enum Message {
         /// The new process.
         pid: u32,
     },
-    /// Old to new, with the descriptors: the instance lock, the control socket, the
-    /// admin listener (when `admin` is set), then one per entry of `listeners`.
+    /// Old to new, with the descriptors: the instance lock (when `lock`), the control
+    /// socket, the admin listener (when `admin` is set), then one per entry of
+    /// `listeners`.
     Sockets {
+        /// Whether the instance lock comes first (a worker holds none).
+        lock: bool,
         /// Where each listening socket is bound, in descriptor order.
         listeners: Vec<SocketAddr>,
         /// Where the admin listener is bound.
@@ -70,6 +75,32 @@ pub enum Message {
         handed: u64,
         /// Connections the old process carries to their end.
         kept: u64,
+    },
+    /// Old supervisor to new (`[global] workers`), with the descriptors: the instance
+    /// lock, the supervisor's control socket, then each listener's group, worker 0
+    /// to `workers - 1` (listener by listener, as in `listeners`).
+    Groups {
+        /// Where each group is bound.
+        listeners: Vec<SocketAddr>,
+        /// Sockets in each group.
+        workers: u32,
+        /// Whether each group has the selection program attached (it stays, with
+        /// its socket array: a socket is in one such array at a time).
+        selected: Vec<bool>,
+    },
+    /// New supervisor to old, with one end of a channel: the new worker `index` waits
+    /// on its other end for old worker `index`'s hand-over.
+    Worker {
+        /// The worker's index.
+        index: u32,
+    },
+    /// Old supervisor to its worker, on their link, with the channel to the worker's
+    /// successor: hand everything over to it.
+    HandOver,
+    /// Old worker to its supervisor: the hand-over's outcome.
+    HandedOver {
+        /// What it did, or why it did not.
+        outcome: Result<Summary, String>,
     },
 }
 
@@ -128,6 +159,9 @@ pub struct Request {
     /// Resolves once the outcome was written to the asker (the old process waits
     /// for it before it exits).
     pub answered: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// A worker's successor, already started by the new supervisor and waiting on
+    /// the other end of this channel (none: start the binary).
+    pub successor: Option<channel::Channel>,
 }
 
 /// What an upgrade did, as `mqttlb upgrade` prints it.
@@ -139,6 +173,17 @@ pub struct Summary {
     pub handed: u64,
     /// Connections the old process carries to their end before it exits.
     pub kept: u64,
+}
+
+/// Why `config`'s daemon cannot be handed over, if it cannot.
+pub fn refusal(config: &crate::config::Config) -> Option<&'static str> {
+    if config.global.run_as.is_some() {
+        Some("[global] user: the daemon gave up the privileges the new process needs to load BPF")
+    } else if config.guard.is_some() {
+        Some("[guard]: its XDP program cannot be handed over yet")
+    } else {
+        None
+    }
 }
 
 /// Why an upgrade did not happen (the running daemon serves on).

@@ -62,11 +62,17 @@ pub struct Arrival {
 /// When this process was started by an upgrade (`MQTTLB_UPGRADE_FD` set): says hello
 /// and receives the sockets. `None` for a plain start.
 pub fn arrive() -> Option<Result<(Arrival, Inherited), UpgradeError>> {
-    let value = std::env::var_os(CHANNEL_ENV)?;
-    Some(arrive_on(&value.to_string_lossy()))
+    Some(channel_from_env()?.and_then(arrive_over))
 }
 
-fn arrive_on(value: &str) -> Result<(Arrival, Inherited), UpgradeError> {
+/// The channel to the old process, when this one was started by an upgrade: said
+/// hello on.
+fn channel_from_env() -> Option<Result<Channel, UpgradeError>> {
+    let value = std::env::var_os(CHANNEL_ENV)?;
+    Some(channel_on(&value.to_string_lossy()))
+}
+
+fn channel_on(value: &str) -> Result<Channel, UpgradeError> {
     let bad = |why: &str| {
         UpgradeError::Channel(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -90,15 +96,40 @@ fn arrive_on(value: &str) -> Result<(Arrival, Inherited), UpgradeError> {
             libc::FD_CLOEXEC,
         )
     };
-    let channel = Channel::from_fd(fd);
-    let pid = std::process::id();
+    hello(Channel::from_fd(fd))
+}
+
+/// A new worker of `[global] workers` that its supervisor started for an upgrade:
+/// says hello to the old worker of its index on `fd` and receives its sockets.
+pub fn arrive_as_worker(fd: OwnedFd) -> Result<(Arrival, Inherited), UpgradeError> {
+    hello(Channel::from_fd(fd)).and_then(arrive_over)
+}
+
+/// Says hello (with this process's pid) on `channel`.
+fn hello(channel: Channel) -> Result<Channel, UpgradeError> {
+    // SAFETY: getpid has no preconditions (a forked worker's own pid, not the
+    // supervisor's, which std::process::id would give as well).
+    let pid = unsafe { libc::getpid() } as u32;
     channel
         .send(&Message::Hello { pid }, &[], &[])
         .map_err(UpgradeError::Channel)?;
+    Ok(channel)
+}
+
+/// Receives the sockets of the old process (or with `[global] workers` of the old
+/// worker of the same index) on `channel`.
+fn arrive_over(channel: Channel) -> Result<(Arrival, Inherited), UpgradeError> {
+    let bad = |why: &str| {
+        UpgradeError::Channel(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("from the old process: {why}"),
+        ))
+    };
     let (msg, _, fds) = channel
         .recv(Some(SOCKETS_WAIT))
         .map_err(UpgradeError::Channel)?;
     let Message::Sockets {
+        lock,
         listeners,
         admin,
         next_id,
@@ -107,13 +138,13 @@ fn arrive_on(value: &str) -> Result<(Arrival, Inherited), UpgradeError> {
     else {
         return Err(bad("expected the sockets"));
     };
-    let expected = 2 + usize::from(admin.is_some()) + listeners.len();
+    let expected = usize::from(lock) + 1 + usize::from(admin.is_some()) + listeners.len();
     if fds.len() != expected {
         return Err(bad("wrong number of descriptors"));
     }
     let mut fds = fds.into_iter();
     let mut next = || fds.next().expect("counted");
-    let lock = Some(next());
+    let lock = lock.then(&mut next);
     let control = Some(next());
     let admin = admin.map(|a| (a, next()));
     let listeners = listeners.into_iter().map(|a| (a, next())).collect();
@@ -126,6 +157,66 @@ fn arrive_on(value: &str) -> Result<(Arrival, Inherited), UpgradeError> {
         spliced,
     };
     Ok((Arrival { channel }, inherited))
+}
+
+/// What the old supervisor of `[global] workers` handed over.
+#[derive(Debug)]
+pub struct Groups {
+    /// The channel to the old supervisor.
+    pub channel: Channel,
+    /// The instance lock.
+    pub lock: OwnedFd,
+    /// The supervisor's control socket, listening.
+    pub control: OwnedFd,
+    /// Each listener's group by address, worker 0's socket first, and whether the
+    /// selection program is attached to it.
+    pub groups: Vec<(SocketAddr, Vec<OwnedFd>, bool)>,
+    /// Sockets per group.
+    pub workers: u32,
+}
+
+/// When this supervisor was started by an upgrade: says hello and receives the
+/// listener groups. `None` for a plain start.
+pub fn arrive_as_supervisor() -> Option<Result<Groups, UpgradeError>> {
+    Some(channel_from_env()?.and_then(groups_over))
+}
+
+fn groups_over(channel: Channel) -> Result<Groups, UpgradeError> {
+    let (msg, _, fds) = channel
+        .recv(Some(SOCKETS_WAIT))
+        .map_err(UpgradeError::Channel)?;
+    let bad = |why: String| {
+        UpgradeError::Channel(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("from the old supervisor: {why}"),
+        ))
+    };
+    let Message::Groups {
+        listeners,
+        workers,
+        selected,
+    } = msg
+    else {
+        return Err(bad(format!("expected the listener groups, got {msg:?}")));
+    };
+    if fds.len() != 2 + listeners.len() * workers as usize || selected.len() != listeners.len() {
+        return Err(bad("wrong number of descriptors".to_owned()));
+    }
+    let mut fds = fds.into_iter();
+    let lock = fds.next().expect("counted");
+    let control = fds.next().expect("counted");
+    let groups = listeners
+        .into_iter()
+        .zip(selected)
+        .map(|(a, s)| (a, fds.by_ref().take(workers as usize).collect(), s))
+        .collect();
+    Ok(Groups {
+        channel,
+        lock,
+        control,
+        groups,
+        workers,
+    })
 }
 
 impl Arrival {

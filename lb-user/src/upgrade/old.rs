@@ -16,16 +16,17 @@ use tracing::{error, info};
 use super::{Leaving, Message, UpgradeError, channel::Channel};
 
 /// How long the new binary may take to read its configuration.
-const HELLO_WAIT: Duration = Duration::from_secs(30);
+pub const HELLO_WAIT: Duration = Duration::from_secs(30);
 /// How long it may take from there to accepting (BPF load, TLS keys, binds).
-const READY_WAIT: Duration = Duration::from_secs(60);
+pub const READY_WAIT: Duration = Duration::from_secs(60);
 
 /// Duplicates of what the new process takes over, kept by the running daemon from
 /// its start for this.
 #[derive(Debug)]
 pub struct Handed {
-    /// The instance lock (an `flock` lives with the open file, which both then share).
-    pub lock: OwnedFd,
+    /// The instance lock (an `flock` lives with the open file, which both then
+    /// share); a worker holds none (its supervisor does).
+    pub lock: Option<OwnedFd>,
     /// The control socket, listening.
     pub control: OwnedFd,
     /// The admin listener and its address.
@@ -88,6 +89,36 @@ pub async fn start(
     handed: Arc<Handed>,
     (next_id, spliced): (u32, bool),
 ) -> Result<Successor, UpgradeError> {
+    let (mut child, channel) = spawn(binary, invocation)?;
+    match introduce_on(Arc::new(channel), handed, (next_id, spliced)).await {
+        Ok(successor) => Ok(successor),
+        Err(e) => {
+            let _ = tokio::task::spawn_blocking(move || give_up(&mut child)).await;
+            Err(e)
+        }
+    }
+}
+
+/// A new process that did not take over: let finish saying why (its last log line)
+/// if it is on its way out; one that hangs is killed, so it never takes over later.
+pub fn give_up(child: &mut std::process::Child) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Starts `binary` with `invocation`'s arguments and the other end of a new channel
+/// (a daemon, or with `[global] workers` a supervisor).
+pub fn spawn(
+    binary: &Path,
+    invocation: &Invocation,
+) -> Result<(std::process::Child, Channel), UpgradeError> {
     let (channel, theirs) = Channel::pair().map_err(UpgradeError::Channel)?;
     let mut command = std::process::Command::new(binary);
     command
@@ -100,53 +131,57 @@ pub async fn start(
             crate::sys::keep_on_exec(raw)
         });
     }
-    let mut child = command.spawn().map_err(|source| UpgradeError::Spawn {
+    let child = command.spawn().map_err(|source| UpgradeError::Spawn {
         binary: binary.display().to_string(),
         source,
     })?;
-    drop(theirs);
-    let pid = child.id();
-    info!(pid, binary = %binary.display(), "upgrade: new process started");
-    let channel = Arc::new(channel);
+    info!(pid = child.id(), binary = %binary.display(), "upgrade: new process started");
+    Ok((child, channel))
+}
+
+/// Hands `handed` to the new process waiting on `channel` (started here, or a
+/// worker the new supervisor started); returns once it accepts.
+pub async fn introduce_on(
+    channel: Arc<Channel>,
+    handed: Arc<Handed>,
+    (next_id, spliced): (u32, bool),
+) -> Result<Successor, UpgradeError> {
     let talk = {
         let channel = channel.clone();
         move || introduce(&channel, &handed, next_id, spliced)
     };
-    let result = tokio::task::spawn_blocking(talk)
+    let pid = tokio::task::spawn_blocking(talk)
         .await
-        .unwrap_or_else(|e| Err(UpgradeError::Channel(std::io::Error::other(e.to_string()))));
-    match result {
-        Ok(()) => Ok(Successor { pid, channel }),
-        Err(e) => {
-            // It may hang rather than have exited: it must not take over later.
-            let _ = child.kill();
-            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-            Err(e)
-        }
-    }
+        .unwrap_or_else(|e| Err(UpgradeError::Channel(std::io::Error::other(e.to_string()))))?;
+    Ok(Successor { pid, channel })
 }
 
-/// Hello, the sockets, Ready.
+/// Hello, the sockets, Ready; the new process's pid.
 fn introduce(
     channel: &Channel,
     handed: &Handed,
     next_id: u32,
     spliced: bool,
-) -> Result<(), UpgradeError> {
+) -> Result<u32, UpgradeError> {
     let new_process = |step| move |source| UpgradeError::NewProcess { step, source };
-    match channel
+    let pid = match channel
         .recv(Some(HELLO_WAIT))
         .map_err(new_process("hello"))?
     {
-        (Message::Hello { pid }, _, _) => info!(pid, "upgrade: new process read its configuration"),
+        (Message::Hello { pid }, _, _) => {
+            info!(pid, "upgrade: new process read its configuration");
+            pid
+        }
         (other, _, _) => return Err(unexpected("hello", &other)),
-    }
-    let mut fds = vec![handed.lock.as_fd(), handed.control.as_fd()];
+    };
+    let mut fds: Vec<_> = handed.lock.iter().map(AsFd::as_fd).collect();
+    fds.push(handed.control.as_fd());
     if let Some((_, fd)) = &handed.admin {
         fds.push(fd.as_fd());
     }
     fds.extend(handed.listeners.iter().map(|(_, fd)| fd.as_fd()));
     let sockets = Message::Sockets {
+        lock: handed.lock.is_some(),
         listeners: handed.listeners.iter().map(|(a, _)| *a).collect(),
         admin: handed.admin.as_ref().map(|(a, _)| *a),
         next_id,
@@ -159,12 +194,13 @@ fn introduce(
         .recv(Some(READY_WAIT))
         .map_err(new_process("ready"))?
     {
-        (Message::Ready, _, _) => Ok(()),
+        (Message::Ready, _, _) => Ok(pid),
         (other, _, _) => Err(unexpected("ready", &other)),
     }
 }
 
-fn unexpected(step: &'static str, got: &Message) -> UpgradeError {
+/// A message out of its turn.
+pub fn unexpected(step: &'static str, got: &Message) -> UpgradeError {
     UpgradeError::NewProcess {
         step,
         source: std::io::Error::new(

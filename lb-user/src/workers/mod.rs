@@ -22,10 +22,15 @@
 //!   same rate.
 //!
 //! Each worker has its own control socket: worker 0 the instance's
-//! (`/run/mqttlb/<name>.sock`), worker K `/run/mqttlb/<name>.worker-K.sock`.
+//! (`/run/mqttlb/<name>.sock`), worker K `/run/mqttlb/<name>.worker-K.sock`. The
+//! supervisor has one for `mqttlb upgrade` (`/run/mqttlb/<name>.supervisor.ctl`),
+//! and a link to each worker ([`link`]) through which a hot upgrade reaches it
+//! ([`handover`]).
 
 use std::path::{Path, PathBuf};
 
+pub mod handover;
+pub mod link;
 pub mod peers;
 pub mod rates;
 pub mod select;
@@ -48,7 +53,8 @@ impl Seat {
 }
 
 /// What the supervisor hands a worker: its seat, its listening socket of each
-/// listener (in file order), and the pipe it says "ready" on.
+/// listener (in file order), the pipe it says "ready" on, its link to the
+/// supervisor, and in a hot upgrade the channel to the old worker it succeeds.
 pub struct Assigned {
     /// Its seat.
     pub seat: Seat,
@@ -56,6 +62,11 @@ pub struct Assigned {
     pub sockets: Vec<std::net::TcpListener>,
     /// Written once when the worker accepts.
     pub ready: std::os::fd::OwnedFd,
+    /// Its end of the link to the supervisor ([`link`]).
+    pub link: crate::upgrade::channel::Channel,
+    /// In a hot upgrade: the channel on which the old worker of the same index
+    /// hands over.
+    pub arrival: Option<std::os::fd::OwnedFd>,
 }
 
 /// Tells the supervisor the worker accepts, on the pipe it gave (best effort: a
@@ -71,6 +82,12 @@ pub fn socket_path(instance: &str, index: u32) -> PathBuf {
         0 => crate::control::socket_path(instance),
         k => Path::new(crate::control::RUN_DIR).join(format!("{instance}.worker-{k}.sock")),
     }
+}
+
+/// The supervisor's control socket of `instance` (it answers `mqttlb upgrade`).
+/// Not `.sock`: no instance's control socket has this name.
+pub fn supervisor_socket(instance: &str) -> PathBuf {
+    Path::new(crate::control::RUN_DIR).join(format!("{instance}.supervisor.ctl"))
 }
 
 /// The pin directory of worker `index` of `instance`.
@@ -142,8 +159,8 @@ pub fn pinned(instance: &str) -> Result<Vec<crate::bpf::Pinned>, crate::bpf::Bpf
     Ok(all)
 }
 
-/// Removes what workers K > 0 of an earlier run left (their pins and control
-/// sockets); returns how many pins went. The caller holds the instance lock (or
+/// Removes what workers K > 0 and the supervisor of an earlier run left (their
+/// pins and control sockets); returns how many pins went. The caller holds the instance lock (or
 /// knows no daemon runs).
 pub fn remove_left_behind(instance: &str) -> usize {
     let mut removed = 0;
@@ -153,5 +170,6 @@ pub fn remove_left_behind(instance: &str) -> usize {
     for k in extra_indexes(Path::new(crate::control::RUN_DIR), instance, ".sock") {
         let _ = std::fs::remove_file(socket_path(instance, k));
     }
+    let _ = std::fs::remove_file(supervisor_socket(instance));
     removed
 }

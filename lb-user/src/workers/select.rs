@@ -63,7 +63,7 @@ pub struct Selection {
 /// of listener l (chosen as `choices[l]` says).
 pub fn attach(
     choices: &[Choice],
-    groups: &[Vec<std::net::TcpListener>],
+    groups: &[&[std::net::TcpListener]],
 ) -> Result<Selection, SelectError> {
     let mut programs = Vec::new();
     for (choice, group) in choices.iter().zip(groups) {
@@ -84,7 +84,7 @@ pub fn attach(
                 .map_mut("worker_sockets")
                 .ok_or_else(|| fail("no worker_sockets map in the object".into()))?;
             let mut array = ReusePortSockArray::try_from(map).map_err(|e| fail(e.to_string()))?;
-            for (k, socket) in (0..).zip(group) {
+            for (k, socket) in (0..).zip(group.iter()) {
                 array
                     .set(k, socket, 0)
                     .map_err(|e| fail(format!("worker {k}'s socket into the map: {e}")))?;

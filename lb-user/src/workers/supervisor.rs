@@ -17,7 +17,9 @@ use super::{Assigned, Seat, select};
 use crate::{
     bpf::InstanceLock,
     config::{Config, DataPlaneKind},
+    control::ControlSocket,
     daemon::{DaemonError, systemd},
+    upgrade::{channel::Channel, old::Invocation},
 };
 
 /// How long a worker may take from its start to accepting.
@@ -31,19 +33,40 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 const QUICK_DEATH: Duration = Duration::from_secs(10);
 
 /// One worker process.
-struct Worker {
-    pid: libc::pid_t,
+pub(super) struct Worker {
+    pub(super) pid: libc::pid_t,
     started: Instant,
 }
 
 /// What the supervisor owns while it runs.
-struct Supervisor {
-    config_path: PathBuf,
-    config: Config,
+pub(super) struct Supervisor {
+    pub(super) config_path: PathBuf,
+    pub(super) config: Config,
     plane: Option<DataPlaneKind>,
-    /// `groups[l][k]`: worker k's listening socket of listener l.
-    groups: Vec<Vec<std::net::TcpListener>>,
-    workers: Vec<Option<Worker>>,
+    pub(super) lock: InstanceLock,
+    /// `groups[l]`: listener l's address and worker k's listening socket at `[k]`.
+    pub(super) groups: Vec<Group>,
+    pub(super) workers: Vec<Option<Worker>>,
+    /// The supervisor's end of each worker's link ([`super::link`]).
+    pub(super) links: Vec<Option<Channel>>,
+    /// Its control socket (`mqttlb upgrade`), and its file (removed at a clean stop;
+    /// a child never drops it).
+    pub(super) control: (std::os::unix::net::UnixListener, ControlSocket),
+    /// How it was started (what a hot upgrade starts).
+    pub(super) invocation: Invocation,
+    /// While a hot upgrade's new supervisor starts its workers: the channel to the
+    /// old supervisor.
+    pub(super) predecessor: Option<Channel>,
+}
+
+/// One listener's `SO_REUSEPORT` group.
+pub(super) struct Group {
+    pub(super) addr: std::net::SocketAddr,
+    /// Worker k's socket at `[k]`.
+    pub(super) sockets: Vec<std::net::TcpListener>,
+    /// Whether the selection program is attached (by this supervisor or the one
+    /// it took over from).
+    pub(super) selected: bool,
 }
 
 /// Runs `config` with its workers until SIGTERM/SIGINT. A worker that cannot start
@@ -55,12 +78,29 @@ pub fn run(
 ) -> Result<(), DaemonError> {
     let name = config.global.name.clone();
     let count = config.global.workers.get();
-    // Before the listeners are bound: whoever sees them accept can tell that the
-    // workers are still to come (until "all workers accepting").
-    info!(instance = %name, workers = count, "starting workers");
-    let _lock = InstanceLock::acquire(&name).map_err(DaemonError::Instance)?;
-    super::remove_left_behind(&name);
-    let groups = bind_groups(&config, count)?;
+    // Started by a hot upgrade: the old supervisor's lock and sockets.
+    let arrived = crate::upgrade::new::arrive_as_supervisor()
+        .transpose()
+        .map_err(|e| DaemonError::Upgrade(e.to_string()))?;
+    if arrived.is_none() {
+        // Before the listeners are bound: whoever sees them accept can tell that the
+        // workers are still to come (until "all workers accepting").
+        info!(instance = %name, workers = count, "starting workers");
+    }
+    let (lock, mut groups, control, predecessor) = match arrived {
+        Some(a) => super::handover::take(&config, a)?,
+        None => {
+            let lock = InstanceLock::acquire(&name).map_err(DaemonError::Instance)?;
+            super::remove_left_behind(&name);
+            let groups = bind_groups(&config, count, Vec::new())?;
+            let path = super::supervisor_socket(&name);
+            let control = crate::control::bind(&path).map_err(|source| DaemonError::Control {
+                path: path.display().to_string(),
+                source,
+            })?;
+            (lock, groups, control, None)
+        }
+    };
     for l in &config.listeners {
         info!(listener = %l.name, bind = %l.bind, kind = ?l.kind(), workers = count, "listening");
     }
@@ -75,8 +115,27 @@ pub fn run(
     }
     // Without BPF the kernel's own hash of the connection spreads them (a client's
     // source port then says nothing of its worker).
-    let _selection = match select::attach(&choices, &groups) {
-        Ok(s) => Some(s),
+    let (kept, fresh): (Vec<_>, Vec<_>) = choices
+        .iter()
+        .zip(&mut groups)
+        .partition(|(_, g)| g.selected);
+    if !kept.is_empty() {
+        info!(
+            listeners = kept.len(),
+            "upgrade: the running worker selection program stays"
+        );
+    }
+    let (choices, mut fresh): (Vec<_>, Vec<_>) =
+        fresh.into_iter().map(|(c, g)| (c.clone(), g)).unzip();
+    let sockets: Vec<&[std::net::TcpListener]> =
+        fresh.iter().map(|g| g.sockets.as_slice()).collect();
+    let _selection = match select::attach(&choices, &sockets) {
+        Ok(s) => {
+            for g in &mut fresh {
+                g.selected = true;
+            }
+            Some(s)
+        }
         Err(e) => {
             warn!(error = %e, "no worker selection program: the kernel's hash chooses the worker");
             None
@@ -92,16 +151,22 @@ pub fn run(
         config_path,
         config,
         plane,
+        lock,
         groups,
         workers: (0..count).map(|_| None).collect(),
+        links: (0..count).map(|_| None).collect(),
+        control,
+        invocation: Invocation::current(),
+        predecessor,
     };
-    for index in 0..count {
-        if let Err(e) = sup.start(index) {
-            error!(worker = index, error = %e, "a worker did not start; stopping the others");
-            sup.stop_all();
-            return Err(DaemonError::Worker(e.to_string()));
-        }
+    if let Err(e) = sup.start_all() {
+        error!(error = %e, "a worker did not start; stopping the others");
+        sup.stop_all();
+        return Err(DaemonError::Worker(e.to_string()));
     }
+    // In a hot upgrade: taken over, the files are this supervisor's now.
+    sup.lock.own();
+    sup.control.1.own();
     info!(
         instance = %name,
         workers = count,
@@ -118,7 +183,7 @@ pub fn run(
             systemd::ping();
             pinged = Instant::now();
         }
-        let wait = watchdog.map_or(Duration::from_secs(1), |w| w.min(Duration::from_secs(1)));
+        let wait = watchdog.map_or(TURN, |w| w.min(TURN));
         match signals.wait(wait) {
             Some(libc::SIGHUP) => {
                 // Applied or refused by each worker, they serve either way.
@@ -127,25 +192,70 @@ pub fn run(
                 systemd::reloaded();
             }
             Some(libc::SIGTERM | libc::SIGINT) => break,
-            _ => sup.reap_and_restart(),
+            Some(libc::SIGUSR2) => {
+                info!("SIGUSR2: hot upgrade to the binary this supervisor was started from");
+                // Returns only when the upgrade did not happen.
+                sup.upgrade(None, None, &signals);
+            }
+            _ => {
+                sup.reap_and_restart();
+                if let Some((binary, asker)) = sup.upgrade_asked() {
+                    sup.upgrade(binary, Some(asker), &signals);
+                }
+            }
         }
     }
     systemd::stopping();
     info!("stopping the workers");
     sup.stop_all();
     super::remove_left_behind(&name);
+    drop(sup);
     info!("all workers stopped");
     Ok(())
 }
 
+/// The longest the supervisor waits for a signal before it looks for exited
+/// workers and `mqttlb upgrade` requests.
+const TURN: Duration = Duration::from_millis(200);
+
 impl Supervisor {
+    /// Starts every worker, worker 0 first. In a hot upgrade each new worker first
+    /// takes over from the old worker of its index ([`super::handover`]).
+    fn start_all(&mut self) -> io::Result<()> {
+        for index in 0..self.workers.len() as u32 {
+            if self.predecessor.is_some() {
+                self.succeed(index)?;
+            } else {
+                self.start(index)?;
+            }
+        }
+        if let Some(predecessor) = self.predecessor.take() {
+            // The old supervisor may go.
+            let _ = predecessor.send(&crate::upgrade::Message::Ready, &[], &[]);
+        }
+        Ok(())
+    }
+
     /// Forks worker `index` and waits until it accepts (or fails).
-    fn start(&mut self, index: u32) -> io::Result<()> {
+    pub(super) fn start(&mut self, index: u32) -> io::Result<()> {
+        let (pid, ready) = self.fork(index, None)?;
+        self.await_ready(index, pid, &ready)
+    }
+
+    /// Forks worker `index` (with `arrival`: the successor of the old worker of that
+    /// index, which hands over on that channel); returns its pid and the pipe it
+    /// says "ready" on.
+    pub(super) fn fork(
+        &mut self,
+        index: u32,
+        arrival: Option<OwnedFd>,
+    ) -> io::Result<(libc::pid_t, OwnedFd)> {
         let seat = Seat {
             index,
             count: self.workers.len() as u32,
         };
         let (read_end, write_end) = pipe()?;
+        let (link, theirs) = Channel::pair()?;
         // SAFETY: getpid has no preconditions.
         let supervisor = unsafe { libc::getpid() };
         // SAFETY: this process is single-threaded (no runtime, no other thread), so
@@ -155,17 +265,29 @@ impl Supervisor {
             return Err(io::Error::last_os_error());
         }
         if pid == 0 {
-            drop(read_end);
-            let code = self.in_child(seat, write_end, supervisor);
+            drop((read_end, link));
+            let given = (write_end, Channel::from_fd(theirs), arrival);
+            let code = self.in_child(seat, given, supervisor);
             // The child never returns into the supervisor's loop.
             std::process::exit(code);
         }
-        drop(write_end);
+        drop((write_end, theirs));
         self.workers[index as usize] = Some(Worker {
             pid,
             started: Instant::now(),
         });
-        match wait_ready(&read_end, READY_WAIT) {
+        self.links[index as usize] = Some(link);
+        Ok((pid, read_end))
+    }
+
+    /// Waits until worker `index` (`pid`) says it accepts on `ready`.
+    pub(super) fn await_ready(
+        &mut self,
+        index: u32,
+        pid: libc::pid_t,
+        ready: &OwnedFd,
+    ) -> io::Result<()> {
+        match wait_ready(ready, READY_WAIT) {
             Ok(()) => {
                 info!(worker = index, pid, "worker accepting");
                 Ok(())
@@ -189,13 +311,19 @@ impl Supervisor {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 self.workers[index as usize] = None;
+                self.links[index as usize] = None;
                 Err(e)
             }
         }
     }
 
     /// The worker process: its sockets only, the signals unblocked, then the daemon.
-    fn in_child(&mut self, seat: Seat, ready: OwnedFd, supervisor: libc::pid_t) -> i32 {
+    fn in_child(
+        &mut self,
+        seat: Seat,
+        (ready, link, arrival): (OwnedFd, Channel, Option<OwnedFd>),
+        supervisor: libc::pid_t,
+    ) -> i32 {
         Blocked::unblock_in_child();
         // A supervisor killed outright (SIGKILL, a crash) takes its workers down
         // gracefully: they stop as at SIGTERM, rather than serve on unsupervised.
@@ -206,9 +334,13 @@ impl Supervisor {
             // It died before the line above: nobody to serve for.
             return 2;
         }
+        // The supervisor's own ends: the others' links, the channel to an old
+        // supervisor.
+        self.links.clear();
+        self.predecessor = None;
         let mut sockets = Vec::new();
         for group in std::mem::take(&mut self.groups) {
-            for (k, socket) in (0..).zip(group) {
+            for (k, socket) in (0..).zip(group.sockets) {
                 if k == seat.index {
                     sockets.push(socket);
                 }
@@ -219,6 +351,8 @@ impl Supervisor {
             seat,
             sockets,
             ready,
+            link,
+            arrival,
         };
         let config = self.config.clone();
         let path = self.config_path.clone();
@@ -273,6 +407,7 @@ impl Supervisor {
                 continue;
             };
             let started = self.workers[index].take().map(|w| w.started);
+            self.links[index] = None;
             error!(worker = index, pid, status = %describe(status), "worker exited; starting it again (its connections were lost)");
             if started.is_some_and(|s| s.elapsed() < QUICK_DEATH) {
                 std::thread::sleep(Duration::from_secs(1));
@@ -283,7 +418,7 @@ impl Supervisor {
         }
     }
 
-    fn signal_all(&self, signal: libc::c_int) {
+    pub(super) fn signal_all(&self, signal: libc::c_int) {
         for w in self.workers.iter().flatten() {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(w.pid, signal) };
@@ -292,7 +427,7 @@ impl Supervisor {
 
     /// SIGTERM to every worker, then waits for each (they stop within
     /// `shutdown_delay` + `shutdown_grace`; past that and 10 s more, SIGKILL).
-    fn stop_all(&mut self) {
+    pub(super) fn stop_all(&mut self) {
         self.signal_all(libc::SIGTERM);
         // Our copies of the listening sockets go, so a group closes with its worker.
         self.groups.clear();
@@ -318,22 +453,32 @@ impl Supervisor {
     }
 }
 
-/// Each listener's group: one `SO_REUSEPORT` socket per worker.
-fn bind_groups(
+/// Each listener's group: one `SO_REUSEPORT` socket per worker, taken from
+/// `inherited` (a hot upgrade's old supervisor's, by address) where it has one.
+pub(super) fn bind_groups(
     config: &Config,
     count: u32,
-) -> Result<Vec<Vec<std::net::TcpListener>>, DaemonError> {
+    mut inherited: Vec<Group>,
+) -> Result<Vec<Group>, DaemonError> {
     config
         .listeners
         .iter()
         .map(|l| {
+            if let Some(i) = inherited.iter().position(|g| g.addr == l.bind) {
+                return Ok(inherited.swap_remove(i));
+            }
             let group = (0..count)
                 .map(|_| crate::daemon::listen_shared(l.bind))
                 .collect::<io::Result<Vec<_>>>();
-            group.map_err(|source| DaemonError::Bind {
+            let sockets = group.map_err(|source| DaemonError::Bind {
                 name: l.name.clone(),
                 addr: l.bind,
                 source,
+            })?;
+            Ok(Group {
+                addr: l.bind,
+                sockets,
+                selected: false,
             })
         })
         .collect()
@@ -378,7 +523,7 @@ fn wait_ready(pipe: &OwnedFd, limit: Duration) -> io::Result<()> {
 }
 
 /// Whether `pid` has exited (and collects it).
-fn exited(pid: libc::pid_t) -> bool {
+pub(super) fn exited(pid: libc::pid_t) -> bool {
     let mut status = 0;
     // SAFETY: waitpid on our own child, not blocking.
     let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
@@ -395,7 +540,7 @@ fn wait_for(pid: libc::pid_t) -> io::Result<()> {
 }
 
 /// An exit status as words.
-fn describe(status: libc::c_int) -> String {
+pub(super) fn describe(status: libc::c_int) -> String {
     if libc::WIFEXITED(status) {
         format!("exit code {}", libc::WEXITSTATUS(status))
     } else if libc::WIFSIGNALED(status) {
@@ -406,11 +551,17 @@ fn describe(status: libc::c_int) -> String {
 }
 
 /// The supervisor's signals, blocked and taken with `sigtimedwait`.
-struct Blocked {
+pub(super) struct Blocked {
     set: libc::sigset_t,
 }
 
-const SIGNALS: [libc::c_int; 4] = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT, libc::SIGCHLD];
+const SIGNALS: [libc::c_int; 5] = [
+    libc::SIGHUP,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGCHLD,
+    libc::SIGUSR2,
+];
 
 impl Blocked {
     fn set() -> libc::sigset_t {
@@ -442,7 +593,7 @@ impl Blocked {
     }
 
     /// The next signal, or None after `limit`.
-    fn wait(&self, limit: Duration) -> Option<libc::c_int> {
+    pub(super) fn wait(&self, limit: Duration) -> Option<libc::c_int> {
         let t = libc::timespec {
             tv_sec: limit.as_secs() as libc::time_t,
             tv_nsec: limit.subsec_nanos() as libc::c_long,
