@@ -192,6 +192,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            let mut config = config;
+            if let Some(why) = mqttlb::workers::one_process_by_default(&config) {
+                tracing::info!(
+                    "one process, not one worker per core: {why}; each worker would keep its own sticky table (set [global] workers to choose)"
+                );
+                config.global.workers = std::num::NonZeroU32::MIN;
+            }
             if config.global.workers.get() > 1 {
                 return match mqttlb::workers::supervisor::run(path, config, data_plane) {
                     Ok(()) => ExitCode::SUCCESS,

@@ -183,6 +183,30 @@ pub fn config_text(instance: &str, plane: &str, port: u16, servers: &[SocketAddr
     t
 }
 
+/// Whether a log shows a start of workers not yet all accepting (a log that holds
+/// several starts, after restarts, counts them).
+pub fn workers_pending(log: &str) -> bool {
+    log.matches("starting workers").count() > log.matches("all workers accepting").count()
+}
+
+/// `text` with `[global] workers = 1` unless it says how many workers: the default
+/// is one per core, and the suite's tests of everything but workers count on one
+/// process (one round-robin, one descriptor table, `kill -9` of one pid). The
+/// default itself runs in the tests that start mqttlb as a user does (`demo`,
+/// `deploy`, `container`) and in `workers`.
+pub fn one_process(text: &str) -> String {
+    if text.contains("workers") {
+        return text.to_owned();
+    }
+    match text.find("[global]") {
+        Some(at) => {
+            let end = text[at..].find('\n').map_or(text.len(), |n| at + n + 1);
+            format!("{}\nworkers = 1\n{}", text[..end].trim_end(), &text[end..])
+        }
+        None => format!("[global]\nworkers = 1\n\n{text}"),
+    }
+}
+
 impl Daemon {
     pub fn start(plane: &str, servers: &[SocketAddr]) -> Self {
         Self::start_edited(plane, servers, |t| t)
@@ -234,7 +258,7 @@ impl Daemon {
     ) -> Self {
         let dir = TempDir::new("lb");
         let config = dir.0.join("mqttlb.toml");
-        std::fs::write(&config, text).expect("write config");
+        std::fs::write(&config, one_process(text)).expect("write config");
         let netns = Some(netns.0.clone());
         let mut d = Daemon {
             child: spawn_daemon(&config, &dir.0, None, &[], netns.as_deref()),
@@ -268,7 +292,7 @@ impl Daemon {
     ) -> Self {
         let dir = TempDir::new("lb");
         let config = dir.0.join("mqttlb.toml");
-        std::fs::write(&config, text).expect("write config");
+        std::fs::write(&config, one_process(text)).expect("write config");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut d = Daemon {
             child: spawn_daemon(&config, &dir.0, nofile, &args, None),
@@ -321,7 +345,7 @@ impl Daemon {
     /// reload (panics if it refused the file).
     pub fn reload(&self, text: &str) {
         let before = (self.reloads(), self.stat("reload_failures"));
-        std::fs::write(&self.config, text).expect("write config");
+        std::fs::write(&self.config, one_process(text)).expect("write config");
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -369,10 +393,7 @@ impl Daemon {
             };
             // With workers the supervisor's sockets accept before the workers serve
             // (worker 0's admin listener, the others' control sockets): wait for all.
-            let log = self.log();
-            let workers_pending =
-                log.contains("starting workers") && !log.contains("all workers accepting");
-            if listening && !workers_pending {
+            if listening && !workers_pending(&self.log()) {
                 // The probe connection is closed without a CONNECT: rejected, counted.
                 return;
             }

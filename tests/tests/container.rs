@@ -150,7 +150,11 @@ impl Container {
     }
 
     fn wait_ready(&self, port: u16, since: Instant) -> Duration {
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        // With workers (the default, one per core) the supervisor's sockets accept
+        // before the workers serve: wait for every start to say all accept.
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+            || workers_pending(&self.logs())
+        {
             assert!(
                 since.elapsed() < Duration::from_secs(30),
                 "no listener within 30 s: {}",

@@ -315,9 +315,11 @@ impl Checker<'_> {
             );
         }
         let run_as = self.run_as(raw.user, raw.group);
+        let workers_by_default = raw.workers.is_none();
         let workers = self.workers(raw.workers);
         Global {
             workers,
+            workers_by_default,
             name,
             run_as,
             data_plane: raw.data_plane,
@@ -329,17 +331,21 @@ impl Checker<'_> {
     }
 
     /// `[global] workers`: 1 to [`MAX_WORKERS`], or `"auto"` (one per core, at most
-    /// that many).
+    /// that many), the default.
     fn workers(&mut self, raw: Option<Spanned<RawWorkers>>) -> std::num::NonZeroU32 {
         let one = std::num::NonZeroU32::MIN;
+        let per_core = || {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cores.min(MAX_WORKERS as usize) as i64
+        };
         let Some(raw) = raw else {
-            return one;
+            return u32::try_from(per_core())
+                .ok()
+                .and_then(std::num::NonZeroU32::new)
+                .unwrap_or(one);
         };
         let n = match raw.get_ref() {
-            RawWorkers::Word(w) if w == "auto" => {
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                cores.min(MAX_WORKERS as usize) as i64
-            }
+            RawWorkers::Word(w) if w == "auto" => per_core(),
             RawWorkers::Word(_) => 0,
             RawWorkers::Count(n) => *n,
         };

@@ -195,6 +195,9 @@ pub struct Global {
     /// Worker processes sharing the listeners (1: the daemon serves alone, no
     /// supervisor).
     pub workers: NonZeroU32,
+    /// `workers` was not in the file: one per core, or one process where the
+    /// workers could not share a sticky table ([`crate::workers::by_default`]).
+    pub workers_by_default: bool,
 }
 
 /// `[admin]`: the admin HTTP listener.

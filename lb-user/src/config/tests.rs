@@ -388,12 +388,17 @@ fn workers_share_the_listener_rate_not_the_per_source_limits() {
 #[test]
 fn workers_are_a_count_or_auto() {
     let with = |line: &str| GOOD.replace("data_plane = \"copy\"", line);
-    assert_eq!(Config::parse(GOOD).expect("good").global.workers.get(), 1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    // Not in the file: one per core.
+    let c = Config::parse(GOOD).expect("good");
+    assert_eq!(c.global.workers.get(), cores.min(MAX_WORKERS));
+    assert!(c.global.workers_by_default);
     let c = Config::parse(&with("workers = 4")).expect("4");
     assert_eq!(c.global.workers.get(), 4);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    assert!(!c.global.workers_by_default);
     let c = Config::parse(&with("workers = \"auto\"")).expect("auto");
     assert_eq!(c.global.workers.get(), cores.min(MAX_WORKERS));
+    assert!(!c.global.workers_by_default);
     for bad in [
         "workers = 0",
         "workers = 65",

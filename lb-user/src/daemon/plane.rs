@@ -126,20 +126,7 @@ fn missing_privilege() -> String {
             .find_map(|l| l.strip_prefix(name))
             .map(str::trim)
     };
-    // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39.
-    let effective = field("CapEff:")
-        .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .unwrap_or(0);
-    let has = |bit: u32| effective & (1 << bit) != 0;
-    // CAP_PERFMON: the verifier lets the program read kernel memory (the skb's
-    // control block, the socket's copied_seq) only with it (measured: without it the
-    // load is refused).
-    let missing: Vec<&str> = [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")]
-        .into_iter()
-        // CAP_SYS_ADMIN also grants what CAP_BPF and CAP_PERFMON do.
-        .filter(|&(bit, _)| !(has(bit) || (bit == 39 || bit == 38) && has(21)))
-        .map(|(_, name)| name)
-        .collect();
+    let missing = missing_capabilities();
     if missing.is_empty() && field("Seccomp:") == Some("2") {
         // Podman's and older Docker's default profiles allow bpf() only with
         // CAP_SYS_ADMIN, whatever else the container was given.
@@ -149,6 +136,28 @@ fn missing_privilege() -> String {
     } else {
         missing.join(" and ")
     }
+}
+
+/// The capabilities loading the programs needs that this process lacks (none: it
+/// may load them).
+fn missing_capabilities() -> Vec<&'static str> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    // CAP_NET_ADMIN 12, CAP_SYS_ADMIN 21, CAP_PERFMON 38, CAP_BPF 39.
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    // CAP_PERFMON: the verifier lets the program read kernel memory (the skb's
+    // control block, the socket's copied_seq) only with it (measured: without it the
+    // load is refused).
+    [(39, "CAP_BPF"), (12, "CAP_NET_ADMIN"), (38, "CAP_PERFMON")]
+        .into_iter()
+        // CAP_SYS_ADMIN also grants what CAP_BPF and CAP_PERFMON do.
+        .filter(|&(bit, _)| !(has(bit) || (bit == 39 || bit == 38) && has(21)))
+        .map(|(_, name)| name)
+        .collect()
 }
 
 /// Capacity of the sticky table: every sticky cluster's `sticky_table_size`.

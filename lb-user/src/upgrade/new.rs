@@ -136,7 +136,12 @@ fn arrive_over(channel: Channel) -> Result<(Arrival, Inherited), UpgradeError> {
         spliced,
     } = msg
     else {
-        return Err(bad("expected the sockets"));
+        return Err(bad(match msg {
+            Message::Groups { .. } => {
+                "the running daemon runs workers and this one would be one process ([global] workers): set the same number of workers, or restart"
+            }
+            _ => "expected the sockets",
+        }));
     };
     let expected = usize::from(lock) + 1 + usize::from(admin.is_some()) + listeners.len();
     if fds.len() != expected {
@@ -197,7 +202,10 @@ fn groups_over(channel: Channel) -> Result<Groups, UpgradeError> {
         selected,
     } = msg
     else {
-        return Err(bad(format!("expected the listener groups, got {msg:?}")));
+        return Err(bad(match msg {
+            Message::Sockets { .. } => "the running daemon is one process and this one would run workers ([global] workers): set the same number of workers, or restart".to_owned(),
+            other => format!("expected the listener groups, got {other:?}"),
+        }));
     };
     if fds.len() != 2 + listeners.len() * workers as usize || selected.len() != listeners.len() {
         return Err(bad("wrong number of descriptors".to_owned()));
