@@ -293,6 +293,16 @@ async fn the_image_splices_keeps_its_sticky_table_and_says_what_it_lacks() {
         "{}",
         c.logs()
     );
+    // The default: one worker per core, each loading BPF under the profile.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores > 1 {
+        assert!(
+            c.logs()
+                .contains(&format!("all workers accepting (each connection to the worker its client source port selects) instance={instance} workers={}", cores.min(64))),
+            "{}",
+            c.logs()
+        );
+    }
     carry(port, 1000, "caps-sub").await;
     // (The daemon publishes its counters to the pinned map once a second.)
     wait_for("both clients spliced", Duration::from_secs(3), || {
@@ -347,6 +357,14 @@ async fn the_image_splices_keeps_its_sticky_table_and_says_what_it_lacks() {
             && logs.contains("data_plane=\"copy\""),
         "{logs}"
     );
+    // Workers could not share a sticky table here: one process, and why.
+    if cores > 1 {
+        assert!(
+            logs.contains("one process, not one worker per core")
+                && !logs.contains("starting workers"),
+            "{logs}"
+        );
+    }
     drop(c);
 
     // The capabilities under podman's default seccomp profile: bpf() is refused all
@@ -357,6 +375,12 @@ async fn the_image_splices_keeps_its_sticky_table_and_says_what_it_lacks() {
         logs.contains("a seccomp filter is active") && logs.contains("data_plane=\"copy\""),
         "{logs}"
     );
+    if cores > 1 {
+        assert!(
+            logs.contains("the kernel refuses BPF maps to this process"),
+            "{logs}"
+        );
+    }
     drop(c);
 
     for i in ["ct", "cp", "cn"] {
