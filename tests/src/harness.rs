@@ -435,6 +435,22 @@ impl Daemon {
         Ok(line)
     }
 
+    /// The pid the latest "worker accepting" log line of worker `index` names
+    /// (`[global] workers`).
+    pub fn worker_pid(&self, index: u32) -> Option<u32> {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("worker accepting") && l.contains(&format!("worker={index} ")))?;
+        line.split("pid=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
     /// `mqttlb ctl <what> --json` for this instance.
     pub fn ctl(&self, what: &str) -> serde_json::Value {
         let out = ctl_output(&self.instance, &[what, "--json"]);

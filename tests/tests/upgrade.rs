@@ -99,7 +99,7 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str, global_keys: &str) {
         .replace("[global]\n", &format!("[global]\n{global_keys}"))
     });
     let workers = !global_keys.is_empty();
-    let old_workers = [0, 1].map(|k| worker_pid(&lb, k));
+    let old_workers = [0, 1].map(|k| lb.worker_pid(k));
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = Vec::new();
     for i in 0..STREAMS {
@@ -136,7 +136,7 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str, global_keys: &str) {
         for (k, old) in (0..).zip(old_workers) {
             let old = old.expect("an old worker's pid in the log");
             assert!(!process_alive(old), "old worker {k} ({old}) still there");
-            let new = worker_pid(&lb, k).expect("a new worker's pid in the log");
+            let new = lb.worker_pid(k).expect("a new worker's pid in the log");
             assert!(new != old && process_alive(new), "worker {k}: {new}");
         }
         let stats = lb.ctl("stats");
@@ -203,21 +203,6 @@ async fn selected_as_before(lb: &Daemon) {
         expected[k as usize] += 3;
         assert_eq!([conns(0), conns(1)], expected, "through worker {k}");
     }
-}
-
-/// The pid the latest "worker accepting" log line of worker `index` names.
-fn worker_pid(lb: &Daemon, index: u32) -> Option<u32> {
-    let log = lb.log();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("worker accepting") && l.contains(&format!("worker={index} ")))?;
-    line.split("pid=")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// `mqttlb upgrade --binary BINARY`, off the runtime the streams run on (it waits

@@ -78,21 +78,6 @@ fn servers_by_id(lb: &Daemon) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The pid a worker's latest "worker accepting" log line names.
-fn worker_pid(lb: &Daemon, index: u32) -> Option<i32> {
-    let log = lb.log();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("worker accepting") && l.contains(&format!("worker={index} ")))?;
-    line.split("pid=")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// What worker `index` itself says of its servers (its control socket).
 fn worker_backends(instance: &str, index: u32) -> serde_json::Value {
     let path = mqttlb::workers::socket_path(instance, index);
@@ -294,11 +279,11 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
 
     // Worker 1 killed: started again, and serving (s0 is enabled back first).
     set_state_through_admin(admin, &lb.instance, "up").await;
-    let old = worker_pid(&lb, 1).expect("worker 1's pid in the log");
+    let old = lb.worker_pid(1).expect("worker 1's pid in the log") as i32;
     // SAFETY: kill on a process of our test's daemon.
     unsafe { libc::kill(old, libc::SIGKILL) };
     wait_for("worker 1 started again", Duration::from_secs(15), || {
-        worker_pid(&lb, 1).is_some_and(|p| p != old)
+        lb.worker_pid(1).is_some_and(|p| p as i32 != old)
     })
     .await;
     let s = session(lb.addr, 1, &ids[0]).await;
@@ -310,8 +295,8 @@ async fn two_workers_share_the_sticky_table_the_counters_and_the_health_checks()
 
     // SIGTERM: the supervisor and both workers stop; only the sticky table stays.
     let pids = [
-        worker_pid(&lb, 0).expect("worker 0"),
-        worker_pid(&lb, 1).expect("worker 1"),
+        lb.worker_pid(0).expect("worker 0") as i32,
+        lb.worker_pid(1).expect("worker 1") as i32,
     ];
     let status = lb.stop();
     assert!(status.success(), "{status}: {}", lb.log());
