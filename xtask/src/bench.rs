@@ -298,6 +298,24 @@ fn real_clients(system: &str, quick: bool) -> Result<Value> {
     Ok(json!({ "metrics": metrics, "errors": errors }))
 }
 
+/// Waits up to 60 s for a service-manager notification with `READY=1`.
+fn wait_ready(socket: &std::os::unix::net::UnixDatagram) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        socket.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        let n = socket.recv(&mut buf)?;
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "READY=1")
+        {
+            return Ok(());
+        }
+    }
+    bail!("no READY=1 within 60 s")
+}
+
 /// The system under test, stopped on drop.
 struct Proxy {
     child: Option<Child>,
@@ -349,11 +367,27 @@ impl Proxy {
             }
             other => bail!("unknown system {other}"),
         };
+        // mqttlb says READY=1 once it serves: with workers (one per core, the
+        // default) its listeners accept before the workers are forked, and their
+        // memory and CPU would go uncounted.
+        let notify = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&notify);
+        let ready = match system.starts_with("mqttlb") {
+            true => {
+                let socket = std::os::unix::net::UnixDatagram::bind(&notify)?;
+                cmd.env("NOTIFY_SOCKET", &notify);
+                Some(socket)
+            }
+            false => None,
+        };
         let child = cmd
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {system}"))?;
         let p = Self { child: Some(child) };
+        if let Some(socket) = ready {
+            wait_ready(&socket).with_context(|| format!("{system} did not say READY=1"))?;
+        }
         wait_port(FRONT).with_context(|| format!("{system} did not listen on {FRONT}"))?;
         wait_port(BROKER_FRONT)?;
         wait_port(TLS_FRONT)?;
