@@ -122,7 +122,7 @@ struct Running {
     /// reads the events from then on.
     events: Option<JoinHandle<()>>,
     /// What a hot upgrade hands to the new process (duplicates kept from the start).
-    handed: Option<Arc<upgrade::old::Handed>>,
+    handed: Arc<upgrade::old::Handed>,
     /// The control socket's accept loop.
     control_task: JoinHandle<()>,
 }
@@ -378,7 +378,7 @@ fn start(
         inherited_next_id,
     } = prepared;
     // Duplicates for a later hot upgrade (a worker's lock is its supervisor's).
-    let handed = Some(takeover::handed(
+    let handed = takeover::handed(
         lock.as_ref(),
         &control_listener,
         config
@@ -387,7 +387,11 @@ fn start(
             .map(|a| a.bind)
             .zip(admin_socket.as_ref()),
         config.listeners.iter().map(|l| l.bind).zip(&sockets),
-    ));
+    )
+    .map_err(|source| DaemonError::Control {
+        path: "(duplicating sockets for upgrades)".to_owned(),
+        source,
+    })?;
     let in_runtime = |name: &str, addr, socket| {
         TcpListener::from_std(socket).map_err(|source| DaemonError::Bind {
             name: name.to_owned(),
@@ -461,13 +465,7 @@ fn start(
         limit,
         stop,
         events,
-        handed: handed
-            .transpose()
-            .map_err(|source| DaemonError::Control {
-                path: "(duplicating sockets for upgrades)".to_owned(),
-                source,
-            })?
-            .map(Arc::new),
+        handed: Arc::new(handed),
         control_task,
     };
     Ok((running, signals, ready))

@@ -92,10 +92,7 @@ impl Running {
         if let Some(why) = why {
             return Err(UpgradeError::Unsupported(why));
         }
-        let handed = self
-            .handed
-            .clone()
-            .ok_or(UpgradeError::Unsupported("no sockets kept to hand over"))?;
+        let handed = self.handed.clone();
         let next_id = self.shared.conns.next_id();
         let spliced = self.events.is_some();
         match successor {
