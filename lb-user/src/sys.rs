@@ -1,7 +1,10 @@
 //! The few socket syscalls that std and tokio do not wrap. Every `unsafe` block of the
 //! crate that talks to the kernel directly lives here.
 
-use std::{io, mem, os::fd::RawFd};
+use std::{
+    io, mem,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+};
 
 /// `SO_COOKIE` (asm-generic/socket.h): a socket's 64-bit id, also seen by BPF.
 const SO_COOKIE: libc::c_int = 57;
@@ -203,6 +206,68 @@ pub fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
         )
     })
     .map(drop)
+}
+
+/// `bpf(cmd, attr)`: `attr` is the start of `union bpf_attr` as 32-bit words, the
+/// rest zero. What the call returns (a descriptor for the commands that make one).
+fn bpf(cmd: u32, words: &[u32]) -> io::Result<i64> {
+    let mut attr = [0u32; 32];
+    attr[..words.len()].copy_from_slice(words);
+    // SAFETY: bpf() reads `size_of_val(&attr)` bytes of `attr`, which lives through
+    // the call; the commands used here write nothing back into it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr.as_ptr(),
+            mem::size_of_val(&attr),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A descriptor `bpf()` just made: ours alone.
+fn owned(fd: i64) -> OwnedFd {
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+}
+
+/// Makes (and closes) a one-entry array map: fails when the kernel refuses this
+/// process BPF maps (no CAP_BPF, a seccomp filter without `bpf()`).
+pub fn bpf_map_probe() -> io::Result<()> {
+    use aya_obj::generated::{bpf_cmd, bpf_map_type};
+    // map_type, key_size, value_size, max_entries.
+    let array = bpf_map_type::BPF_MAP_TYPE_ARRAY as u32;
+    bpf(bpf_cmd::BPF_MAP_CREATE as u32, &[array, 4, 4, 1]).map(|fd| drop(owned(fd)))
+}
+
+/// Attaches the XDP program `program` to interface `ifindex` with `flags` (its
+/// `XDP_FLAGS_*` mode) as a BPF link: the program stays attached while a
+/// descriptor of the link is open, in this process or in any other it was passed
+/// to (a hot upgrade), and comes off when the last one closes.
+pub fn xdp_link_create(program: BorrowedFd<'_>, ifindex: u32, flags: u32) -> io::Result<OwnedFd> {
+    use aya_obj::generated::{bpf_attach_type, bpf_cmd};
+    // prog_fd, target_ifindex, attach_type, flags.
+    let words = [
+        program.as_raw_fd() as u32,
+        ifindex,
+        bpf_attach_type::BPF_XDP as u32,
+        flags,
+    ];
+    bpf(bpf_cmd::BPF_LINK_CREATE as u32, &words).map(owned)
+}
+
+/// Puts `program` in place of whatever program `link` runs, atomically: no packet
+/// goes without one of the two.
+pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    use aya_obj::generated::bpf_cmd;
+    // link_fd, new_prog_fd, flags, old_prog_fd.
+    let words = [link.as_raw_fd() as u32, program.as_raw_fd() as u32];
+    bpf(bpf_cmd::BPF_LINK_UPDATE as u32, &words).map(drop)
 }
 
 #[cfg(test)]

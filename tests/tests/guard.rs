@@ -8,6 +8,10 @@
 //! - `ctl guard deny` of the attacker's network: its connections get no SYN-ACK (the
 //!   counter moves, the daemon accepts nothing); `ctl guard remove` lets it in within
 //!   a second.
+//! - A hot upgrade: the new process's program takes the links over with the lists
+//!   (runtime changes too), the sources and the counters, and the guard stays on after
+//!   the old process exits; a new process that fails after it took them gives them
+//!   back.
 
 use std::{
     process::{Child, Stdio},
@@ -90,10 +94,13 @@ struct Balancer {
     children: Vec<Child>,
     dir: TempDir,
     instance: String,
+    /// The daemon's pid after a hot upgrade.
+    successor: Option<i32>,
 }
 
 impl Balancer {
-    fn start(hosts: &Hosts, port: u16, guard: &str) -> Self {
+    /// `global`: lines for `[global]` besides its name.
+    fn start(hosts: &Hosts, port: u16, global: &str, guard: &str) -> Self {
         let dir = TempDir::new("guard");
         let broker = dir.0.join("mosquitto.conf");
         std::fs::write(
@@ -116,7 +123,7 @@ impl Balancer {
         std::fs::write(
             &config,
             format!(
-                "[global]\nname = \"{instance}\"\n\n[[listeners]]\nname = \"mqtt\"\nbind = \"0.0.0.0:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\n\n[clusters.health]\nkind = \"none\"\n\n[[clusters.servers]]\nname = \"broker\"\naddress = \"127.0.0.1:1883\"\n\n[guard]\ninterfaces = {interfaces}\n{guard}\n"
+                "[global]\nname = \"{instance}\"\n{global}\n[[listeners]]\nname = \"mqtt\"\nbind = \"0.0.0.0:{port}\"\ncluster = \"c\"\n\n[[clusters]]\nname = \"c\"\n\n[clusters.health]\nkind = \"none\"\n\n[[clusters.servers]]\nname = \"broker\"\naddress = \"127.0.0.1:1883\"\n\n[guard]\ninterfaces = {interfaces}\n{guard}\n"
             ),
         )
         .expect("config");
@@ -135,9 +142,10 @@ impl Balancer {
             children: vec![mosquitto, daemon],
             dir,
             instance,
+            successor: None,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !b.log().contains("listening listener=mqtt") {
+        while !b.log().contains("listening listener=mqtt") || workers_pending(&b.log()) {
             assert!(
                 Instant::now() < deadline,
                 "mqttlb did not start: {}",
@@ -179,12 +187,67 @@ impl Balancer {
 
 impl Drop for Balancer {
     fn drop(&mut self) {
+        if let Some(pid) = self.successor {
+            // SAFETY: signals to the daemon this test started (through an upgrade);
+            // signal 0 only asks whether it is still there.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         for c in &mut self.children {
             // SAFETY: signals to our own children.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let _ = c.wait();
         }
     }
+}
+
+impl Balancer {
+    fn config_path(&self) -> std::path::PathBuf {
+        self.dir.0.join("mqttlb.toml")
+    }
+
+    /// `mqttlb upgrade`: the new process's pid, or what it said when it failed.
+    fn upgrade(&mut self) -> Result<i32, String> {
+        let out = std::process::Command::new(bin())
+            .args(["upgrade", "--instance", &self.instance])
+            .output()
+            .expect("mqttlb upgrade");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let pid = line
+            .strip_prefix("upgraded: new process ")
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected upgrade output {line:?}"));
+        self.successor = Some(pid);
+        Ok(pid)
+    }
+}
+
+/// The id of the XDP program each of the balancer's guarded interfaces runs.
+fn xdp_programs(hosts: &Hosts) -> Vec<u64> {
+    hosts
+        .lb_ends
+        .iter()
+        .map(|end| {
+            let out = hosts
+                .lb
+                .exec("ip")
+                .args(["-j", "link", "show", "dev", end])
+                .output()
+                .expect("ip (iproute2)");
+            let links: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("ip -j output");
+            links[0]["xdp"]["prog"]["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no XDP program on {end}: {links}"))
+        })
+        .collect()
 }
 
 /// `n` MQTT sessions from the good host to `addr` (one every 10 ms), each subscribing to its own topic
@@ -242,7 +305,7 @@ fn a_syn_flood_is_dropped_per_source_while_good_clients_connect() {
     let port = 18830;
     // A burst the good client's 200 simultaneous sessions fit in (one address
     // opening them all at once); the attacker gets the same and then 50 a second.
-    let lb = Balancer::start(&hosts, port, "syn_rate = 50\nsyn_burst = 250");
+    let lb = Balancer::start(&hosts, port, "", "syn_rate = 50\nsyn_burst = 250");
     let guard = lb.ctl(&["guard"]);
     assert_eq!(
         guard["guard"]["interfaces"].as_array().map(Vec::len),
@@ -308,7 +371,7 @@ fn a_denied_network_gets_no_syn_ack_until_removed() {
     }
     let hosts = Hosts::new(&format!("xd{}", std::process::id() % 10_000));
     let port = 18831;
-    let lb = Balancer::start(&hosts, port, "deny = [\"192.0.2.0/24\"]");
+    let lb = Balancer::start(&hosts, port, "", "deny = [\"192.0.2.0/24\"]");
     assert!(
         attacker_connects(&hosts, port, Duration::from_secs(2)),
         "{}",
@@ -395,4 +458,93 @@ fn a_guard_that_cannot_attach_stops_the_start() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "the listener stayed open"
     );
+}
+
+#[test]
+fn the_guard_moves_with_an_upgrade_and_comes_back_when_it_fails() {
+    if !privileged("XDP guard and hot upgrade (network namespaces, BPF)") {
+        return;
+    }
+    let hosts = Hosts::new(&format!("xu{}", std::process::id() % 10_000));
+    let port = 18832;
+    // Worker 0 holds the guard and hands it to its successor. (Without bpffs,
+    // which `ip netns exec` does not mount, the default would be one process.)
+    let mut lb = Balancer::start(
+        &hosts,
+        port,
+        "workers = 2\n",
+        "deny = [\"192.0.2.0/24\"]\nsyn_rate = 1000",
+    );
+    lb.ctl(&["guard", "deny", "10.77.1.0/24"]);
+    assert!(!attacker_connects(&hosts, port, Duration::from_secs(1)));
+    let denied = lb.guard_counter("denied");
+    assert!(denied > 0, "the denied counter did not move");
+    let first = xdp_programs(&hosts);
+
+    // A new worker 0 that fails after it put its program on the links (its admin
+    // listener cannot bind: mosquitto holds the port): the old one takes them back.
+    let config = std::fs::read_to_string(lb.config_path()).expect("config");
+    std::fs::write(
+        lb.config_path(),
+        format!("{config}\n[admin]\nbind = \"127.0.0.1:1883\"\n"),
+    )
+    .expect("config");
+    let failed = lb
+        .upgrade()
+        .expect_err("an upgrade whose admin listener cannot bind");
+    assert!(failed.contains("did not take over"), "{failed}");
+    assert!(
+        lb.log()
+            .contains("XDP guard taken over from the old process"),
+        "the failing process did not reach the guard: {}",
+        lb.log()
+    );
+    assert_eq!(xdp_programs(&hosts), first, "{}", lb.log());
+    // The old process's lists are the ones in force.
+    lb.ctl(&["guard", "remove", "10.77.1.0/24"]);
+    assert!(attacker_connects(&hosts, port, Duration::from_secs(2)));
+    lb.ctl(&["guard", "deny", "10.77.1.0/24"]);
+    assert!(!attacker_connects(&hosts, port, Duration::from_secs(1)));
+    let denied = lb.guard_counter("denied");
+
+    std::fs::write(lb.config_path(), &config).expect("config");
+    let pid = lb.upgrade().expect("upgrade");
+    assert_ne!(pid, lb.children[1].id() as i32);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lb.children[1].try_wait().expect("wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the old process still runs: {}",
+            lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = xdp_programs(&hosts);
+    for (a, b) in first.iter().zip(&second) {
+        assert_ne!(a, b, "the interfaces still run the old program");
+    }
+    let g = lb.ctl(&["guard"])["guard"].clone();
+    assert_eq!(
+        g["deny"],
+        serde_json::json!(["10.77.1.0/24", "192.0.2.0/24"]),
+        "the runtime change did not move: {g}"
+    );
+    assert!(
+        g["counters"]["denied"].as_u64() >= Some(denied),
+        "the counters started afresh: {g}"
+    );
+    assert!(
+        g["top"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|s| s["source"] == "10.77.1.2")),
+        "the sources started afresh: {g}"
+    );
+    assert_eq!(g["interfaces"].as_array().map(Vec::len), Some(2), "{g}");
+    // Still guarded with the old process gone, by the new process's lists.
+    assert!(!attacker_connects(&hosts, port, Duration::from_secs(1)));
+    assert!(lb.guard_counter("denied") > denied);
+    let good: std::net::SocketAddr = ([10, 77, 2, 1], port).into();
+    assert_eq!(hosts.good.run(move || Box::pin(sessions(good, 5))), 5);
+    lb.ctl(&["guard", "remove", "10.77.1.0/24"]);
+    assert!(attacker_connects(&hosts, port, Duration::from_secs(2)));
 }

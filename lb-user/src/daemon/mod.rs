@@ -222,6 +222,7 @@ pub fn prepare(
         Some(g) if control_plane => Some(Arc::new(crate::guard::Guard::load(
             g,
             &listener_ports(config),
+            inherited.as_mut().and_then(|i| i.guard.take()),
         )?)),
         _ => None,
     };

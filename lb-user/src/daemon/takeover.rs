@@ -19,7 +19,7 @@ use crate::{
     upgrade::{
         Request, Summary, UpgradeError,
         channel::Channel,
-        old::{Handed, Invocation, Outgoing, Successor},
+        old::{Handed, Invocation, Outgoing, Standing, Successor},
     },
 };
 
@@ -66,6 +66,9 @@ impl Running {
             Ok(successor) => self.hand_over(successor, request, signals).await,
             Err(e) => {
                 error!(error = %e, binary = %binary.display(), "upgrade failed");
+                if let Some(guard) = self.shared.guard.get() {
+                    guard.reclaim();
+                }
                 if let Some(reply) = request.reply {
                     let _ = reply.send(Err(e.to_string()));
                 }
@@ -93,16 +96,20 @@ impl Running {
             return Err(UpgradeError::Unsupported(why));
         }
         let handed = self.handed.clone();
-        let next_id = self.shared.conns.next_id();
-        let spliced = self.events.is_some();
+        let guard = match self.shared.guard.get() {
+            Some(g) => Some(g.hand_over().map_err(UpgradeError::Guard)?),
+            None => None,
+        };
+        let standing = Standing {
+            next_id: self.shared.conns.next_id(),
+            spliced: self.events.is_some(),
+            guard,
+        };
         match successor {
             Some(channel) => {
-                crate::upgrade::old::introduce_on(Arc::new(channel), handed, (next_id, spliced))
-                    .await
+                crate::upgrade::old::introduce_on(Arc::new(channel), handed, standing).await
             }
-            None => {
-                crate::upgrade::old::start(binary, invocation, handed, (next_id, spliced)).await
-            }
+            None => crate::upgrade::old::start(binary, invocation, handed, standing).await,
         }
     }
 

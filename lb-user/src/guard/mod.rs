@@ -4,19 +4,31 @@
 //! runtime by `mqttlb ctl guard deny|allow|remove CIDR` and the admin API, and
 //! detached at a clean stop. Its maps are not pinned: the links are descriptors of
 //! this process, so a killed daemon leaves no program behind.
+//!
+//! A hot upgrade hands the guard over without a moment unguarded: the old process
+//! passes its links, and the maps that hold what the guard learnt (the sources'
+//! SYN rates, the counters), with the runtime changes of its lists ([`Handed`]).
+//! The new process loads its own program and maps, copies that state in, and puts
+//! its program in place of the old one on each link at once (`BPF_LINK_UPDATE`).
+//! If the new process does not take over, the old one puts its own back
+//! ([`Guard::reclaim`]).
 
-use std::{collections::BTreeSet, sync::Mutex};
+use std::{
+    collections::BTreeSet,
+    os::fd::{AsFd, OwnedFd},
+    sync::Mutex,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, PerCpuArray,
+        Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{Xdp, XdpMode, xdp::XdpLinkId},
+    programs::Xdp,
 };
 use lb_common::{GUARD_STATS, GuardConf, GuardSource, guard_maps};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub mod cidr;
@@ -59,7 +71,7 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> GuardError {
 }
 
 /// A change made at runtime, re-applied over the file's lists at each reload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Change {
     /// Add to the deny list (and take out of the allow list).
@@ -101,12 +113,60 @@ struct State {
 }
 
 /// The attachments made: their links, and `(interface, "native" | "generic")`.
-type Attached = (Vec<XdpLinkId>, Vec<(String, &'static str)>);
+type Attached = (Vec<OwnedFd>, Vec<(String, &'static str)>);
+
+/// What a hot upgrade says of the guard besides its descriptors.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Moving {
+    /// Each interface and the mode it was attached in, in the order of the links.
+    pub interfaces: Vec<(String, String)>,
+    /// The runtime changes of the lists since start, oldest first: the new process
+    /// keeps them over its reloads as this one did.
+    pub changes: Vec<(Change, String)>,
+}
+
+/// The guard of the old process of a hot upgrade, as the new one receives it.
+#[derive(Debug)]
+pub struct Handed {
+    /// What was said of it.
+    pub moving: Moving,
+    /// One link per entry of `moving.interfaces`.
+    pub links: Vec<OwnedFd>,
+    /// The old `guard_sources` map.
+    pub sources: OwnedFd,
+    /// The old `guard_stats` map.
+    pub stats: OwnedFd,
+}
+
+impl Handed {
+    /// How many descriptors follow for `moving`: its links and two maps.
+    pub const fn descriptors(moving: &Moving) -> usize {
+        moving.interfaces.len() + 2
+    }
+
+    /// Takes them from `fds`, in the order [`Guard::hand_over`] gives them.
+    pub fn from_descriptors(moving: Moving, fds: impl Iterator<Item = OwnedFd>) -> Option<Self> {
+        let mut fds: Vec<OwnedFd> = fds.collect();
+        if fds.len() != Self::descriptors(&moving) {
+            return None;
+        }
+        let stats = fds.pop()?;
+        let sources = fds.pop()?;
+        Some(Self {
+            moving,
+            links: fds,
+            sources,
+            stats,
+        })
+    }
+}
 
 /// The loaded, attached guard.
 pub struct Guard {
     ebpf: Mutex<Ebpf>,
-    links: Mutex<Vec<XdpLinkId>>,
+    /// One per attached interface; dropping one detaches (unless another process
+    /// holds the link too).
+    links: Mutex<Vec<OwnedFd>>,
     deny: Mutex<Trie>,
     allow: Mutex<Trie>,
     ports: Mutex<HashMap<MapData, u16, u8>>,
@@ -161,8 +221,16 @@ pub struct SourceView {
 
 impl Guard {
     /// Loads the program, attaches it to every interface of `config` and feeds it
-    /// `ports` and the lists. An interface that refuses stops the start.
-    pub fn load(config: &GuardConfig, ports: &[u16]) -> Result<Self, GuardError> {
+    /// `ports` and the lists. An interface that refuses stops the start. With
+    /// `handed` (a hot upgrade), the old guard's state is copied in first and its
+    /// links run this program from then on; an interface it was not attached to is
+    /// attached anew, and one it was that `config` no longer names comes off when
+    /// the old process exits.
+    pub fn load(
+        config: &GuardConfig,
+        ports: &[u16],
+        handed: Option<Handed>,
+    ) -> Result<Self, GuardError> {
         let mut ebpf = EbpfLoader::new()
             .load(GUARD_OBJECT)
             .map_err(|e| GuardError::Load(e.to_string()))?;
@@ -178,28 +246,93 @@ impl Guard {
             .map_err(map_err(guard_maps::ALLOW))?;
         let ports_map = HashMap::try_from(take(&mut ebpf, guard_maps::PORTS)?)
             .map_err(map_err(guard_maps::PORTS))?;
-        let sources = HashMap::try_from(take(&mut ebpf, guard_maps::SOURCES)?)
+        let mut sources = HashMap::try_from(take(&mut ebpf, guard_maps::SOURCES)?)
             .map_err(map_err(guard_maps::SOURCES))?;
         let conf = Array::try_from(take(&mut ebpf, guard_maps::CONF)?)
             .map_err(map_err(guard_maps::CONF))?;
-        let stats = PerCpuArray::try_from(take(&mut ebpf, guard_maps::STATS)?)
+        let mut stats = PerCpuArray::try_from(take(&mut ebpf, guard_maps::STATS)?)
             .map_err(map_err(guard_maps::STATS))?;
-        let (links, attached) = attach(&mut ebpf, &config.interfaces)?;
+        load_program(&mut ebpf)?;
+        let mut changes = Vec::new();
+        if let Some(h) = &handed {
+            inherit(h, &mut sources, &mut stats);
+            for (change, cidr) in &h.moving.changes {
+                match cidr.parse() {
+                    Ok(cidr) => changes.push((*change, cidr)),
+                    Err(e) => {
+                        warn!(cidr, error = %e, "upgrade: a runtime guard change could not be kept")
+                    }
+                }
+            }
+        }
+        let lists = State {
+            changes,
+            ..State::default()
+        };
         let guard = Self {
             ebpf: Mutex::new(ebpf),
-            links: Mutex::new(links),
+            links: Mutex::new(Vec::new()),
             deny: Mutex::new(deny),
             allow: Mutex::new(allow),
             ports: Mutex::new(ports_map),
             sources,
             conf: Mutex::new(conf),
             stats,
-            attached,
-            lists: Mutex::new(State::default()),
+            attached: Vec::new(),
+            lists: Mutex::new(lists),
             rate: Mutex::new((0, 0)),
         };
+        // Fed before it is attached: it never runs with empty lists.
         guard.configure(config, ports)?;
-        Ok(guard)
+        let (links, attached) = {
+            let mut ebpf = guard.ebpf.lock().expect("guard lock");
+            attach(program(&mut ebpf)?, &config.interfaces, handed)?
+        };
+        *guard.links.lock().expect("links lock") = links;
+        Ok(Self { attached, ..guard })
+    }
+
+    /// What a hot upgrade gives the new process: what to say, then the descriptors
+    /// (a duplicate of each link, the `guard_sources` and `guard_stats` maps).
+    pub fn hand_over(&self) -> std::io::Result<(Moving, Vec<OwnedFd>)> {
+        let mut fds = Vec::new();
+        for link in self.links.lock().expect("links lock").iter() {
+            fds.push(link.try_clone()?);
+        }
+        fds.push(self.sources.map().fd().as_fd().try_clone_to_owned()?);
+        fds.push(self.stats.map().fd().as_fd().try_clone_to_owned()?);
+        let changes = self.lists.lock().expect("lists lock").changes.clone();
+        let moving = Moving {
+            interfaces: self
+                .attached
+                .iter()
+                .map(|(i, mode)| (i.clone(), (*mode).to_owned()))
+                .collect(),
+            changes: changes
+                .into_iter()
+                .map(|(change, cidr)| (change, cidr.to_string()))
+                .collect(),
+        };
+        Ok((moving, fds))
+    }
+
+    /// A hot upgrade that did not happen: this program back on every link, in case
+    /// the new process put its own there before it failed (otherwise a no-op).
+    pub fn reclaim(&self) {
+        let mut ebpf = self.ebpf.lock().expect("guard lock");
+        let Ok(xdp) = program(&mut ebpf) else { return };
+        let Ok(fd) = xdp.fd() else { return };
+        for (link, (interface, _)) in self
+            .links
+            .lock()
+            .expect("links lock")
+            .iter()
+            .zip(&self.attached)
+        {
+            if let Err(e) = crate::sys::link_update(link.as_fd(), fd.as_fd()) {
+                warn!(interface, error = %e, "upgrade: could not put this process's XDP guard back");
+            }
+        }
     }
 
     /// Applies a (re)loaded `[guard]`: ports, SYN rate, and the file's lists with the
@@ -342,20 +475,9 @@ impl Guard {
         }
     }
 
-    /// Detaches from every interface (at a clean stop).
+    /// Detaches from every interface (at a clean stop): the links are closed.
     pub fn detach(&self) {
-        let mut ebpf = self.ebpf.lock().expect("guard lock");
-        let Some(program) = ebpf.program_mut("guard") else {
-            return;
-        };
-        let Ok(xdp) = <&mut Xdp>::try_from(program) else {
-            return;
-        };
-        for link in self.links.lock().expect("links lock").drain(..) {
-            if let Err(e) = xdp.detach(link) {
-                warn!(error = %e, "detaching the XDP guard failed");
-            }
-        }
+        self.links.lock().expect("links lock").clear();
         info!("XDP guard detached");
     }
 }
@@ -377,34 +499,160 @@ pub fn change_from_words(guard: &Guard, change: &str, cidr: &str) -> Result<(), 
     guard.change(change, cidr).map_err(|e| e.to_string())
 }
 
-/// Loads the program and attaches it to each interface: native mode first, generic
-/// when the driver has no XDP support.
-fn attach(ebpf: &mut Ebpf, interfaces: &[String]) -> Result<Attached, GuardError> {
-    let xdp: &mut Xdp = ebpf
-        .program_mut("guard")
+/// `XDP_FLAGS_SKB_MODE` and `XDP_FLAGS_DRV_MODE` (linux/if_link.h).
+const GENERIC: u32 = 1 << 1;
+const NATIVE: u32 = 1 << 2;
+
+/// The object's program.
+fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, GuardError> {
+    ebpf.program_mut("guard")
         .ok_or_else(|| GuardError::Load("program guard missing from the object".into()))?
         .try_into()
-        .map_err(|e: aya::programs::ProgramError| GuardError::Load(e.to_string()))?;
-    xdp.load()
-        .map_err(|e| GuardError::Load(format!("verifier: {e}")))?;
+        .map_err(|e: aya::programs::ProgramError| GuardError::Load(e.to_string()))
+}
+
+fn load_program(ebpf: &mut Ebpf) -> Result<(), GuardError> {
+    program(ebpf)?
+        .load()
+        .map_err(|e| GuardError::Load(format!("verifier: {e}")))
+}
+
+/// Attaches the loaded program to each interface as a BPF link (needs Linux 5.9):
+/// native mode first, generic when the driver has no XDP support. An interface in
+/// `handed` keeps its link and mode, and runs this program from now on.
+fn attach(
+    xdp: &mut Xdp,
+    interfaces: &[String],
+    handed: Option<Handed>,
+) -> Result<Attached, GuardError> {
+    let program = xdp
+        .fd()
+        .map_err(|e| GuardError::Load(e.to_string()))?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| GuardError::Load(e.to_string()))?;
+    let mut inherited: Vec<(String, String, OwnedFd)> = match handed {
+        Some(h) => h
+            .moving
+            .interfaces
+            .into_iter()
+            .zip(h.links)
+            .map(|((i, m), l)| (i, m, l))
+            .collect(),
+        None => Vec::new(),
+    };
     let mut links = Vec::new();
     let mut attached = Vec::new();
     for interface in interfaces {
-        let (link, mode) = match xdp.attach(interface, XdpMode::Driver) {
-            Ok(link) => (link, "native"),
-            Err(native) => match xdp.attach(interface, XdpMode::Skb) {
-                Ok(link) => (link, "generic"),
-                Err(e) => {
-                    return Err(GuardError::Attach {
+        let (link, mode) = match inherited.iter().position(|(i, _, _)| i == interface) {
+            Some(at) => {
+                let (_, mode, link) = inherited.swap_remove(at);
+                crate::sys::link_update(link.as_fd(), program.as_fd()).map_err(|e| {
+                    GuardError::Attach {
                         interface: interface.clone(),
-                        reason: format!("native: {native}; generic: {e}"),
-                    });
-                }
-            },
+                        reason: format!("taking over the old process's link: {e}"),
+                    }
+                })?;
+                let mode = if mode == "native" {
+                    "native"
+                } else {
+                    "generic"
+                };
+                info!(interface = %interface, mode, "XDP guard taken over from the old process");
+                (link, mode)
+            }
+            None => attach_one(program.as_fd(), interface)?,
         };
-        info!(interface = %interface, mode, "XDP guard attached");
         links.push(link);
         attached.push((interface.clone(), mode));
     }
+    for (interface, _, _) in &inherited {
+        info!(interface = %interface, "the configuration no longer guards this interface: the old process's guard comes off it when that process exits");
+    }
     Ok((links, attached))
+}
+
+/// A new link of `program` on `interface`, native mode first.
+fn attach_one(
+    program: std::os::fd::BorrowedFd<'_>,
+    interface: &str,
+) -> Result<(OwnedFd, &'static str), GuardError> {
+    let failed = |reason: String| GuardError::Attach {
+        interface: interface.to_owned(),
+        reason,
+    };
+    let ifindex = ifindex(interface).map_err(|e| failed(e.to_string()))?;
+    let (link, mode) = match crate::sys::xdp_link_create(program, ifindex, NATIVE) {
+        Ok(link) => (link, "native"),
+        Err(native) => match crate::sys::xdp_link_create(program, ifindex, GENERIC) {
+            Ok(link) => (link, "generic"),
+            Err(e) => return Err(failed(format!("native: {native}; generic: {e}"))),
+        },
+    };
+    info!(interface = %interface, mode, "XDP guard attached");
+    Ok((link, mode))
+}
+
+/// The index of `interface`.
+fn ifindex(interface: &str) -> std::io::Result<u32> {
+    let name = std::ffi::CString::new(interface)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in the name"))?;
+    // SAFETY: `name` is a valid C string for the duration of the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such interface",
+        )),
+        index => Ok(index),
+    }
+}
+
+/// Copies what the old guard learnt into this one's maps: each source's SYN rate
+/// and counts, and the counters (per CPU). A map of another layout (another
+/// version's) is left behind with a warning: the guard then starts afresh.
+fn inherit(
+    handed: &Handed,
+    sources: &mut HashMap<MapData, [u8; 16], GuardSource>,
+    stats: &mut PerCpuArray<MapData, u64>,
+) {
+    let mut copy = || -> Result<(usize, usize), String> {
+        let e = |e: aya::maps::MapError| e.to_string();
+        let open = |fd: &OwnedFd| {
+            let fd = fd.try_clone().map_err(|e| e.to_string())?;
+            Map::from_map_data(MapData::from_fd(fd).map_err(e)?).map_err(e)
+        };
+        let old_sources: HashMap<MapData, [u8; 16], GuardSource> =
+            HashMap::try_from(open(&handed.sources)?).map_err(e)?;
+        let old_stats: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(open(&handed.stats)?).map_err(e)?;
+        let mut n = 0;
+        for entry in old_sources.iter() {
+            let (addr, source) = entry.map_err(e)?;
+            sources.insert(addr, source, 0).map_err(e)?;
+            n += 1;
+        }
+        for i in 0..old_stats.len() {
+            let old = old_stats.get(&i, 0).map_err(e)?;
+            let values: Vec<u64> = old.iter().copied().collect();
+            stats
+                .set(
+                    i,
+                    PerCpuValues::try_from(values).map_err(|e| e.to_string())?,
+                    0,
+                )
+                .map_err(e)?;
+        }
+        Ok((n, old_stats.len() as usize))
+    };
+    match copy() {
+        Ok((sources, counters)) => {
+            info!(
+                sources,
+                counters, "upgrade: the guard's sources and counters taken over"
+            );
+        }
+        Err(e) => {
+            warn!(error = %e, "upgrade: the old guard's sources and counters could not be read; they start afresh");
+        }
+    }
 }

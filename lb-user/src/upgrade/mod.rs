@@ -6,7 +6,8 @@
 //!    [`channel::Channel`] (`MQTTLB_UPGRADE_FD`). The new one reads its configuration
 //!    and says [`Message::Hello`].
 //! 2. The old one sends [`Message::Sockets`]: the instance lock, the control socket,
-//!    the admin listener and every listening socket, as descriptors. Both processes
+//!    the admin listener and every listening socket, as descriptors, and the XDP
+//!    guard's links and state maps ([`crate::guard`]). Both processes
 //!    accept on them for a moment. The new one loads its BPF program over the pinned
 //!    maps the old one uses (the same layout, checked: otherwise it refuses) and,
 //!    once it accepts, says [`Message::Ready`]. A new binary that fails anywhere
@@ -63,6 +64,10 @@ pub enum Message {
         next_id: u32,
         /// Whether the old process splices in the kernel (the new one must too).
         spliced: bool,
+        /// The XDP guard, whose descriptors follow the listeners
+        /// ([`crate::guard::Handed`]).
+        #[serde(default)]
+        guard: Option<crate::guard::Moving>,
     },
     /// New to old: accepting; hand over the connections.
     Ready,
@@ -179,8 +184,6 @@ pub struct Summary {
 pub fn refusal(config: &crate::config::Config) -> Option<&'static str> {
     if config.global.run_as.is_some() {
         Some("[global] user: the daemon gave up the privileges the new process needs to load BPF")
-    } else if config.guard.is_some() {
-        Some("[guard]: its XDP program cannot be handed over yet")
     } else {
         None
     }
@@ -216,4 +219,7 @@ pub enum UpgradeError {
     /// The channel itself failed.
     #[error("upgrade channel: {0}")]
     Channel(std::io::Error),
+    /// The XDP guard's descriptors could not be duplicated to hand over.
+    #[error("the XDP guard cannot be handed over: {0}")]
+    Guard(std::io::Error),
 }

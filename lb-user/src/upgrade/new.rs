@@ -32,6 +32,8 @@ pub struct Inherited {
     pub next_id: u32,
     /// Whether the old process splices in the kernel.
     pub spliced: bool,
+    /// The old process's XDP guard.
+    pub guard: Option<crate::guard::Handed>,
 }
 
 impl Inherited {
@@ -134,6 +136,7 @@ fn arrive_over(channel: Channel) -> Result<(Arrival, Inherited), UpgradeError> {
         admin,
         next_id,
         spliced,
+        guard,
     } = msg
     else {
         return Err(bad(match msg {
@@ -143,7 +146,11 @@ fn arrive_over(channel: Channel) -> Result<(Arrival, Inherited), UpgradeError> {
             _ => "expected the sockets",
         }));
     };
-    let expected = usize::from(lock) + 1 + usize::from(admin.is_some()) + listeners.len();
+    let expected = usize::from(lock)
+        + 1
+        + usize::from(admin.is_some())
+        + listeners.len()
+        + guard.as_ref().map_or(0, crate::guard::Handed::descriptors);
     if fds.len() != expected {
         return Err(bad("wrong number of descriptors"));
     }
@@ -153,6 +160,13 @@ fn arrive_over(channel: Channel) -> Result<(Arrival, Inherited), UpgradeError> {
     let control = Some(next());
     let admin = admin.map(|a| (a, next()));
     let listeners = listeners.into_iter().map(|a| (a, next())).collect();
+    let guard = match guard {
+        Some(moving) => Some(
+            crate::guard::Handed::from_descriptors(moving, fds)
+                .ok_or_else(|| bad("wrong number of guard descriptors"))?,
+        ),
+        None => None,
+    };
     let inherited = Inherited {
         lock,
         control,
@@ -160,6 +174,7 @@ fn arrive_over(channel: Channel) -> Result<(Arrival, Inherited), UpgradeError> {
         listeners,
         next_id,
         spliced,
+        guard,
     };
     Ok((Arrival { channel }, inherited))
 }

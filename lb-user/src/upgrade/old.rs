@@ -35,6 +35,19 @@ pub struct Handed {
     pub listeners: Vec<(SocketAddr, OwnedFd)>,
 }
 
+/// What the running daemon hands over besides its sockets, taken when the upgrade
+/// starts.
+#[derive(Debug)]
+pub struct Standing {
+    /// Its next connection id.
+    pub next_id: u32,
+    /// Whether it splices in the kernel.
+    pub spliced: bool,
+    /// Its XDP guard: what to say of it, and its descriptors
+    /// ([`crate::guard::Guard::hand_over`]).
+    pub guard: Option<(crate::guard::Moving, Vec<OwnedFd>)>,
+}
+
 /// How the running daemon was started: what the new process is started with.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -87,10 +100,10 @@ pub async fn start(
     binary: &Path,
     invocation: &Invocation,
     handed: Arc<Handed>,
-    (next_id, spliced): (u32, bool),
+    standing: Standing,
 ) -> Result<Successor, UpgradeError> {
     let (mut child, channel) = spawn(binary, invocation)?;
-    match introduce_on(Arc::new(channel), handed, (next_id, spliced)).await {
+    match introduce_on(Arc::new(channel), handed, standing).await {
         Ok(successor) => Ok(successor),
         Err(e) => {
             let _ = tokio::task::spawn_blocking(move || give_up(&mut child)).await;
@@ -144,11 +157,11 @@ pub fn spawn(
 pub async fn introduce_on(
     channel: Arc<Channel>,
     handed: Arc<Handed>,
-    (next_id, spliced): (u32, bool),
+    standing: Standing,
 ) -> Result<Successor, UpgradeError> {
     let talk = {
         let channel = channel.clone();
-        move || introduce(&channel, &handed, next_id, spliced)
+        move || introduce(&channel, &handed, standing)
     };
     let pid = tokio::task::spawn_blocking(talk)
         .await
@@ -157,12 +170,7 @@ pub async fn introduce_on(
 }
 
 /// Hello, the sockets, Ready; the new process's pid.
-fn introduce(
-    channel: &Channel,
-    handed: &Handed,
-    next_id: u32,
-    spliced: bool,
-) -> Result<u32, UpgradeError> {
+fn introduce(channel: &Channel, handed: &Handed, standing: Standing) -> Result<u32, UpgradeError> {
     let new_process = |step| move |source| UpgradeError::NewProcess { step, source };
     let pid = match channel
         .recv(Some(HELLO_WAIT))
@@ -180,12 +188,15 @@ fn introduce(
         fds.push(fd.as_fd());
     }
     fds.extend(handed.listeners.iter().map(|(_, fd)| fd.as_fd()));
+    let (guard, guard_fds) = standing.guard.unzip();
+    fds.extend(guard_fds.iter().flatten().map(AsFd::as_fd));
     let sockets = Message::Sockets {
         lock: handed.lock.is_some(),
         listeners: handed.listeners.iter().map(|(a, _)| *a).collect(),
         admin: handed.admin.as_ref().map(|(a, _)| *a),
-        next_id,
-        spliced,
+        next_id: standing.next_id,
+        spliced: standing.spliced,
+        guard,
     };
     channel
         .send(&sockets, &[], &fds)

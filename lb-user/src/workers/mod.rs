@@ -95,31 +95,9 @@ pub fn one_process_by_default(config: &crate::config::Config) -> Option<String> 
     if !crate::bpf::bpffs_mounted() {
         return Some("bpffs is not mounted at /sys/fs/bpf".to_owned());
     }
-    bpf_refused().map(|e| format!("the kernel refuses BPF maps to this process ({e})"))
-}
-
-/// Whether the kernel refuses this process a BPF map (no CAP_BPF, a seccomp filter
-/// without `bpf()`): creates and closes a one-entry array.
-fn bpf_refused() -> Option<std::io::Error> {
-    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size,
-    // max_entries, the rest zero.
-    let mut attr = [0u32; 32];
-    attr[..4].copy_from_slice(&[2 /* BPF_MAP_TYPE_ARRAY */, 4, 4, 1]);
-    // SAFETY: bpf(BPF_MAP_CREATE) reads `size_of_val(&attr)` bytes of `attr`.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            0, /* BPF_MAP_CREATE */
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return Some(std::io::Error::last_os_error());
-    }
-    // SAFETY: the descriptor was just made and is ours.
-    unsafe { libc::close(fd as i32) };
-    None
+    crate::sys::bpf_map_probe()
+        .err()
+        .map(|e| format!("the kernel refuses BPF maps to this process ({e})"))
 }
 
 /// The supervisor's control socket of `instance` (it answers `mqttlb upgrade`).
