@@ -468,12 +468,18 @@ fn the_guard_moves_with_an_upgrade_and_comes_back_when_it_fails() {
     let hosts = Hosts::new(&format!("xu{}", std::process::id() % 10_000));
     let port = 18832;
     // Worker 0 holds the guard and hands it to its successor. (Without bpffs,
-    // which `ip netns exec` does not mount, the default would be one process.)
+    // which `ip netns exec` does not mount, the default would be one process.) It
+    // runs as `nobody` with no capability left, and still takes the links back.
     let mut lb = Balancer::start(
         &hosts,
         port,
-        "workers = 2\n",
+        "workers = 2\nuser = \"nobody\"\n",
         "deny = [\"192.0.2.0/24\"]\nsyn_rate = 1000",
+    );
+    assert!(
+        lb.log().contains("switched to [global] user"),
+        "{}",
+        lb.log()
     );
     lb.ctl(&["guard", "deny", "10.77.1.0/24"]);
     assert!(!attacker_connects(&hosts, port, Duration::from_secs(1)));

@@ -32,11 +32,13 @@ async fn streams_in_flight_move_exactly_sockmap() {
 
 /// `[global] workers = 2`: the supervisor hands over to a new supervisor, each
 /// worker to the new worker of its index (spliced and copied connections alike).
+/// With `[global] user`: the supervisor keeps the privileges the new workers need
+/// to load BPF over the pins the old ones gave to that account.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_in_flight_move_exactly_with_workers() {
     if privileged("upgrade") {
         let keys = "promote_after_bytes = 262144\npromote_max_rate = 100000000";
-        streams_in_flight("auto", keys, "workers = 2\n").await;
+        streams_in_flight("auto", keys, "workers = 2\nuser = \"nobody\"\n").await;
     }
 }
 
@@ -142,6 +144,17 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str, global_keys: &str) {
         let stats = lb.ctl("stats");
         let per_worker = stats["workers"].as_array().map_or(0, Vec::len);
         assert_eq!(per_worker, 2, "{stats}");
+        if global_keys.contains("user = \"nobody\"") {
+            for k in 0..2 {
+                let pid = lb.worker_pid(k).expect("worker pid");
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .expect("the worker's status");
+                assert!(
+                    status.lines().any(|l| l.starts_with("Uid:\t65534\t")),
+                    "new worker {k} does not run as nobody: {status}"
+                );
+            }
+        }
     }
     // The new process carries all of them, on the plane they were on (the fast
     // ones on `auto` demoted back to copy after the splice, still in the maps).
@@ -629,6 +642,30 @@ async fn a_failing_new_binary_leaves_the_old_one_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_new_supervisor_leaves_the_old_workers_serving() {
     failing_new_binary("workers = 2\n").await;
+}
+
+/// One process with `[global] user` cannot start a privileged successor: the
+/// upgrade is refused with the reason (and the way out), the daemon serving on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_with_a_user_refuses_an_upgrade_and_serves_on() {
+    if !privileged("[global] user") {
+        return;
+    }
+    let echo = Echo::start().await;
+    let mut lb = Daemon::start_edited("copy", &[echo.addr], |t| {
+        t.replace("[global]\n", "[global]\nuser = \"nobody\"\n")
+    });
+    let refused = lb.upgrade(None).expect_err("one process with a user");
+    assert!(
+        refused.contains("[global] user with one process")
+            && refused.contains("with [global] workers"),
+        "{refused}"
+    );
+    assert!(lb.child.try_wait().expect("wait").is_none(), "{}", lb.log());
+    let back = roundtrip(lb.addr, connect_packet("after"))
+        .await
+        .expect("a connection after the refusal");
+    assert_eq!(back, connect_packet("after"));
 }
 
 async fn failing_new_binary(global_keys: &str) {

@@ -90,7 +90,7 @@ impl Running {
                 "this is a worker of [global] workers: ask the supervisor (`mqttlb upgrade`, or SIGUSR2 to its pid)",
             )
         } else {
-            crate::upgrade::refusal(config)
+            crate::upgrade::refusal(config, self.shared.seat.get().is_some())
         };
         if let Some(why) = why {
             return Err(UpgradeError::Unsupported(why));

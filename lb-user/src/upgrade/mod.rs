@@ -180,10 +180,14 @@ pub struct Summary {
     pub kept: u64,
 }
 
-/// Why `config`'s daemon cannot be handed over, if it cannot.
-pub fn refusal(config: &crate::config::Config) -> Option<&'static str> {
-    if config.global.run_as.is_some() {
-        Some("[global] user: the daemon gave up the privileges the new process needs to load BPF")
+/// Why `config`'s daemon cannot be handed over, if it cannot. `supervised`: the
+/// upgrade is a supervisor's (`[global] workers`), which keeps the privileges its
+/// new workers need while each of its workers gives them up.
+pub fn refusal(config: &crate::config::Config, supervised: bool) -> Option<&'static str> {
+    if config.global.run_as.is_some() && !supervised {
+        Some(
+            "[global] user with one process: the daemon gave up the privileges the new process needs to load BPF (with [global] workers, the default, the supervisor keeps them)",
+        )
     } else {
         None
     }

@@ -160,7 +160,7 @@ impl Supervisor {
     /// Starts the new supervisor and passes each of its workers to the old worker
     /// of that index; the sums of what the old workers handed over.
     fn hand_over(&mut self, binary: &std::path::Path) -> Result<Summary, UpgradeError> {
-        if let Some(why) = crate::upgrade::refusal(&self.config) {
+        if let Some(why) = crate::upgrade::refusal(&self.config, true) {
             return Err(UpgradeError::Unsupported(why));
         }
         let (mut child, channel) = spawn(binary, &self.invocation)?;
