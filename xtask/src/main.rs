@@ -47,8 +47,14 @@ const TEST_APT: &[(&str, &str)] = &[
         "golang-github-containers-common",
         "/usr/share/containers/seccomp.json",
     ),
-    // The compose quick start, run as written.
+    // The compose quick start, run as written; its services find each other by name
+    // through podman's CNI `dnsname` plugin (only recommended by podman, so not
+    // installed with `--no-install-recommends`).
     ("podman-compose", "/usr/bin/podman-compose"),
+    (
+        "golang-github-containernetworking-plugin-dnsname",
+        "/usr/lib/cni/dnsname",
+    ),
     // The guard test's SYN flood.
     ("hping3", "/usr/sbin/hping3"),
     // The HA pair test (deploy/keepalived/: its check is curl on /readyz).
