@@ -208,6 +208,17 @@ pub fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
     .map(drop)
 }
 
+/// The index of network interface `name`.
+pub fn interface_index(name: &str) -> io::Result<u32> {
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the name"))?;
+    // SAFETY: `name` is a valid C string for the duration of the call.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(io::Error::new(io::ErrorKind::NotFound, "no such interface")),
+        index => Ok(index),
+    }
+}
+
 /// `bpf(cmd, attr)`: `attr` is the start of `union bpf_attr` as 32-bit words, the
 /// rest zero. What the call returns (a descriptor for the commands that make one).
 fn bpf(cmd: u32, words: &[u32]) -> io::Result<i64> {

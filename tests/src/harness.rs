@@ -207,6 +207,30 @@ pub fn one_process(text: &str) -> String {
     }
 }
 
+/// `mqttlb upgrade --instance INSTANCE [--binary BINARY]`: its output line and the
+/// new process's pid, or its error output when it failed.
+pub fn upgrade_instance(
+    instance: &str,
+    binary: Option<&std::path::Path>,
+) -> Result<(String, u32), String> {
+    let mut cmd = Command::new(bin());
+    cmd.args(["upgrade", "--instance", instance]);
+    if let Some(b) = binary {
+        cmd.arg("--binary").arg(b);
+    }
+    let out = cmd.output().expect("run mqttlb upgrade");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let pid = line
+        .strip_prefix("upgraded: new process ")
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected upgrade output {line:?}"));
+    Ok((line, pid))
+}
+
 impl Daemon {
     pub fn start(plane: &str, servers: &[SocketAddr]) -> Self {
         Self::start_edited(plane, servers, |t| t)
@@ -416,21 +440,7 @@ impl Daemon {
     /// error output when it failed. The new process is the one [`Daemon::pid`] and
     /// the drop then stop.
     pub fn upgrade(&mut self, binary: Option<&std::path::Path>) -> Result<String, String> {
-        let mut cmd = Command::new(bin());
-        cmd.args(["upgrade", "--instance", &self.instance]);
-        if let Some(b) = binary {
-            cmd.arg("--binary").arg(b);
-        }
-        let out = cmd.output().expect("run mqttlb upgrade");
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let pid = line
-            .strip_prefix("upgraded: new process ")
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected upgrade output {line:?}"));
+        let (line, pid) = upgrade_instance(&self.instance, binary)?;
         self.successor = Some(pid);
         Ok(line)
     }

@@ -211,19 +211,8 @@ impl Balancer {
 
     /// `mqttlb upgrade`: the new process's pid, or what it said when it failed.
     fn upgrade(&mut self) -> Result<i32, String> {
-        let out = std::process::Command::new(bin())
-            .args(["upgrade", "--instance", &self.instance])
-            .output()
-            .expect("mqttlb upgrade");
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let pid = line
-            .strip_prefix("upgraded: new process ")
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected upgrade output {line:?}"));
+        let (_, pid) = upgrade_instance(&self.instance, None)?;
+        let pid = pid as i32;
         self.successor = Some(pid);
         Ok(pid)
     }

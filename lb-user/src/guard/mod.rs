@@ -581,7 +581,7 @@ fn attach_one(
         interface: interface.to_owned(),
         reason,
     };
-    let ifindex = ifindex(interface).map_err(|e| failed(e.to_string()))?;
+    let ifindex = crate::sys::interface_index(interface).map_err(|e| failed(e.to_string()))?;
     let (link, mode) = match crate::sys::xdp_link_create(program, ifindex, NATIVE) {
         Ok(link) => (link, "native"),
         Err(native) => match crate::sys::xdp_link_create(program, ifindex, GENERIC) {
@@ -591,20 +591,6 @@ fn attach_one(
     };
     info!(interface = %interface, mode, "XDP guard attached");
     Ok((link, mode))
-}
-
-/// The index of `interface`.
-fn ifindex(interface: &str) -> std::io::Result<u32> {
-    let name = std::ffi::CString::new(interface)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in the name"))?;
-    // SAFETY: `name` is a valid C string for the duration of the call.
-    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
-        0 => Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no such interface",
-        )),
-        index => Ok(index),
-    }
 }
 
 /// Copies what the old guard learnt into this one's maps: each source's SYN rate
