@@ -1,5 +1,6 @@
-//! The few socket syscalls that std and tokio do not wrap. Every `unsafe` block of the
-//! crate that talks to the kernel directly lives here.
+//! The few socket and `bpf()` syscalls that std, tokio and aya do not wrap (or keep
+//! private). Every `unsafe` block of the crate that talks to the kernel directly
+//! lives here.
 
 use std::{
     io, mem,
