@@ -112,7 +112,7 @@ async fn streams_in_flight(plane: &str, cluster_keys: &str, global_keys: &str) {
     // upgrade. A stream written as fast as the path takes it may stay on the copy
     // plane: its hand-off drain does not go quiet (`splice_fallback_to_copy`), or on
     // `auto` it keeps bytes in flight and waits for its promotion. On a fresh host,
-    // 2 of 4 runs waited in vain for all 40 on `sockmap` or `auto`.
+    // 2 of 3 runs waited in vain for all 40 on `sockmap` or `auto`.
     let spliced_before = match plane {
         "copy" => 0,
         _ => STREAMS / 2,
