@@ -144,20 +144,18 @@ impl Handed {
         moving.interfaces.len() + 2
     }
 
-    /// Takes them from `fds`, in the order [`Guard::hand_over`] gives them.
-    pub fn from_descriptors(moving: Moving, fds: impl Iterator<Item = OwnedFd>) -> Option<Self> {
+    /// Takes them from `fds`, in the order [`Guard::hand_over`] gives them; the
+    /// caller counted them ([`Handed::descriptors`]).
+    pub fn from_descriptors(moving: Moving, fds: impl Iterator<Item = OwnedFd>) -> Self {
         let mut fds: Vec<OwnedFd> = fds.collect();
-        if fds.len() != Self::descriptors(&moving) {
-            return None;
-        }
-        let stats = fds.pop()?;
-        let sources = fds.pop()?;
-        Some(Self {
+        let stats = fds.pop().expect("counted");
+        let sources = fds.pop().expect("counted");
+        Self {
             moving,
             links: fds,
             sources,
             stats,
-        })
+        }
     }
 }
 

@@ -160,13 +160,7 @@ fn arrive_over(channel: Channel) -> Result<(Arrival, Inherited), UpgradeError> {
     let control = Some(next());
     let admin = admin.map(|a| (a, next()));
     let listeners = listeners.into_iter().map(|a| (a, next())).collect();
-    let guard = match guard {
-        Some(moving) => Some(
-            crate::guard::Handed::from_descriptors(moving, fds)
-                .ok_or_else(|| bad("wrong number of guard descriptors"))?,
-        ),
-        None => None,
-    };
+    let guard = guard.map(|moving| crate::guard::Handed::from_descriptors(moving, fds));
     let inherited = Inherited {
         lock,
         control,
