@@ -117,14 +117,19 @@ pub fn bench(args: &[String]) -> Result<()> {
     let broker = Broker::start(&dir)?;
     let mut samples: BTreeMap<(String, String, String), Vec<f64>> = BTreeMap::new();
     let mut errors: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for system in SYSTEMS {
-        eprintln!("xtask bench: {system}");
-        let mut proxy = Proxy::start(system, &root, &dir)?;
-        for workload in WORKLOADS {
-            if system == "direct" && TLS_WORKLOADS.contains(&workload) {
-                continue;
-            }
-            for _ in 0..RUNS {
+    // Rounds: every system runs every workload once per round, so each system's
+    // three figures come from the start, the middle and the end of the suite. This
+    // VM shares its cores and drifts by up to a third over minutes; with one system's
+    // runs back to back, the ratios between systems measured the drift as much as
+    // the systems.
+    for round in 1..=RUNS {
+        for system in SYSTEMS {
+            eprintln!("xtask bench: round {round} of {RUNS}: {system}");
+            let mut proxy = Proxy::start(system, &root, &dir)?;
+            for workload in WORKLOADS {
+                if system == "direct" && TLS_WORKLOADS.contains(&workload) {
+                    continue;
+                }
                 if workload == "W4" {
                     // Memory per connection from a fresh process: one that ran the
                     // other workloads first holds freed memory its allocator hands
@@ -160,8 +165,8 @@ pub fn bench(args: &[String]) -> Result<()> {
                     }
                 }
             }
+            drop(proxy);
         }
-        drop(proxy);
     }
     drop(broker);
     let results: Vec<Value> = samples
