@@ -180,6 +180,24 @@ pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     recv_flags(fd, buf, libc::MSG_DONTWAIT)
 }
 
+/// `send` without waiting (and without `SIGPIPE`).
+pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of its length for the duration of the call.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 fn recv_flags(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length for the duration of the call.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };

@@ -3,7 +3,13 @@
 //! has not taken all of a read (and then the direction stops reading, so TCP flow
 //! control holds the sender back).
 
-use std::{cell::RefCell, io, os::fd::AsRawFd, sync::Arc, time::Instant};
+use std::{
+    cell::RefCell,
+    io,
+    os::fd::{AsRawFd, RawFd},
+    sync::Arc,
+    time::Instant,
+};
 
 use lb_common::DaemonStat;
 use tokio::net::TcpStream;
@@ -39,13 +45,17 @@ pub(crate) fn move_once(
     dst: &TcpStream,
     boundary: Option<&mut Boundary>,
 ) -> io::Result<Moved> {
-    move_from(|buf| src.try_read(buf), dst, boundary)
+    move_from(|buf| src.try_read(buf), |b| dst.try_write(b), boundary)
 }
 
 /// [`move_once`] reading at most `max` bytes, not following packets.
 fn move_at_most(src: &TcpStream, dst: &TcpStream, max: u64) -> io::Result<Moved> {
     let max = usize::try_from(max).unwrap_or(usize::MAX);
-    move_from(|buf| src.try_read(&mut buf[..max.min(SCRATCH)]), dst, None)
+    move_from(
+        |buf| src.try_read(&mut buf[..max.min(SCRATCH)]),
+        |b| dst.try_write(b),
+        None,
+    )
 }
 
 /// [`move_once`] with a read that always asks the socket: for a task that does not
@@ -56,13 +66,27 @@ pub(crate) fn move_once_now(
     dst: &TcpStream,
     boundary: Option<&mut Boundary>,
 ) -> io::Result<Moved> {
-    move_from(|buf| sys::recv_now(src.as_raw_fd(), buf), dst, boundary)
+    move_from(
+        |buf| sys::recv_now(src.as_raw_fd(), buf),
+        |b| dst.try_write(b),
+        boundary,
+    )
+}
+
+/// [`move_once_now`] between sockets the runtime keeps no readiness for (a spliced
+/// pair's, see `sockmap::quiet`): a plain `recv` and a plain `send`.
+pub(crate) fn move_once_raw(src: RawFd, dst: RawFd) -> io::Result<Moved> {
+    move_from(
+        |buf| sys::recv_now(src, buf),
+        |b| sys::send_now(dst, b),
+        None,
+    )
 }
 
 /// Moves one read; `boundary`, when given, follows the packets read.
 fn move_from(
     read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-    dst: &TcpStream,
+    write: impl FnOnce(&[u8]) -> io::Result<usize>,
     boundary: Option<&mut Boundary>,
 ) -> io::Result<Moved> {
     SCRATCH_BUF.with_borrow_mut(|buf| {
@@ -75,7 +99,7 @@ fn move_from(
         if let Some(b) = boundary {
             b.advance(&buf[..n]);
         }
-        let rest = match dst.try_write(&buf[..n]) {
+        let rest = match write(&buf[..n]) {
             Ok(m) if m == n => None,
             Ok(m) => Some(buf[m..n].to_vec()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(buf[..n].to_vec()),
@@ -88,7 +112,19 @@ fn move_from(
 /// Writes what it can of `pending` to `dst` without waiting; true once it is all
 /// written.
 pub(crate) fn write_pending(dst: &TcpStream, pending: &mut Vec<u8>) -> io::Result<bool> {
-    match dst.try_write(pending) {
+    write_pending_with(|b| dst.try_write(b), pending)
+}
+
+/// [`write_pending`] with a plain `send` (see [`move_once_raw`]).
+pub(crate) fn write_pending_raw(dst: RawFd, pending: &mut Vec<u8>) -> io::Result<bool> {
+    write_pending_with(|b| sys::send_now(dst, b), pending)
+}
+
+fn write_pending_with(
+    write: impl FnOnce(&[u8]) -> io::Result<usize>,
+    pending: &mut Vec<u8>,
+) -> io::Result<bool> {
+    match write(pending) {
         Ok(n) => {
             pending.drain(..n);
             Ok(pending.is_empty())

@@ -14,7 +14,7 @@ use super::{Cookies, HIGH_WATER, LOW_WATER, PUMP_BUDGET, SockmapPlane};
 use crate::{
     dataplane::{
         Direction, Pair,
-        copy::{Moved, move_once_now, write_pending},
+        copy::{Moved, move_once_raw, write_pending_raw},
     },
     sys,
 };
@@ -169,7 +169,7 @@ impl SockmapPlane {
         loop {
             if let Some(p) = &mut d.pending {
                 let before = p.len();
-                let all = write_pending(d.dst, p)?;
+                let all = write_pending_raw(d.dst.as_raw_fd(), p)?;
                 d.written += (before - p.len()) as u64;
                 if !all {
                     return Ok(moved > 0);
@@ -180,7 +180,7 @@ impl SockmapPlane {
                 d.again = true;
                 return Ok(true);
             }
-            match move_once_now(d.src, d.dst, None)? {
+            match move_once_raw(d.src.as_raw_fd(), d.dst.as_raw_fd())? {
                 Moved::Idle => {
                     d.readable = false;
                     // The program redirects again once it has passed no more than

@@ -67,9 +67,11 @@ use crate::{
 mod direction;
 mod evict;
 mod handoff;
+mod quiet;
 mod supervise;
 
-use direction::Dir;
+use direction::{Dir, DirStopped};
+use quiet::Quiet;
 
 /// `SO_SNDBUF`/`SO_RCVBUF` of spliced sockets: the kernel stops autotuning buffers for
 /// redirected bytes, and the default ones halved bulk throughput.
@@ -270,8 +272,8 @@ impl SockmapPlane {
         for fd in [pair.client.as_raw_fd(), pair.server.as_raw_fd()] {
             let _ = sys::set_buffers(fd, SPLICE_BUFFER);
         }
-        let (cookies, mut dirs) = match Dir::both(&pair) {
-            Ok(both) => both,
+        let (cookies, stopped) = match Dir::both(&pair) {
+            Ok((cookies, mut dirs)) => (cookies, dirs.each_mut().map(Dir::stop)),
             Err(e) => {
                 reset_both(&pair);
                 return Outcome::Aborted(e);
@@ -283,7 +285,7 @@ impl SockmapPlane {
             .expect("registry lock")
             .insert(pair.id, signal.clone());
         let inserted = self.insert(&pair, cookies);
-        self.in_maps(&pair, cookies, &mut dirs, &signal, inserted, demote_above)
+        self.in_maps(pair, cookies, stopped, &signal, inserted, demote_above)
             .await
     }
 
@@ -308,7 +310,6 @@ impl SockmapPlane {
                 "handed sockets do not match their cookies",
             ));
         }
-        let mut dirs = Dir::resumed_both(&pair, cookies, stopped.dirs);
         let signal = Arc::new(Signal::default());
         self.registry
             .lock()
@@ -316,51 +317,61 @@ impl SockmapPlane {
             .insert(pair.id, signal.clone());
         signal.read.store(0b11, Ordering::Relaxed);
         signal.lag.store(0b11, Ordering::Relaxed);
-        self.in_maps(&pair, cookies, &mut dirs, &signal, Ok(()), demote_above)
+        self.in_maps(pair, cookies, stopped.dirs, &signal, Ok(()), demote_above)
             .await
     }
 
-    /// A pair from its insertion (`inserted`) to its end: supervised while spliced,
-    /// on the copy plane after a refusal or a demotion; then its server byte count
-    /// and its removal from the maps (unless it departed for a hot upgrade).
+    /// A pair from its insertion (`inserted`) to its end: supervised while spliced
+    /// (its sockets quiet, see [`quiet`]), on the copy plane after a refusal or a
+    /// demotion; then its server byte count and its removal from the maps (unless it
+    /// departed for a hot upgrade). `stopped`: both directions as they stand.
     async fn in_maps(
         &self,
-        pair: &Pair,
+        mut pair: Pair,
         cookies: Cookies,
-        dirs: &mut [Dir<'_>; 2],
+        stopped: [DirStopped; 2],
         signal: &Signal,
         inserted: Result<(), InsertRefused>,
         demote_above: Option<u64>,
     ) -> Outcome {
-        let outcome = match inserted {
-            Ok(()) => match self.spliced(pair, dirs, signal, demote_above).await {
-                Supervised::Ended(outcome) => {
-                    if let Outcome::Evicted = outcome {
-                        let deadline = std::time::Instant::now() + super::evict::EVICT_WAIT;
-                        Box::pin(self.tell_evicted(pair, dirs, deadline)).await;
-                    }
-                    outcome
+        let (supervised, stopped) = match inserted {
+            Ok(()) => {
+                let (s, stopped) = self
+                    .quietly(&mut pair, cookies, stopped, signal, demote_above)
+                    .await;
+                (Ok(s), stopped)
+            }
+            Err(refused) => (Err(refused), stopped),
+        };
+        let pair = &pair;
+        let dirs = &mut Dir::resumed_both(pair, cookies, stopped);
+        let outcome = match supervised {
+            Ok(Supervised::Ended(outcome)) => {
+                if let Outcome::Evicted = outcome {
+                    let deadline = std::time::Instant::now() + super::evict::EVICT_WAIT;
+                    Box::pin(self.tell_evicted(pair, dirs, deadline)).await;
                 }
-                Supervised::Demote => {
-                    self.stats.inc(DaemonStat::Demoted);
-                    for d in dirs.iter() {
-                        self.bpf.set_conn_flag(pair.id, d.flag, false);
-                    }
-                    Box::pin(self.unsplice(pair, cookies, dirs, [true, true])).await
+                outcome
+            }
+            Ok(Supervised::Demote) => {
+                self.stats.inc(DaemonStat::Demoted);
+                for d in dirs.iter() {
+                    self.bpf.set_conn_flag(pair.id, d.flag, false);
                 }
-                Supervised::Depart => {
-                    for d in dirs.iter_mut() {
-                        self.count_redirected(d);
-                    }
-                    let written = [dirs[0].written, dirs[1].written];
-                    let stopped = Stopped {
-                        cookies: [cookies.client, cookies.server],
-                        dirs: dirs.each_mut().map(Dir::stop),
-                        boundary: pair.boundary.map(Boundary::raw),
-                    };
-                    super::departure(pair, Carried::Spliced(stopped), written)
+                Box::pin(self.unsplice(pair, cookies, dirs, [true, true])).await
+            }
+            Ok(Supervised::Depart) => {
+                for d in dirs.iter_mut() {
+                    self.count_redirected(d);
                 }
-            },
+                let written = [dirs[0].written, dirs[1].written];
+                let stopped = Stopped {
+                    cookies: [cookies.client, cookies.server],
+                    dirs: dirs.each_mut().map(Dir::stop),
+                    boundary: pair.boundary.map(Boundary::raw),
+                };
+                super::departure(pair, Carried::Spliced(stopped), written)
+            }
             Err(refused) => {
                 tracing::debug!(id = pair.id, error = %refused.error, in_sources = ?refused.in_sources, "sockmap refused the pair; copy plane");
                 self.stats.inc(DaemonStat::SpliceFallback);
@@ -368,6 +379,42 @@ impl SockmapPlane {
             }
         };
         self.finish(pair, cookies, dirs, outcome).await
+    }
+
+    /// The spliced stretch of a pair's life, its sockets quiet; they are back with
+    /// the daemon's reactor when it returns, with both directions as they stand.
+    async fn quietly(
+        &self,
+        pair: &mut Pair,
+        cookies: Cookies,
+        stopped: [DirStopped; 2],
+        signal: &Signal,
+        demote_above: Option<u64>,
+    ) -> (Supervised, [DirStopped; 2]) {
+        let mut quiet = match Quiet::hush(pair) {
+            Ok(q) => q,
+            Err(e) => {
+                reset_both(pair);
+                let e = io::Error::new(e.kind(), format!("cannot watch the spliced sockets: {e}"));
+                return (Supervised::Ended(Outcome::Aborted(e)), stopped);
+            }
+        };
+        let (supervised, stopped) = {
+            let mut dirs = Dir::resumed_both(pair, cookies, stopped);
+            let s = self
+                .spliced(pair, &mut dirs, signal, demote_above, &mut quiet)
+                .await;
+            (s, dirs.each_mut().map(Dir::stop))
+        };
+        match quiet.wake(pair) {
+            Ok(()) => (supervised, stopped),
+            Err(e) => {
+                // The streams cannot be watched again: whatever came next ends here.
+                reset_both(pair);
+                let e = io::Error::new(e.kind(), format!("cannot watch the sockets again: {e}"));
+                (Supervised::Ended(Outcome::Aborted(e)), stopped)
+            }
+        }
     }
 
     /// A pair's end: the server's byte count and the removal from the maps (but for
@@ -407,6 +454,7 @@ impl SockmapPlane {
         dirs: &mut [Dir<'_>; 2],
         signal: &Signal,
         demote_above: Option<u64>,
+        quiet: &mut Quiet,
     ) -> Supervised {
         pair.entry.set_plane(crate::registry::Plane::Sockmap);
         self.stats.inc(DaemonStat::Spliced);
@@ -416,7 +464,9 @@ impl SockmapPlane {
         for d in dirs.iter_mut() {
             d.readable = true;
         }
-        let outcome = self.supervise(pair, dirs, signal, demote_above).await;
+        let outcome = self
+            .supervise(pair, dirs, signal, demote_above, quiet)
+            .await;
         self.stats.dec(DaemonStat::SplicedActive);
         if let Supervised::Ended(Outcome::Aborted(_)) = outcome {
             reset_both(pair);

@@ -8,9 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::io::Interest;
-
-use super::{Signal, SockmapPlane, Supervised, direction::Dir, direction::DirState};
+use super::{Signal, SockmapPlane, Supervised, direction::Dir, direction::DirState, quiet::Quiet};
 use crate::dataplane::{Outcome, POLL_MAX, POLL_MIN, Pair};
 
 /// The shortest window over which the splice's skb rate is judged: a burst (a large
@@ -101,8 +99,9 @@ impl SockmapPlane {
         dirs: &mut [Dir<'_>; 2],
         signal: &Signal,
         demote_above: Option<u64>,
+        quiet: &mut Quiet,
     ) -> Supervised {
-        match self.watch(pair, dirs, signal, demote_above).await {
+        match self.watch(pair, dirs, signal, demote_above, quiet).await {
             Ok(outcome) => Supervised::Ended(outcome),
             Err(Leave::Demote) => Supervised::Demote,
             Err(Leave::Depart) => Supervised::Depart,
@@ -115,6 +114,7 @@ impl SockmapPlane {
         dirs: &mut [Dir<'_>; 2],
         signal: &Signal,
         demote_above: Option<u64>,
+        quiet: &mut Quiet,
     ) -> Result<Outcome, Leave> {
         let mut idle = IdleWatch::new(pair.idle_timeout);
         let mut demotion = demote_above.map(Demotion::new);
@@ -131,7 +131,7 @@ impl SockmapPlane {
             } else {
                 idle.sample_at
             };
-            if let Err(e) = wait_event(dirs, signal, deadline, &pair.entry).await {
+            if let Err(e) = wait_event(dirs, quiet, signal, deadline, &pair.entry).await {
                 return Ok(Outcome::Aborted(e));
             }
             if pair.entry.is_evicting() {
@@ -240,22 +240,28 @@ enum Leave {
 /// from the program.
 async fn wait_event(
     dirs: &mut [Dir<'_>; 2],
+    quiet: &mut Quiet,
     signal: &Signal,
     deadline: Instant,
     entry: &crate::registry::Entry,
 ) -> io::Result<()> {
     let [d0, d1] = &mut *dirs;
+    // Direction 0 reads the client (side 0) and writes the server (side 1);
+    // direction 1 the other way round.
     let (r0, r1) = (d0.watch_readable(), d1.watch_readable());
+    quiet.read(0, r0)?;
+    quiet.read(1, r1)?;
     let (e0, e1) = (d0.watch_errors(), d1.watch_errors());
     let (w0, w1) = (d0.pending.is_some(), d1.pending.is_some());
+    let quiet = &*quiet;
     let readable = tokio::select! {
-        r = d0.src.readable(), if r0 => r.map(|()| Some(0)),
-        r = d1.src.readable(), if r1 => r.map(|()| Some(1)),
+        r = quiet.readable(0), if r0 => r.map(|()| Some(0)),
+        r = quiet.readable(1), if r1 => r.map(|()| Some(1)),
         // A reset: the pump's read reports it.
-        r = d0.src.ready(Interest::ERROR), if e0 => r.map(|_| Some(0)),
-        r = d1.src.ready(Interest::ERROR), if e1 => r.map(|_| Some(1)),
-        r = d0.dst.writable(), if w0 => r.map(|()| None),
-        r = d1.dst.writable(), if w1 => r.map(|()| None),
+        r = quiet.error(0), if e0 => r.map(|()| Some(0)),
+        r = quiet.error(1), if e1 => r.map(|()| Some(1)),
+        r = quiet.writable(1), if w0 => r.map(|()| None),
+        r = quiet.writable(0), if w1 => r.map(|()| None),
         () = signal.notify.notified() => Ok(None),
         () = entry.evicted_or_departing(true) => Ok(None),
         () = tokio::time::sleep_until(deadline.into()) => Ok(None),
