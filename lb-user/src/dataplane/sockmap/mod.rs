@@ -200,6 +200,7 @@ impl Cookies {
 impl SockmapPlane {
     /// A sockmap plane over loaded BPF, with a copy plane for fallbacks.
     pub fn new(bpf: Arc<Bpf>, stats: Arc<Stats>) -> Arc<Self> {
+        quiet::prepare();
         let copy = CopyPlane::new(stats.clone());
         Arc::new(Self {
             bpf,

@@ -63,6 +63,15 @@ fn dormant() -> io::Result<&'static Handle> {
     Ok(DORMANT.get_or_init(|| handle))
 }
 
+/// Starts the dormant reactor now (with the plane), so that its descriptors and
+/// thread are there from the start rather than appearing at the first splice; a
+/// failure here is retried at each splice (and aborts that pair).
+pub(super) fn prepare() {
+    if let Err(e) = dormant() {
+        tracing::warn!(error = %e, "cannot start the reactor for spliced sockets; will retry");
+    }
+}
+
 /// Registers `s` with `handle`'s reactor (`None`: the current runtime's) in its place:
 /// a duplicate of the socket is registered first, so a failure leaves `s` as it was.
 fn rehome(s: &mut TcpStream, handle: Option<&Handle>) -> io::Result<()> {
