@@ -200,7 +200,6 @@ impl Cookies {
 impl SockmapPlane {
     /// A sockmap plane over loaded BPF, with a copy plane for fallbacks.
     pub fn new(bpf: Arc<Bpf>, stats: Arc<Stats>) -> Arc<Self> {
-        quiet::prepare();
         let copy = CopyPlane::new(stats.clone());
         Arc::new(Self {
             bpf,
@@ -218,6 +217,7 @@ impl SockmapPlane {
     /// Reads the program's ring buffer and wakes the pairs it names; runs for the life
     /// of the daemon.
     pub async fn run_events(self: Arc<Self>) -> io::Result<()> {
+        quiet::prepare();
         let ring = self
             .bpf
             .take_events()

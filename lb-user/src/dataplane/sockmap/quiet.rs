@@ -35,8 +35,9 @@ use crate::dataplane::Pair;
 const TURN_EVERY: Duration = Duration::from_secs(1);
 
 /// The reactor the streams of spliced pairs are registered with: a runtime that no
-/// thread waits on, but for a short turn every [`TURN_EVERY`]. Started on first use in
-/// the process that carries connections (a worker, after its fork).
+/// thread waits on, but for a short turn every [`TURN_EVERY`]. Started by [`prepare`]
+/// or at the first splice, in the process that carries connections (a worker, after
+/// its fork).
 fn dormant() -> io::Result<&'static Handle> {
     static DORMANT: OnceLock<Handle> = OnceLock::new();
     static STARTING: Mutex<()> = Mutex::new(());
@@ -63,9 +64,10 @@ fn dormant() -> io::Result<&'static Handle> {
     Ok(DORMANT.get_or_init(|| handle))
 }
 
-/// Starts the dormant reactor now (with the plane), so that its descriptors and
-/// thread are there from the start rather than appearing at the first splice; a
-/// failure here is retried at each splice (and aborts that pair).
+/// Starts the dormant reactor now (with the plane's event loop, once the daemon
+/// serves: after any privilege drop, which wants one thread), so that its
+/// descriptors and thread are there from the start rather than appearing at the
+/// first splice; a failure here is retried at each splice (and aborts that pair).
 pub(super) fn prepare() {
     if let Err(e) = dormant() {
         tracing::warn!(error = %e, "cannot start the reactor for spliced sockets; will retry");
