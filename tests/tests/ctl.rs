@@ -24,10 +24,11 @@ async fn ctl_conns_lists_every_plane_and_names_a_killed_instance() {
     let mut lb = Daemon::start_edited("auto", &[echo.addr], |t| {
         t.replace(
             "connect_timeout = \"1s\"\n",
-            "connect_timeout = \"1s\"\npromote_after = \"500ms\"\n",
+            "connect_timeout = \"1s\"\npromote_after = \"3s\"\n",
         )
     });
-    // A: a device on the copy plane, promoted to the splice after 500 ms.
+    // A: a device on the copy plane, promoted to the splice after 3 s (long enough
+    // for the rows below to be read first on a busy host: 500 ms was not, once).
     let connect = connect_packet("dev-a");
     let mut a = TcpStream::connect(lb.addr).await.expect("connect a");
     a.write_all(&connect).await.expect("CONNECT");
@@ -55,7 +56,7 @@ async fn ctl_conns_lists_every_plane_and_names_a_killed_instance() {
     })
     .await;
     let id_a = row_a["id"].as_u64().expect("id");
-    wait_for("the promotion", Duration::from_secs(3), || {
+    wait_for("the promotion", Duration::from_secs(8), || {
         rows(&lb.ctl("conns"))[0]["plane"] == "sockmap"
     })
     .await;

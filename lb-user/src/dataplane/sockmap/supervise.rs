@@ -248,9 +248,11 @@ async fn wait_event(
     let [d0, d1] = &mut *dirs;
     // Direction 0 reads the client (side 0) and writes the server (side 1);
     // direction 1 the other way round.
+    // Input stays watched for as long as a direction is throttled (not only while
+    // awaited), so that a throttle costs no epoll change per passed skb.
+    quiet.read(0, d0.state == DirState::Throttled)?;
+    quiet.read(1, d1.state == DirState::Throttled)?;
     let (r0, r1) = (d0.watch_readable(), d1.watch_readable());
-    quiet.read(0, r0)?;
-    quiet.read(1, r1)?;
     let (e0, e1) = (d0.watch_errors(), d1.watch_errors());
     let (w0, w1) = (d0.pending.is_some(), d1.pending.is_some());
     let quiet = &*quiet;
