@@ -390,8 +390,8 @@ impl<'a> Dir<'a> {
     /// throttled. A spliced socket turns readable with every skb the program
     /// redirects, which would wake the task per message; its FIN and passed bytes
     /// come as events from the program instead, its errors through
-    /// [`Dir::watch_errors`]. Not once it fired: readiness stays set until a read
-    /// reaches `EAGAIN`.
+    /// [`Dir::watch_errors`]. Not once it fired (`readable`): the pump reads until
+    /// `EAGAIN`, and [`super::quiet::Quiet::readable`] clears the readiness it took.
     pub(super) fn watch_readable(&self) -> bool {
         !self.readable && self.state == DirState::Throttled
     }

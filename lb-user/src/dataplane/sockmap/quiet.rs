@@ -106,7 +106,7 @@ impl AsRawFd for Fd {
 }
 
 /// The daemon's watch over a spliced pair's sockets (client, server): room to write
-/// and errors always, readability while asked. Drop it (or [`Quiet::wake`]) before the
+/// and errors always, input while a direction is throttled. Drop it (or [`Quiet::wake`]) before the
 /// pair's sockets are closed.
 pub(super) struct Quiet {
     fds: [RawFd; 2],
