@@ -145,12 +145,13 @@ pub struct Bpf {
     ctrl: Mutex<HashMap<MapData, u64, u64>>,
     /// Per-connection info.
     conns: Mutex<HashMap<MapData, u32, ConnInfo>>,
-    /// Servers as the daemon sees them.
-    backends: Mutex<HashMap<MapData, u32, BackendInfo>>,
+    /// Servers as the daemon sees them, and the rows last written there.
+    backends: Mutex<(HashMap<MapData, u32, BackendInfo>, Vec<BackendInfo>)>,
     /// The sticky table (kept across restarts).
     sticky: Mutex<HashMap<MapData, StickyKey, StickyValue>>,
-    /// Published daemon counters.
-    daemon_stats: Mutex<Array<MapData, u64>>,
+    /// Published daemon counters, and the values last written there (none yet: the
+    /// first publication writes every slot).
+    daemon_stats: Mutex<(Array<MapData, u64>, Vec<Option<u64>>)>,
     /// Events from the program; taken once by the event loop.
     events: Mutex<Option<RingBuf<MapData>>>,
 }
@@ -311,9 +312,9 @@ impl Bpf {
             socks: Mutex::new(socks),
             ctrl: Mutex::new(ctrl),
             conns: Mutex::new(conns),
-            backends: Mutex::new(backends),
+            backends: Mutex::new((backends, Vec::new())),
             sticky: Mutex::new(sticky),
-            daemon_stats: Mutex::new(daemon_stats),
+            daemon_stats: Mutex::new((daemon_stats, vec![None; DaemonStat::ALL.len()])),
             events: Mutex::new(Some(events)),
         })
     }
@@ -488,28 +489,45 @@ impl Bpf {
             .map_err(|e| io::Error::other(format!("ctrl map: {e}")))
     }
 
-    /// Writes the daemon counters to the pinned `daemon_stats` map.
+    /// Writes the daemon counters that changed since the last call to the pinned
+    /// `daemon_stats` map (one system call each: an idle daemon makes none).
     pub fn publish(&self, stats: &crate::stats::Stats) {
-        let mut map = self.daemon_stats.lock().expect("daemon_stats lock");
-        for &s in DaemonStat::ALL {
+        let (map, last) = &mut *self.daemon_stats.lock().expect("daemon_stats lock");
+        for (&s, last) in DaemonStat::ALL.iter().zip(last.iter_mut()) {
+            let value = stats.get(s);
+            if *last == Some(value) {
+                continue;
+            }
             // An error here only leaves `ctl stats` one period behind.
-            let _ = map.set(s as u32, stats.get(s), 0);
+            *last = map.set(s as u32, value, 0).is_ok().then_some(value);
         }
     }
 }
 
 impl Bpf {
-    /// Writes `rows` to the `backends` map (slot = position) and removes slots from
-    /// `rows.len()` up to `previous` (servers gone in a reload).
-    pub fn publish_backends(&self, rows: &[BackendInfo], previous: usize) {
-        let mut map = self.backends.lock().expect("backends lock");
+    /// Writes `rows` to the `backends` map (slot = position), those that changed since
+    /// the last call, and removes the slots past them (servers gone in a reload).
+    pub fn publish_backends(&self, rows: &[BackendInfo]) {
+        let (map, last) = &mut *self.backends.lock().expect("backends lock");
         for (slot, row) in rows.iter().enumerate() {
-            // An error here only leaves `ctl backends` one period behind.
-            let _ = map.insert(slot as u32, row, 0);
+            if last.get(slot) == Some(row) {
+                continue;
+            }
+            // An error here only leaves `ctl backends` one period behind (the slot
+            // is written again next time).
+            if map.insert(slot as u32, row, 0).is_err() {
+                last.truncate(slot);
+                return;
+            }
+            match last.get_mut(slot) {
+                Some(l) => *l = *row,
+                None => last.push(*row),
+            }
         }
-        for slot in rows.len()..previous {
+        for slot in rows.len()..last.len() {
             let _ = map.remove(&(slot as u32));
         }
+        last.truncate(rows.len());
     }
 }
 

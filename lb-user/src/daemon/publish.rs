@@ -17,7 +17,6 @@ use crate::{bpf::Bpf, config::ServerState, dataplane::Direction, runtime::Shared
 /// maps, four times a second.
 pub(super) async fn publish_stats(stats: Arc<Stats>, bpf: Option<Arc<Bpf>>, shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut published = 0;
     loop {
         tick.tick().await;
         stats.set(
@@ -28,9 +27,7 @@ pub(super) async fn publish_stats(stats: Arc<Stats>, bpf: Option<Arc<Bpf>>, shar
         );
         if let Some(b) = &bpf {
             b.publish(&stats);
-            let rows = backend_rows(&shared);
-            b.publish_backends(&rows, published);
-            published = rows.len();
+            b.publish_backends(&backend_rows(&shared));
         }
     }
 }
