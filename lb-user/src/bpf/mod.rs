@@ -146,14 +146,21 @@ pub struct Bpf {
     /// Per-connection info.
     conns: Mutex<HashMap<MapData, u32, ConnInfo>>,
     /// Servers as the daemon sees them, and the rows last written there.
-    backends: Mutex<(HashMap<MapData, u32, BackendInfo>, Vec<BackendInfo>)>,
+    backends: Mutex<Published<HashMap<MapData, u32, BackendInfo>, BackendInfo>>,
     /// The sticky table (kept across restarts).
     sticky: Mutex<HashMap<MapData, StickyKey, StickyValue>>,
     /// Published daemon counters, and the values last written there (none yet: the
     /// first publication writes every slot).
-    daemon_stats: Mutex<(Array<MapData, u64>, Vec<Option<u64>>)>,
+    daemon_stats: Mutex<Published<Array<MapData, u64>, Option<u64>>>,
     /// Events from the program; taken once by the event loop.
     events: Mutex<Option<RingBuf<MapData>>>,
+}
+
+/// A map the daemon publishes to four times a second, with the values it last wrote
+/// there (only changes are written).
+struct Published<M, V> {
+    map: M,
+    last: Vec<V>,
 }
 
 fn map_err(name: &'static str, e: impl std::fmt::Display) -> BpfError {
@@ -312,9 +319,15 @@ impl Bpf {
             socks: Mutex::new(socks),
             ctrl: Mutex::new(ctrl),
             conns: Mutex::new(conns),
-            backends: Mutex::new((backends, Vec::new())),
+            backends: Mutex::new(Published {
+                map: backends,
+                last: Vec::new(),
+            }),
             sticky: Mutex::new(sticky),
-            daemon_stats: Mutex::new((daemon_stats, vec![None; DaemonStat::ALL.len()])),
+            daemon_stats: Mutex::new(Published {
+                map: daemon_stats,
+                last: vec![None; DaemonStat::ALL.len()],
+            }),
             events: Mutex::new(Some(events)),
         })
     }
@@ -492,7 +505,7 @@ impl Bpf {
     /// Writes the daemon counters that changed since the last call to the pinned
     /// `daemon_stats` map (one system call each: an idle daemon makes none).
     pub fn publish(&self, stats: &crate::stats::Stats) {
-        let (map, last) = &mut *self.daemon_stats.lock().expect("daemon_stats lock");
+        let Published { map, last } = &mut *self.daemon_stats.lock().expect("daemon_stats lock");
         for (&s, last) in DaemonStat::ALL.iter().zip(last.iter_mut()) {
             let value = stats.get(s);
             if *last == Some(value) {
@@ -508,7 +521,7 @@ impl Bpf {
     /// Writes `rows` to the `backends` map (slot = position), those that changed since
     /// the last call, and removes the slots past them (servers gone in a reload).
     pub fn publish_backends(&self, rows: &[BackendInfo]) {
-        let (map, last) = &mut *self.backends.lock().expect("backends lock");
+        let Published { map, last } = &mut *self.backends.lock().expect("backends lock");
         for (slot, row) in rows.iter().enumerate() {
             if last.get(slot) == Some(row) {
                 continue;
