@@ -54,7 +54,7 @@ pub async fn handle(
     let _active = ActiveGuard::new(stats);
     let registered = shared.conns.open(&listener.config.name, peer);
     stats.inc(DaemonStat::Accepted);
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (`daemon::runtime_listener`).
     let (client, peer, tls, proxy_header) = match &listener.tls {
         None => {
             let proxy_header = listener.config.accept_proxy_protocol;
