@@ -767,15 +767,12 @@ pub fn serve_worker(
 #[cfg(test)]
 mod tests {
     #[tokio::test]
-    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
-        let socket = super::listen("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = super::runtime_listener(socket).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        assert!(
-            accepted.nodelay().unwrap(),
-            "accepted socket without TCP_NODELAY"
-        );
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() -> std::io::Result<()> {
+        let socket = super::listen(([127, 0, 0, 1], 0).into())?;
+        let listener = super::runtime_listener(socket)?;
+        let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let (accepted, _) = listener.accept().await?;
+        assert!(accepted.nodelay()?, "accepted socket without TCP_NODELAY");
+        Ok(())
     }
 }
