@@ -391,7 +391,7 @@ impl<'a> Dir<'a> {
     /// redirects, which would wake the task per message; its FIN and passed bytes
     /// come as events from the program instead, its errors through
     /// [`Dir::watch_errors`]. Not once it fired (`readable`): the pump reads until
-    /// `EAGAIN`, and [`super::quiet::Quiet::readable`] clears the readiness it took.
+    /// `EAGAIN`, and [`super::quiet::Quiet::ready`] clears the readiness it took.
     pub(super) fn watch_readable(&self) -> bool {
         !self.readable && self.state == DirState::Throttled
     }

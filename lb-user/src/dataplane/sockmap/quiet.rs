@@ -23,7 +23,7 @@ use std::{
 };
 
 use tokio::{
-    io::{Interest, unix::AsyncFd},
+    io::{Interest, Ready, unix::AsyncFd},
     net::TcpStream,
     runtime::{Handle, Runtime},
 };
@@ -178,24 +178,15 @@ impl Quiet {
             .ok_or_else(|| io::Error::other("spliced socket not watched"))
     }
 
-    /// Waits until `side` has input (or an error); its readiness is then cleared, so
-    /// the caller reads until `EAGAIN`.
-    pub(super) async fn readable(&self, side: usize) -> io::Result<()> {
-        self.side(side)?.readable().await?.clear_ready();
-        Ok(())
-    }
-
-    /// Waits until `side` has room to write; its readiness is then cleared, so the
-    /// caller writes until `EAGAIN`.
-    pub(super) async fn writable(&self, side: usize) -> io::Result<()> {
-        self.side(side)?.writable().await?.clear_ready();
-        Ok(())
-    }
-
-    /// Waits for an error on `side` (a reset); the caller's read reports it.
-    pub(super) async fn error(&self, side: usize) -> io::Result<()> {
-        // Readiness stays: the read that follows fails with the error.
-        let _ = self.side(side)?.ready(Interest::ERROR).await?;
-        Ok(())
+    /// Waits until `side` is ready for one of `interest` (input, room to write, an
+    /// error) and says which: one future per socket, where one per kind of readiness
+    /// made every spliced pair's waiting state larger (about 1.6 KB, measured). The
+    /// input and room it reports are cleared, so the caller reads or writes until
+    /// `EAGAIN`; an error stays, so that the read that follows fails with it.
+    pub(super) async fn ready(&self, side: usize, interest: Interest) -> io::Result<Ready> {
+        let mut guard = self.side(side)?.ready(interest).await?;
+        let ready = guard.ready();
+        guard.clear_ready_matching(Ready::READABLE | Ready::WRITABLE);
+        Ok(ready)
     }
 }

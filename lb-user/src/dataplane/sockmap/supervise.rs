@@ -8,6 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tokio::io::Interest;
+
 use super::{Signal, SockmapPlane, Supervised, direction::Dir, direction::DirState, quiet::Quiet};
 use crate::dataplane::{Outcome, POLL_MAX, POLL_MIN, Pair};
 
@@ -252,24 +254,36 @@ async fn wait_event(
     // awaited), so that a throttle costs no epoll change per passed skb.
     quiet.read(0, d0.state == DirState::Throttled)?;
     quiet.read(1, d1.state == DirState::Throttled)?;
-    let (r0, r1) = (d0.watch_readable(), d1.watch_readable());
-    let (e0, e1) = (d0.watch_errors(), d1.watch_errors());
-    let (w0, w1) = (d0.pending.is_some(), d1.pending.is_some());
+    // Side 0 (the client) is direction 0's source and direction 1's destination.
+    let interest = |read: bool, error: bool, write: bool| {
+        let wanted = [
+            (read, Interest::READABLE),
+            (error, Interest::ERROR),
+            (write, Interest::WRITABLE),
+        ];
+        wanted
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, i)| i)
+            .reduce(Interest::add)
+    };
+    let pending = (d0.pending.is_some(), d1.pending.is_some());
+    let i0 = interest(d0.watch_readable(), d0.watch_errors(), pending.1);
+    let i1 = interest(d1.watch_readable(), d1.watch_errors(), pending.0);
     let quiet = &*quiet;
-    let readable = tokio::select! {
-        r = quiet.readable(0), if r0 => r.map(|()| Some(0)),
-        r = quiet.readable(1), if r1 => r.map(|()| Some(1)),
-        // A reset: the pump's read reports it.
-        r = quiet.error(0), if e0 => r.map(|()| Some(0)),
-        r = quiet.error(1), if e1 => r.map(|()| Some(1)),
-        r = quiet.writable(1), if w0 => r.map(|()| None),
-        r = quiet.writable(0), if w1 => r.map(|()| None),
+    let ready = tokio::select! {
+        r = quiet.ready(0, i0.unwrap_or(Interest::ERROR)), if i0.is_some() => r.map(|r| Some((0, r))),
+        r = quiet.ready(1, i1.unwrap_or(Interest::ERROR)), if i1.is_some() => r.map(|r| Some((1, r))),
         () = signal.notify.notified() => Ok(None),
         () = entry.evicted_or_departing(true) => Ok(None),
         () = tokio::time::sleep_until(deadline.into()) => Ok(None),
     }?;
-    if let Some(i) = readable {
-        dirs[i].readable = true;
+    // Input, or an error (a reset: the pump's read reports it), on a direction's
+    // source; room to write needs nothing more (the pump writes what is pending).
+    if let Some((side, ready)) = ready
+        && (ready.is_readable() || ready.is_error() || ready.is_read_closed())
+    {
+        dirs[side].readable = true;
     }
     Ok(())
 }
