@@ -360,10 +360,33 @@ async fn removing_a_server_by_reload_moves_almost_no_other_id_and_restoring_rest
         "{moved} of the {others} ids of node1/node2 moved"
     );
     assert!(without.iter().all(|n| n != "node3"));
+    // `ctl backends` (published to the pinned maps, changes only) drops the removed
+    // server's row and lists it again once restored.
+    let listed = || {
+        let backends = lb.ctl("backends");
+        let mut names: Vec<String> = backends["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| b["name"].as_str().unwrap_or("?").to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    wait_for("ctl backends without node3", Duration::from_secs(5), || {
+        listed() == ["node1", "node2"]
+    })
+    .await;
 
     lb.reload(&text(&all));
     let restored = placements(lb.addr, &ids).await;
     assert_eq!(restored, first, "restoring the server restores the mapping");
+    wait_for(
+        "ctl backends with node3 again",
+        Duration::from_secs(5),
+        || listed() == ["node1", "node2", "node3"],
+    )
+    .await;
 }
 
 /// Opens a session through `addr` and tells which node holds it.
