@@ -106,8 +106,8 @@ impl AsRawFd for Fd {
 }
 
 /// The daemon's watch over a spliced pair's sockets (client, server): room to write
-/// and errors always, input while a direction is throttled. Drop it (or [`Quiet::wake`]) before the
-/// pair's sockets are closed.
+/// and errors always, input while a direction is throttled. Drop it (or
+/// [`Quiet::wake`]) before the pair's sockets are closed.
 pub(super) struct Quiet {
     fds: [RawFd; 2],
     /// `None` only after a failed change of interest (the pair is then aborted).

@@ -254,7 +254,6 @@ async fn wait_event(
     // awaited), so that a throttle costs no epoll change per passed skb.
     quiet.read(0, d0.state == DirState::Throttled)?;
     quiet.read(1, d1.state == DirState::Throttled)?;
-    // Side 0 (the client) is direction 0's source and direction 1's destination.
     let interest = |read: bool, error: bool, write: bool| {
         let wanted = [
             (read, Interest::READABLE),
