@@ -82,6 +82,7 @@ pub fn bench(args: &[String]) -> Result<()> {
             .context("bench/results/latest.json: run `cargo xtask bench` first")?;
         return write_report(&root, &serde_json::from_str(&text)?);
     }
+    let only = Only::parse(args)?;
     prepare()?;
     install(BENCH_APT)?;
     raise_fd_limit();
@@ -123,10 +124,10 @@ pub fn bench(args: &[String]) -> Result<()> {
     // runs back to back, the ratios between systems measured the drift as much as
     // the systems.
     for round in 1..=RUNS {
-        for system in SYSTEMS {
+        for system in SYSTEMS.into_iter().filter(|s| only.system(s)) {
             eprintln!("xtask bench: round {round} of {RUNS}: {system}");
             let mut proxy = Proxy::start(system, &root, &dir)?;
-            for workload in WORKLOADS {
+            for workload in WORKLOADS.into_iter().filter(|w| only.workload(w)) {
                 if system == "direct" && TLS_WORKLOADS.contains(&workload) {
                     continue;
                 }
@@ -188,6 +189,29 @@ pub fn bench(args: &[String]) -> Result<()> {
         "errors": errors.iter().map(|((w, s), n)| json!({"workload": w, "system": s, "errors": n})).collect::<Vec<_>>(),
         "results": results,
     });
+    if only.any() {
+        // A part of the suite is for looking at one thing by hand: it leaves the
+        // published results and the page alone.
+        let out = dir.join("partial.json");
+        std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")?;
+        for r in &results {
+            eprintln!(
+                "{:<4} {:<15} {:<16} {:>10.3} ({:.3}-{:.3})",
+                r["workload"].as_str().unwrap_or(""),
+                r["system"].as_str().unwrap_or(""),
+                r["metric"].as_str().unwrap_or(""),
+                r["median"].as_f64().unwrap_or(f64::NAN),
+                r["min"].as_f64().unwrap_or(f64::NAN),
+                r["max"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+        eprintln!(
+            "xtask bench: wrote {} in {} s",
+            out.display(),
+            started.elapsed().as_secs()
+        );
+        return Ok(());
+    }
     let out = root.join("bench/results/latest.json");
     std::fs::create_dir_all(out.parent().context("results dir")?)?;
     std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")?;
@@ -198,6 +222,54 @@ pub fn bench(args: &[String]) -> Result<()> {
         started.elapsed().as_secs()
     );
     Ok(())
+}
+
+/// `--only W2,mqttlb-auto,haproxy`: the workloads and systems named (all of a kind
+/// when none of it is named), for a look by hand.
+struct Only {
+    workloads: Vec<String>,
+    systems: Vec<String>,
+}
+
+impl Only {
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut only = Only {
+            workloads: Vec::new(),
+            systems: Vec::new(),
+        };
+        let Some(i) = args.iter().position(|a| a == "--only") else {
+            return Ok(only);
+        };
+        let list = args
+            .get(i + 1)
+            .context("--only needs a list: --only W2,mqttlb-auto")?;
+        for name in list.split(',').filter(|n| !n.is_empty()) {
+            if WORKLOADS.contains(&name) {
+                only.workloads.push(name.into());
+            } else if SYSTEMS.contains(&name) {
+                only.systems.push(name.into());
+            } else {
+                bail!(
+                    "--only: {name:?} is neither a workload ({}) nor a system ({})",
+                    WORKLOADS.join(", "),
+                    SYSTEMS.join(", ")
+                );
+            }
+        }
+        Ok(only)
+    }
+
+    fn any(&self) -> bool {
+        !self.workloads.is_empty() || !self.systems.is_empty()
+    }
+
+    fn workload(&self, w: &str) -> bool {
+        self.workloads.is_empty() || self.workloads.iter().any(|x| x == w)
+    }
+
+    fn system(&self, s: &str) -> bool {
+        self.systems.is_empty() || self.systems.iter().any(|x| x == s)
+    }
 }
 
 /// Runs one workload once; returns the load generator's report.

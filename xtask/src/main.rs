@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask run [-- ARGS]`, `cargo xtask test`,
-//! `cargo xtask bench [--quick]`, `cargo xtask fuzz [--seconds N]`.
+//! `cargo xtask bench [--quick] [--only ...]`, `cargo xtask fuzz [--seconds N]`.
 //!
 //! `run` and `test` install what a fresh Debian bookworm machine lacks (as root, with
 //! apt-get), mount bpffs, build in release mode, then do their job.
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Some("dist") => dist(),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench [--quick | --report-only] | cargo xtask fuzz [--seconds N] | cargo xtask dist"
+                "usage: cargo xtask run [-- MQTTLB-ARGS] | cargo xtask test | cargo xtask bench [--quick] [--only W2,mqttlb-auto,...] | cargo xtask bench --report-only | cargo xtask fuzz [--seconds N] | cargo xtask dist"
             );
             return ExitCode::from(1);
         }
