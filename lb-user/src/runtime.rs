@@ -280,7 +280,7 @@ impl Shared {
     /// Ready for new clients: no shutdown under way and some cluster has a server that
     /// can take a connection now.
     pub fn ready(&self) -> Result<(), &'static str> {
-        if self.stopping.load(Ordering::Relaxed) {
+        if self.is_stopping() {
             return Err("shutting down");
         }
         let now = std::time::Instant::now();
@@ -298,6 +298,11 @@ impl Shared {
     /// Marks a shutdown under way (`/readyz` fails from now on).
     pub fn stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a shutdown is under way.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 }
 

@@ -28,7 +28,8 @@ pub async fn ask(instance: &str, index: u32, request: &str) -> std::io::Result<s
 
 /// A worker other than 0: takes worker 0's health verdicts four times a second, by
 /// cluster and server name. While worker 0 does not answer (restarting), the last
-/// verdicts stay.
+/// verdicts stay. In a shutdown worker 0 may be gone first (it has no connections to
+/// wait for): that is not worth a warning.
 pub async fn follow_health(shared: Arc<Shared>, instance: String) {
     let unreachable = LogOnce::new(Duration::from_secs(30));
     let mut tick = tokio::time::interval(FOLLOW_EVERY);
@@ -40,7 +41,7 @@ pub async fn follow_health(shared: Arc<Shared>, instance: String) {
                 Err(_) => continue,
             },
             Err(e) => {
-                if unreachable.allow() {
+                if !shared.is_stopping() && unreachable.allow() {
                     warn!(error = %e, "worker 0 (health checks) does not answer; servers keep their last health state");
                 }
                 continue;
