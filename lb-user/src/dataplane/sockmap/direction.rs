@@ -2,7 +2,11 @@
 //! done), the pump that forwards passed bytes, and the lag and arrival checks against
 //! the peer's send counters.
 
-use std::{io, os::fd::AsRawFd};
+use std::{
+    io,
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use lb_common::{
     CONN_THROTTLED_C2S, CONN_THROTTLED_S2C, CTRL_EVICT, CTRL_THROTTLE, DIR_CLIENT_TO_SERVER,
@@ -54,6 +58,13 @@ pub(super) struct Dir<'a> {
     pub(super) counted: u64,
     /// The `ctrl` word last written.
     pub(super) ctrl: u64,
+    /// A floor under `dst`'s enqueued bytes less `written`, from the last read of its
+    /// send counters (at first `offset`: the daemon's own writes are enqueued when
+    /// `send` returns). Enqueued bytes only grow, and `written` grows by what the
+    /// daemon enqueues, so the floor holds until the next read; a check it answers
+    /// needs no system call (three for a read). Atomic only so that a shared `Dir`
+    /// can be checked from a copy plane's gate.
+    pub(super) seen: AtomicU64,
     /// Read from `src`, not yet taken by `dst`.
     pub(super) pending: Option<Vec<u8>>,
     /// `src` signalled readable and has not been read to `EAGAIN` since.
@@ -67,22 +78,28 @@ pub(super) struct Dir<'a> {
 
 impl SockmapPlane {
     /// Whether every byte redirected in direction `d` is in its peer's send queue.
+    /// What follows writes to the peer or shuts it down, which reports an error the
+    /// peer has; only when the send counters must be read is the error looked at here
+    /// first (a reset peer's counters stand still).
     pub(super) fn arrived(&self, d: &Dir<'_>) -> io::Result<bool> {
         let redirected = self.bpf.redirected(d.src_cookie).unwrap_or(0);
+        if d.floor_covers(redirected, 0) {
+            return Ok(true);
+        }
         if let Some(e) = d.dst.take_error()? {
             return Err(e);
         }
-        Ok(sys::send_progress(d.dst.as_raw_fd())?.enqueued() >= d.offset + d.written + redirected)
+        Ok(d.lag(redirected, 0)? == 0)
     }
 
-    /// Bytes redirected in direction `d` that the peer's send queue has not taken yet:
-    /// they wait on the peer's psock backlog, the one queue the kernel does not bound
-    /// (the send queue itself is bounded by the peer's send buffer). A peer whose
-    /// receiver stops reading fills its send queue, then this backlog grows.
-    pub(super) fn lag(&self, d: &Dir<'_>) -> io::Result<u64> {
+    /// Whether more than `limit` bytes redirected in direction `d` are not in the
+    /// peer's send queue yet: they wait on the peer's psock backlog, the one queue the
+    /// kernel does not bound (the send queue itself is bounded by the peer's send
+    /// buffer). A peer whose receiver stops reading fills its send queue, then this
+    /// backlog grows.
+    pub(super) fn lag_above(&self, d: &Dir<'_>, limit: u64) -> io::Result<bool> {
         let redirected = self.bpf.redirected(d.src_cookie).unwrap_or(0);
-        let enqueued = sys::send_progress(d.dst.as_raw_fd())?.enqueued();
-        Ok((d.offset + d.written + redirected).saturating_sub(enqueued))
+        Ok(d.lag(redirected, limit)? > limit)
     }
 
     /// Adds the bytes direction `d` redirected since the last call to the server's
@@ -107,7 +124,7 @@ impl SockmapPlane {
     /// Moves one direction's state machine forward; true when something changed.
     pub(super) fn advance(&self, id: u32, d: &mut Dir<'_>, lag_event: bool) -> io::Result<bool> {
         match d.state {
-            DirState::Spliced if lag_event && self.lag(d)? > HIGH_WATER => {
+            DirState::Spliced if lag_event && self.lag_above(d, HIGH_WATER)? => {
                 self.set_passing(d, true)?;
                 self.bpf.set_conn_flag(id, d.flag, true);
                 self.stats.inc(DaemonStat::Throttled);
@@ -120,7 +137,7 @@ impl SockmapPlane {
                 if let Some(e) = d.src.take_error()? {
                     return Err(e);
                 }
-                if self.lag(d)? > LOW_WATER {
+                if self.lag_above(d, LOW_WATER)? {
                     return Ok(false);
                 }
                 // The pump forwards what was passed, then lets the program redirect.
@@ -132,16 +149,18 @@ impl SockmapPlane {
             }
             DirState::Eof if self.arrived(d)? => {
                 sys::shutdown_write(d.dst.as_raw_fd())?;
-                let sock = self.bpf.sock(d.src_cookie)?;
-                tracing::debug!(
-                    id,
-                    dir = d.dir,
-                    redirected = sock.bytes,
-                    passed = sock.passed,
-                    consumed = d.consumed,
-                    written = d.written,
-                    "FIN forwarded"
-                );
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let sock = self.bpf.sock(d.src_cookie)?;
+                    tracing::debug!(
+                        id,
+                        dir = d.dir,
+                        redirected = sock.bytes,
+                        passed = sock.passed,
+                        consumed = d.consumed,
+                        written = d.written,
+                        "FIN forwarded"
+                    );
+                }
                 self.stats.inc(DaemonStat::HalfClosed);
                 d.state = DirState::Done;
                 Ok(true)
@@ -304,6 +323,7 @@ impl<'a> Dir<'a> {
             traffic,
             counted: s.counted,
             ctrl: s.ctrl,
+            seen: AtomicU64::new(s.offset),
             pending: (!s.pending.is_empty()).then_some(s.pending),
             readable: true,
             again: false,
@@ -372,6 +392,7 @@ impl<'a> Dir<'a> {
             traffic,
             counted: 0,
             ctrl: 0,
+            seen: AtomicU64::new(offset),
             pending: None,
             readable: false,
             again: false,
@@ -379,6 +400,26 @@ impl<'a> Dir<'a> {
             flag,
             stat,
         })
+    }
+
+    /// How many of the `redirected` bytes are not in `dst`'s send queue yet, exactly
+    /// when that may be over `limit` (a read of the send counters), or 0 when the
+    /// floor in [`Dir::seen`] already shows it is not (no read).
+    fn lag(&self, redirected: u64, limit: u64) -> io::Result<u64> {
+        if self.floor_covers(redirected, limit) {
+            return Ok(0);
+        }
+        let target = self.offset + self.written + redirected;
+        let enqueued = sys::send_progress(self.dst.as_raw_fd())?.enqueued();
+        self.seen
+            .fetch_max(enqueued.saturating_sub(self.written), Ordering::Relaxed);
+        Ok(target.saturating_sub(enqueued))
+    }
+
+    /// Whether the floor in [`Dir::seen`] shows that no more than `limit` of the
+    /// `redirected` bytes are missing from `dst`'s send queue.
+    fn floor_covers(&self, redirected: u64, limit: u64) -> bool {
+        self.offset + redirected <= self.seen.load(Ordering::Relaxed).saturating_add(limit)
     }
 
     /// Passed bytes read from `src` and written to `dst`.

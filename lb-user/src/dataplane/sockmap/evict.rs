@@ -101,8 +101,10 @@ impl SockmapPlane {
             wait = (wait * 2).min(POLL_MAX);
         }
         if let Some(mut p) = d.pending.take() {
-            d.written += p.len() as u64;
+            // Counted once enqueued (`Dir::seen` relies on it).
+            let n = p.len() as u64;
             evict::write_all(d.dst, &mut p).await?;
+            d.written += n;
         }
         let mut buf = vec![0; CHUNK];
         let start = d.consumed;
