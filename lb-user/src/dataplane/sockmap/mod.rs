@@ -382,40 +382,61 @@ impl SockmapPlane {
         self.finish(pair, cookies, dirs, outcome).await
     }
 
-    /// The spliced stretch of a pair's life, its sockets quiet; they are back with
-    /// the daemon's reactor when it returns, with both directions as they stand.
+    /// The spliced stretch of a pair's life. For its first [`quiet::HUSH_AFTER`] its
+    /// sockets stay with the daemon's reactor (a short session ends before that and
+    /// never pays for moving them); from then on they are quiet (see [`quiet`]). They
+    /// are back with the daemon's reactor when it returns, with both directions as
+    /// they stand.
     async fn quietly(
         &self,
         pair: &mut Pair,
         cookies: Cookies,
-        stopped: [DirStopped; 2],
+        mut stopped: [DirStopped; 2],
         signal: &Signal,
         demote_above: Option<u64>,
     ) -> (Supervised, [DirStopped; 2]) {
-        let mut quiet = match Quiet::hush(pair) {
-            Ok(q) => q,
-            Err(e) => {
-                reset_both(pair);
+        pair.entry.set_plane(crate::registry::Plane::Sockmap);
+        self.stats.inc(DaemonStat::Spliced);
+        self.stats.inc(DaemonStat::SplicedActive);
+        let mut quiet = Quiet::loud(pair);
+        // Whole skbs that arrived since the drain: the first pump's read runs the
+        // verdict over them.
+        let mut flags = [(true, false); 2];
+        let supervised = loop {
+            let (supervised, now) = {
+                let mut dirs = Dir::resumed_both(pair, cookies, stopped);
+                for (d, &(readable, again)) in dirs.iter_mut().zip(&flags) {
+                    (d.readable, d.again) = (readable, again);
+                }
+                let s = self
+                    .supervise(pair, &mut dirs, signal, demote_above, &mut quiet)
+                    .await;
+                flags = dirs.each_ref().map(|d| (d.readable, d.again));
+                (s, dirs.each_mut().map(Dir::stop))
+            };
+            stopped = now;
+            if let Some(s) = supervised {
+                break s;
+            }
+            // The pair outlived its loud start: its sockets go quiet.
+            if let Err(e) = quiet.hush(pair) {
                 let e = io::Error::new(e.kind(), format!("cannot watch the spliced sockets: {e}"));
-                return (Supervised::Ended(Outcome::Aborted(e)), stopped);
+                break Supervised::Ended(Outcome::Aborted(e));
             }
         };
-        let (supervised, stopped) = {
-            let mut dirs = Dir::resumed_both(pair, cookies, stopped);
-            let s = self
-                .spliced(pair, &mut dirs, signal, demote_above, &mut quiet)
-                .await;
-            (s, dirs.each_mut().map(Dir::stop))
-        };
-        match quiet.wake(pair) {
-            Ok(()) => (supervised, stopped),
+        self.stats.dec(DaemonStat::SplicedActive);
+        let supervised = match quiet.wake(pair) {
+            Ok(()) => supervised,
+            // The streams cannot be watched again: whatever came next ends here.
             Err(e) => {
-                // The streams cannot be watched again: whatever came next ends here.
-                reset_both(pair);
                 let e = io::Error::new(e.kind(), format!("cannot watch the sockets again: {e}"));
-                (Supervised::Ended(Outcome::Aborted(e)), stopped)
+                Supervised::Ended(Outcome::Aborted(e))
             }
+        };
+        if let Supervised::Ended(Outcome::Aborted(_)) = supervised {
+            reset_both(pair);
         }
+        (supervised, stopped)
     }
 
     /// A pair's end: the server's byte count and the removal from the maps (but for
@@ -444,33 +465,6 @@ impl SockmapPlane {
             // Out of the maps: a plain close, lingering for the client's side.
             let deadline = std::time::Instant::now() + super::evict::EVICT_WAIT;
             Box::pin(super::evict::linger_close(&pair.client, deadline)).await;
-        }
-        outcome
-    }
-
-    /// A pair in the maps, supervised until it ends or is demoted.
-    async fn spliced(
-        &self,
-        pair: &Pair,
-        dirs: &mut [Dir<'_>; 2],
-        signal: &Signal,
-        demote_above: Option<u64>,
-        quiet: &mut Quiet,
-    ) -> Supervised {
-        pair.entry.set_plane(crate::registry::Plane::Sockmap);
-        self.stats.inc(DaemonStat::Spliced);
-        self.stats.inc(DaemonStat::SplicedActive);
-        // Whole skbs that arrived since the drain: the first pump's read runs the
-        // verdict over them.
-        for d in dirs.iter_mut() {
-            d.readable = true;
-        }
-        let outcome = self
-            .supervise(pair, dirs, signal, demote_above, quiet)
-            .await;
-        self.stats.dec(DaemonStat::SplicedActive);
-        if let Supervised::Ended(Outcome::Aborted(_)) = outcome {
-            reset_both(pair);
         }
         outcome
     }

@@ -14,6 +14,12 @@
 //! direction asks for it (throttled). Writes go out as plain `send` calls, since the
 //! runtime tracks no readiness for these sockets. When the pair leaves the splice,
 //! the streams go back to the daemon's reactor before anything else touches them.
+//!
+//! Moving a pair's streams costs about 20 system calls (duplicates, registrations,
+//! closes, both ways), as much as a short session's whole splice. So a pair starts
+//! loud, watched through its own streams in the daemon's reactor, and goes quiet
+//! once it has lived [`HUSH_AFTER`]: until then its worker thread wakes for every
+//! skb (the task does not), after that never.
 
 use std::{
     io,
@@ -29,6 +35,10 @@ use tokio::{
 };
 
 use crate::dataplane::Pair;
+
+/// How long a spliced pair stays loud (see the module's text): a second of wake-ups
+/// per skb against 20 system calls that a session shorter than that never pays.
+pub(super) const HUSH_AFTER: Duration = Duration::from_secs(1);
 
 /// How often the dormant reactor is turned: it frees what deregistered sockets left
 /// (the runtime releases a registration only when its driver turns).
@@ -105,14 +115,17 @@ impl AsRawFd for Fd {
     }
 }
 
-/// The daemon's watch over a spliced pair's sockets (client, server): room to write
-/// and errors always, input while a direction is throttled. Drop it (or
+/// The daemon's watch over a spliced pair's sockets (client, server). Loud at first:
+/// through the pair's own streams. Quiet after [`Quiet::hush`]: room to write and
+/// errors always, input while a direction is throttled. Drop it (or
 /// [`Quiet::wake`]) before the pair's sockets are closed.
 pub(super) struct Quiet {
     fds: [RawFd; 2],
-    /// `None` only after a failed change of interest (the pair is then aborted).
+    /// `None` while loud, and after a failed change of interest (the pair is then
+    /// aborted).
     watch: [Option<AsyncFd<Fd>>; 2],
     reading: [bool; 2],
+    hushed: bool,
 }
 
 fn watch(fd: RawFd, reading: bool) -> io::Result<AsyncFd<Fd>> {
@@ -129,8 +142,19 @@ fn watch(fd: RawFd, reading: bool) -> io::Result<AsyncFd<Fd>> {
 }
 
 impl Quiet {
-    /// Moves the pair's streams to the dormant reactor and watches them here.
-    pub(super) fn hush(pair: &mut Pair) -> io::Result<Self> {
+    /// A loud watch: the pair's streams stay where they are.
+    pub(super) fn loud(pair: &Pair) -> Self {
+        Self {
+            fds: [pair.client.as_raw_fd(), pair.server.as_raw_fd()],
+            watch: [None, None],
+            reading: [false; 2],
+            hushed: false,
+        }
+    }
+
+    /// Moves the pair's streams to the dormant reactor and watches them here. A
+    /// failure leaves the watch loud and the streams where they were.
+    pub(super) fn hush(&mut self, pair: &mut Pair) -> io::Result<()> {
         let dormant = dormant()?;
         rehome(&mut pair.client, Some(dormant))?;
         if let Err(e) = rehome(&mut pair.server, Some(dormant)) {
@@ -140,11 +164,15 @@ impl Quiet {
         let fds = [pair.client.as_raw_fd(), pair.server.as_raw_fd()];
         let watched = watch(fds[0], false).and_then(|c| Ok([Some(c), Some(watch(fds[1], false)?)]));
         match watched {
-            Ok(watch) => Ok(Self {
-                fds,
-                watch,
-                reading: [false; 2],
-            }),
+            Ok(watch) => {
+                *self = Self {
+                    fds,
+                    watch,
+                    reading: [false; 2],
+                    hushed: true,
+                };
+                Ok(())
+            }
             Err(e) => {
                 let _ = rehome(&mut pair.client, None);
                 let _ = rehome(&mut pair.server, None);
@@ -153,17 +181,28 @@ impl Quiet {
         }
     }
 
-    /// Ends the watch and moves the streams back to the daemon's reactor.
+    /// Whether the pair's sockets are quiet.
+    pub(super) fn hushed(&self) -> bool {
+        self.hushed
+    }
+
+    /// Ends the watch and moves the streams back to the daemon's reactor (if they
+    /// had left it).
     pub(super) fn wake(self, pair: &mut Pair) -> io::Result<()> {
+        let hushed = self.hushed;
         // One registration per descriptor and reactor: the watch leaves first.
         drop(self);
+        if !hushed {
+            return Ok(());
+        }
         rehome(&mut pair.client, None)?;
         rehome(&mut pair.server, None)
     }
 
     /// Watches `side` (0 client, 1 server) for input too, or no more.
+    /// (A loud watch always has input at hand.)
     pub(super) fn read(&mut self, side: usize, on: bool) -> io::Result<()> {
-        if self.reading[side] == on && self.watch[side].is_some() {
+        if !self.hushed || (self.reading[side] == on && self.watch[side].is_some()) {
             return Ok(());
         }
         self.watch[side] = None;
@@ -178,12 +217,31 @@ impl Quiet {
             .ok_or_else(|| io::Error::other("spliced socket not watched"))
     }
 
-    /// Waits until `side` is ready for one of `interest` (input, room to write, an
-    /// error) and says which: one future per socket, where one per kind of readiness
-    /// made every spliced pair's waiting state larger (about 1.6 KB, measured). The
-    /// input and room it reports are cleared, so the caller reads or writes until
-    /// `EAGAIN`; an error stays, so that the read that follows fails with it.
-    pub(super) async fn ready(&self, side: usize, interest: Interest) -> io::Result<Ready> {
+    /// Waits until `side` (its stream: `stream`) is ready for one of `interest`
+    /// (input, room to write, an error) and says which: one future per socket, where
+    /// one per kind of readiness made every spliced pair's waiting state larger (about
+    /// 1.6 KB, measured). The input and room it reports are cleared, so the caller
+    /// reads or writes until `EAGAIN`; an error stays, so that the read that follows
+    /// fails with it.
+    pub(super) async fn ready(
+        &self,
+        side: usize,
+        stream: &TcpStream,
+        interest: Interest,
+    ) -> io::Result<Ready> {
+        if !self.hushed {
+            let ready = stream.ready(interest).await?;
+            // A closure that finds nothing clears what the runtime reported.
+            for (r, i) in [
+                (Ready::READABLE, Interest::READABLE),
+                (Ready::WRITABLE, Interest::WRITABLE),
+            ] {
+                if !(ready & r).is_empty() {
+                    let _ = stream.try_io(i, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                }
+            }
+            return Ok(ready);
+        }
         let mut guard = self.side(side)?.ready(interest).await?;
         let ready = guard.ready();
         guard.clear_ready_matching(Ready::READABLE | Ready::WRITABLE);

@@ -94,7 +94,8 @@ impl IdleWatch {
 
 impl SockmapPlane {
     /// Watches a spliced pair until it ends, or (with `demote_above`) until it is
-    /// busier than that many skbs a second or throttled.
+    /// busier than that many skbs a second or throttled; `None` when a loud `quiet`
+    /// has watched for [`super::quiet::HUSH_AFTER`] (the caller hushes it and goes on).
     pub(super) async fn supervise(
         &self,
         pair: &Pair,
@@ -102,11 +103,12 @@ impl SockmapPlane {
         signal: &Signal,
         demote_above: Option<u64>,
         quiet: &mut Quiet,
-    ) -> Supervised {
+    ) -> Option<Supervised> {
         match self.watch(pair, dirs, signal, demote_above, quiet).await {
-            Ok(outcome) => Supervised::Ended(outcome),
-            Err(Leave::Demote) => Supervised::Demote,
-            Err(Leave::Depart) => Supervised::Depart,
+            Ok(outcome) => Some(Supervised::Ended(outcome)),
+            Err(Leave::Demote) => Some(Supervised::Demote),
+            Err(Leave::Depart) => Some(Supervised::Depart),
+            Err(Leave::Hush) => None,
         }
     }
 
@@ -121,11 +123,16 @@ impl SockmapPlane {
         let mut idle = IdleWatch::new(pair.idle_timeout);
         let mut demotion = demote_above.map(Demotion::new);
         let mut wait = POLL_MIN;
+        let hush_at = (!quiet.hushed()).then(|| Instant::now() + super::quiet::HUSH_AFTER);
         loop {
             if dirs.iter().all(|d| d.state == DirState::Done) {
                 return Ok(Outcome::Closed);
             }
             let now = Instant::now();
+            if hush_at.is_some_and(|t| now >= t) {
+                // Between two steps: both directions' state is whole.
+                return Err(Leave::Hush);
+            }
             let deadline = if dirs.iter().any(|d| d.again) {
                 now
             } else if dirs.iter().any(Dir::polled) {
@@ -133,6 +140,7 @@ impl SockmapPlane {
             } else {
                 idle.sample_at
             };
+            let deadline = hush_at.map_or(deadline, |t| deadline.min(t));
             if let Err(e) = wait_event(dirs, quiet, signal, deadline, &pair.entry).await {
                 return Ok(Outcome::Aborted(e));
             }
@@ -235,6 +243,8 @@ enum Leave {
     Demote,
     /// A hot upgrade asked for it.
     Depart,
+    /// The loud start is over (see [`super::quiet`]).
+    Hush,
 }
 
 /// Waits for the next thing that concerns the pair, until `deadline`: readability of
@@ -270,9 +280,10 @@ async fn wait_event(
     let i0 = interest(d0.watch_readable(), d0.watch_errors(), pending.1);
     let i1 = interest(d1.watch_readable(), d1.watch_errors(), pending.0);
     let quiet = &*quiet;
+    let (s0, s1) = (d0.src, d1.src);
     let ready = tokio::select! {
-        r = quiet.ready(0, i0.unwrap_or(Interest::ERROR)), if i0.is_some() => r.map(|r| Some((0, r))),
-        r = quiet.ready(1, i1.unwrap_or(Interest::ERROR)), if i1.is_some() => r.map(|r| Some((1, r))),
+        r = quiet.ready(0, s0, i0.unwrap_or(Interest::ERROR)), if i0.is_some() => r.map(|r| Some((0, r))),
+        r = quiet.ready(1, s1, i1.unwrap_or(Interest::ERROR)), if i1.is_some() => r.map(|r| Some((1, r))),
         () = signal.notify.notified() => Ok(None),
         () = entry.evicted_or_departing(true) => Ok(None),
         () = tokio::time::sleep_until(deadline.into()) => Ok(None),
