@@ -72,6 +72,7 @@ mod supervise;
 
 use direction::{Dir, DirStopped};
 use quiet::Quiet;
+use supervise::Watch;
 
 /// `SO_SNDBUF`/`SO_RCVBUF` of spliced sockets: the kernel stops autotuning buffers for
 /// redirected bytes, and the default ones halved bulk throughput.
@@ -399,6 +400,7 @@ impl SockmapPlane {
         self.stats.inc(DaemonStat::Spliced);
         self.stats.inc(DaemonStat::SplicedActive);
         let mut quiet = Quiet::loud(pair);
+        let mut watch = Watch::new(pair.idle_timeout, demote_above);
         // Whole skbs that arrived since the drain: the first pump's read runs the
         // verdict over them.
         let mut flags = [(true, false); 2];
@@ -409,7 +411,7 @@ impl SockmapPlane {
                     (d.readable, d.again) = (readable, again);
                 }
                 let s = self
-                    .supervise(pair, &mut dirs, signal, demote_above, &mut quiet)
+                    .supervise(pair, &mut dirs, signal, &mut watch, &mut quiet)
                     .await;
                 flags = dirs.each_ref().map(|d| (d.readable, d.again));
                 (s, dirs.each_mut().map(Dir::stop))

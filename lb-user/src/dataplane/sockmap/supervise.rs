@@ -92,19 +92,37 @@ impl IdleWatch {
     }
 }
 
+/// What the supervision of a spliced pair keeps over its whole splice, loud start and
+/// quiet rest alike: the idle clock and the demotion's window.
+pub(super) struct Watch {
+    idle: IdleWatch,
+    demotion: Option<Demotion>,
+}
+
+impl Watch {
+    /// `demote_above`: see [`SockmapPlane::supervise`].
+    pub(super) fn new(idle_timeout: Duration, demote_above: Option<u64>) -> Self {
+        Self {
+            idle: IdleWatch::new(idle_timeout),
+            demotion: demote_above.map(Demotion::new),
+        }
+    }
+}
+
 impl SockmapPlane {
-    /// Watches a spliced pair until it ends, or (with `demote_above`) until it is
-    /// busier than that many skbs a second or throttled; `None` when a loud `quiet`
-    /// has watched for [`super::quiet::HUSH_AFTER`] (the caller hushes it and goes on).
+    /// Watches a spliced pair until it ends, or (with `demote_above` in `watch`) until
+    /// it is busier than that many skbs a second or throttled; `None` when a loud
+    /// `quiet` has watched for [`super::quiet::HUSH_AFTER`] (the caller hushes it and
+    /// goes on with the same `watch`).
     pub(super) async fn supervise(
         &self,
         pair: &Pair,
         dirs: &mut [Dir<'_>; 2],
         signal: &Signal,
-        demote_above: Option<u64>,
+        watch: &mut Watch,
         quiet: &mut Quiet,
     ) -> Option<Supervised> {
-        match self.watch(pair, dirs, signal, demote_above, quiet).await {
+        match self.watch(pair, dirs, signal, watch, quiet).await {
             Ok(outcome) => Some(Supervised::Ended(outcome)),
             Err(Leave::Demote) => Some(Supervised::Demote),
             Err(Leave::Depart) => Some(Supervised::Depart),
@@ -117,11 +135,9 @@ impl SockmapPlane {
         pair: &Pair,
         dirs: &mut [Dir<'_>; 2],
         signal: &Signal,
-        demote_above: Option<u64>,
+        Watch { idle, demotion }: &mut Watch,
         quiet: &mut Quiet,
     ) -> Result<Outcome, Leave> {
-        let mut idle = IdleWatch::new(pair.idle_timeout);
-        let mut demotion = demote_above.map(Demotion::new);
         let mut wait = POLL_MIN;
         let hush_at = (!quiet.hushed()).then(|| Instant::now() + super::quiet::HUSH_AFTER);
         loop {
@@ -162,7 +178,7 @@ impl SockmapPlane {
                 Ok(c) => c,
                 Err(e) => return Ok(Outcome::Aborted(e)),
             };
-            if let Some(demotion) = &mut demotion
+            if let Some(demotion) = demotion
                 && self.stops_paying(dirs, demotion, lag_event)
             {
                 return Err(Leave::Demote);
