@@ -226,6 +226,7 @@ pub fn bench(args: &[String]) -> Result<()> {
 
 /// `--only W2,mqttlb-auto,haproxy`: the workloads and systems named (all of a kind
 /// when none of it is named), for a look by hand.
+#[derive(Debug)]
 struct Only {
     workloads: Vec<String>,
     systems: Vec<String>,
@@ -255,6 +256,10 @@ impl Only {
                     SYSTEMS.join(", ")
                 );
             }
+        }
+        // An empty list would run the whole suite and overwrite the published results.
+        if !only.any() {
+            bail!("--only needs at least one workload or system: --only W2,mqttlb-auto");
         }
         Ok(only)
     }
@@ -817,4 +822,31 @@ fn chart<'a>(get: &dyn Fn(&str, &str, &str) -> Option<&'a Value>) -> String {
     }
     svg += "</svg>\n";
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Only;
+
+    fn args(list: &str) -> Vec<String> {
+        vec!["--only".into(), list.into()]
+    }
+
+    #[test]
+    fn only_sorts_names_into_workloads_and_systems_and_refuses_others() {
+        let only = Only::parse(&args("W2,mqttlb-auto,W10")).expect("valid list");
+        assert_eq!(only.workloads, ["W2", "W10"]);
+        assert_eq!(only.systems, ["mqttlb-auto"]);
+        assert!(only.workload("W10") && !only.workload("W1"));
+        assert!(only.system("mqttlb-auto") && !only.system("haproxy"));
+        // Naming only systems keeps every workload.
+        let only = Only::parse(&args("haproxy")).expect("valid list");
+        assert!(only.workload("W7") && only.system("haproxy") && !only.system("nginx"));
+        let e = Only::parse(&args("W2,envoy")).expect_err("unknown name");
+        assert!(e.to_string().contains("\"envoy\""), "{e}");
+        assert!(Only::parse(&args(",")).is_err());
+        assert!(Only::parse(&["--only".to_string()]).is_err());
+        let none = Only::parse(&["--quick".to_string()]).expect("no --only");
+        assert!(!none.any() && none.workload("W1") && none.system("nginx"));
+    }
 }
