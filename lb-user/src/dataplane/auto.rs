@@ -30,24 +30,37 @@ impl AutoPlane {
     }
 
     /// Carries `pair` from its start, or (a hot upgrade's) from where `copied` says.
-    async fn run(&self, mut pair: Pair, copied: Option<super::copy::Stopped>) -> Outcome {
-        // Each phase's future is boxed while it runs: the pair's future lives as long
-        // as the connection, and carrying both phases inline cost 7.5 KB a connection.
-        let copy = match copied {
-            None => Box::pin(self.copy.run_promotable(&pair, pair.promote)).await,
-            Some(s) => Box::pin(self.copy.resume_copied(&pair, s, pair.promote)).await,
-        };
-        let promoted = match copy {
-            Ok(outcome) => return outcome,
-            Err(promoted) => promoted,
-        };
-        // Every byte read was written: the splice's byte accounting starts from there.
-        pair.written_to_server += promoted.copied[0];
-        pair.written_to_client += promoted.copied[1];
-        pair.boundary = promoted.boundary;
-        self.stats.inc(DaemonStat::Promoted);
-        let demote_above = demote_above(&pair);
-        Box::pin(self.sockmap.run(pair, demote_above)).await
+    ///
+    /// Each phase's future is boxed while it runs: the pair's future lives as long as
+    /// the connection, and carrying both phases inline cost 7.5 KB a connection. An
+    /// `async move` block, not an `async fn`, which would store the pair twice.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would store its arguments twice"
+    )]
+    fn run(
+        &self,
+        mut pair: Pair,
+        copied: Option<super::copy::Stopped>,
+    ) -> impl Future<Output = Outcome> {
+        async move {
+            let copy = match copied {
+                None => Box::pin(self.copy.run_promotable(&pair, pair.promote)).await,
+                Some(s) => Box::pin(self.copy.resume_copied(&pair, s, pair.promote)).await,
+            };
+            let promoted = match copy {
+                Ok(outcome) => return outcome,
+                Err(promoted) => promoted,
+            };
+            // Every byte read was written: the splice's byte accounting starts from
+            // there.
+            pair.written_to_server += promoted.copied[0];
+            pair.written_to_client += promoted.copied[1];
+            pair.boundary = promoted.boundary;
+            self.stats.inc(DaemonStat::Promoted);
+            let demote_above = demote_above(&pair);
+            Box::pin(self.sockmap.run(pair, demote_above)).await
+        }
     }
 }
 
@@ -65,17 +78,17 @@ impl DataPlane for AutoPlane {
         Box::pin(self.run(pair, None))
     }
     fn resume(&self, pair: Pair, carried: Carried) -> CarryFuture<'_> {
-        Box::pin(async move {
-            match carried {
-                Carried::Copy(stopped) => self.run(pair, Some(stopped)).await,
-                Carried::Spliced(stopped) => {
-                    let demote_above = demote_above(&pair);
-                    Box::pin(self.sockmap.resume_spliced(pair, stopped, demote_above)).await
-                }
-                Carried::Unspliced(u) => Box::pin(self.sockmap.resume_unspliced(pair, u)).await,
-                // Not a data plane's: `conn::adopt` resumes TLS connections itself.
-                Carried::Tls(t) => self.copy.resume(pair, Carried::Tls(t)).await,
+        // Each kind's own future, boxed: one future for all of them would be as
+        // large as the largest for every pair.
+        match carried {
+            Carried::Copy(stopped) => Box::pin(self.run(pair, Some(stopped))),
+            Carried::Spliced(stopped) => {
+                let demote_above = demote_above(&pair);
+                Box::pin(self.sockmap.resume_spliced(pair, stopped, demote_above))
             }
-        })
+            Carried::Unspliced(u) => Box::pin(self.sockmap.resume_unspliced(pair, u)),
+            // Not a data plane's: `conn::adopt` resumes TLS connections itself.
+            Carried::Tls(t) => self.copy.resume(pair, Carried::Tls(t)),
+        }
     }
 }

@@ -147,48 +147,66 @@ impl CopyPlane {
     }
 
     /// Carries the pair from its start.
-    pub async fn run(&self, pair: Pair) -> Outcome {
-        self.run_handed_over(&pair, Handover::default()).await
+    ///
+    /// This and the steps below it return `async move` blocks rather than being
+    /// `async fn`s: a copied pair's future lives as long as the connection, and an
+    /// `async fn` stores its arguments twice (the pair's future was 2.4 KB, measured
+    /// with `-Zprint-type-sizes`).
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would store its arguments twice"
+    )]
+    pub fn run(&self, pair: Pair) -> impl Future<Output = Outcome> {
+        async move { self.run_handed_over(&pair, Handover::default()).await }
     }
 
     /// Carries the pair from its start until it ends, or until it crosses a
     /// `promote` threshold with nothing read and unwritten either way and neither side
     /// finished: then returns the bytes copied each way (client to server, server to
     /// client), and the pair is the caller's to splice.
-    pub async fn run_promotable(&self, pair: &Pair, promote: Promote) -> Result<Outcome, Promoted> {
+    pub fn run_promotable(
+        &self,
+        pair: &Pair,
+        promote: Promote,
+    ) -> impl Future<Output = Result<Outcome, Promoted>> {
         self.promotable_from(pair, Handover::default(), promote)
-            .await
     }
 
     /// [`CopyPlane::run_promotable`] from where `handover` says (a hot upgrade's
     /// pair: its pending bytes and finished directions).
-    async fn promotable_from(
+    fn promotable_from(
         &self,
         pair: &Pair,
         handover: Handover<'_>,
         promote: Promote,
-    ) -> Result<Outcome, Promoted> {
+    ) -> impl Future<Output = Result<Outcome, Promoted>> {
         self.stats.inc(DaemonStat::Copied);
         let boundary = pair.boundary.map(|b| (0, b));
-        match copy_both(pair, handover, boundary, &self.stats, promote).await {
-            Ok(Ended::Promote(promoted)) => Err(promoted),
-            Ok(Ended::Depart(stopped)) => Ok(depart(pair, stopped)),
-            Ok(Ended::Outcome(o)) => {
-                if let Outcome::Aborted(_) = o {
-                    reset_both(pair);
+        async move {
+            match copy_both(pair, handover, boundary, &self.stats, promote).await {
+                Ok(Ended::Promote(promoted)) => Err(promoted),
+                Ok(Ended::Depart(stopped)) => Ok(depart(pair, stopped)),
+                Ok(Ended::Outcome(o)) => {
+                    if let Outcome::Aborted(_) = o {
+                        reset_both(pair);
+                    }
+                    Ok(o)
                 }
-                Ok(o)
-            }
-            Err(e) => {
-                reset_both(pair);
-                Ok(Outcome::Aborted(e))
+                Err(e) => {
+                    reset_both(pair);
+                    Ok(Outcome::Aborted(e))
+                }
             }
         }
     }
 
     /// Carries a pair, possibly one the sockmap plane hands over mid-stream. Resets both
     /// sockets on error; the caller closes them.
-    pub async fn run_handed_over(&self, pair: &Pair, handover: Handover<'_>) -> Outcome {
+    pub fn run_handed_over(
+        &self,
+        pair: &Pair,
+        handover: Handover<'_>,
+    ) -> impl Future<Output = Outcome> {
         self.stats.inc(DaemonStat::Copied);
         // No promotion threshold: `copy_both` ends only with an outcome. A fresh pair
         // starts where the pair says; one handed over mid-stream where the hand-over
@@ -198,34 +216,35 @@ impl CopyPlane {
         } else {
             handover.follow_from
         };
-        let result = copy_both(pair, handover, boundary, &self.stats, Promote::default())
-            .await
-            .map(|ended| match ended {
+        async move {
+            let copied = copy_both(pair, handover, boundary, &self.stats, Promote::default());
+            let result = copied.await.map(|ended| match ended {
                 Ended::Outcome(o) => o,
                 Ended::Depart(stopped) => depart(pair, stopped),
                 Ended::Promote(_) => unreachable!("promoted without a threshold"),
             });
-        if let Err(_) | Ok(Outcome::Aborted(_)) = &result {
-            reset_both(pair);
+            if let Err(_) | Ok(Outcome::Aborted(_)) = &result {
+                reset_both(pair);
+            }
+            result.unwrap_or_else(Outcome::Aborted)
         }
-        result.unwrap_or_else(Outcome::Aborted)
     }
 
     /// Carries on a pair a hot upgrade moved while it was copied, from where it
     /// stood: `promote` as for a fresh pair (the `auto` plane's thresholds).
-    pub(crate) async fn resume_copied(
+    pub(crate) fn resume_copied(
         &self,
         pair: &Pair,
         stopped: Stopped,
         promote: Promote,
-    ) -> Result<Outcome, Promoted> {
+    ) -> impl Future<Output = Result<Outcome, Promoted>> {
         let Stopped { pending, done, .. } = stopped;
         let handover = Handover {
             pending,
             done,
             ..Handover::default()
         };
-        self.promotable_from(pair, handover, promote).await
+        self.promotable_from(pair, handover, promote)
     }
 }
 
@@ -264,24 +283,21 @@ impl DataPlane for CopyPlane {
         Box::pin(self.run(pair))
     }
     fn resume(&self, pair: Pair, carried: super::Carried) -> CarryFuture<'_> {
-        Box::pin(async move {
-            match carried {
-                super::Carried::Copy(stopped) => self
-                    .resume_copied(&pair, stopped, Promote::default())
+        match carried {
+            super::Carried::Copy(stopped) => Box::pin(async move {
+                self.resume_copied(&pair, stopped, Promote::default())
                     .await
-                    .unwrap_or_else(|_| unreachable!("promoted without a threshold")),
-                // The new process refuses the upgrade before this can happen (see
-                // `upgrade`): without BPF it cannot follow a spliced pair.
-                super::Carried::Spliced(_)
-                | super::Carried::Unspliced(_)
-                | super::Carried::Tls(_) => {
-                    reset_both(&pair);
-                    Outcome::Aborted(io::Error::other(
-                        "a spliced connection needs the sockmap plane",
-                    ))
-                }
+                    .unwrap_or_else(|_| unreachable!("promoted without a threshold"))
+            }),
+            // The new process refuses the upgrade before this can happen (see
+            // `upgrade`): without BPF it cannot follow a spliced pair.
+            super::Carried::Spliced(_) | super::Carried::Unspliced(_) | super::Carried::Tls(_) => {
+                reset_both(&pair);
+                Box::pin(std::future::ready(Outcome::Aborted(io::Error::other(
+                    "a spliced connection needs the sockmap plane",
+                ))))
             }
-        })
+        }
     }
 }
 
@@ -503,97 +519,101 @@ async fn evicted(pair: &Pair, s2c: &mut OneWay<'_>, stats: &Stats) -> Outcome {
 
 /// Copies both directions of `pair` until it ends, or until it crosses a promotion
 /// threshold with nothing pending either way.
-async fn copy_both(
+/// An `async move` block, not an `async fn`, which would store its arguments twice
+/// (see [`CopyPlane::run`]).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would store its arguments twice"
+)]
+fn copy_both(
     pair: &Pair,
-    handover: Handover<'_>,
+    mut handover: Handover<'_>,
     boundary: Option<(u64, Boundary)>,
     stats: &Stats,
     promote: Promote,
-) -> io::Result<Ended> {
-    pair.entry.set_plane(crate::registry::Plane::Copy);
-    let Handover {
-        ready: gate,
-        pending: [p0, p1],
-        eof_final,
-        follow_from: _,
-        done,
-    } = handover;
-    let direction = |index: usize, src, dst, pending: Vec<u8>, stat| OneWay {
-        src,
-        dst,
-        pending: (!pending.is_empty()).then_some(pending),
-        done: done[index],
-        probe: true,
-        gate,
-        eof_final,
-        read: 0,
-        reads: 0,
-        boundary: None,
-        sync: None,
-        index,
-        stat,
-        traffic: &pair.traffic,
-    };
-    let (client, server) = (&pair.client, &pair.server);
-    let mut c2s = direction(0, client, server, p0, DaemonStat::CopiedBytesC2s);
-    let mut s2c = direction(1, server, client, p1, DaemonStat::CopiedBytesS2c);
-    match boundary {
-        Some((0, b)) => s2c.boundary = Some(b),
-        sync => s2c.sync = sync,
-    }
-    let idle = pair.idle_timeout;
-    let mut last = Instant::now();
-    // One timer for the idle timeout and promotion by age (checked when due, then
-    // shortly again while a write is pending).
-    let mut age = AgeCheck::new(promote, last);
-    let due = |last: Instant, age: &AgeCheck| age.at.map_or(last + idle, |p| p.min(last + idle));
-    let sleep = tokio::time::sleep_until(due(last, &age).into());
-    tokio::pin!(sleep);
-    let promotable = |c2s: &OneWay<'_>, s2c: &OneWay<'_>| {
-        !c2s.done && !s2c.done && c2s.pending.is_none() && s2c.pending.is_none()
-    };
-    while !(c2s.done && s2c.done) {
-        // A hot upgrade takes the pair once every byte redirected before a hand-over
-        // from the splice arrived and the server's stream position is known.
-        let departable = c2s.gate.is_none() && s2c.gate.is_none() && s2c.sync.is_none();
-        tokio::select! {
-            r = c2s.step(stats), if !c2s.done => if r? { last = Instant::now(); },
-            r = s2c.step(stats), if !s2c.done => if r? { last = Instant::now(); },
-            () = &mut sleep => {
-                let now = Instant::now();
-                if now.duration_since(last) >= idle {
-                    return Ok(Ended::Outcome(Outcome::IdleTimeout));
+) -> impl Future<Output = io::Result<Ended>> {
+    async move {
+        pair.entry.set_plane(crate::registry::Plane::Copy);
+        let (gate, eof_final, done) = (handover.ready, handover.eof_final, handover.done);
+        let [p0, p1] = std::mem::take(&mut handover.pending);
+        let direction = |index: usize, src, dst, pending: Vec<u8>, stat| OneWay {
+            src,
+            dst,
+            pending: (!pending.is_empty()).then_some(pending),
+            done: done[index],
+            probe: true,
+            gate,
+            eof_final,
+            read: 0,
+            reads: 0,
+            boundary: None,
+            sync: None,
+            index,
+            stat,
+            traffic: &pair.traffic,
+        };
+        let (client, server) = (&pair.client, &pair.server);
+        let mut c2s = direction(0, client, server, p0, DaemonStat::CopiedBytesC2s);
+        let mut s2c = direction(1, server, client, p1, DaemonStat::CopiedBytesS2c);
+        match boundary {
+            Some((0, b)) => s2c.boundary = Some(b),
+            sync => s2c.sync = sync,
+        }
+        let idle = pair.idle_timeout;
+        let mut last = Instant::now();
+        // One timer for the idle timeout and promotion by age (checked when due, then
+        // shortly again while a write is pending).
+        let mut age = AgeCheck::new(promote, last);
+        let due =
+            |last: Instant, age: &AgeCheck| age.at.map_or(last + idle, |p| p.min(last + idle));
+        let sleep = tokio::time::sleep_until(due(last, &age).into());
+        tokio::pin!(sleep);
+        let promotable = |c2s: &OneWay<'_>, s2c: &OneWay<'_>| {
+            !c2s.done && !s2c.done && c2s.pending.is_none() && s2c.pending.is_none()
+        };
+        while !(c2s.done && s2c.done) {
+            // A hot upgrade takes the pair once every byte redirected before a hand-over
+            // from the splice arrived and the server's stream position is known.
+            let departable = c2s.gate.is_none() && s2c.gate.is_none() && s2c.sync.is_none();
+            tokio::select! {
+                r = c2s.step(stats), if !c2s.done => if r? { last = Instant::now(); },
+                r = s2c.step(stats), if !s2c.done => if r? { last = Instant::now(); },
+                () = &mut sleep => {
+                    let now = Instant::now();
+                    if now.duration_since(last) >= idle {
+                        return Ok(Ended::Outcome(Outcome::IdleTimeout));
+                    }
+                    let reads = c2s.reads + s2c.reads;
+                    if age.ripe(now, reads, promotable(&c2s, &s2c), stats) {
+                        return Ok(Ended::Promote(Promoted { copied: [c2s.read, s2c.read], boundary: s2c.boundary }));
+                    }
+                    sleep.as_mut().reset(due(last, &age).into());
                 }
-                let reads = c2s.reads + s2c.reads;
-                if age.ripe(now, reads, promotable(&c2s, &s2c), stats) {
-                    return Ok(Ended::Promote(Promoted { copied: [c2s.read, s2c.read], boundary: s2c.boundary }));
+                () = pair.entry.evicted_or_departing(departable) => {
+                    if !pair.entry.is_evicting() {
+                        let pending = |d: &mut OneWay<'_>| d.pending.take().unwrap_or_default();
+                        return Ok(Ended::Depart(Stopped {
+                            pending: [pending(&mut c2s), pending(&mut s2c)],
+                            done: [c2s.done, s2c.done],
+                            boundary: s2c.boundary.map(Boundary::raw),
+                            read: [c2s.read, s2c.read],
+                        }));
+                    }
+                    // Boxed: rare, and large inline in every copied pair's future.
+                    return Ok(Ended::Outcome(Box::pin(evicted(pair, &mut s2c, stats)).await));
                 }
-                sleep.as_mut().reset(due(last, &age).into());
             }
-            () = pair.entry.evicted_or_departing(departable) => {
-                if !pair.entry.is_evicting() {
-                    let pending = |d: &mut OneWay<'_>| d.pending.take().unwrap_or_default();
-                    return Ok(Ended::Depart(Stopped {
-                        pending: [pending(&mut c2s), pending(&mut s2c)],
-                        done: [c2s.done, s2c.done],
-                        boundary: s2c.boundary.map(Boundary::raw),
-                        read: [c2s.read, s2c.read],
-                    }));
-                }
-                // Boxed: rare, and large inline in every copied pair's future.
-                return Ok(Ended::Outcome(Box::pin(evicted(pair, &mut s2c, stats)).await));
+            if promote
+                .after_bytes
+                .is_some_and(|b| c2s.read + s2c.read >= b)
+                && promotable(&c2s, &s2c)
+            {
+                return Ok(Ended::Promote(Promoted {
+                    copied: [c2s.read, s2c.read],
+                    boundary: s2c.boundary,
+                }));
             }
         }
-        if promote
-            .after_bytes
-            .is_some_and(|b| c2s.read + s2c.read >= b)
-            && promotable(&c2s, &s2c)
-        {
-            return Ok(Ended::Promote(Promoted {
-                copied: [c2s.read, s2c.read],
-                boundary: s2c.boundary,
-            }));
-        }
+        Ok(Ended::Outcome(Outcome::Closed))
     }
-    Ok(Ended::Outcome(Outcome::Closed))
 }

@@ -264,6 +264,17 @@ pub(super) struct DirStopped {
     pub(super) pending: Vec<u8>,
 }
 
+impl DirStopped {
+    /// The state as it stands, its unwritten bytes moved out (a pair's loop keeps its
+    /// directions' state in place between the steps of its life).
+    pub(super) fn take(&mut self) -> Self {
+        Self {
+            pending: std::mem::take(&mut self.pending),
+            ..*self
+        }
+    }
+}
+
 impl<'a> Dir<'a> {
     /// The state to pass on; the direction is done with here.
     pub(super) fn stop(&mut self) -> DirStopped {

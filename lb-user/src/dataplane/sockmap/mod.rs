@@ -119,25 +119,21 @@ impl DataPlane for SockmapPlane {
         Box::pin(self.run(pair, None))
     }
     fn resume(&self, pair: Pair, carried: Carried) -> CarryFuture<'_> {
-        Box::pin(async move {
-            match carried {
-                Carried::Spliced(stopped) => self.resume_spliced(pair, stopped, None).await,
-                Carried::Unspliced(u) => self.resume_unspliced(pair, u).await,
-                // Nothing half-done: spliced as after its CONNECT.
-                Carried::Copy(stopped)
-                    if stopped.pending.iter().all(Vec::is_empty) && stopped.done == [false; 2] =>
-                {
-                    self.run(pair, None).await
-                }
-                Carried::Copy(stopped) => self
-                    .copy
-                    .resume_copied(&pair, stopped, crate::config::Promote::default())
-                    .await
-                    .unwrap_or_else(|_| unreachable!("promoted without a threshold")),
-                // Not a data plane's: `conn::adopt` resumes TLS connections itself.
-                Carried::Tls(t) => self.copy.resume(pair, Carried::Tls(t)).await,
+        // Each kind's own future, boxed: one future for all of them would be as
+        // large as the largest for every pair.
+        match carried {
+            Carried::Spliced(stopped) => Box::pin(self.resume_spliced(pair, stopped, None)),
+            Carried::Unspliced(u) => Box::pin(self.resume_unspliced(pair, u)),
+            // Nothing half-done: spliced as after its CONNECT.
+            Carried::Copy(stopped)
+                if stopped.pending.iter().all(Vec::is_empty) && stopped.done == [false; 2] =>
+            {
+                Box::pin(self.run(pair, None))
             }
-        })
+            Carried::Copy(stopped) => self.copy.resume(pair, Carried::Copy(stopped)),
+            // Not a data plane's: `conn::adopt` resumes TLS connections itself.
+            Carried::Tls(t) => self.copy.resume(pair, Carried::Tls(t)),
+        }
     }
 }
 
@@ -264,63 +260,83 @@ impl SockmapPlane {
     /// supervision of both directions, 4. the server's byte count and removal.
     /// `demote_above`: skbs a second (both directions) above which the pair goes back
     /// to the copy plane (`auto`); `None`: spliced for good.
-    pub(crate) async fn run(&self, mut pair: Pair, demote_above: Option<u64>) -> Outcome {
-        // The steps before and after the splice, and the rare ones, are boxed while
-        // they run: the pair's future lives as long as the connection, and inline they
-        // made it 5.4 KB (measured).
-        if let Err(copied) = Box::pin(self.drain_both(&mut pair)).await {
-            return copied;
-        }
-        for fd in [pair.client.as_raw_fd(), pair.server.as_raw_fd()] {
-            let _ = sys::set_buffers(fd, SPLICE_BUFFER);
-        }
-        let (cookies, stopped) = match Dir::both(&pair) {
-            Ok((cookies, mut dirs)) => (cookies, dirs.each_mut().map(Dir::stop)),
-            Err(e) => {
-                reset_both(&pair);
-                return Outcome::Aborted(e);
+    ///
+    /// Its future lives as long as the connection, so it is kept small: the steps
+    /// before and after the splice, and the rare ones, are boxed while they run, and
+    /// this and [`SockmapPlane::resume_spliced`] are plain functions returning an
+    /// `async move` block, which keeps the pair in place where an `async fn` stores
+    /// its arguments twice (3.6 KB per spliced pair before, measured with
+    /// `-Zprint-type-sizes`).
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would store its arguments twice"
+    )]
+    pub(crate) fn run(
+        &self,
+        mut pair: Pair,
+        demote_above: Option<u64>,
+    ) -> impl Future<Output = Outcome> {
+        async move {
+            if let Err(copied) = Box::pin(self.drain_both(&mut pair)).await {
+                return copied;
             }
-        };
-        let signal = Arc::new(Signal::default());
-        self.registry
-            .lock()
-            .expect("registry lock")
-            .insert(pair.id, signal.clone());
-        let inserted = self.insert(&pair, cookies);
-        self.in_maps(pair, cookies, stopped, &signal, inserted, demote_above)
-            .await
+            for fd in [pair.client.as_raw_fd(), pair.server.as_raw_fd()] {
+                let _ = sys::set_buffers(fd, SPLICE_BUFFER);
+            }
+            let (cookies, mut stopped) = match Dir::both(&pair) {
+                Ok((cookies, mut dirs)) => (cookies, dirs.each_mut().map(Dir::stop)),
+                Err(e) => {
+                    reset_both(&pair);
+                    return Outcome::Aborted(e);
+                }
+            };
+            let signal = Arc::new(Signal::default());
+            self.registry
+                .lock()
+                .expect("registry lock")
+                .insert(pair.id, signal.clone());
+            let inserted = self.insert(&pair, cookies).map_err(Box::new);
+            let place = (&mut pair, cookies, &mut stopped);
+            self.in_maps(place, &signal, inserted, demote_above).await
+        }
     }
 
     /// Carries on a spliced pair a hot upgrade's old process gave up: its sockets
     /// are still in the (pinned) maps, and its directions resume where they stood.
     /// Events the program sent before the pair was registered here went to no one:
     /// both directions are read and lag-checked at once.
-    pub(crate) async fn resume_spliced(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would store its arguments twice"
+    )]
+    pub(crate) fn resume_spliced(
         &self,
-        pair: Pair,
-        stopped: Stopped,
+        mut pair: Pair,
+        mut stopped: Stopped,
         demote_above: Option<u64>,
-    ) -> Outcome {
-        let cookies = Cookies::of(stopped.cookies);
-        let same = |s: &tokio::net::TcpStream, cookie| {
-            sys::socket_cookie(s.as_raw_fd()).is_ok_and(|c| c == cookie)
-        };
-        if !same(&pair.client, cookies.client) || !same(&pair.server, cookies.server) {
-            // Not the sockets the maps hold: nothing here can carry them.
-            reset_both(&pair);
-            return Outcome::Aborted(io::Error::other(
-                "handed sockets do not match their cookies",
-            ));
+    ) -> impl Future<Output = Outcome> {
+        async move {
+            let cookies = Cookies::of(stopped.cookies);
+            let same = |s: &tokio::net::TcpStream, cookie| {
+                sys::socket_cookie(s.as_raw_fd()).is_ok_and(|c| c == cookie)
+            };
+            if !same(&pair.client, cookies.client) || !same(&pair.server, cookies.server) {
+                // Not the sockets the maps hold: nothing here can carry them.
+                reset_both(&pair);
+                return Outcome::Aborted(io::Error::other(
+                    "handed sockets do not match their cookies",
+                ));
+            }
+            let signal = Arc::new(Signal::default());
+            self.registry
+                .lock()
+                .expect("registry lock")
+                .insert(pair.id, signal.clone());
+            signal.read.store(0b11, Ordering::Relaxed);
+            signal.lag.store(0b11, Ordering::Relaxed);
+            let place = (&mut pair, cookies, &mut stopped.dirs);
+            self.in_maps(place, &signal, Ok(()), demote_above).await
         }
-        let signal = Arc::new(Signal::default());
-        self.registry
-            .lock()
-            .expect("registry lock")
-            .insert(pair.id, signal.clone());
-        signal.read.store(0b11, Ordering::Relaxed);
-        signal.lag.store(0b11, Ordering::Relaxed);
-        self.in_maps(pair, cookies, stopped.dirs, &signal, Ok(()), demote_above)
-            .await
     }
 
     /// A pair from its insertion (`inserted`) to its end: supervised while spliced
@@ -329,23 +345,31 @@ impl SockmapPlane {
     /// departed for a hot upgrade). `stopped`: both directions as they stand.
     async fn in_maps(
         &self,
-        mut pair: Pair,
-        cookies: Cookies,
-        stopped: [DirStopped; 2],
+        (pair, cookies, stopped): (&mut Pair, Cookies, &mut [DirStopped; 2]),
         signal: &Signal,
-        inserted: Result<(), InsertRefused>,
+        inserted: Result<(), Box<InsertRefused>>,
         demote_above: Option<u64>,
     ) -> Outcome {
-        let (supervised, stopped) = match inserted {
-            Ok(()) => {
-                let (s, stopped) = self
-                    .quietly(&mut pair, cookies, stopped, signal, demote_above)
-                    .await;
-                (Ok(s), stopped)
-            }
-            Err(refused) => (Err(refused), stopped),
+        let supervised = match inserted {
+            Ok(()) => Ok(self
+                .quietly(pair, cookies, stopped, signal, demote_above)
+                .await),
+            Err(refused) => Err(refused),
         };
-        let pair = &pair;
+        // What follows the splice runs rarely, once: boxed, so that the spliced
+        // pair's future does not carry its state.
+        let stopped = stopped.each_mut().map(DirStopped::take);
+        Box::pin(self.after_splice(pair, cookies, stopped, supervised)).await
+    }
+
+    /// How a pair ends after its splice (`supervised`) or the kernel's refusal.
+    async fn after_splice(
+        &self,
+        pair: &Pair,
+        cookies: Cookies,
+        stopped: [DirStopped; 2],
+        supervised: Result<Supervised, Box<InsertRefused>>,
+    ) -> Outcome {
         let dirs = &mut Dir::resumed_both(pair, cookies, stopped);
         let outcome = match supervised {
             Ok(Supervised::Ended(outcome)) => {
@@ -392,10 +416,10 @@ impl SockmapPlane {
         &self,
         pair: &mut Pair,
         cookies: Cookies,
-        mut stopped: [DirStopped; 2],
+        stopped: &mut [DirStopped; 2],
         signal: &Signal,
         demote_above: Option<u64>,
-    ) -> (Supervised, [DirStopped; 2]) {
+    ) -> Supervised {
         pair.entry.set_plane(crate::registry::Plane::Sockmap);
         self.stats.inc(DaemonStat::Spliced);
         self.stats.inc(DaemonStat::SplicedActive);
@@ -406,7 +430,8 @@ impl SockmapPlane {
         let mut flags = [(true, false); 2];
         let supervised = loop {
             let (supervised, now) = {
-                let mut dirs = Dir::resumed_both(pair, cookies, stopped);
+                let mut dirs =
+                    Dir::resumed_both(pair, cookies, stopped.each_mut().map(DirStopped::take));
                 for (d, &(readable, again)) in dirs.iter_mut().zip(&flags) {
                     (d.readable, d.again) = (readable, again);
                 }
@@ -416,7 +441,7 @@ impl SockmapPlane {
                 flags = dirs.each_ref().map(|d| (d.readable, d.again));
                 (s, dirs.each_mut().map(Dir::stop))
             };
-            stopped = now;
+            *stopped = now;
             if let Some(s) = supervised {
                 break s;
             }
@@ -438,7 +463,7 @@ impl SockmapPlane {
         if let Supervised::Ended(Outcome::Aborted(_)) = supervised {
             reset_both(pair);
         }
-        (supervised, stopped)
+        supervised
     }
 
     /// A pair's end: the server's byte count and the removal from the maps (but for
@@ -556,19 +581,30 @@ impl SockmapPlane {
 
     /// Carries on a pair a hot upgrade's old process was copying after the splice:
     /// its sockets still in the maps, passing; removed at its end as any other.
-    pub(crate) async fn resume_unspliced(&self, pair: Pair, u: Unspliced) -> Outcome {
-        let cookies = Cookies::of(u.cookies);
-        let mut dirs = Dir::resumed_both(&pair, cookies, u.dirs);
-        let super::copy::Stopped { pending, done, .. } = u.copy;
-        let handover = Handover {
-            pending,
-            done,
-            ..Handover::default()
-        };
-        let outcome = self
-            .copy_unspliced(&pair, cookies, &mut dirs, u.in_sources, (handover, false))
-            .await;
-        self.finish(&pair, cookies, &mut dirs, outcome).await
+    /// (An `async move` block: see [`SockmapPlane::run`].)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would store its arguments twice"
+    )]
+    pub(crate) fn resume_unspliced(
+        &self,
+        pair: Pair,
+        u: Unspliced,
+    ) -> impl Future<Output = Outcome> {
+        async move {
+            let cookies = Cookies::of(u.cookies);
+            let mut dirs = Dir::resumed_both(&pair, cookies, u.dirs);
+            let super::copy::Stopped { pending, done, .. } = u.copy;
+            let handover = Handover {
+                pending,
+                done,
+                ..Handover::default()
+            };
+            let outcome = self
+                .copy_unspliced(&pair, cookies, &mut dirs, u.in_sources, (handover, false))
+                .await;
+            self.finish(&pair, cookies, &mut dirs, outcome).await
+        }
     }
 
     /// Where the server's stream stands, for an evacuation of a demoted pair: the
