@@ -75,6 +75,10 @@ pub struct Args {
     /// Sessions to hold (`hold`).
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
+    /// W4: seconds the connections stay idle before the proxy's memory is read (by
+    /// hand, e.g. past `auto`'s `promote_after` to see a promoted pair's memory).
+    #[arg(long, default_value_t = 2)]
+    pub idle_secs: u64,
 }
 
 fn main() -> std::process::ExitCode {

@@ -71,7 +71,11 @@ pub async fn run(args: &Args) -> Result<Value> {
             let (workers, secs) = if q { (16, 2) } else { (32, 10) };
             churn(args.target, workers, secs).await?
         }
-        Workload::W4 => idle(args.target, if q { 2_000 } else { 7_000 }, &args.proxy_pids).await?,
+        Workload::W4 => {
+            let conns = if q { 2_000 } else { 7_000 };
+            let after = Duration::from_secs(args.idle_secs);
+            idle(args.target, conns, after, &args.proxy_pids).await?
+        }
         Workload::W5 => ping_pong(args.target, if q { 3_000 } else { 50_000 }).await?,
         Workload::W6 => broker(args.target, if q { 10_000 } else { 100_000 }).await?,
         Workload::W7 | Workload::W8 => {
@@ -463,8 +467,14 @@ impl ErrorKinds {
     }
 }
 
-/// W4: `conns` idle MQTT connections; proxy RSS and kernel memory per connection.
-async fn idle(target: SocketAddr, conns: usize, proxy_pids: &[u32]) -> Result<(Value, u64)> {
+/// W4: `conns` idle MQTT connections; proxy RSS and kernel memory per connection,
+/// read `after` the last one connected.
+async fn idle(
+    target: SocketAddr,
+    conns: usize,
+    after: Duration,
+    proxy_pids: &[u32],
+) -> Result<(Value, u64)> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (rss0, kernel0) = (cpu::rss_bytes(proxy_pids), cpu::kernel_bytes()?);
     let mut streams = Vec::with_capacity(conns);
@@ -487,7 +497,7 @@ async fn idle(target: SocketAddr, conns: usize, proxy_pids: &[u32]) -> Result<(V
             Err(_) => errors += 1,
         }
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(after).await;
     let (rss1, kernel1) = (cpu::rss_bytes(proxy_pids), cpu::kernel_bytes()?);
     let n = streams.len().max(1) as f64;
     drop(streams);
