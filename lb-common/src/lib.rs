@@ -497,6 +497,10 @@ counters! {
         /// splice stopped paying (a throttle, or more than `promote_max_rate` skbs a
         /// second); they stay there (also counted in `copied`).
         Demoted = 60 => "demoted",
+        /// `auto`: promotions by age put off because the connection was quiet (fewer
+        /// than its cluster's `promote_min_rate` reads a second): it stays on the
+        /// copy plane and is looked at again one `promote_after` later.
+        PromotionDeferredIdle = 61 => "promotion_deferred_idle",
     }
 }
 

@@ -650,3 +650,58 @@ async fn auto_leaves_busy_connections_on_copy_until_they_quieten() {
     assert_eq!(lb.stat("promoted"), 1);
     assert!(lb.stat("bpf_redirected") > 0);
 }
+
+/// `promote_min_rate`: `auto` leaves an idle connection on the copy plane (spliced it
+/// would cost more memory and gain nothing), counting each look it puts off, and
+/// promotes one that talks; both carry their bytes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_leaves_idle_connections_on_copy_under_promote_min_rate() {
+    if !privileged("auto data plane") {
+        return;
+    }
+    let echo = Echo::start().await;
+    let lb = Daemon::start_edited("auto", &[echo.addr], |t| {
+        with_cluster_keys(t, "promote_after = \"300ms\"\npromote_min_rate = 5")
+    });
+    let addr = lb.addr;
+    let open = |name: &'static str| async move {
+        let connect = connect_packet(name);
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(&connect).await.expect("CONNECT");
+        let mut echoed = vec![0u8; connect.len()];
+        s.read_exact(&mut echoed).await.expect("CONNECT echoed");
+        assert_eq!(echoed, connect);
+        s
+    };
+    let mut idle = open("idle").await;
+    let mut chatty = open("chatty").await;
+    // 1.5 s: the chatty one echoes a 32-byte message every 20 ms (about 100 reads a
+    // second both ways), the idle one nothing.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let mut n = 0u8;
+    while tokio::time::Instant::now() < until {
+        let msg = [n; 32];
+        chatty.write_all(&msg).await.expect("message");
+        let mut back = [0u8; 32];
+        chatty.read_exact(&mut back).await.expect("echo");
+        assert_eq!(back, msg);
+        n = n.wrapping_add(1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let looks = "one promotion (the chatty one) and two looks put off (the idle one)";
+    wait_for(looks, Duration::from_secs(3), || {
+        lb.stat("promoted") == 1 && lb.stat("promotion_deferred_idle") >= 2
+    })
+    .await;
+    assert_eq!(lb.stat("promotion_deferred_busy"), 0);
+    // Both still carry bytes exactly: the idle one on copy, the other spliced.
+    for (s, fill) in [(&mut idle, 5u8), (&mut chatty, 6u8)] {
+        let bulk = vec![fill; 256 << 10];
+        s.write_all(&bulk).await.expect("bulk");
+        let mut back = vec![0u8; bulk.len()];
+        s.read_exact(&mut back).await.expect("bulk echoed");
+        assert!(back == bulk, "{fill}: bytes came back differently");
+    }
+    assert_eq!(lb.stat("spliced"), 1);
+    assert!(lb.stat("bpf_redirected") > 0);
+}

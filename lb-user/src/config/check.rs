@@ -431,6 +431,14 @@ impl Checker<'_> {
         ] {
             self.positive(span.clone(), format!("{key}.{name}"), d);
         }
+        if rc.promote_max_rate > 0 && rc.promote_min_rate > rc.promote_max_rate {
+            // No rate would ever be promoted by age.
+            self.err(
+                span.clone(),
+                format!("{key}.promote_min_rate"),
+                "must not be above promote_max_rate",
+            );
+        }
         let evict_rate = std::num::NonZeroU32::new(rc.evict_rate);
         if evict_rate.is_none() {
             self.err(
@@ -467,6 +475,7 @@ impl Checker<'_> {
                 after_bytes: rc.promote_after_bytes.filter(|&b| b > 0),
                 after: rc.promote_after.map(|d| d.0).filter(|d| !d.is_zero()),
                 max_rate: Some(rc.promote_max_rate).filter(|&r| r > 0),
+                min_rate: Some(rc.promote_min_rate).filter(|&r| r > 0),
             },
             evict_rate: evict_rate.unwrap_or(std::num::NonZeroU32::MIN),
             server_reference: rc.server_reference,

@@ -402,6 +402,10 @@ pub struct Promote {
     /// `promote_max_rate`: reads a second over the last `after`, both directions,
     /// above which promotion by age waits another `after` (`None`: no limit).
     pub max_rate: Option<u64>,
+    /// `promote_min_rate`: reads a second over the last `after`, both directions,
+    /// below which promotion by age waits another `after` (`None`: no floor): an
+    /// idle connection costs more memory spliced than copied and gains nothing.
+    pub min_rate: Option<u64>,
 }
 
 /// One `[[clusters.servers]]` entry.

@@ -221,6 +221,8 @@ pub(super) struct RawCluster {
     pub(super) promote_after: Option<Dur>,
     #[serde(default = "default_promote_max_rate")]
     pub(super) promote_max_rate: u64,
+    #[serde(default)]
+    pub(super) promote_min_rate: u64,
     #[serde(default = "default_evict_rate")]
     pub(super) evict_rate: u32,
     pub(super) server_reference: Option<String>,

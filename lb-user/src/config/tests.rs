@@ -83,6 +83,7 @@ fn parses_a_good_file_into_typed_values() {
             after_bytes: None,
             after: Some(Duration::from_secs(10)),
             max_rate: Some(DEFAULT_PROMOTE_MAX_RATE),
+            min_rate: None,
         }
     );
     assert_eq!(cl.servers.len(), 2);
@@ -180,7 +181,24 @@ fn second_wave_keys_are_checked_by_name() {
             after_bytes: Some(65536),
             after: None,
             max_rate: None,
+            min_rate: None,
         }
+    );
+    // A floor on the rate, and one above the ceiling refused by name.
+    let c = Config::parse(&GOOD.replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\npromote_min_rate = 2",
+    ))
+    .expect("valid");
+    assert_eq!(c.clusters[0].promote.min_rate, Some(2));
+    let e = errors(&GOOD.replace(
+        "connect_timeout = \"2s\"",
+        "connect_timeout = \"2s\"\npromote_min_rate = 20\npromote_max_rate = 10",
+    ));
+    assert!(
+        e.iter()
+            .any(|l| l.contains("promote_min_rate: must not be above")),
+        "{e:?}"
     );
     let c = Config::parse(&GOOD.replace("data_plane = \"copy\"", "max_connections = 500"))
         .expect("valid");

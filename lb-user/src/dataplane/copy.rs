@@ -452,7 +452,9 @@ pub struct Promoted {
 /// Promotion by age: when the next look is due, and the reads at the previous look. A
 /// connection that read more than `max_rate` a second since then is left on the copy
 /// plane, where pipelined and bulk streams are carried faster (docs/ARCHITECTURE.md,
-/// "Choosing a plane"), and looked at again one `promote_after` later.
+/// "Choosing a plane"), and so is one that read fewer than `min_rate` a second (idle:
+/// spliced it would cost more memory and gain nothing); either is looked at again one
+/// `promote_after` later.
 struct AgeCheck {
     promote: Promote,
     /// When to look next (None: promotion by age is off).
@@ -471,7 +473,7 @@ impl AgeCheck {
     }
 
     /// Whether to promote now, at `reads` so far; otherwise when to look again is
-    /// moved on (busy: one `promote_after`; something pending: shortly).
+    /// moved on (busy or idle: one `promote_after`; something pending: shortly).
     fn ripe(&mut self, now: Instant, reads: u64, promotable: bool, stats: &Stats) -> bool {
         let Some(after) = self.promote.after else {
             return false;
@@ -479,8 +481,28 @@ impl AgeCheck {
         if self.at.is_none_or(|p| now < p) {
             return false;
         }
-        if self.busy(now, reads) {
-            stats.inc(DaemonStat::PromotionDeferred);
+        // Reads since the last look, against what a rate would make in that time.
+        let (made, secs) = (
+            (reads - self.window.1) as f64,
+            now.duration_since(self.window.0).as_secs_f64(),
+        );
+        let deferred = if self
+            .promote
+            .max_rate
+            .is_some_and(|max| made > max as f64 * secs)
+        {
+            Some(DaemonStat::PromotionDeferred)
+        } else if self
+            .promote
+            .min_rate
+            .is_some_and(|min| made < min as f64 * secs)
+        {
+            Some(DaemonStat::PromotionDeferredIdle)
+        } else {
+            None
+        };
+        if let Some(stat) = deferred {
+            stats.inc(stat);
             self.window = (now, reads);
             self.at = Some(now + after);
             false
@@ -490,14 +512,6 @@ impl AgeCheck {
             self.at = Some(now + POLL_MAX);
             false
         }
-    }
-
-    /// Whether the connection read more than `max_rate` a second since the last look.
-    fn busy(&self, now: Instant, reads: u64) -> bool {
-        self.promote.max_rate.is_some_and(|max| {
-            let secs = now.duration_since(self.window.0).as_secs_f64();
-            (reads - self.window.1) as f64 > max as f64 * secs
-        })
     }
 }
 
@@ -615,5 +629,62 @@ fn copy_both(
             }
         }
         Ok(Ended::Outcome(Outcome::Closed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn promote(max_rate: Option<u64>, min_rate: Option<u64>) -> Promote {
+        Promote {
+            after_bytes: None,
+            after: Some(Duration::from_secs(10)),
+            max_rate,
+            min_rate,
+        }
+    }
+
+    /// Promotion by age waits for `promote_after`, then promotes a connection whose
+    /// rate since the last look is within the limits; a busy or an idle one is put off
+    /// one `promote_after`, counted by kind, and judged on the next window alone.
+    #[test]
+    fn age_promotes_between_the_rate_limits_and_puts_off_the_rest() {
+        let stats = Stats::default();
+        let t0 = Instant::now();
+        let secs = |s: u64| t0 + Duration::from_secs(s);
+        let mut age = AgeCheck::new(promote(Some(100), Some(1)), t0);
+        assert!(!age.ripe(secs(9), 50, true, &stats), "before promote_after");
+        assert!(age.ripe(secs(10), 50, true, &stats), "5 reads a second");
+
+        // Idle: 3 reads in 10 s is under 1 a second.
+        let mut age = AgeCheck::new(promote(Some(100), Some(1)), t0);
+        assert!(!age.ripe(secs(10), 3, true, &stats));
+        assert_eq!(stats.get(DaemonStat::PromotionDeferredIdle), 1);
+        assert_eq!(
+            age.at,
+            Some(secs(20)),
+            "looked at again one promote_after later"
+        );
+        assert!(!age.ripe(secs(19), 40, true, &stats), "not due yet");
+        // The next window alone: 37 reads in 10 s.
+        assert!(age.ripe(secs(20), 40, true, &stats));
+
+        // Busy: 2,000 reads in 10 s is over 100 a second.
+        let mut age = AgeCheck::new(promote(Some(100), Some(1)), t0);
+        assert!(!age.ripe(secs(10), 2_000, true, &stats));
+        assert_eq!(stats.get(DaemonStat::PromotionDeferred), 1);
+        assert!(age.ripe(secs(20), 2_100, true, &stats), "quieter since");
+
+        // No floor (the default): an idle connection is promoted.
+        let mut age = AgeCheck::new(promote(Some(100), None), t0);
+        assert!(age.ripe(secs(10), 0, true, &stats));
+        // Something pending: not now, and looked at again shortly.
+        let mut age = AgeCheck::new(promote(None, None), t0);
+        assert!(!age.ripe(secs(10), 0, false, &stats));
+        assert_eq!(age.at, Some(secs(10) + POLL_MAX));
+        assert_eq!(stats.get(DaemonStat::PromotionDeferredIdle), 1);
     }
 }
