@@ -567,6 +567,101 @@ async fn descriptor_exhaustion_blames_no_server() {
     }
 }
 
+/// Spliced pairs while the daemon is out of descriptors. One second into its splice a
+/// pair's sockets go quiet (each re-registered on a duplicate descriptor first), and
+/// they used to come back the same way at its end. A pair that cannot go quiet stays
+/// watched as it was, carries its bytes and tries again later; one that ends closes as
+/// it would have. Neither is aborted (both were reset before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spliced_pairs_carry_on_when_descriptors_run_out() {
+    if !privileged("descriptor exhaustion") {
+        return;
+    }
+    let echo = Echo::start().await;
+    let instance = format!("fdq{}x{}", std::process::id(), free_port());
+    let port = free_port();
+    let text = fd_config(
+        &instance,
+        "sockmap",
+        port,
+        &[echo.addr],
+        "max_connections = 5000",
+    );
+    let lb = Daemon::start_limited("sockmap", port, &instance, &text, Some(300));
+    let addr = lb.addr;
+    let served = |tag: &'static str| async move {
+        let mut pairs = Vec::new();
+        for i in 0..10 {
+            let connect = connect_packet(&format!("{tag}-{i}"));
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(&connect).await.expect("CONNECT");
+            let mut back = vec![0u8; connect.len()];
+            s.read_exact(&mut back).await.expect("CONNECT echoed");
+            assert_eq!(back, connect);
+            pairs.push(s);
+        }
+        pairs
+    };
+    // Ten pairs quiet before the table fills; they end in it.
+    let early = served("early").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Ten more, then clients that send nothing fill the table (each waits for its
+    // CONNECT for `inspect_timeout`, 10 s; the rest wait to be accepted): the later
+    // pairs try to go quiet with no descriptor to spare.
+    let late = served("late").await;
+    let mut silent = Vec::new();
+    for _ in 0..400 {
+        if let Ok(s) = TcpStream::connect(lb.addr).await {
+            silent.push(s);
+        }
+    }
+    wait_for("the table full", Duration::from_secs(3), || {
+        lb.stat("local_resource_errors") > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut pairs: Vec<TcpStream> = early.into_iter().chain(late).collect();
+    for (i, s) in pairs.iter_mut().enumerate() {
+        let bytes = vec![i as u8; 4096];
+        s.write_all(&bytes).await.expect("write");
+        let mut back = vec![0u8; bytes.len()];
+        tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut back))
+            .await
+            .unwrap_or_else(|_| panic!("pair {i}: no echo\n{}", lb.log()))
+            .unwrap_or_else(|e| panic!("pair {i}: {e}\n{}", lb.log()));
+        assert!(back == bytes, "pair {i}: bytes came back differently");
+    }
+    // They end while the table is still full (within the silent clients' 10 s).
+    for s in &mut pairs {
+        s.shutdown().await.expect("shutdown");
+    }
+    for (i, s) in pairs.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("pair {i}: not closed"))
+            .unwrap_or_else(|e| panic!("pair {i}: {e}\n{}", lb.log()));
+        assert!(
+            rest.is_empty(),
+            "pair {i}: {} bytes after the echo",
+            rest.len()
+        );
+    }
+    wait_for("the pairs counted", Duration::from_secs(3), || {
+        lb.stat("closed") >= 20
+    })
+    .await;
+    assert_eq!(lb.stat("aborted"), 0, "{}\n{}", lb.ctl("stats"), lb.log());
+    assert_eq!(lb.stat("spliced"), 20);
+    // The later pairs did meet the full table.
+    assert!(
+        lb.log().contains("cannot quiet a spliced pair's sockets"),
+        "{}",
+        lb.log()
+    );
+    drop(silent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_follows_the_descriptor_limit() {
     if !privileged("descriptor limit") {

@@ -445,19 +445,46 @@ impl SockmapPlane {
             if let Some(s) = supervised {
                 break s;
             }
-            // The pair outlived its loud start: its sockets go quiet.
-            if let Err(e) = quiet.hush(pair) {
-                let e = io::Error::new(e.kind(), format!("cannot watch the spliced sockets: {e}"));
-                break Supervised::Ended(Outcome::Aborted(e));
+            // The pair outlived its loud start: its sockets go quiet. If they cannot
+            // (out of descriptors, most likely), the pair stays loud and tries again
+            // one `HUSH_AFTER` later.
+            if let Err(failed) = quiet.hush(pair) {
+                let e = failed.error;
+                if failed.stranded {
+                    let e =
+                        io::Error::new(e.kind(), format!("cannot watch the spliced sockets: {e}"));
+                    break Supervised::Ended(Outcome::Aborted(e));
+                }
+                if crate::limits::is_local_resource(&e) {
+                    self.stats.inc(DaemonStat::LocalResourceErrors);
+                }
+                if quiet::HUSH_FAILED_LOG.allow() {
+                    tracing::warn!(id = pair.id, error = %e, "cannot quiet a spliced pair's sockets; it stays watched as it was and tries again");
+                }
             }
         };
         self.stats.dec(DaemonStat::SplicedActive);
-        let supervised = match quiet.wake(pair) {
-            Ok(()) => supervised,
-            // The streams cannot be watched again: whatever came next ends here.
-            Err(e) => {
-                let e = io::Error::new(e.kind(), format!("cannot watch the sockets again: {e}"));
-                Supervised::Ended(Outcome::Aborted(e))
+        // The streams go back to the daemon's reactor only for what carries on with
+        // them: the copy plane after a demotion, an eviction's DISCONNECT and
+        // lingering close. A pair that ended or departs closes (or hands over) its
+        // streams where they are once its watch is dropped: that saves the way back,
+        // about ten system calls, which could fail for want of a descriptor.
+        let back = matches!(
+            supervised,
+            Supervised::Demote | Supervised::Ended(Outcome::Evicted)
+        );
+        let supervised = if !back {
+            drop(quiet);
+            supervised
+        } else {
+            match quiet.wake(pair) {
+                Ok(()) => supervised,
+                // The streams cannot be watched again: whatever came next ends here.
+                Err(e) => {
+                    let e =
+                        io::Error::new(e.kind(), format!("cannot watch the sockets again: {e}"));
+                    Supervised::Ended(Outcome::Aborted(e))
+                }
             }
         };
         if let Supervised::Ended(Outcome::Aborted(_)) = supervised {

@@ -12,11 +12,12 @@
 //! to write (and for errors and hang-ups, which epoll always reports): a wake-up key
 //! of input alone matches nothing there. Readability is watched only while a
 //! direction asks for it (throttled). Writes go out as plain `send` calls, since the
-//! runtime tracks no readiness for these sockets. When the pair leaves the splice,
-//! the streams go back to the daemon's reactor before anything else touches them.
+//! runtime tracks no readiness for these sockets. When the pair leaves the splice for
+//! the copy plane or an eviction, the streams go back to the daemon's reactor before
+//! anything else touches them; a pair that ends closes them where they are.
 //!
-//! Moving a pair's streams costs about 20 system calls (duplicates, registrations,
-//! closes, both ways), as much as a short session's whole splice. So a pair starts
+//! Moving a pair's streams costs about 10 system calls each way (duplicates,
+//! registrations, closes), as much as a short session's whole splice. So a pair starts
 //! loud, watched through its own streams in the daemon's reactor, and goes quiet
 //! once it has lived [`HUSH_AFTER`]: until then its worker thread wakes for every
 //! skb (the task does not), after that never.
@@ -106,6 +107,19 @@ fn rehome(s: &mut TcpStream, handle: Option<&Handle>) -> io::Result<()> {
     Ok(())
 }
 
+/// One warning a second at most about pairs that cannot go quiet (its own: the
+/// accept loop's warnings under the same shortage of descriptors would hide it).
+pub(super) static HUSH_FAILED_LOG: std::sync::LazyLock<crate::limits::LogOnce> =
+    std::sync::LazyLock::new(|| crate::limits::LogOnce::new(Duration::from_secs(1)));
+
+/// Why [`Quiet::hush`] failed.
+pub(super) struct HushFailed {
+    pub(super) error: io::Error,
+    /// A stream is still with the dormant reactor, where nothing wakes for it: the
+    /// pair cannot be watched at all.
+    pub(super) stranded: bool,
+}
+
 /// A socket descriptor owned by the pair, watched here.
 struct Fd(RawFd);
 
@@ -153,13 +167,15 @@ impl Quiet {
     }
 
     /// Moves the pair's streams to the dormant reactor and watches them here. A
-    /// failure leaves the watch loud and the streams where they were.
-    pub(super) fn hush(&mut self, pair: &mut Pair) -> io::Result<()> {
-        let dormant = dormant()?;
-        rehome(&mut pair.client, Some(dormant))?;
+    /// failure (out of descriptors, most likely) leaves the watch loud and the streams
+    /// where they were, unless a stream already moved could not be put back
+    /// ([`HushFailed::stranded`]).
+    pub(super) fn hush(&mut self, pair: &mut Pair) -> Result<(), HushFailed> {
+        let failed = |error, stranded| HushFailed { error, stranded };
+        let dormant = dormant().map_err(|e| failed(e, false))?;
+        rehome(&mut pair.client, Some(dormant)).map_err(|e| failed(e, false))?;
         if let Err(e) = rehome(&mut pair.server, Some(dormant)) {
-            let _ = rehome(&mut pair.client, None);
-            return Err(e);
+            return Err(failed(e, rehome(&mut pair.client, None).is_err()));
         }
         let fds = [pair.client.as_raw_fd(), pair.server.as_raw_fd()];
         let watched = watch(fds[0], false).and_then(|c| Ok([Some(c), Some(watch(fds[1], false)?)]));
@@ -174,9 +190,10 @@ impl Quiet {
                 Ok(())
             }
             Err(e) => {
-                let _ = rehome(&mut pair.client, None);
-                let _ = rehome(&mut pair.server, None);
-                Err(e)
+                // Both put back, whether or not the first could be.
+                let client = rehome(&mut pair.client, None).is_err();
+                let server = rehome(&mut pair.server, None).is_err();
+                Err(failed(e, client || server))
             }
         }
     }
