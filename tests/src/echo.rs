@@ -62,6 +62,18 @@ impl Drop for Echo {
     }
 }
 
+/// A connection through the proxy at `addr` to an echo server, its CONNECT
+/// (`client_id`) written and echoed back whole.
+pub async fn connected(addr: SocketAddr, client_id: &str) -> TcpStream {
+    let connect = crate::connect_packet(client_id);
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(&connect).await.expect("CONNECT");
+    let mut echoed = vec![0u8; connect.len()];
+    s.read_exact(&mut echoed).await.expect("CONNECT echoed");
+    assert_eq!(echoed, connect, "{client_id}: CONNECT echoed differently");
+    s
+}
+
 /// Sends `payload` (then FIN) on a connection to `addr` while reading everything back
 /// until EOF; returns what was read.
 pub async fn roundtrip(addr: SocketAddr, payload: Vec<u8>) -> std::io::Result<Vec<u8>> {

@@ -550,11 +550,7 @@ async fn auto_copies_first_and_promotes_long_lived_connections() {
     );
     // A long-lived one: promoted after 300 ms, the bulk then spliced.
     let bulk = vec![3u8; 4 << 20];
-    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
-    s.write_all(&connect).await.expect("CONNECT");
-    let mut echoed = vec![0u8; connect.len()];
-    s.read_exact(&mut echoed).await.expect("CONNECT echoed");
-    assert_eq!(echoed, connect);
+    let s = connected(lb.addr, "auto").await;
     wait_for("the promotion", Duration::from_secs(3), || {
         lb.stat("spliced") == 1
     })
@@ -663,18 +659,8 @@ async fn auto_leaves_idle_connections_on_copy_under_promote_min_rate() {
     let lb = Daemon::start_edited("auto", &[echo.addr], |t| {
         with_cluster_keys(t, "promote_after = \"300ms\"\npromote_min_rate = 5")
     });
-    let addr = lb.addr;
-    let open = |name: &'static str| async move {
-        let connect = connect_packet(name);
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        s.write_all(&connect).await.expect("CONNECT");
-        let mut echoed = vec![0u8; connect.len()];
-        s.read_exact(&mut echoed).await.expect("CONNECT echoed");
-        assert_eq!(echoed, connect);
-        s
-    };
-    let mut idle = open("idle").await;
-    let mut chatty = open("chatty").await;
+    let mut idle = connected(lb.addr, "idle").await;
+    let mut chatty = connected(lb.addr, "chatty").await;
     // 1.5 s: the chatty one echoes a 32-byte message every 20 ms (about 100 reads a
     // second both ways), the idle one nothing.
     let until = tokio::time::Instant::now() + Duration::from_millis(1500);

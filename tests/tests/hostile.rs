@@ -592,13 +592,7 @@ async fn spliced_pairs_carry_on_when_descriptors_run_out() {
     let served = |tag: &'static str| async move {
         let mut pairs = Vec::new();
         for i in 0..10 {
-            let connect = connect_packet(&format!("{tag}-{i}"));
-            let mut s = TcpStream::connect(addr).await.expect("connect");
-            s.write_all(&connect).await.expect("CONNECT");
-            let mut back = vec![0u8; connect.len()];
-            s.read_exact(&mut back).await.expect("CONNECT echoed");
-            assert_eq!(back, connect);
-            pairs.push(s);
+            pairs.push(connected(addr, &format!("{tag}-{i}")).await);
         }
         pairs
     };
