@@ -501,6 +501,11 @@ counters! {
         /// than its cluster's `promote_min_rate` reads a second): it stays on the
         /// copy plane and is looked at again one `promote_after` later.
         PromotionDeferredIdle = 61 => "promotion_deferred_idle",
+        /// `auto`: promotions of busy conversations (also counted in `promoted`):
+        /// reads each one whole MQTT packet answered from the other side, promoted
+        /// at once where promotion by age would put them off as busy (see the
+        /// cluster's `promote_conversations`).
+        PromotedConversation = 62 => "promoted_conversation",
     }
 }
 

@@ -38,7 +38,7 @@ enum lb_stat {
  */
 #define KFUNC_PLACEHOLDER 0x7eadbeef
 
-#define DAEMON_STAT_COUNT 62        /* lb_common::DaemonStat::COUNT */
+#define DAEMON_STAT_COUNT 63        /* lb_common::DaemonStat::COUNT */
 
 /*
  * `ctrl` map value: bit 63 asks the program to pass (not redirect) the socket's bytes;

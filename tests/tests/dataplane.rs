@@ -691,3 +691,62 @@ async fn auto_leaves_idle_connections_on_copy_under_promote_min_rate() {
     assert_eq!(lb.stat("spliced"), 1);
     assert!(lb.stat("bpf_redirected") > 0);
 }
+
+/// `promote_conversations` (on by default): `auto` promotes a busy conversation (a
+/// request, its response, the next request) at once, where promotion by age would put
+/// it off as busy for good, and keeps it spliced while it stays one, past many lag
+/// checks above `promote_max_rate`; a busy pipelined connection stays on the copy
+/// plane. Both carry their bytes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_promotes_busy_conversations_at_once_and_keeps_them_spliced() {
+    use mqttlb::mqtt::Version;
+    if !privileged("auto data plane") {
+        return;
+    }
+    let echo = Echo::start().await;
+    // The defaults: promotion by age after 10 s, put off above 1,000 reads a second.
+    let lb = Daemon::start("auto", &[echo.addr]);
+
+    // Pipelined: 4,000 writes of three small PUBLISHes each, the echo read meanwhile.
+    let pipe = connected(lb.addr, "pipelined").await;
+    let (mut r, mut w) = pipe.into_split();
+    let three: Vec<u8> = (0..3u8)
+        .flat_map(|i| tests::packets::publish(Version::V311, "t/pipe", &[i; 20], 0, 0))
+        .collect();
+    let total = three.len() * 4_000;
+    let reader = tokio::spawn(async move {
+        let mut back = vec![0u8; total];
+        r.read_exact(&mut back).await.expect("pipelined echo");
+        back
+    });
+    for _ in 0..4_000 {
+        w.write_all(&three).await.expect("pipelined write");
+    }
+    let back = reader.await.expect("reader");
+    assert!(
+        back.chunks(three.len()).all(|c| c == three),
+        "pipelined bytes differ"
+    );
+    assert_eq!(lb.stat("promoted"), 0, "a pipelined stream was promoted");
+
+    // A conversation: 3,000 round trips of one 4 KiB PUBLISH (about 12 MiB each way,
+    // a lag check every MiB), in well under a second on copy before the promotion.
+    let mut talk = connected(lb.addr, "conversation").await;
+    let mut back = vec![0u8; 0];
+    for i in 0..3_000u32 {
+        let msg = tests::packets::publish(Version::V311, "t/talk", &[i as u8; 4096], 0, 0);
+        talk.write_all(&msg).await.expect("request");
+        back.resize(msg.len(), 0);
+        talk.read_exact(&mut back).await.expect("response");
+        assert!(back == msg, "round trip {i}: the response differs");
+    }
+    assert_eq!(lb.stat("promoted_conversation"), 1);
+    assert_eq!(lb.stat("promoted"), 1);
+    assert_eq!(lb.stat("spliced"), 1);
+    assert!(
+        lb.stat("bpf_lag_events") >= 8,
+        "too few lag checks to judge"
+    );
+    assert_eq!(lb.stat("demoted"), 0, "a conversation was demoted as busy");
+    assert!(lb.stat("bpf_redirected") >= 4_000);
+}

@@ -476,6 +476,7 @@ impl Checker<'_> {
                 after: rc.promote_after.map(|d| d.0).filter(|d| !d.is_zero()),
                 max_rate: Some(rc.promote_max_rate).filter(|&r| r > 0),
                 min_rate: Some(rc.promote_min_rate).filter(|&r| r > 0),
+                conversations: rc.promote_conversations,
             },
             evict_rate: evict_rate.unwrap_or(std::num::NonZeroU32::MIN),
             server_reference: rc.server_reference,

@@ -406,6 +406,12 @@ pub struct Promote {
     /// below which promotion by age waits another `after` (`None`: no floor): an
     /// idle connection costs more memory spliced than copied and gains nothing.
     pub min_rate: Option<u64>,
+    /// `promote_conversations`: a connection busier than `max_rate` whose reads are
+    /// each one whole MQTT packet answered from the other side (request and response,
+    /// one at a time) is promoted at once instead of put off: the splice carries it
+    /// with less latency than the copy plane (see `dataplane::copy::Talk`). Only with
+    /// promotion by age on and a `max_rate`.
+    pub conversations: bool,
 }
 
 /// One `[[clusters.servers]]` entry.

@@ -223,6 +223,8 @@ pub(super) struct RawCluster {
     pub(super) promote_max_rate: u64,
     #[serde(default)]
     pub(super) promote_min_rate: u64,
+    #[serde(default = "default_true")]
+    pub(super) promote_conversations: bool,
     #[serde(default = "default_evict_rate")]
     pub(super) evict_rate: u32,
     pub(super) server_reference: Option<String>,

@@ -84,6 +84,7 @@ fn parses_a_good_file_into_typed_values() {
             after: Some(Duration::from_secs(10)),
             max_rate: Some(DEFAULT_PROMOTE_MAX_RATE),
             min_rate: None,
+            conversations: true,
         }
     );
     assert_eq!(cl.servers.len(), 2);
@@ -172,7 +173,7 @@ fn second_wave_keys_are_checked_by_name() {
     // Thresholds: "0s" turns promotion by age off; bytes are taken as given.
     let c = Config::parse(&GOOD.replace(
         "connect_timeout = \"2s\"",
-        "connect_timeout = \"2s\"\npromote_after = \"0s\"\npromote_after_bytes = 65536\npromote_max_rate = 0",
+        "connect_timeout = \"2s\"\npromote_after = \"0s\"\npromote_after_bytes = 65536\npromote_max_rate = 0\npromote_conversations = false",
     ))
     .expect("valid");
     assert_eq!(
@@ -182,6 +183,7 @@ fn second_wave_keys_are_checked_by_name() {
             after: None,
             max_rate: None,
             min_rate: None,
+            conversations: false,
         }
     );
     // A floor on the rate, and one above the ceiling refused by name.

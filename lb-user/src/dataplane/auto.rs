@@ -8,7 +8,9 @@ use std::sync::Arc;
 use lb_common::DaemonStat;
 
 use super::{
-    Carried, CarryFuture, DataPlane, Outcome, Pair, copy::CopyPlane, sockmap::SockmapPlane,
+    Carried, CarryFuture, DataPlane, Outcome, Pair,
+    copy::CopyPlane,
+    sockmap::{Demote, SockmapPlane},
 };
 use crate::stats::Stats;
 
@@ -58,16 +60,23 @@ impl AutoPlane {
             pair.written_to_client += promoted.copied[1];
             pair.boundary = promoted.boundary;
             self.stats.inc(DaemonStat::Promoted);
-            let demote_above = demote_above(&pair);
-            Box::pin(self.sockmap.run(pair, demote_above)).await
+            if promoted.conversation {
+                self.stats.inc(DaemonStat::PromotedConversation);
+            }
+            let demote = demote(&pair, promoted.conversation);
+            Box::pin(self.sockmap.run(pair, Some(demote))).await
         }
     }
 }
 
 /// Back to copy if the splice stops paying: throttled, or busier than the rate that
-/// defers a promotion.
-fn demote_above(pair: &Pair) -> Option<u64> {
-    pair.promote.max_rate.or(Some(u64::MAX))
+/// defers a promotion (unless promoted as a conversation and still one). A pair a hot
+/// upgrade moved is judged as one promoted by age.
+fn demote(pair: &Pair, conversation: bool) -> Demote {
+    Demote {
+        max_rate: pair.promote.max_rate.unwrap_or(u64::MAX),
+        conversation,
+    }
 }
 
 impl DataPlane for AutoPlane {
@@ -83,8 +92,8 @@ impl DataPlane for AutoPlane {
         match carried {
             Carried::Copy(stopped) => Box::pin(self.run(pair, Some(stopped))),
             Carried::Spliced(stopped) => {
-                let demote_above = demote_above(&pair);
-                Box::pin(self.sockmap.resume_spliced(pair, stopped, demote_above))
+                let demote = demote(&pair, false);
+                Box::pin(self.sockmap.resume_spliced(pair, stopped, Some(demote)))
             }
             Carried::Unspliced(u) => Box::pin(self.sockmap.resume_unspliced(pair, u)),
             // Not a data plane's: `conn::adopt` resumes TLS connections itself.

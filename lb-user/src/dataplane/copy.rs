@@ -32,8 +32,14 @@ pub(crate) enum Moved {
     Idle,
     /// The source reached EOF.
     Eof,
-    /// `read` bytes moved; `rest` holds the tail `dst` did not take.
-    Bytes { read: usize, rest: Option<Vec<u8>> },
+    /// `read` bytes moved; `rest` holds the tail `dst` did not take; `whole` when
+    /// they were one whole MQTT packet, as one message of a conversation is (see
+    /// [`Talk`]).
+    Bytes {
+        read: usize,
+        rest: Option<Vec<u8>>,
+        whole: bool,
+    },
 }
 
 /// Reads once from `src` into the thread's scratch buffer and writes it to `dst`,
@@ -99,13 +105,18 @@ fn move_from(
         if let Some(b) = boundary {
             b.advance(&buf[..n]);
         }
+        let whole = crate::mqtt::packet_len(&buf[..n]) == Ok(Some(n));
         let rest = match write(&buf[..n]) {
             Ok(m) if m == n => None,
             Ok(m) => Some(buf[m..n].to_vec()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Some(buf[..n].to_vec()),
             Err(e) => return Err(e),
         };
-        Ok(Moved::Bytes { read: n, rest })
+        Ok(Moved::Bytes {
+            read: n,
+            rest,
+            whole,
+        })
     })
 }
 
@@ -347,6 +358,8 @@ struct OneWay<'a> {
     read: u64,
     /// Reads that returned bytes (a busy connection makes many).
     reads: u64,
+    /// Reads that returned one whole MQTT packet.
+    whole: u64,
     /// Where the packets read stand (followed server to client for an evacuation).
     boundary: Option<Boundary>,
     /// Bytes to read before `boundary` is known, and where it stands then (see
@@ -388,7 +401,7 @@ impl OneWay<'_> {
         };
         match moved {
             Moved::Idle => return Ok(false),
-            Moved::Bytes { read, rest } => {
+            Moved::Bytes { read, rest, whole } => {
                 if let Some((left, at)) = &mut self.sync {
                     *left -= read as u64;
                     if *left == 0 {
@@ -401,6 +414,7 @@ impl OneWay<'_> {
                     .add(super::Direction::of(self.index), read as u64);
                 self.read += read as u64;
                 self.reads += 1;
+                self.whole += u64::from(whole);
                 self.pending = rest;
             }
             Moved::Eof
@@ -447,6 +461,88 @@ pub struct Promoted {
     pub copied: [u64; 2],
     /// Where the server's stream stands (when followed).
     pub boundary: Option<Boundary>,
+    /// Promoted as a busy conversation (see [`Talk`]): the splice keeps it while it
+    /// stays one.
+    pub conversation: bool,
+}
+
+/// Reads (both directions) over which a busy connection is judged a conversation.
+const TALK_WINDOW: u64 = 1024;
+/// Share of a window's reads that must each be one whole MQTT packet, and the share
+/// that must be turns (a read from the other side than the read before it).
+const TALK_SHARE: f64 = 0.9;
+
+/// Promotion of a busy conversation: a connection that makes more than `max_rate`
+/// reads a second is put off by promotion by age (pipelined and bulk streams are
+/// carried faster copied), but one whose reads are each one whole MQTT packet answered
+/// from the other side (a request, its response, the next request: one message in
+/// flight) gains from the splice what the copy plane cannot give it, a shorter round
+/// trip (docs/ARCHITECTURE.md, "Choosing a plane"), so it is promoted as soon as one
+/// window of [`TALK_WINDOW`] reads shows it. Counted from the reads the copy plane
+/// makes anyway: no timer, no system call. Pipelined streams fail the test: their
+/// reads hold several packets, or follow each other from one side.
+struct Talk {
+    /// Whether conversations are promoted (see [`Promote::conversations`]).
+    on: bool,
+    max_rate: u64,
+    /// Reads each side had made when last noted, the side that made the last read,
+    /// and the turns so far.
+    seen: [u64; 2],
+    last: Option<usize>,
+    turns: u64,
+    /// Start of the current window: time, reads, whole-packet reads, turns.
+    window: (Instant, u64, u64, u64),
+}
+
+impl Talk {
+    fn new(promote: Promote, now: Instant) -> Self {
+        Self {
+            on: promote.conversations && promote.after.is_some() && promote.max_rate.is_some(),
+            max_rate: promote.max_rate.unwrap_or(u64::MAX),
+            seen: [0; 2],
+            last: None,
+            turns: 0,
+            window: (now, 0, 0, 0),
+        }
+    }
+
+    /// Notes the reads each side has made (after every step; one side moves at a
+    /// time).
+    fn note(&mut self, reads: [u64; 2]) {
+        for (side, (&now, seen)) in reads.iter().zip(&mut self.seen).enumerate() {
+            if now != *seen {
+                *seen = now;
+                if self.last.is_some_and(|l| l != side) {
+                    self.turns += 1;
+                }
+                self.last = Some(side);
+            }
+        }
+    }
+
+    /// Whether a window ends at `reads` (both directions): [`Talk::ripe`] is due.
+    fn due(&self, reads: u64) -> bool {
+        self.on && reads - self.window.1 >= TALK_WINDOW
+    }
+
+    /// Whether to promote now, at the end of a window (see [`Talk::due`]), given the
+    /// reads and whole-packet reads so far (both directions): when the window was a
+    /// busy conversation and nothing is pending (else looked at again after the next
+    /// read); otherwise the next window starts.
+    fn ripe(&mut self, now: Instant, reads: u64, whole: u64, promotable: bool) -> bool {
+        let (start, reads0, whole0, turns0) = self.window;
+        let made = reads - reads0;
+        let share = |n: u64| n as f64 >= TALK_SHARE * made as f64;
+        let busy = made as f64 > self.max_rate as f64 * now.duration_since(start).as_secs_f64();
+        let conversation = busy && share(whole - whole0) && share(self.turns - turns0);
+        if conversation && promotable {
+            return true;
+        }
+        if !conversation {
+            self.window = (now, reads, whole, self.turns);
+        }
+        false
+    }
 }
 
 /// Promotion by age: when the next look is due, and the reads at the previous look. A
@@ -560,6 +656,7 @@ fn copy_both(
             eof_final,
             read: 0,
             reads: 0,
+            whole: 0,
             boundary: None,
             sync: None,
             index,
@@ -578,6 +675,7 @@ fn copy_both(
         // One timer for the idle timeout and promotion by age (checked when due, then
         // shortly again while a write is pending).
         let mut age = AgeCheck::new(promote, last);
+        let mut talk = Talk::new(promote, last);
         let due =
             |last: Instant, age: &AgeCheck| age.at.map_or(last + idle, |p| p.min(last + idle));
         let sleep = tokio::time::sleep_until(due(last, &age).into());
@@ -599,7 +697,7 @@ fn copy_both(
                     }
                     let reads = c2s.reads + s2c.reads;
                     if age.ripe(now, reads, promotable(&c2s, &s2c), stats) {
-                        return Ok(Ended::Promote(Promoted { copied: [c2s.read, s2c.read], boundary: s2c.boundary }));
+                        return Ok(Ended::Promote(Promoted { copied: [c2s.read, s2c.read], boundary: s2c.boundary, conversation: false }));
                     }
                     sleep.as_mut().reset(due(last, &age).into());
                 }
@@ -617,14 +715,23 @@ fn copy_both(
                     return Ok(Ended::Outcome(Box::pin(evicted(pair, &mut s2c, stats)).await));
                 }
             }
-            if promote
+            let by_bytes = promote
                 .after_bytes
-                .is_some_and(|b| c2s.read + s2c.read >= b)
-                && promotable(&c2s, &s2c)
-            {
+                .is_some_and(|b| c2s.read + s2c.read >= b);
+            talk.note([c2s.reads, s2c.reads]);
+            let reads = c2s.reads + s2c.reads;
+            let conversation = talk.due(reads)
+                && talk.ripe(
+                    Instant::now(),
+                    reads,
+                    c2s.whole + s2c.whole,
+                    promotable(&c2s, &s2c),
+                );
+            if conversation || (by_bytes && promotable(&c2s, &s2c)) {
                 return Ok(Ended::Promote(Promoted {
                     copied: [c2s.read, s2c.read],
                     boundary: s2c.boundary,
+                    conversation,
                 }));
             }
         }
@@ -644,6 +751,88 @@ mod tests {
             after: Some(Duration::from_secs(10)),
             max_rate,
             min_rate,
+            conversations: true,
+        }
+    }
+
+    /// A window of `n` reads from `talk`'s current counts, `whole` of them one whole
+    /// packet, alternating sides when `turns`; then whether it is ripe `secs` after
+    /// `t0`.
+    fn window(talk: &mut Talk, n: u64, whole: u64, turns: bool, secs: f64, t0: Instant) -> bool {
+        let (mut reads, mut wholes) = (talk.seen, talk.window.2);
+        for i in 0..n {
+            let side = if turns { (i % 2) as usize } else { 0 };
+            reads[side] += 1;
+            wholes += u64::from(i < whole);
+            talk.note(reads);
+            let total = reads[0] + reads[1];
+            if talk.due(total) {
+                let now = t0 + Duration::from_secs_f64(secs);
+                return talk.ripe(now, total, wholes, true);
+            }
+        }
+        false
+    }
+
+    /// A busy conversation (over `max_rate`, reads each one whole packet, each from the
+    /// other side than the last) is promoted at the end of its first window, long
+    /// before `promote_after`; pipelined reads, one-sided reads and a quiet
+    /// conversation are not, and each window is judged alone.
+    #[test]
+    fn talk_promotes_busy_conversations_and_nothing_else() {
+        let t0 = Instant::now();
+        // 1,024 reads in 0.1 s against a limit of 100 a second.
+        let mut talk = Talk::new(promote(Some(100), None), t0);
+        assert!(window(&mut talk, TALK_WINDOW, TALK_WINDOW, true, 0.1, t0));
+
+        // Pipelined: a fifth of the reads hold several packets.
+        let mut talk = Talk::new(promote(Some(100), None), t0);
+        assert!(!window(
+            &mut talk,
+            TALK_WINDOW,
+            TALK_WINDOW * 4 / 5,
+            true,
+            0.1,
+            t0
+        ));
+        // The next window alone: a conversation.
+        assert!(window(&mut talk, TALK_WINDOW, TALK_WINDOW, true, 0.2, t0));
+
+        // One side reading (a stream of single packets).
+        let mut talk = Talk::new(promote(Some(100), None), t0);
+        assert!(!window(&mut talk, TALK_WINDOW, TALK_WINDOW, false, 0.1, t0));
+
+        // Not busy: 1,024 reads in 20 s is promotion by age's to judge.
+        let mut talk = Talk::new(promote(Some(100), None), t0);
+        assert!(!window(&mut talk, TALK_WINDOW, TALK_WINDOW, true, 20.0, t0));
+
+        // Something pending: not now, but the window stays and the next read decides.
+        let mut talk = Talk::new(promote(Some(100), None), t0);
+        let (reads, whole) = (TALK_WINDOW, TALK_WINDOW);
+        talk.seen = [reads / 2; 2];
+        talk.turns = reads - 1;
+        assert!(talk.due(reads));
+        assert!(!talk.ripe(t0 + Duration::from_millis(100), reads, whole, false));
+        assert!(talk.ripe(t0 + Duration::from_millis(101), reads + 1, whole + 1, true));
+
+        // Off: by the key, without promotion by age, without a rate limit.
+        let off = [
+            Promote {
+                conversations: false,
+                ..promote(Some(100), None)
+            },
+            Promote {
+                after: None,
+                ..promote(Some(100), None)
+            },
+            promote(None, None),
+        ];
+        for p in off {
+            let mut talk = Talk::new(p, t0);
+            assert!(
+                !window(&mut talk, 4 * TALK_WINDOW, 4 * TALK_WINDOW, true, 0.1, t0),
+                "{p:?}"
+            );
         }
     }
 

@@ -223,7 +223,7 @@ impl SockmapPlane {
                     d.state = DirState::Eof;
                     return Ok(true);
                 }
-                Moved::Bytes { read, rest } => {
+                Moved::Bytes { read, rest, .. } => {
                     let read = read as u64;
                     self.stats.add(d.stat, read);
                     d.traffic.add(Direction::of(d.dir as usize), read);

@@ -96,7 +96,9 @@ fn drain(
         match move_once_now(src, dst, boundary.as_deref_mut())? {
             Moved::Idle => return Ok(Drained::Quiet(total)),
             Moved::Eof => return Ok(Drained::Busy(Vec::new(), total)),
-            Moved::Bytes { read, rest: None } => {
+            Moved::Bytes {
+                read, rest: None, ..
+            } => {
                 total += read as u64;
                 if total > HANDOFF_LIMIT {
                     return Ok(Drained::Busy(Vec::new(), total));
@@ -105,6 +107,7 @@ fn drain(
             Moved::Bytes {
                 read,
                 rest: Some(rest),
+                ..
             } => return Ok(Drained::Busy(rest, total + read as u64)),
         }
     }

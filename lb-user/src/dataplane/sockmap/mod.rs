@@ -72,6 +72,7 @@ mod supervise;
 
 use direction::{Dir, DirStopped};
 use quiet::Quiet;
+pub(crate) use supervise::Demote;
 use supervise::Watch;
 
 /// `SO_SNDBUF`/`SO_RCVBUF` of spliced sockets: the kernel stops autotuning buffers for
@@ -258,8 +259,8 @@ impl SockmapPlane {
 
     /// Splices `pair` until it ends: 1. the hand-off drain, 2. insertion, 3. the
     /// supervision of both directions, 4. the server's byte count and removal.
-    /// `demote_above`: skbs a second (both directions) above which the pair goes back
-    /// to the copy plane (`auto`); `None`: spliced for good.
+    /// `demote`: when the pair goes back to the copy plane (`auto`); `None`: spliced
+    /// for good.
     ///
     /// Its future lives as long as the connection, so it is kept small: the steps
     /// before and after the splice, and the rare ones, are boxed while they run, and
@@ -274,7 +275,7 @@ impl SockmapPlane {
     pub(crate) fn run(
         &self,
         mut pair: Pair,
-        demote_above: Option<u64>,
+        demote: Option<Demote>,
     ) -> impl Future<Output = Outcome> {
         async move {
             if let Err(copied) = Box::pin(self.drain_both(&mut pair)).await {
@@ -297,7 +298,7 @@ impl SockmapPlane {
                 .insert(pair.id, signal.clone());
             let inserted = self.insert(&pair, cookies).map_err(Box::new);
             let place = (&mut pair, cookies, &mut stopped);
-            self.in_maps(place, &signal, inserted, demote_above).await
+            self.in_maps(place, &signal, inserted, demote).await
         }
     }
 
@@ -313,7 +314,7 @@ impl SockmapPlane {
         &self,
         mut pair: Pair,
         mut stopped: Stopped,
-        demote_above: Option<u64>,
+        demote: Option<Demote>,
     ) -> impl Future<Output = Outcome> {
         async move {
             let cookies = Cookies::of(stopped.cookies);
@@ -335,7 +336,7 @@ impl SockmapPlane {
             signal.read.store(0b11, Ordering::Relaxed);
             signal.lag.store(0b11, Ordering::Relaxed);
             let place = (&mut pair, cookies, &mut stopped.dirs);
-            self.in_maps(place, &signal, Ok(()), demote_above).await
+            self.in_maps(place, &signal, Ok(()), demote).await
         }
     }
 
@@ -348,12 +349,10 @@ impl SockmapPlane {
         (pair, cookies, stopped): (&mut Pair, Cookies, &mut [DirStopped; 2]),
         signal: &Signal,
         inserted: Result<(), Box<InsertRefused>>,
-        demote_above: Option<u64>,
+        demote: Option<Demote>,
     ) -> Outcome {
         let supervised = match inserted {
-            Ok(()) => Ok(self
-                .quietly(pair, cookies, stopped, signal, demote_above)
-                .await),
+            Ok(()) => Ok(self.quietly(pair, cookies, stopped, signal, demote).await),
             Err(refused) => Err(refused),
         };
         // What follows the splice runs rarely, once: boxed, so that the spliced
@@ -418,13 +417,13 @@ impl SockmapPlane {
         cookies: Cookies,
         stopped: &mut [DirStopped; 2],
         signal: &Signal,
-        demote_above: Option<u64>,
+        demote: Option<Demote>,
     ) -> Supervised {
         pair.entry.set_plane(crate::registry::Plane::Sockmap);
         self.stats.inc(DaemonStat::Spliced);
         self.stats.inc(DaemonStat::SplicedActive);
         let mut quiet = Quiet::loud(pair);
-        let mut watch = Watch::new(pair.idle_timeout, demote_above);
+        let mut watch = Watch::new(pair.idle_timeout, demote);
         // Whole skbs that arrived since the drain: the first pump's read runs the
         // verdict over them.
         let mut flags = [(true, false); 2];

@@ -17,36 +17,56 @@ use crate::dataplane::{Outcome, POLL_MAX, POLL_MIN, Pair};
 /// retained message, say) is not a busy connection.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 
+/// Share of the larger direction's skbs the smaller one must carry for a promoted
+/// conversation to stay one: one request skb, one response skb.
+const BALANCED: f64 = 0.9;
+
+/// When a spliced pair on `auto` goes back to the copy plane.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Demote {
+    /// More than this many skbs a second both ways (`promote_max_rate`).
+    pub max_rate: u64,
+    /// Promoted as a busy conversation (`dataplane::copy::Talk`): busy is no reason
+    /// while the skbs each way stay balanced, as a request answered by its response
+    /// keeps them.
+    pub conversation: bool,
+}
+
 /// When a spliced pair on `auto` stops paying and goes back to the copy plane: a
 /// direction throttled (its destination cannot keep up, so the daemon would copy its
 /// bytes anyway, slower than the copy plane), or more than `max_rate` skbs a second
-/// both ways (pipelined streams: the splice sends every skb on as its own segment).
+/// both ways (pipelined streams: the splice sends every skb on as its own segment),
+/// unless a conversation is still one.
 struct Demotion {
-    max_rate: u64,
-    /// Start of the current window and the skbs redirected by then.
-    window: (Instant, u64),
+    demote: Demote,
+    /// Start of the current window and the skbs redirected each way by then.
+    window: (Instant, [u64; 2]),
 }
 
 impl Demotion {
-    fn new(max_rate: u64) -> Self {
+    fn new(demote: Demote) -> Self {
         Self {
-            max_rate,
-            window: (Instant::now(), 0),
+            demote,
+            window: (Instant::now(), [0; 2]),
         }
     }
 
-    /// Whether the pair is busier than `max_rate`, given the skbs redirected both
-    /// ways so far: more than a second's worth within [`RATE_WINDOW`], or more than
-    /// the rate over a longer window (which then starts again).
-    fn busy(&mut self, now: Instant, skbs: u64) -> bool {
+    /// Whether the pair is busier than `max_rate`, given the skbs redirected each way
+    /// so far: more than a second's worth within [`RATE_WINDOW`], or more than the
+    /// rate over a longer window (which then starts again); a conversation whose skbs
+    /// each way stayed [`BALANCED`] in the window is not.
+    fn busy(&mut self, now: Instant, skbs: [u64; 2]) -> bool {
         let (start, at_start) = self.window;
         let elapsed = now.duration_since(start);
-        let n = skbs.saturating_sub(at_start);
+        let n = [0, 1].map(|i| skbs[i].saturating_sub(at_start[i]));
+        let talking =
+            self.demote.conversation && n[0].min(n[1]) as f64 >= BALANCED * n[0].max(n[1]) as f64;
+        let limit = self.demote.max_rate as f64;
         if elapsed < RATE_WINDOW {
-            return n > self.max_rate;
+            return !talking && (n[0] + n[1]) as f64 > limit;
         }
         self.window = (now, skbs);
-        n as f64 > self.max_rate as f64 * elapsed.as_secs_f64()
+        !talking && (n[0] + n[1]) as f64 > limit * elapsed.as_secs_f64()
     }
 }
 
@@ -100,18 +120,18 @@ pub(super) struct Watch {
 }
 
 impl Watch {
-    /// `demote_above`: see [`SockmapPlane::supervise`].
-    pub(super) fn new(idle_timeout: Duration, demote_above: Option<u64>) -> Self {
+    /// `demote`: see [`SockmapPlane::supervise`].
+    pub(super) fn new(idle_timeout: Duration, demote: Option<Demote>) -> Self {
         Self {
             idle: IdleWatch::new(idle_timeout),
-            demotion: demote_above.map(Demotion::new),
+            demotion: demote.map(Demotion::new),
         }
     }
 }
 
 impl SockmapPlane {
-    /// Watches a spliced pair until it ends, or (with `demote_above` in `watch`) until
-    /// it is busier than that many skbs a second or throttled; `None` when a loud
+    /// Watches a spliced pair until it ends, or (with a [`Demote`] in `watch`) until it
+    /// stops paying (see [`Demotion`]); `None` when a loud
     /// `quiet` has watched for [`super::quiet::HUSH_AFTER`] (the caller hushes it and
     /// goes on with the same `watch`).
     pub(super) async fn supervise(
@@ -216,10 +236,9 @@ impl SockmapPlane {
         if !lag_event {
             return false;
         }
-        let skbs: u64 = dirs
-            .iter()
-            .map(|d| self.bpf.sock(d.src_cookie).map_or(0, |s| s.packets))
-            .sum();
+        let skbs = dirs
+            .each_ref()
+            .map(|d| self.bpf.sock(d.src_cookie).map_or(0, |s| s.packets));
         demotion.busy(Instant::now(), skbs)
     }
 
@@ -312,4 +331,39 @@ async fn wait_event(
         dirs[side].readable = true;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Above `max_rate` a pair is busy, within the first second as over a longer
+    /// window; a promoted conversation is not while its skbs each way stay balanced,
+    /// and is once one side runs ahead.
+    #[test]
+    fn demotion_spares_a_conversation_only_while_it_stays_one() {
+        let demote = |conversation| Demote {
+            max_rate: 100,
+            conversation,
+        };
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let window = |d: &mut Demotion| d.window = (t0, [0; 2]);
+
+        let mut d = Demotion::new(demote(false));
+        window(&mut d);
+        assert!(!d.busy(at(500), [40, 40]), "80 skbs in half a second");
+        assert!(d.busy(at(600), [60, 60]), "120 skbs within a second");
+        window(&mut d);
+        assert!(d.busy(at(2_000), [150, 150]), "300 skbs in 2 s");
+
+        let mut d = Demotion::new(demote(true));
+        window(&mut d);
+        assert!(!d.busy(at(600), [60, 60]), "a conversation");
+        assert!(!d.busy(at(2_000), [1_000, 999]), "still one");
+        // The window started again at 2 s: from there one side runs ahead.
+        assert!(d.busy(at(3_000), [2_000, 1_100]), "a pipelined stream now");
+        // Balanced but quiet, or unbalanced and quiet: not busy either way.
+        assert!(!d.busy(at(4_000), [2_010, 1_100]));
+    }
 }
