@@ -29,7 +29,8 @@
 //! - **Refusals.** A socket the kernel will not take (e.g. `CLOSE_WAIT`) sends the whole
 //!   pair to the copy plane, after every redirected byte has reached its peer.
 //! - **Demotion** (`auto` only). A pair whose splice stops paying (a direction
-//!   throttled, or more than `promote_max_rate` skbs a second) goes to the copy plane
+//!   throttled, or more than `promote_max_rate` skbs a second, unless it was promoted
+//!   as a conversation and its skbs each way stay balanced) goes to the copy plane
 //!   the same way: both sockets pass for good and stay in the maps.
 
 use std::{
