@@ -74,6 +74,26 @@ pub async fn connected(addr: SocketAddr, client_id: &str) -> TcpStream {
     s
 }
 
+/// A conversation on `s` (through an echo server): `n` round trips of one QoS 0
+/// PUBLISH with a `size`-byte payload, each written whole, then read back whole and
+/// compared.
+pub async fn conversation(s: &mut TcpStream, n: u32, size: usize) {
+    let mut back = Vec::new();
+    for i in 0..n {
+        let msg = crate::packets::publish(
+            mqttlb::mqtt::Version::V311,
+            "t/talk",
+            &vec![i as u8; size],
+            0,
+            0,
+        );
+        s.write_all(&msg).await.expect("request");
+        back.resize(msg.len(), 0);
+        s.read_exact(&mut back).await.expect("response");
+        assert!(back == msg, "round trip {i}: the response differs");
+    }
+}
+
 /// Sends `payload` (then FIN) on a connection to `addr` while reading everything back
 /// until EOF; returns what was read.
 pub async fn roundtrip(addr: SocketAddr, payload: Vec<u8>) -> std::io::Result<Vec<u8>> {

@@ -732,14 +732,7 @@ async fn auto_promotes_busy_conversations_at_once_and_keeps_them_spliced() {
     // A conversation: 3,000 round trips of one 4 KiB PUBLISH (about 12 MiB each way,
     // a lag check every MiB), in well under a second on copy before the promotion.
     let mut talk = connected(lb.addr, "conversation").await;
-    let mut back = vec![0u8; 0];
-    for i in 0..3_000u32 {
-        let msg = tests::packets::publish(Version::V311, "t/talk", &[i as u8; 4096], 0, 0);
-        talk.write_all(&msg).await.expect("request");
-        back.resize(msg.len(), 0);
-        talk.read_exact(&mut back).await.expect("response");
-        assert!(back == msg, "round trip {i}: the response differs");
-    }
+    conversation(&mut talk, 3_000, 4096).await;
     assert_eq!(lb.stat("promoted_conversation"), 1);
     assert_eq!(lb.stat("promoted"), 1);
     assert_eq!(lb.stat("spliced"), 1);

@@ -782,3 +782,39 @@ async fn failing_new_binary(global_keys: &str) {
     assert_eq!(&b, b"pong");
     assert_eq!(lb.ctl("conns")["conns"].as_array().map_or(0, Vec::len), 1);
 }
+
+/// A connection `auto` promoted as a busy conversation stays one in the new process:
+/// still spliced, not demoted as busy, through a few more lag checks after the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_stays_spliced_across_an_upgrade() {
+    if !privileged("upgrade") {
+        return;
+    }
+    let echo = Echo::start().await;
+    let lb = Daemon::start("auto", &[echo.addr]);
+    let mut talk = connected(lb.addr, "conversation").await;
+    // Round trips of one 4 KiB PUBLISH (a lag check every 256 of them each way).
+    conversation(&mut talk, 1_500, 4096).await;
+    wait_for("the conversation promoted", Duration::from_secs(3), || {
+        lb.stat("promoted_conversation") == 1
+    })
+    .await;
+    let (_, lb) = upgrade(lb, None).await;
+    adopted(&lb, 1).await;
+    let lag_before = lb.stat("bpf_lag_events");
+    conversation(&mut talk, 3_000, 4096).await;
+    // The new process's own counters: it demoted nothing, and the pair is spliced,
+    // past enough lag checks to have judged it.
+    assert_eq!(
+        lb.stat("demoted"),
+        0,
+        "demoted after the move: {}",
+        lb.log()
+    );
+    let conns = lb.ctl("conns");
+    assert_eq!(conns["conns"][0]["plane"], "sockmap", "{conns}");
+    assert!(
+        lb.stat("bpf_lag_events") >= lag_before + 8,
+        "too few lag checks after the move to judge"
+    );
+}

@@ -70,8 +70,8 @@ impl AutoPlane {
 }
 
 /// Back to copy if the splice stops paying: throttled, or busier than the rate that
-/// defers a promotion (unless promoted as a conversation and still one). A pair a hot
-/// upgrade moved is judged as one promoted by age.
+/// defers a promotion (unless promoted as a conversation and still one; a hot upgrade
+/// carries that over).
 fn demote(pair: &Pair, conversation: bool) -> Demote {
     Demote {
         max_rate: pair.promote.max_rate.unwrap_or(u64::MAX),
@@ -92,7 +92,7 @@ impl DataPlane for AutoPlane {
         match carried {
             Carried::Copy(stopped) => Box::pin(self.run(pair, Some(stopped))),
             Carried::Spliced(stopped) => {
-                let demote = demote(&pair, false);
+                let demote = demote(&pair, stopped.conversation);
                 Box::pin(self.sockmap.resume_spliced(pair, stopped, Some(demote)))
             }
             Carried::Unspliced(u) => Box::pin(self.sockmap.resume_unspliced(pair, u)),

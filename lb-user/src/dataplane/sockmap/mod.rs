@@ -160,6 +160,9 @@ pub struct Stopped {
     dirs: [direction::DirStopped; 2],
     /// The pair's [`Pair::boundary`] ([`Boundary::raw`]).
     pub boundary: Option<u64>,
+    /// Promoted by `auto` as a busy conversation (see [`Demote::conversation`]).
+    #[serde(default)]
+    pub conversation: bool,
 }
 
 /// Where a pair on the copy plane after the splice stood when a hot upgrade moved
@@ -359,16 +362,19 @@ impl SockmapPlane {
         // What follows the splice runs rarely, once: boxed, so that the spliced
         // pair's future does not carry its state.
         let stopped = stopped.each_mut().map(DirStopped::take);
-        Box::pin(self.after_splice(pair, cookies, stopped, supervised)).await
+        let conversation = demote.is_some_and(|d| d.conversation);
+        Box::pin(self.after_splice(pair, cookies, stopped, supervised, conversation)).await
     }
 
-    /// How a pair ends after its splice (`supervised`) or the kernel's refusal.
+    /// How a pair ends after its splice (`supervised`) or the kernel's refusal;
+    /// `conversation` travels with a pair a hot upgrade moves.
     async fn after_splice(
         &self,
         pair: &Pair,
         cookies: Cookies,
         stopped: [DirStopped; 2],
         supervised: Result<Supervised, Box<InsertRefused>>,
+        conversation: bool,
     ) -> Outcome {
         let dirs = &mut Dir::resumed_both(pair, cookies, stopped);
         let outcome = match supervised {
@@ -395,6 +401,7 @@ impl SockmapPlane {
                     cookies: [cookies.client, cookies.server],
                     dirs: dirs.each_mut().map(Dir::stop),
                     boundary: pair.boundary.map(Boundary::raw),
+                    conversation,
                 };
                 super::departure(pair, Carried::Spliced(stopped), written)
             }
