@@ -131,9 +131,9 @@ impl Watch {
 
 impl SockmapPlane {
     /// Watches a spliced pair until it ends, or (with a [`Demote`] in `watch`) until it
-    /// stops paying (see [`Demotion`]); `None` when a loud
-    /// `quiet` has watched for [`super::quiet::HUSH_AFTER`] (the caller hushes it and
-    /// goes on with the same `watch`).
+    /// stops paying (see [`Demotion`]); `None` when a loud `quiet` has watched for
+    /// [`super::quiet::HUSH_AFTER`] (the caller hushes it and goes on with the same
+    /// `watch`).
     pub(super) async fn supervise(
         &self,
         pair: &Pair,
@@ -363,7 +363,7 @@ mod tests {
         assert!(!d.busy(at(2_000), [1_000, 999]), "still one");
         // The window started again at 2 s: from there one side runs ahead.
         assert!(d.busy(at(3_000), [2_000, 1_100]), "a pipelined stream now");
-        // Balanced but quiet, or unbalanced and quiet: not busy either way.
+        // One side alone, but quiet: not busy.
         assert!(!d.busy(at(4_000), [2_010, 1_100]));
     }
 }
