@@ -304,17 +304,25 @@ async fn the_image_splices_keeps_its_sticky_table_and_says_what_it_lacks() {
         );
     }
     carry(port, 1000, "caps-sub").await;
-    // (The daemon publishes its counters to the pinned map once a second.)
-    wait_for("both clients spliced", Duration::from_secs(3), || {
-        c.stat("spliced", &instance) >= 2
-    })
-    .await;
     // 1,000 PUBLISH of about 34 bytes each way, carried on the splice plane (the
-    // program redirects, the daemon forwards what it passes up while throttled).
+    // program redirects, the daemon forwards what it passes up while throttled). The
+    // daemon publishes its counters to the pinned map once a second, and a pair's
+    // bytes once they are counted (at its end, for pairs this small): waited for.
+    let carried = |stats: &serde_json::Value| {
+        ["spliced_bytes_c2s", "spliced_bytes_s2c"]
+            .iter()
+            .all(|way| stats[way].as_u64() > Some(30_000))
+    };
+    wait_for(
+        "both clients spliced, their bytes counted",
+        Duration::from_secs(5),
+        || {
+            let stats = &c.ctl("stats", &instance)["stats"];
+            stats["spliced"].as_u64() >= Some(2) && carried(stats)
+        },
+    )
+    .await;
     let stats = c.ctl("stats", &instance)["stats"].clone();
-    for way in ["spliced_bytes_c2s", "spliced_bytes_s2c"] {
-        assert!(stats[way].as_u64() > Some(30_000), "{stats}");
-    }
     assert!(stats["bpf_redirected"].as_u64() > Some(0), "{stats}");
     assert_eq!(c.stat("splice_fallback_to_copy", &instance), 0);
     assert!(sticky_keys(&c, &instance).contains(&"caps-sub".to_owned()));
