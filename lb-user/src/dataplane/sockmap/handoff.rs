@@ -11,17 +11,26 @@ use super::{HANDOFF_LIMIT, SockmapPlane};
 use crate::{
     dataplane::{
         Direction, Outcome, Pair,
-        copy::{Handover, Moved, move_once_now},
+        copy::{Moved, move_once_now},
         reset_both,
     },
     mqtt::boundary::Boundary,
 };
 
+/// Why a hand-off drain did not leave both sides quiet.
+pub(crate) enum Declined {
+    /// A side did not go quiet (a sender past [`HANDOFF_LIMIT`], a peer that could not
+    /// take a read at once, a FIN): the pair carries on copied, starting with these
+    /// bytes read and not yet written (client to server, server to client).
+    Busy([Vec<u8>; 2]),
+    /// The pair failed; both sockets are reset.
+    Failed(Outcome),
+}
+
 impl SockmapPlane {
-    /// Reads each side until `EAGAIN`, writing it to the peer. `Err` carries the
-    /// outcome when the pair ended on the copy plane instead (a side did not go quiet)
-    /// or failed.
-    pub(super) async fn drain_both(&self, pair: &mut Pair) -> Result<(), Outcome> {
+    /// Reads each side until `EAGAIN`, writing it to the peer, so that the sockets can
+    /// enter the maps; `Err` when they cannot (see [`Declined`]).
+    pub(crate) fn drain_both(&self, pair: &mut Pair) -> Result<(), Declined> {
         for to_server in [true, false] {
             let (src, dst) = if to_server {
                 (&pair.client, &pair.server)
@@ -58,15 +67,11 @@ impl SockmapPlane {
                     self.stats.inc(DaemonStat::SpliceFallback);
                     let mut pending = [Vec::new(), Vec::new()];
                     pending[usize::from(!to_server)] = rest;
-                    let handover = Handover {
-                        pending,
-                        ..Handover::default()
-                    };
-                    return Err(self.copy.run_handed_over(pair, handover).await);
+                    return Err(Declined::Busy(pending));
                 }
                 Err(e) => {
                     reset_both(pair);
-                    return Err(Outcome::Aborted(e));
+                    return Err(Declined::Failed(Outcome::Aborted(e)));
                 }
             }
         }

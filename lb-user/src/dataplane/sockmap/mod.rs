@@ -72,6 +72,7 @@ mod quiet;
 mod supervise;
 
 use direction::{Dir, DirStopped};
+pub(crate) use handoff::Declined;
 use quiet::Quiet;
 pub(crate) use supervise::Demote;
 use supervise::Watch;
@@ -118,7 +119,7 @@ impl DataPlane for SockmapPlane {
         "sockmap"
     }
     fn carry(&self, pair: Pair) -> CarryFuture<'_> {
-        Box::pin(self.run(pair, None))
+        Box::pin(self.run(pair, None, false))
     }
     fn resume(&self, pair: Pair, carried: Carried) -> CarryFuture<'_> {
         // Each kind's own future, boxed: one future for all of them would be as
@@ -130,7 +131,7 @@ impl DataPlane for SockmapPlane {
             Carried::Copy(stopped)
                 if stopped.pending.iter().all(Vec::is_empty) && stopped.done == [false; 2] =>
             {
-                Box::pin(self.run(pair, None))
+                Box::pin(self.run(pair, None, false))
             }
             Carried::Copy(stopped) => self.copy.resume(pair, Carried::Copy(stopped)),
             // Not a data plane's: `conn::adopt` resumes TLS connections itself.
@@ -261,10 +262,11 @@ impl SockmapPlane {
         }
     }
 
-    /// Splices `pair` until it ends: 1. the hand-off drain, 2. insertion, 3. the
+    /// Splices `pair` until it ends: 1. the hand-off drain (unless `drained`: the
+    /// caller ran [`SockmapPlane::drain_both`] itself), 2. insertion, 3. the
     /// supervision of both directions, 4. the server's byte count and removal.
     /// `demote`: when the pair goes back to the copy plane (`auto`); `None`: spliced
-    /// for good.
+    /// for good. A pair whose drain does not go quiet is copied for good.
     ///
     /// Its future lives as long as the connection, so it is kept small: the steps
     /// before and after the splice, and the rare ones, are boxed while they run, and
@@ -280,10 +282,24 @@ impl SockmapPlane {
         &self,
         mut pair: Pair,
         demote: Option<Demote>,
+        drained: bool,
     ) -> impl Future<Output = Outcome> {
         async move {
-            if let Err(copied) = Box::pin(self.drain_both(&mut pair)).await {
-                return copied;
+            let drain = if drained {
+                Ok(())
+            } else {
+                self.drain_both(&mut pair)
+            };
+            match drain {
+                Ok(()) => {}
+                Err(Declined::Busy(pending)) => {
+                    let handover = Handover {
+                        pending,
+                        ..Handover::default()
+                    };
+                    return Box::pin(self.copy.run_handed_over(&pair, handover)).await;
+                }
+                Err(Declined::Failed(outcome)) => return outcome,
             }
             for fd in [pair.client.as_raw_fd(), pair.server.as_raw_fd()] {
                 let _ = sys::set_buffers(fd, SPLICE_BUFFER);
