@@ -759,7 +759,8 @@ async fn auto_promotes_busy_conversations_at_once_and_keeps_them_spliced() {
 /// reading while the client pushes, then reads slowly: the promotion after 8 MiB
 /// comes while the client has megabytes queued and the server has room for little,
 /// so the drain cannot finish. Then the server reads at full speed and the client
-/// trickles small writes: promoted again (by age, thresholds doubled) and spliced.
+/// trickles small writes: promoted again (by bytes during the rest of the bulk, or by
+/// age during the trickle, at doubled thresholds) and spliced.
 /// Every byte arrives once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_promotes_again_after_a_hand_off_that_did_not_go_quiet() {
