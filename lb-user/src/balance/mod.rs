@@ -385,14 +385,23 @@ impl Pool {
             Balance::Source => self.maglev[usize::from(backup)].lookup(key.source_hash(), usable),
             Balance::RoundRobin => self.smooth_wrr(&self.candidates(&usable)),
             Balance::LeastConn => {
-                let candidates = self.candidates(&usable);
-                let best = candidates
-                    .iter()
-                    .map(|&i| self.servers[i].load())
-                    .reduce(|a, b| if lighter(b, a) { b } else { a })?;
-                let ties: Vec<usize> = candidates
+                // One reading of each server's load: other threads lease and release
+                // all the time, and comparing a second reading against the best of
+                // the first could leave no server at all (a client refused with
+                // CONNACK 3 while every server was up).
+                let loads: Vec<(usize, (u64, u64))> = self
+                    .candidates(&usable)
                     .into_iter()
-                    .filter(|&i| !lighter(best, self.servers[i].load()))
+                    .map(|i| (i, self.servers[i].load()))
+                    .collect();
+                let best = loads
+                    .iter()
+                    .map(|&(_, load)| load)
+                    .reduce(|a, b| if lighter(b, a) { b } else { a })?;
+                let ties: Vec<usize> = loads
+                    .into_iter()
+                    .filter(|&(_, load)| !lighter(best, load))
+                    .map(|(i, _)| i)
                     .collect();
                 self.smooth_wrr(&ties)
             }
